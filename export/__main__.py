@@ -1,0 +1,81 @@
+"""python -m export: lower a Hugging Face model with a LoRA adapter to an ExecuTorch bundle.
+
+    python -m export --model ../shared/models/stories260K --out bundles/stories
+    python -m export --preset tiny-distilbert --num-labels 2 --out bundles/tiny-distilbert
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fwdfed.cli import UserError, quiet_libraries, run_main
+
+
+def parse_args(argv):
+    from export.models import PRESETS
+    from export.tasks import TASKS
+
+    presets = "\n".join(f"  {name:18} {p.description}" for name, p in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets:\n{presets}",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="local Hugging Face model folder (config.json + weights + tokenizer)")
+    source.add_argument("--preset", help="named preset config with seeded random weights")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture")
+    parser.add_argument("--num-labels", type=int, default=2, help="classes, for seq-cls (default 2)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--target-modules", help="comma-separated module names (default: peft's for the architecture)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial adapter (and preset weights)")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per program call")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per example")
+    parser.add_argument("--max-perturbations", type=int, default=8, help="adapter vectors per call")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss diff| .pte vs eager")
+    args = parser.parse_args(argv)
+    for name in ("num_labels", "lora_rank", "batch_size", "max_perturbations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seq_len < 2:
+        parser.error("--seq-len must be at least 2")
+    if args.lora_alpha <= 0 or args.tolerance <= 0:
+        parser.error("--lora-alpha and --tolerance must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    from export.pipeline import AdapterSpec, ExportSpec, run_export
+
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
+    spec = ExportSpec(
+        source=f"preset:{args.preset}" if args.preset else str(args.model),
+        out=args.out,
+        task=args.task,
+        num_labels=args.num_labels,
+        adapter=AdapterSpec(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets, seed=args.seed),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_perturbations=args.max_perturbations,
+        tolerance=args.tolerance,
+    )
+    manifest = run_export(spec)
+    print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,})")
+    return 0
+
+
+def user_errors():
+    from export.manifest import BundleError
+    from export.models import ModelLoadError
+    from export.pipeline import VerificationError
+
+    return (UserError, ModelLoadError, BundleError, VerificationError, NotImplementedError, ValueError, OSError)
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_main(main, user_errors())

@@ -1,0 +1,127 @@
+"""The bundle: `model.pte` plus `manifest.json`, the initial adapter and the tokenizer.
+
+The manifest is the contract between the exporter, the devices and the coordinator: which
+base model (and its hash), how the adapter vector is laid out, what shapes the program
+takes, and how much memory its plan needs. Reading a bundle checks it against itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.layout import AdapterLayout
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRAM = "model.pte"
+INITIAL_ADAPTER = "adapter_init.f32"
+TOKENIZER_DIR = "tokenizer"
+BASE_MODEL_DIR = "base_model"
+
+
+class BundleError(Exception):
+    """A bundle that is missing, corrupt or inconsistent; the message is meant for the user."""
+
+
+@dataclass
+class Manifest:
+    task: str
+    model: dict  # source, folder, hash, architecture, num_labels, vocab_size
+    adapter: dict  # kind, peft_config, dim
+    layout: AdapterLayout
+    inputs: dict  # batch_size, seq_len, max_perturbations
+    program: dict  # file, sha256, methods, planned_memory_bytes
+    verification: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def adapter_dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def base_model_hash(self) -> str:
+        return self.model["hash"]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["layout"] = self.layout.to_json()
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        d = json.loads(text)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"manifest format {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        d["layout"] = AdapterLayout.from_json(d["layout"])
+        return cls(**d)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    manifest: Manifest
+
+    @property
+    def program_path(self) -> Path:
+        return self.folder / self.manifest.program["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / TOKENIZER_DIR
+
+    @property
+    def base_model_path(self) -> Path:
+        folder = Path(self.manifest.model["folder"])
+        return folder if folder.is_absolute() else self.folder / folder
+
+    def initial_adapter(self) -> np.ndarray:
+        return read_adapter(self.folder / INITIAL_ADAPTER, self.manifest.adapter_dim)
+
+
+def read_adapter(path: Path, dim: int) -> np.ndarray:
+    raw = path.read_bytes()
+    if len(raw) != 4 * dim:
+        raise BundleError(f"{path} holds {len(raw)} bytes; an adapter of dimension {dim} needs {4 * dim}")
+    return np.frombuffer(raw, dtype="<f4").copy()
+
+
+def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
+    """Read and check a bundle folder; raises BundleError with a one-line reason."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder {folder} does not exist")
+    if not manifest_path.is_file():
+        raise BundleError(f"{folder} is not a bundle: it has no {MANIFEST}")
+    try:
+        manifest = Manifest.from_json(manifest_path.read_text())
+    except BundleError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_path} is not a valid manifest: {e}") from None
+    bundle = Bundle(folder, manifest)
+    if manifest.adapter.get("dim") != manifest.adapter_dim:
+        raise BundleError(f"{manifest_path}: adapter dim {manifest.adapter.get('dim')} disagrees with its layout")
+    if check_program:
+        program = bundle.program_path
+        if not program.is_file():
+            raise BundleError(f"bundle program {program} is missing")
+        if sha256_file(program) != manifest.program["sha256"]:
+            raise BundleError(f"{program} does not match the manifest's sha256: the file is corrupt or from another export")
+    if not (folder / INITIAL_ADAPTER).is_file():
+        raise BundleError(f"bundle has no initial adapter ({INITIAL_ADAPTER})")
+    bundle.initial_adapter()  # checks its size
+    return bundle

@@ -1,0 +1,245 @@
+"""Export as a pipeline of named passes, each from one form to the next:
+
+    resolve_base    source (folder or preset)   -> base model folder, task
+    attach_adapter  HF model + AdapterSpec      -> peft model, adapter layout, initial adapter
+    build_programs  peft model                  -> LossProgram, PredictProgram (adapter as input)
+    lower           eager programs              -> ExecuTorch program bytes, planned memory
+    verify          .pte vs eager peft          -> max abs difference (fails past a tolerance)
+    write_bundle    everything above            -> model.pte, manifest.json, adapter, tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+
+from export.layout import AdapterLayout
+from export.manifest import (
+    BASE_MODEL_DIR,
+    INITIAL_ADAPTER,
+    MANIFEST,
+    PROGRAM,
+    TOKENIZER_DIR,
+    Manifest,
+    sha256_file,
+)
+from export.models import PRESETS, infer_task, load_model, model_hash, write_preset
+from export.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
+from export.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
+
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
+# Architectures for which peft ships no default LoRA targets: the attention query and value,
+# as peft does for the others.
+EXTRA_DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+
+
+class VerificationError(Exception):
+    """The `.pte` and eager PyTorch disagree past the tolerance."""
+
+
+@dataclass
+class AdapterSpec:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    seed: int = 0
+
+    def lora_config(self, task: str, model_type: str) -> LoraConfig:
+        targets = self.target_modules or EXTRA_DEFAULT_TARGETS.get(model_type)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets,
+                          lora_dropout=0.0, task_type=PEFT_TASK_TYPES[task])
+
+
+@dataclass
+class ExportSpec:
+    source: str  # a local folder, or "preset:NAME"
+    out: Path
+    task: str | None = None
+    num_labels: int = 2
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    batch_size: int = 4
+    seq_len: int = 64
+    max_perturbations: int = 8
+    tolerance: float = 1e-4
+
+
+# ---- passes -----------------------------------------------------------------------------
+
+def resolve_base(spec: ExportSpec) -> tuple[Path, str, str]:
+    """The base model folder, the task, and the folder as the manifest records it."""
+    if spec.source.startswith("preset:"):
+        name = spec.source.removeprefix("preset:")
+        folder = spec.out / BASE_MODEL_DIR
+        write_preset(name, folder, spec.num_labels)
+        task = PRESETS[name].task
+        if spec.task and spec.task != task:
+            raise ValueError(f"preset {name} is a {task} model, not {spec.task}")
+        return folder, task, BASE_MODEL_DIR
+    folder = Path(spec.source).resolve()
+    task = spec.task or infer_task(folder)
+    return folder, task, str(folder)
+
+
+def attach_adapter(model, task: str, adapter: AdapterSpec):
+    torch.manual_seed(adapter.seed)  # peft's LoRA A init is random; the initial adapter is reproducible
+    peft_model = get_peft_model(model, adapter.lora_config(task, model.config.model_type)).eval()
+    layout = trainable_layout(peft_model)
+    initial = layout.flatten({n: p.detach().numpy() for n, p in peft_model.named_parameters() if p.requires_grad})
+    return peft_model, layout, initial
+
+
+def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, seed: int = 0):
+    """A batch with padding in its last row, so verification covers the mask path."""
+    g = torch.Generator().manual_seed(seed)
+    b, length = spec.batch_size, spec.seq_len
+    ids = torch.randint(4, vocab_size, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[-1, length // 2 :] = 0
+    ids[mask == 0] = pad_id
+    if task == SEQ_CLS:
+        labels = torch.randint(0, spec.num_labels, (b,), generator=g)
+    else:
+        labels = torch.where(mask == 1, ids, torch.full_like(ids, IGNORE_INDEX))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
+          max_perturbations: int):
+    """torch.export both methods and lower them to one XNNPACK-delegated ExecuTorch program."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from torch.export import Dim, export
+
+    adapters = torch.zeros(2, adapter_dim)
+    perturbations = Dim("perturbations", min=1, max=max_perturbations)
+    ep_forward = export(
+        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters),
+        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": {0: perturbations}},
+        strict=False,
+    )
+    ep_predict = export(predict_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]), strict=False)
+    # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
+    edge = to_edge_transform_and_lower(
+        {"forward": ep_forward, "predict": ep_predict},
+        partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
+    )
+    # alloc_graph_input=False: the runtime reads inputs in place instead of copying the adapter batch.
+    et = edge.to_executorch(ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+    planned = {plan.name: int(sum(plan.non_const_buffer_sizes)) for plan in et.executorch_program.execution_plan}
+    return et.buffer, planned
+
+
+def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
+           max_perturbations: int, tolerance: float) -> dict:
+    """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
+    from device_sdk.data import Batch
+    from device_sdk.engine import ProgramEngine
+
+    g = np.random.default_rng(0)
+    # Perturbed adapters, so that the (zero-initialised) LoRA B path is exercised too.
+    adapters = (initial[None, :] + 0.05 * g.standard_normal((2, layout.dim))).astype(np.float32)
+    engine = ProgramEngine(pte, max_perturbations)
+    b = Batch(batch["input_ids"], batch["attention_mask"], batch["labels"], np.ones(len(batch["input_ids"]), np.float32))
+    pte_losses = engine.losses(b, adapters)
+    eager_losses = np.stack([peft_reference_loss(peft_model, layout, torch.from_numpy(a), batch, task).numpy()
+                             for a in adapters])
+    loss_diff = float(np.max(np.abs(pte_losses - eager_losses)))
+    with torch.no_grad():
+        params = layout.unflatten(adapters[0])
+        eager_logits = torch.func.functional_call(
+            peft_model, {k: torch.from_numpy(v) for k, v in params.items()}, (),
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False,
+        ).logits.numpy()
+    logits_diff = float(np.max(np.abs(engine.logits(b, adapters[0]) - eager_logits)))
+    result = {"loss_max_abs_diff": loss_diff, "logits_max_abs_diff": logits_diff, "tolerance": tolerance}
+    if not (loss_diff <= tolerance and logits_diff <= tolerance * 10):
+        raise VerificationError(
+            f".pte and eager PyTorch disagree: loss max |diff| {loss_diff:.3g}, logits max |diff| {logits_diff:.3g} "
+            f"(tolerance {tolerance:g})"
+        )
+    return result
+
+
+def write_bundle(out: Path, pte: bytes, manifest: Manifest, initial: np.ndarray, tokenizer) -> None:
+    (out / PROGRAM).write_bytes(pte)
+    (out / INITIAL_ADAPTER).write_bytes(initial.astype("<f4").tobytes())
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    manifest.program["sha256"] = sha256_file(out / PROGRAM)
+    # The manifest goes last: a folder with a manifest is a complete bundle.
+    (out / MANIFEST).write_text(manifest.to_json())
+
+
+# ---- the whole pipeline -----------------------------------------------------------------
+
+def run_export(spec: ExportSpec, log=print) -> Manifest:
+    """Build the bundle in a scratch folder beside `spec.out` and move it into place at the end,
+    so that a failed export leaves an existing bundle at `spec.out` untouched."""
+    final_out = spec.out
+    final_out.parent.mkdir(parents=True, exist_ok=True)
+    spec.out = Path(tempfile.mkdtemp(prefix=f".{final_out.name}.partial-", dir=final_out.parent))
+    try:
+        manifest = _export_into(spec, log)
+        if final_out.exists():
+            shutil.rmtree(final_out)
+        os.replace(spec.out, final_out)
+        log(f"[5/5] bundle written to {final_out}")
+        return manifest
+    finally:
+        if spec.out.exists():
+            shutil.rmtree(spec.out)
+        spec.out = final_out
+
+
+def _export_into(spec: ExportSpec, log) -> Manifest:
+    folder, task, recorded_folder = resolve_base(spec)
+    log(f"[1/5] loading {spec.source} ({task})")
+    model, tokenizer = load_model(folder, task, spec.num_labels)
+    if task == SEQ_CLS:
+        spec.num_labels = model.config.num_labels
+    log("[2/5] attaching LoRA adapter")
+    peft_model, layout, initial = attach_adapter(model, task, spec.adapter)
+    base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
+    log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
+    loss_program, predict_program = build_programs(peft_model, layout, task)
+    batch = example_inputs(spec, task, model.config.vocab_size, tokenizer.pad_token_id)
+    log(f"[3/5] lowering to ExecuTorch (batch {spec.batch_size}, seq {spec.seq_len}, up to {spec.max_perturbations} adapters per call)")
+    pte, planned = lower(loss_program, predict_program, batch, layout.dim, spec.max_perturbations)
+    log(f"      program {len(pte) / 1e6:.1f} MB, planned memory {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
+    log("[4/5] verifying .pte against eager peft")
+    verification = verify(pte, peft_model, layout, initial, batch, task, spec.max_perturbations, spec.tolerance)
+    log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
+        f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {spec.tolerance:g})")
+    lora = spec.adapter.lora_config(task, model.config.model_type)
+    manifest = Manifest(
+        task=task,
+        model={
+            "source": spec.source,
+            "folder": recorded_folder,
+            "hash": model_hash(folder),
+            "architecture": type(model).__name__,
+            "num_labels": spec.num_labels if task == SEQ_CLS else None,
+            "vocab_size": int(model.config.vocab_size),
+            "base_parameters": int(base_params),
+        },
+        adapter={
+            "kind": "lora",
+            "dim": layout.dim,
+            "peft_config": json.loads(json.dumps(lora.to_dict(), default=list)),
+        },
+        layout=layout,
+        inputs={"batch_size": spec.batch_size, "seq_len": spec.seq_len, "max_perturbations": spec.max_perturbations},
+        program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
+                 "bytes": len(pte)},
+        verification=verification,
+    )
+    write_bundle(spec.out, pte, manifest, initial, tokenizer)
+    return manifest

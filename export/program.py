@@ -1,0 +1,176 @@
+"""The forward-only program: a Hugging Face model whose adapter is an explicit input.
+
+`LossProgram.forward(input_ids, attention_mask, labels, adapters[P, d]) -> loss[P, B]` runs
+the batch once per adapter vector in a single call, so one call evaluates both signs of
+several perturbations while the frozen weights are read once. The adapter math is written
+as explicit batched matmuls (bmm): XNNPACK rejects a `linear` whose weight is 3-D.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from export.layout import AdapterLayout, AdapterTensor
+from export.tasks import IGNORE_INDEX, SEQ_CLS
+
+PEFT_ADAPTER_NAME = "default"
+
+
+class AdapterBinding:
+    """Holds the [P, d] adapter batch for the duration of one forward call.
+
+    Every adapter module reads its tensors from here, so the batch is a single graph input
+    rather than one input per tensor.
+    """
+
+    def __init__(self) -> None:
+        self.adapters: torch.Tensor | None = None
+
+    def tensor(self, t: AdapterTensor) -> torch.Tensor:
+        assert self.adapters is not None, "adapter modules called outside a program forward"
+        return self.adapters[:, t.offset : t.end].reshape(-1, *t.shape)
+
+
+class BatchedLoraLinear(nn.Module):
+    """`base(x) + scaling * B_p A_p x` for the P adapter copies; x is the batch repeated P times."""
+
+    def __init__(self, base: nn.Linear, a: AdapterTensor, b: AdapterTensor, scaling: float, binding: AdapterBinding):
+        super().__init__()
+        self.base, self.a, self.b, self.scaling, self.binding = base, a, b, scaling, binding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        lora_a = self.binding.tensor(self.a)  # [P, r, in]
+        lora_b = self.binding.tensor(self.b)  # [P, out, r]
+        xs = x.reshape(lora_a.shape[0], -1, x.shape[-1])
+        delta = torch.bmm(torch.bmm(xs, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))
+        return y + self.scaling * delta.reshape(y.shape)
+
+
+class BatchedLinear(nn.Module):
+    """A fully trained linear layer (peft's `modules_to_save`, e.g. a classifier head)."""
+
+    def __init__(self, weight: AdapterTensor, bias: AdapterTensor | None, binding: AdapterBinding):
+        super().__init__()
+        self.weight, self.bias, self.binding = weight, bias, binding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.binding.tensor(self.weight)  # [P, out, in]
+        xs = x.reshape(w.shape[0], -1, x.shape[-1])
+        y = torch.bmm(xs, w.transpose(1, 2))
+        if self.bias is not None:
+            y = y + self.binding.tensor(self.bias).unsqueeze(1)
+        return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def trainable_layout(peft_model: nn.Module) -> AdapterLayout:
+    return AdapterLayout.from_shapes([(n, tuple(p.shape)) for n, p in peft_model.named_parameters() if p.requires_grad])
+
+
+def _adapter_param(layout: AdapterLayout, module_path: str, suffix: str) -> AdapterTensor:
+    return layout[f"{module_path}.{suffix}"]
+
+
+def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: AdapterBinding) -> nn.Module:
+    """A copy of the peft model's network whose adapter layers read from `binding`."""
+    model = copy.deepcopy(peft_model)
+    replacements: list[tuple[str, nn.Module]] = []
+    covered: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if not isinstance(module.base_layer, nn.Linear):
+                raise NotImplementedError(
+                    f"LoRA on {type(module.base_layer).__name__} ({path}) is not supported by the export path; "
+                    "target nn.Linear modules only"
+                )
+            a = _adapter_param(layout, path, f"lora_A.{PEFT_ADAPTER_NAME}.weight")
+            b = _adapter_param(layout, path, f"lora_B.{PEFT_ADAPTER_NAME}.weight")
+            scaling = float(module.scaling[PEFT_ADAPTER_NAME])
+            replacements.append((path, BatchedLoraLinear(module.base_layer, a, b, scaling, binding)))
+            covered |= {a.name, b.name}
+        elif isinstance(module, ModulesToSaveWrapper):
+            head = module.modules_to_save[PEFT_ADAPTER_NAME]
+            if not isinstance(head, nn.Linear):
+                raise NotImplementedError(f"trainable module {path} is a {type(head).__name__}; only nn.Linear is supported")
+            prefix = f"modules_to_save.{PEFT_ADAPTER_NAME}"
+            w = _adapter_param(layout, path, f"{prefix}.weight")
+            bias = _adapter_param(layout, path, f"{prefix}.bias") if head.bias is not None else None
+            replacements.append((path, BatchedLinear(w, bias, binding)))
+            covered |= {w.name} | ({bias.name} if bias else set())
+    uncovered = [t.name for t in layout.tensors if t.name not in covered]
+    if uncovered:
+        raise NotImplementedError(f"the export path cannot feed these adapter tensors as inputs: {uncovered[:3]}")
+    for path, replacement in replacements:
+        model.set_submodule(path, replacement)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) for every position; ignored targets get a harmless index (masked later).
+
+    Written with log_softmax + gather rather than F.cross_entropy(reduction="none"), whose
+    decomposition mis-shapes its output under a dynamic batch in torch.export.
+    """
+    safe = targets.clamp(min=0).unsqueeze(-1)
+    return -torch.log_softmax(logits, dim=-1).gather(-1, safe).squeeze(-1)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean cross-entropy per example: over its real next tokens (causal LM) or its label."""
+    if task == SEQ_CLS:
+        return token_nll(logits, labels)
+    targets = labels[:, 1:]
+    nll = token_nll(logits[:, :-1], targets)
+    valid = (targets != IGNORE_INDEX).to(nll.dtype)
+    # A row with no real token (batch filler) gets loss 0, not 0/0.
+    return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+
+class LossProgram(nn.Module):
+    """forward(input_ids[B,L], attention_mask[B,L], labels, adapters[P,d]) -> loss[P,B]."""
+
+    def __init__(self, model: nn.Module, binding: AdapterBinding, task: str):
+        super().__init__()
+        self.model, self.binding, self.task = model, binding, task
+
+    def forward(self, input_ids, attention_mask, labels, adapters):
+        p, b = adapters.shape[0], input_ids.shape[0]
+        self.binding.adapters = adapters
+        logits = self.model(input_ids=input_ids.repeat(p, 1), attention_mask=attention_mask.repeat(p, 1)).logits
+        repeated_labels = labels.repeat(p) if self.task == SEQ_CLS else labels.repeat(p, 1)
+        return per_example_loss(logits, repeated_labels, self.task).reshape(p, b)
+
+
+class PredictProgram(nn.Module):
+    """predict(input_ids[B,L], attention_mask[B,L], adapter[1,d]) -> logits for evaluation."""
+
+    def __init__(self, model: nn.Module, binding: AdapterBinding):
+        super().__init__()
+        self.model, self.binding = model, binding
+
+    def forward(self, input_ids, attention_mask, adapter):
+        self.binding.adapters = adapter
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def build_programs(peft_model: nn.Module, layout: AdapterLayout, task: str) -> tuple[LossProgram, PredictProgram]:
+    binding = AdapterBinding()
+    model = batched_model(peft_model, layout, binding)
+    return LossProgram(model, binding, task), PredictProgram(model, binding)
+
+
+def peft_reference_loss(peft_model: nn.Module, layout: AdapterLayout, adapter: torch.Tensor, batch: dict, task: str):
+    """Per-example loss of the unmodified peft model with `adapter` loaded: the eager reference."""
+    params = {t.name: adapter[t.offset : t.end].reshape(t.shape) for t in layout.tensors}
+    with torch.no_grad():
+        out = torch.func.functional_call(
+            peft_model, params, (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False
+        )
+    return per_example_loss(out.logits, batch["labels"], task)

@@ -1,0 +1,1 @@
+"""Pieces shared by every command-line entry point."""
