@@ -1,0 +1,118 @@
+"""python -m coordinator: run federated rounds over websockets, state in SQLite.
+
+    python -m coordinator serve --db runs/job.db --port 8765 --bundle bundles/stories \\
+        --eval-data ../shared/data/tinystories/train_head.txt --rounds 5 --devices-per-round 3
+
+Restarting `serve` on the same --db resumes the unfinished job where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from fwdfed.cli import UserError, quiet_libraries, run_main
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("serve", help="run (or resume) a job's rounds")
+    s.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy database URL")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed)")
+    s.add_argument("--bundle", type=Path, help="exported bundle (required for a new job)")
+    s.add_argument("--job-id", default="job-1")
+    s.add_argument("--eval-data", type=Path, help="data file whose held-out split is evaluated every round")
+    s.add_argument("--eval-examples", type=int, default=256)
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--devices-per-round", type=int, default=3)
+    s.add_argument("--min-devices", type=int, help="fewest updates that close a round (default: devices per round)")
+    s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
+    s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--eps", type=float, default=1e-2)
+    s.add_argument("--local-steps", type=int, default=50, help="MeZO steps per device per round")
+    s.add_argument("--directions", type=int, default=1, help="directions per MeZO step")
+    s.add_argument("--server-lr", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.min_devices is None:
+            args.min_devices = args.devices_per_round
+        checks = {
+            "--port must be in [0, 65535]": 0 <= args.port <= 65535,
+            "--rounds, --devices-per-round, --local-steps, --directions, --max-attempts must be at least 1":
+                min(args.rounds, args.devices_per_round, args.local_steps, args.directions, args.max_attempts) >= 1,
+            "--min-devices must be between 1 and --devices-per-round": 1 <= args.min_devices <= args.devices_per_round,
+            "--lr, --eps, --server-lr and --round-deadline must be positive":
+                min(args.lr, args.eps, args.server_lr, args.round_deadline) > 0,
+            "--eval-examples must be at least 1": args.eval_examples >= 1,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                parser.error(message)
+    return args
+
+
+def serve(args) -> int:
+    from coordinator.server import Coordinator, JobConfig, job_from_bundle, serve_job
+    from coordinator.store import open_store
+    from coordinator.strategy import SeedFedAvg
+    from device_sdk.evaluate import Evaluator
+    from export.manifest import load_bundle
+
+    store = open_store(args.db)
+    job = store.running_job()
+    if job is None:
+        if args.bundle is None:
+            raise UserError(f"{args.db} has no unfinished job; pass --bundle to start one")
+        if store.job(args.job_id) is not None:
+            raise UserError(f"job {args.job_id} in {args.db} has already finished; pass another --job-id")
+        bundle = load_bundle(args.bundle)
+        config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
+                           round_deadline_s=args.round_deadline,
+                           hparams={"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps,
+                                    "directions": args.directions})
+        job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
+                               bundle.initial_adapter())
+        print(f"job {job.id}: {job.rounds} rounds of {job.devices_per_round} devices on {args.bundle}", flush=True)
+    else:
+        bundle = load_bundle(job.bundle)
+        print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
+    evaluate = Evaluator(bundle, args.eval_data, args.eval_examples) if args.eval_data else None
+    coordinator = Coordinator(store, job, SeedFedAvg(server_lr=args.server_lr), evaluate, seed=args.seed,
+                              max_attempts=args.max_attempts)
+    ok = asyncio.run(serve_job(coordinator, args.host, args.port,
+                               ready=lambda port: print(f"listening on ws://{args.host}:{port}", flush=True)))
+    if not ok:
+        print(f"error: job {job.id} stopped: a round failed {args.max_attempts} times in a row", file=sys.stderr)
+        return 1
+    print(f"job {job.id} finished", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    return serve(args)
+
+
+def user_errors():
+    from coordinator.store import StoreError
+    from device_sdk.data import DataError
+    from device_sdk.engine import EngineError
+    from export.manifest import BundleError
+
+    return (UserError, StoreError, BundleError, DataError, EngineError, OSError)
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_main(main, user_errors())

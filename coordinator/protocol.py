@@ -1,0 +1,235 @@
+"""The wire: msgpack maps over websockets, one message per binary frame.
+
+Every message is a map with `type` (a string) and `v` (the protocol version, an int), plus
+the fields of its type below. A frame that is not a map, has an unknown type or version,
+misses a field, has a field of the wrong type or out of range, or carries fields it should
+not, is refused with a `ProtocolError` naming the reason. docs/protocol.md documents the same
+table for client writers; `tests/coordinator/test_protocol.py` checks the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from device_sdk.directions import SEED_LIMIT
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a task carries the global adapter: 16M float32 at most
+MAX_PAIRS = 1_000_000  # (seed, coefficient) pairs in one update
+MAX_TEXT = 1024
+MAX_ID = 128
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow this protocol; the message says which rule it broke."""
+
+
+# Field checks: each returns None when the value is valid, or a reason.
+def _text(limit: int):
+    def check(v):
+        return None if isinstance(v, str) and len(v) <= limit else f"a string of at most {limit} characters"
+    return check
+
+
+def _int(lo: int, hi: int):
+    def check(v):
+        return None if isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi else f"an integer in [{lo}, {hi}]"
+    return check
+
+
+def _float(nonneg: bool = False):
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (not nonneg or v >= 0)
+        return None if ok else ("a finite non-negative number" if nonneg else "a finite number")
+    return check
+
+
+def _optional(inner):
+    def check(v):
+        return None if v is None else inner(v)
+    return check
+
+
+def _bool(v):
+    return None if isinstance(v, bool) else "a boolean"
+
+
+def _bytes(limit: int):
+    def check(v):
+        return None if isinstance(v, bytes) and len(v) <= limit else f"bytes, at most {limit}"
+    return check
+
+
+def _int_list(lo: int, hi: int, limit: int):
+    def check(v):
+        if not isinstance(v, list) or len(v) > limit:
+            return f"a list of at most {limit} integers"
+        ok = all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+        return None if ok else f"a list of integers in [{lo}, {hi}]"
+    return check
+
+
+def _float_list(limit: int):
+    def check(v):
+        if not isinstance(v, list) or len(v) > limit:
+            return f"a list of at most {limit} numbers"
+        ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        return None if ok else "a list of finite numbers"
+    return check
+
+
+def _hparams(v):
+    if not isinstance(v, dict) or len(v) > 64:
+        return "a map of at most 64 entries"
+    for k, x in v.items():
+        if not isinstance(k, str) or len(k) > 64:
+            return "a map with string keys"
+        if not (isinstance(x, str) and len(x) <= 64) and _float()(x) is not None:
+            return "a map of finite numbers or short strings"
+    return None
+
+
+ID = _text(MAX_ID)
+HASH = _text(64)
+COUNT = _int(0, 2**31 - 1)
+ROUND = _int(0, 2**31 - 1)
+BYTES_COUNT = _int(0, 2**62)
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str]
+    CHECKS: ClassVar[dict]
+
+    def to_wire(self) -> bytes:
+        return msgpack.packb({"type": self.TYPE, "v": PROTOCOL_VERSION, **asdict(self)}, use_bin_type=True)
+
+
+@dataclass
+class Hello(Message):
+    """device -> coordinator, first message: who I am and what model I hold."""
+    TYPE: ClassVar[str] = "hello"
+    device_id: str
+    base_model_hash: str
+    adapter_dim: int
+    num_examples: int
+    mem_budget_bytes: int | None
+    CHECKS: ClassVar[dict] = dict(device_id=ID, base_model_hash=HASH, adapter_dim=COUNT, num_examples=COUNT,
+                                  mem_budget_bytes=_optional(BYTES_COUNT))
+
+
+@dataclass
+class Welcome(Message):
+    """coordinator -> device: enrolled in this job; tasks will follow."""
+    TYPE: ClassVar[str] = "welcome"
+    job_id: str
+    device_id: str
+    CHECKS: ClassVar[dict] = dict(job_id=ID, device_id=ID)
+
+
+@dataclass
+class Task(Message):
+    """coordinator -> device: train from this global adapter and answer with an Update."""
+    TYPE: ClassVar[str] = "task"
+    task_id: str
+    job_id: str
+    round: int
+    global_version: int
+    base_model_hash: str
+    adapter: bytes  # float32 little-endian, adapter_dim values
+    adapter_sha256: str
+    method: str
+    hparams: dict
+    deadline_s: float
+    CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND, base_model_hash=HASH,
+                                  adapter=_bytes(MAX_FRAME_BYTES), adapter_sha256=HASH, method=_text(32),
+                                  hparams=_hparams, deadline_s=_float(nonneg=True))
+
+
+@dataclass
+class Update(Message):
+    """device -> coordinator: the answer to one task, in seed form."""
+    TYPE: ClassVar[str] = "update"
+    task_id: str
+    job_id: str
+    round: int
+    global_version: int
+    seeds: list
+    coefs: list
+    num_examples: int
+    loss_before: float
+    loss_after: float
+    peak_rss_bytes: int
+    CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND,
+                                  seeds=_int_list(0, SEED_LIMIT - 1, MAX_PAIRS), coefs=_float_list(MAX_PAIRS),
+                                  num_examples=COUNT, loss_before=_float(), loss_after=_float(),
+                                  peak_rss_bytes=BYTES_COUNT)
+
+
+@dataclass
+class Ack(Message):
+    """coordinator -> device: whether an update was accepted, and why not."""
+    TYPE: ClassVar[str] = "ack"
+    task_id: str
+    accepted: bool
+    reason: str
+    CHECKS: ClassVar[dict] = dict(task_id=ID, accepted=_bool, reason=_text(MAX_TEXT))
+
+
+@dataclass
+class Done(Message):
+    """coordinator -> device: the job has finished; disconnect."""
+    TYPE: ClassVar[str] = "done"
+    job_id: str
+    reason: str
+    CHECKS: ClassVar[dict] = dict(job_id=ID, reason=_text(MAX_TEXT))
+
+
+@dataclass
+class Error(Message):
+    """either side: the last frame was refused; the sender closes the connection after it."""
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    CHECKS: ClassVar[dict] = dict(code=_text(64), message=_text(MAX_TEXT))
+
+
+MESSAGES: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Welcome, Task, Update, Ack, Done, Error)}
+
+
+def decode(frame: Any) -> Message:
+    """Parse and validate one frame into its typed message, or raise ProtocolError."""
+    if not isinstance(frame, (bytes, bytearray)):
+        raise ProtocolError("frames must be binary msgpack, not text")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME_BYTES)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"not valid msgpack: {type(e).__name__}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("a message must be a msgpack map")
+    kind, version = data.pop("type", None), data.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if kind not in MESSAGES:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    cls = MESSAGES[kind]
+    names = {f.name for f in fields(cls)}
+    extra = set(data) - names
+    if extra:
+        raise ProtocolError(f"{kind}: unexpected fields {sorted(map(str, extra))[:5]}")
+    for name in names:
+        if name not in data:
+            raise ProtocolError(f"{kind}: missing field {name!r}")
+        reason = cls.CHECKS[name](data[name])
+        if reason:
+            raise ProtocolError(f"{kind}.{name} must be {reason}")
+    message = cls(**data)
+    if isinstance(message, Update) and len(message.seeds) != len(message.coefs):
+        raise ProtocolError("update: seeds and coefs must have the same length")
+    return message

@@ -1,0 +1,262 @@
+"""The coordinator: an asyncio websockets server that runs a job's rounds.
+
+A round: sample connected devices, persist and send each a task (the global adapter and the
+hyperparameters), accept updates until every tasked device answered or the round's deadline
+passed, aggregate through the Strategy, store the new global version, evaluate it, go on.
+Every step is written to the store first, so a restarted coordinator resumes the open round
+with the updates it had already accepted: devices that reconnect get their task again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from coordinator import protocol
+from coordinator.store import Job, Round, Store
+from coordinator.strategy import Strategy
+
+log = logging.getLogger("coordinator")
+
+HELLO_TIMEOUT_S = 10.0
+
+
+@dataclass
+class JobConfig:
+    rounds: int
+    devices_per_round: int
+    min_devices: int
+    round_deadline_s: float
+    hparams: dict
+    method: str = "mezo"
+
+
+class Coordinator:
+    def __init__(self, store: Store, job: Job, strategy: Strategy, evaluate=None, seed: int = 0,
+                 max_attempts: int = 3):
+        self.store, self.job, self.strategy, self.evaluate = store, job, strategy, evaluate
+        self.max_attempts = max_attempts
+        self.connections: dict[str, ServerConnection] = {}
+        self.changed = asyncio.Event()  # a device came or went, or an update arrived
+        self.rng = random.Random(seed)
+        self.refused: dict[str, int] = {}
+        self.finished = asyncio.Event()
+
+    # ---- connections ----
+    async def handle(self, ws: ServerConnection) -> None:
+        device_id = None
+        try:
+            try:
+                hello = protocol.decode(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
+            except TimeoutError:
+                await self._refuse(ws, "timeout", f"no hello within {HELLO_TIMEOUT_S:g} s")
+                return
+            if not isinstance(hello, protocol.Hello):
+                await self._refuse(ws, "bad_message", f"the first message must be hello, not {hello.TYPE}")
+                return
+            if hello.base_model_hash != self.job.base_model_hash or hello.adapter_dim != self.job.adapter_dim:
+                await self._refuse(ws, "wrong_model", "this job trains base model "
+                                   f"{self.job.base_model_hash[:12]} with adapter dim {self.job.adapter_dim}; the device "
+                                   f"holds {hello.base_model_hash[:12]} with dim {hello.adapter_dim}")
+                return
+            if hello.device_id in self.connections:
+                await self._refuse(ws, "duplicate_device", f"device {hello.device_id} is already connected")
+                return
+            device_id = hello.device_id
+            self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
+            self.connections[device_id] = ws
+            log.info("device %s connected (%d examples)", device_id, hello.num_examples)
+            await ws.send(protocol.Welcome(job_id=self.job.id, device_id=device_id).to_wire())
+            if self.finished.is_set():
+                await ws.send(protocol.Done(job_id=self.job.id, reason="job finished").to_wire())
+                return
+            await self._resend_open_task(device_id)
+            self.changed.set()
+            async for frame in ws:
+                message = protocol.decode(frame)
+                if not isinstance(message, protocol.Update):
+                    await self._refuse(ws, "bad_message", f"devices may send only updates after hello, not {message.TYPE}")
+                    return
+                await ws.send(self._accept(device_id, message).to_wire())
+        except protocol.ProtocolError as e:
+            await self._refuse(ws, "bad_message", str(e))
+        except ConnectionClosed:
+            pass
+        finally:
+            if device_id is not None and self.connections.get(device_id) is ws:
+                del self.connections[device_id]
+                log.info("device %s disconnected", device_id)
+                self.changed.set()
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+        log.warning("refused a connection (%s): %s", code, message)
+        try:
+            await ws.send(protocol.Error(code=code, message=message[: protocol.MAX_TEXT]).to_wire())
+            await ws.close(1008, code)
+        except ConnectionClosed:
+            pass
+
+    # ---- updates ----
+    def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
+        reason = self._refusal_reason(device_id, update)
+        if reason is None:
+            task = self.store.task(update.task_id)
+            pairs = list(zip(update.seeds, update.coefs))
+            if not self.store.add_update(task, pairs, update.num_examples, update.loss_before, update.loss_after,
+                                         update.peak_rss_bytes):
+                reason = "duplicate: this task already has an accepted update"
+        if reason is not None:
+            self.refused["update"] = self.refused.get("update", 0) + 1
+            log.warning("refused update %s from %s: %s", update.task_id, device_id, reason)
+            return protocol.Ack(task_id=update.task_id, accepted=False, reason=reason)
+        log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
+                 update.task_id, device_id, len(update.seeds), update.num_examples, update.loss_before,
+                 update.loss_after, update.peak_rss_bytes / 2**20)
+        self.changed.set()
+        return protocol.Ack(task_id=update.task_id, accepted=True, reason="")
+
+    def _refusal_reason(self, device_id: str, update: protocol.Update) -> str | None:
+        if update.job_id != self.job.id:
+            return f"update for job {update.job_id}, this coordinator runs {self.job.id}"
+        task = self.store.task(update.task_id)
+        if task is None:
+            return "unknown task"
+        if task.device_id != device_id:
+            return "this task was sent to another device"
+        rnd = self.store.open_round(self.job.id)
+        if rnd is None or rnd.id != task.round_id:
+            return "late: the task's round is closed"
+        if update.global_version != rnd.base_version or update.round != rnd.number:
+            return f"the update starts from round {update.round} version {update.global_version}, " \
+                   f"the task was round {rnd.number} version {rnd.base_version}"
+        return None
+
+    # ---- rounds ----
+    async def _send_task(self, rnd: Round, device_id: str, task_id: str) -> None:
+        version = self.store.version(self.job.id, rnd.base_version)
+        deadline = max(0.0, rnd.opened_at + self.job.round_deadline_s - time.time())
+        task = protocol.Task(task_id=task_id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
+                             base_model_hash=self.job.base_model_hash, adapter=version.vector,
+                             adapter_sha256=version.sha256, method=self.job.method, hparams=self.job.hparams,
+                             deadline_s=deadline)
+        ws = self.connections.get(device_id)
+        if ws is not None:
+            try:
+                await ws.send(task.to_wire())
+            except ConnectionClosed:
+                pass
+
+    async def _resend_open_task(self, device_id: str) -> None:
+        """After a restart or reconnect, a device gets back the task it has not answered."""
+        rnd = self.store.open_round(self.job.id)
+        if rnd is None:
+            return
+        answered = {u.task_id for u in self.store.updates(rnd.id)}
+        for task in self.store.tasks(rnd.id):
+            if task.device_id == device_id and task.id not in answered:
+                log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
+                await self._send_task(rnd, device_id, task.id)
+
+    async def _dispatch(self, rnd: Round) -> None:
+        """Send tasks to idle connected devices until the round has devices_per_round of them."""
+        tasked = {t.device_id for t in self.store.tasks(rnd.id)}
+        idle = sorted(d for d in self.connections if d not in tasked)
+        need = self.job.devices_per_round - len(tasked)
+        for device_id in self.rng.sample(idle, min(need, len(idle))):
+            task_id = uuid.uuid4().hex
+            self.store.add_task(task_id, rnd.id, device_id)
+            log.info("round %d: task %s -> %s", rnd.number, task_id, device_id)
+            await self._send_task(rnd, device_id, task_id)
+
+    async def run_round(self, rnd: Round) -> bool:
+        """Run one round attempt to its end; True if it closed with a new global version."""
+        deadline = rnd.opened_at + self.job.round_deadline_s
+        while True:
+            self.changed.clear()
+            await self._dispatch(rnd)
+            tasks, updates = self.store.tasks(rnd.id), self.store.updates(rnd.id)
+            if len(tasks) >= self.job.devices_per_round and len(updates) >= len(tasks):
+                break
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+            except TimeoutError:
+                pass
+        accepted = self.store.accepted(rnd.id)
+        if len(accepted) < self.job.min_devices:
+            reason = (f"{len(accepted)} of the required {self.job.min_devices} updates arrived before the deadline "
+                      f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
+            self.store.fail_round(rnd.id, reason)
+            log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
+            return False
+        base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
+        new = self.strategy.aggregate(base, accepted)
+        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
+        metrics["train_loss_before"] = float(np.mean([u.loss_before for u in self.store.updates(rnd.id)]))
+        metrics["train_loss_after"] = float(np.mean([u.loss_after for u in self.store.updates(rnd.id)]))
+        version = self.store.close_round(rnd, new, metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)
+        print(f"round {rnd.number}/{self.job.rounds}: {len(accepted)} updates, {shown}", flush=True)
+        return True
+
+    async def run_job(self) -> bool:
+        """Run rounds until the job has them all; False if a round failed too often."""
+        if self.evaluate and not self.store.metrics(self.job.id):
+            metrics = await asyncio.to_thread(self.evaluate, np.frombuffer(self.store.version(self.job.id, 0).vector, "<f4"))
+            self.store.add_metrics(self.job.id, 0, metrics)
+            print("round 0 (initial adapter): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        failures = 0
+        while (done := self.store.closed_rounds(self.job.id)) < self.job.rounds:
+            rnd = self.store.open_round(self.job.id)
+            if rnd is None:
+                base = self.store.latest_version(self.job.id).version
+                rnd = self.store.start_round(self.job.id, done + 1, base)
+                log.info("round %d attempt %d opened from version %d", rnd.number, rnd.attempt, base)
+            else:
+                log.info("resuming open round %d attempt %d", rnd.number, rnd.attempt)
+            if await self.run_round(rnd):
+                failures = 0
+            else:
+                failures += 1
+                if failures >= self.max_attempts:
+                    return False
+        self.store.finish_job(self.job.id)
+        self.finished.set()
+        for device_id, ws in list(self.connections.items()):
+            try:
+                await ws.send(protocol.Done(job_id=self.job.id, reason="job finished").to_wire())
+            except ConnectionClosed:
+                pass
+        return True
+
+
+async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None) -> bool:
+    """Serve until the job ends. `ready(port)` is called once the socket listens."""
+    async with serve(coordinator.handle, host, port, max_size=protocol.MAX_FRAME_BYTES) as server:
+        bound = server.sockets[0].getsockname()[1]
+        log.info("listening on ws://%s:%d", host, bound)
+        if ready:
+            ready(bound)
+        ok = await coordinator.run_job()
+        await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
+        return ok
+
+
+def job_from_bundle(job_id: str, bundle_path: str, manifest, config: JobConfig) -> Job:
+    return Job(id=job_id, bundle=bundle_path, base_model_hash=manifest.base_model_hash, adapter_dim=manifest.adapter_dim,
+               method=config.method, hparams=config.hparams, rounds=config.rounds,
+               devices_per_round=config.devices_per_round, min_devices=config.min_devices,
+               round_deadline_s=config.round_deadline_s)
+

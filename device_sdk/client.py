@@ -1,0 +1,157 @@
+"""One device: connect to the coordinator, take tasks, train with MeZO, upload seed-form updates.
+
+The device holds the bundle (the `.pte` and its manifest) and its own data shard. A task
+brings the global adapter; the device checks it is for its base model and intact, runs its
+local MeZO steps through the ExecuTorch program, and answers with the (seed, coefficient)
+pairs of every step. If the connection drops, it reconnects until `connect_timeout_s` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from coordinator import protocol
+from device_sdk.data import encode, read_examples, shard, split
+from device_sdk.engine import ProgramEngine
+from device_sdk.evaluate import load_tokenizer
+from device_sdk.memory import format_size, peak_rss
+from device_sdk.mezo import Mezo, MezoConfig, mean_loss
+from export.manifest import load_bundle
+
+log = logging.getLogger("device")
+
+LOSS_PROBE_BATCHES = 4  # batches on which loss_before / loss_after are measured
+
+
+class DeviceError(Exception):
+    """The device cannot go on; the message is meant for the user."""
+
+
+@dataclass
+class DeviceConfig:
+    device_id: str
+    coordinator: str
+    bundle: str
+    data: str
+    shard_index: int
+    shard_count: int
+    mem_budget_bytes: int | None = None
+    connect_timeout_s: float = 30.0
+    seed: int = 0
+
+
+class Device:
+    def __init__(self, config: DeviceConfig):
+        self.config = config
+        self.bundle = load_bundle(config.bundle)
+        m = self.bundle.manifest
+        examples = shard(split(read_examples(config.data), "train"), config.shard_index, config.shard_count)
+        if not examples:
+            raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
+        self.num_examples = len(examples)
+        self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
+        self.engine = ProgramEngine(self.bundle.program_path, m.inputs["max_perturbations"])
+        self.tasks_done = 0
+
+    # ---- training ----
+    def check_task(self, task: protocol.Task) -> np.ndarray:
+        m = self.bundle.manifest
+        if task.base_model_hash != m.base_model_hash:
+            raise DeviceError(f"task {task.task_id} is for base model {task.base_model_hash[:12]}, "
+                              f"this device holds {m.base_model_hash[:12]}")
+        if len(task.adapter) != 4 * m.adapter_dim:
+            raise DeviceError(f"task {task.task_id} carries {len(task.adapter)} adapter bytes, expected {4 * m.adapter_dim}")
+        if hashlib.sha256(task.adapter).hexdigest() != task.adapter_sha256:
+            raise DeviceError(f"task {task.task_id}: the adapter does not match its sha256 (corrupted in transit)")
+        if task.method != "mezo":
+            raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs mezo")
+        return np.frombuffer(task.adapter, dtype="<f4").copy()
+
+    def train(self, task: protocol.Task) -> protocol.Update:
+        adapter = self.check_task(task)
+        try:
+            config = MezoConfig.from_hparams(task.hparams)
+            steps = int(task.hparams["local_steps"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise DeviceError(f"task {task.task_id} has unusable hyperparameters {task.hparams}: {e}") from None
+        # A different slice of the shard every round; the same seeds never repeat across devices or rounds.
+        start = (task.round * steps) % len(self.batches)
+        batches = self.batches[start:] + self.batches[:start]
+        rng = np.random.default_rng([self.config.seed, task.round, zlib.crc32(self.config.device_id.encode())])
+        probe = batches[:LOSS_PROBE_BATCHES]
+        loss_before = mean_loss(self.engine, probe, adapter)
+        mezo = Mezo(self.engine, adapter, config, rng)
+        run = mezo.train(batches, steps)
+        loss_after = mean_loss(self.engine, probe, mezo.adapter)
+        peak = peak_rss()
+        budget = self.config.mem_budget_bytes
+        if budget is not None and peak > budget:
+            log.warning("%s: peak RSS %s is over the %s budget", self.config.device_id, format_size(peak), format_size(budget))
+        return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
+                               global_version=task.global_version, seeds=[s for s, _ in run.pairs],
+                               coefs=[c for _, c in run.pairs], num_examples=self.num_examples,
+                               loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak)
+
+    # ---- the connection ----
+    def hello(self) -> protocol.Hello:
+        m = self.bundle.manifest
+        return protocol.Hello(device_id=self.config.device_id, base_model_hash=m.base_model_hash,
+                              adapter_dim=m.adapter_dim, num_examples=self.num_examples,
+                              mem_budget_bytes=self.config.mem_budget_bytes)
+
+    async def _connect(self):
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        delay, last_error = 0.2, None
+        while time.monotonic() < deadline:
+            try:
+                return await connect(self.config.coordinator, max_size=protocol.MAX_FRAME_BYTES, open_timeout=10)
+            except InvalidURI:
+                raise DeviceError(f"{self.config.coordinator!r} is not a websocket URL (ws://host:port)") from None
+            except (OSError, InvalidHandshake, TimeoutError) as e:
+                last_error = e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        raise DeviceError(f"cannot reach the coordinator at {self.config.coordinator} "
+                          f"within {self.config.connect_timeout_s:g} s ({last_error})")
+
+    async def run(self) -> int:
+        """Serve tasks until the coordinator says the job is done; returns tasks completed."""
+        while True:
+            ws = await self._connect()
+            try:
+                if await self._session(ws):
+                    return self.tasks_done
+            except ConnectionClosed:
+                log.info("%s: connection lost, reconnecting", self.config.device_id)
+            finally:
+                await ws.close()
+
+    async def _session(self, ws) -> bool:
+        """One connection's life; True when the job is done."""
+        await ws.send(self.hello().to_wire())
+        while True:
+            try:
+                message = protocol.decode(await ws.recv())
+            except protocol.ProtocolError as e:
+                raise DeviceError(f"the coordinator sent a bad frame: {e}") from None
+            if isinstance(message, protocol.Error):
+                raise DeviceError(f"the coordinator refused this device ({message.code}): {message.message}")
+            if isinstance(message, protocol.Done):
+                log.info("%s: job %s done after %d tasks", self.config.device_id, message.job_id, self.tasks_done)
+                return True
+            if isinstance(message, protocol.Task):
+                update = await asyncio.to_thread(self.train, message)
+                await ws.send(update.to_wire())
+            elif isinstance(message, protocol.Ack):
+                self.tasks_done += message.accepted
+                log.info("%s: update %s %s", self.config.device_id, message.task_id,
+                         "accepted" if message.accepted else f"refused: {message.reason}")

@@ -1,0 +1,76 @@
+"""The direction generator: `(seed, d, kind) -> z in R^d`, the same on every device and server.
+
+Specification (docs/directions.md repeats it for other implementations):
+
+    GAMMA = 0x9E3779B97F4A7C15
+    mix64(x):  x ^= x >> 30; x *= 0xBF58476D1CE4E5B9
+               x ^= x >> 27; x *= 0x94D049BB133111EB
+               x ^= x >> 31                                  (all arithmetic mod 2^64)
+    word(seed, i) = mix64(seed + (i + 1) * GAMMA)           i = 0, 1, 2, ...
+
+`word(seed, i)` is the i-th output of SplitMix64 seeded with `seed`, but computed from the
+counter i alone, so any element can be produced without the ones before it.
+
+- rademacher: z_i = +1.0 if the top bit of word(seed, i) is 0, else -1.0.  Exact everywhere.
+- gaussian:   for the pair k = i // 2, u1 = ((word(seed, 2k) >> 11) + 1) * 2^-53 (in (0, 1]),
+              u2 = (word(seed, 2k+1) >> 11) * 2^-53, r = sqrt(-2 ln u1), t = 2 pi u2;
+              z_2k = r cos t, z_2k+1 = r sin t, computed in float64, rounded to float32.
+              Equal across languages up to their libm's last-ulp differences in ln/cos/sin.
+
+Seeds are integers in [0, 2^63), so that they fit a Java long and a msgpack int unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+SEED_LIMIT = 1 << 63
+KINDS = ("rademacher", "gaussian")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * MIX1
+    x = (x ^ (x >> np.uint64(27))) * MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def words(seed: int, start: int, count: int) -> np.ndarray:
+    """word(seed, i) for i in [start, start + count), as uint64."""
+    check_seed(seed)
+    counters = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64(np.uint64(seed) + counters * GAMMA)
+
+
+def direction(seed: int, dim: int, kind: str = "rademacher") -> np.ndarray:
+    """The float32 direction named by `seed` in R^dim."""
+    if kind == "rademacher":
+        top = words(seed, 0, dim) >> np.uint64(63)
+        return (1.0 - 2.0 * top.astype(np.float32)).astype(np.float32)
+    if kind == "gaussian":
+        pairs = (dim + 1) // 2
+        w = words(seed, 0, 2 * pairs).reshape(pairs, 2) >> np.uint64(11)
+        u1 = (w[:, 0].astype(np.float64) + 1.0) * 2.0**-53
+        u2 = w[:, 1].astype(np.float64) * 2.0**-53
+        r, t = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
+        return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[:dim].astype(np.float32)
+    raise ValueError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
+
+
+def check_seed(seed: int) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+
+
+def combine(pairs: list[tuple[int, float]], dim: int, kind: str = "rademacher") -> np.ndarray:
+    """sum_k coef_k * direction(seed_k), accumulated in float64 (one direction per distinct seed)."""
+    by_seed: dict[int, float] = {}
+    for seed, coef in pairs:
+        by_seed[int(seed)] = by_seed.get(int(seed), 0.0) + float(coef)
+    total = np.zeros(dim, dtype=np.float64)
+    for seed, coef in by_seed.items():
+        total += coef * direction(seed, dim, kind)
+    return total

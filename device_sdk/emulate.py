@@ -1,0 +1,106 @@
+"""python -m device_sdk.emulate: N emulated devices, each its own process with its own shard.
+
+    python -m device_sdk.emulate --mem 1.5GB --coordinator ws://127.0.0.1:8765 --devices 3 \\
+        --bundle bundles/stories --data ../shared/data/tinystories/train_head.txt
+
+Each device runs the bundle's `.pte` through the ExecuTorch runtime, trains with MeZO and
+uploads (seed, coefficient) pairs. `--mem` is the per-device budget; it is reported to the
+coordinator, and each device warns when its measured peak passes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import sys
+from pathlib import Path
+
+from fwdfed.cli import UserError, quiet_libraries, run_main
+
+
+def parse_args(argv):
+    from device_sdk.memory import parse_size
+
+    parser = argparse.ArgumentParser(prog="python -m device_sdk.emulate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mem", required=True, help="memory budget per device, e.g. 1.5GB, 1500MB, 800MiB")
+    parser.add_argument("--coordinator", required=True, help="ws://host:port of the coordinator")
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
+    parser.add_argument("--data", type=Path, required=True, help="training data (.txt, .csv or .tsv); split into shards")
+    parser.add_argument("--device-prefix", default="emu", help="devices are named PREFIX-0, PREFIX-1, ...")
+    parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep trying to reach the coordinator")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        args.mem_bytes = parse_size(args.mem)
+    except ValueError as e:
+        parser.error(f"--mem: {e}")
+    if args.devices < 1:
+        parser.error("--devices must be at least 1")
+    if not args.coordinator.startswith(("ws://", "wss://")):
+        parser.error(f"--coordinator must be a ws:// or wss:// URL, got {args.coordinator!r}")
+    if args.connect_timeout <= 0:
+        parser.error("--connect-timeout must be positive")
+    return args
+
+
+def run_device(config) -> None:
+    """Process entry: one device, start to finish. Exit status 2 with one line on a user error."""
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from device_sdk.client import Device
+
+    def main(_argv):
+        device = Device(config)
+        tasks = asyncio.run(device.run())
+        print(f"device {config.device_id}: {tasks} updates accepted", flush=True)
+        return 0
+
+    run_main(main, _user_errors(), argv=None)
+
+
+def _user_errors():
+    from device_sdk.client import DeviceError
+    from device_sdk.data import DataError
+    from device_sdk.engine import EngineError
+    from export.manifest import BundleError
+
+    return (UserError, DeviceError, DataError, EngineError, BundleError, OSError)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    from device_sdk.client import DeviceConfig
+    from device_sdk.data import read_examples
+    from device_sdk.memory import format_size
+    from export.manifest import load_bundle
+
+    # Check everything the devices share before starting any of them.
+    bundle = load_bundle(args.bundle)
+    examples = read_examples(args.data)
+    print(f"emulating {args.devices} devices, budget {args.mem} ({format_size(args.mem_bytes)}) each, "
+          f"{len(examples)} examples in {args.data}, bundle {bundle.manifest.model['source']}", flush=True)
+    configs = [DeviceConfig(device_id=f"{args.device_prefix}-{i}", coordinator=args.coordinator,
+                            bundle=str(args.bundle), data=str(args.data), shard_index=i, shard_count=args.devices,
+                            mem_budget_bytes=args.mem_bytes, connect_timeout_s=args.connect_timeout, seed=args.seed)
+               for i in range(args.devices)]
+    ctx = multiprocessing.get_context("spawn")
+    processes = [ctx.Process(target=run_device, args=(c,), name=c.device_id) for c in configs]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    failed = [p.name for p in processes if p.exitcode != 0]
+    if failed:
+        print(f"error: {len(failed)} of {len(processes)} devices failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_main(main, _user_errors())

@@ -1,0 +1,39 @@
+"""Held-out evaluation of an adapter through the exported program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from device_sdk.data import encode, read_examples, split
+from device_sdk.engine import ProgramEngine
+from device_sdk.mezo import mean_loss
+from export.manifest import Bundle
+from export.tasks import SEQ_CLS
+
+
+def load_tokenizer(bundle: Bundle):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundle.tokenizer_path, local_files_only=True)
+
+
+class Evaluator:
+    """Mean held-out loss (and accuracy, for classification) of any adapter vector."""
+
+    def __init__(self, bundle: Bundle, data: str | Path, max_examples: int, engine: ProgramEngine | None = None):
+        m = bundle.manifest
+        examples = split(read_examples(data), "heldout")[:max_examples]
+        self.task = m.task
+        self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
+        self.engine = engine or ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+        self.num_examples = len(examples)
+
+    def __call__(self, adapter: np.ndarray) -> dict[str, float]:
+        metrics = {"heldout_loss": mean_loss(self.engine, self.batches, adapter)}
+        if self.task == SEQ_CLS:
+            correct = sum(float(((self.engine.logits(b, adapter).argmax(axis=-1) == b.labels.numpy()) * b.weights).sum())
+                          for b in self.batches)
+            metrics["heldout_accuracy"] = correct / self.num_examples
+        return metrics
