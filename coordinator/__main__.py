@@ -40,6 +40,11 @@ def parse_args(argv):
     s.add_argument("--directions", type=int, default=1, help="directions per MeZO step")
     s.add_argument("--server-lr", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
+    e = commands.add_parser("export-adapter", help="write a stored global adapter as a peft adapter folder")
+    e.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy database URL")
+    e.add_argument("--job-id", help="default: the most recent job")
+    e.add_argument("--version", type=int, help="global adapter version (default: the latest)")
+    e.add_argument("--out", type=Path, required=True, help="folder to write (adapter_config.json + weights)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         if args.min_devices is None:
@@ -96,12 +101,32 @@ def serve(args) -> int:
     return 0
 
 
+def export_adapter(args) -> int:
+    import numpy as np
+
+    from coordinator.store import open_store
+    from export.manifest import load_bundle
+    from export.peft_adapter import save_peft_adapter
+
+    store = open_store(args.db)
+    job = store.job(args.job_id) if args.job_id else store.latest_job()
+    if job is None:
+        raise UserError(f"{args.db} has no job {args.job_id or ''}".strip())
+    row = store.latest_version(job.id) if args.version is None else store.version(job.id, args.version)
+    if row is None:
+        raise UserError(f"job {job.id} has no adapter version {args.version}")
+    bundle = load_bundle(job.bundle, check_program=False)
+    save_peft_adapter(bundle, np.frombuffer(row.vector, dtype="<f4"), args.out)
+    print(f"wrote job {job.id} adapter version {row.version} to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    return serve(args)
+    return serve(args) if args.command == "serve" else export_adapter(args)
 
 
 def user_errors():

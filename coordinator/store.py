@@ -192,6 +192,10 @@ class Store:
         with self.session() as s:
             return s.scalars(select(Job).where(Job.status == "running").order_by(Job.created_at)).first()
 
+    def latest_job(self) -> Job | None:
+        with self.session() as s:
+            return s.scalars(select(Job).order_by(Job.created_at.desc())).first()
+
     def job(self, job_id: str) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)

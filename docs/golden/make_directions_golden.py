@@ -1,0 +1,35 @@
+"""Regenerate docs/golden/directions.json from the Python implementation (run from the project root).
+
+The file is committed; every implementation of the direction generator (Python, Java) is
+tested against it. Regenerate only when the specification itself changes.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from device_sdk.directions import direction, words
+
+SEEDS = [0, 1, 42, 0x0123456789ABCDEF, (1 << 63) - 1]
+
+
+def golden() -> dict:
+    return {
+        "spec": "docs/directions.md",
+        "words": {str(s): [str(int(w)) for w in words(s, 0, 8)] for s in SEEDS},
+        "rademacher_256": {str(s): "".join("+" if x > 0 else "-" for x in direction(s, 256, "rademacher")) for s in SEEDS},
+        "gaussian_64_float32_bits": {
+            str(s): [f"{b:08x}" for b in direction(s, 64, "gaussian").view(np.uint32)] for s in SEEDS
+        },
+        "rademacher_1000000_sha256_of_int8": {
+            str(s): hashlib.sha256(direction(s, 1_000_000, "rademacher").astype(np.int8).tobytes()).hexdigest() for s in SEEDS
+        },
+    }
+
+
+if __name__ == "__main__":
+    path = Path(__file__).with_name("directions.json")
+    path.write_text(json.dumps(golden(), indent=1) + "\n")
+    print(f"wrote {path}")

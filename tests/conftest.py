@@ -1,0 +1,44 @@
+"""Shared fixtures: real bundles exported once per session, and helpers to run our commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+TINYSTORIES = SHARED / "data" / "tinystories" / "train_head.txt"
+SST2 = SHARED / "data" / "sst2" / "train.tsv"
+
+
+def run_command(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m ...` of this project as a user would, from the project root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def export_bundle(out: Path, *args: str) -> Path:
+    run_command("export", "--out", str(out), *args, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_bundle(tmp_path_factory) -> Path:
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is not here")
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "stories", "--model", str(STORIES))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tmp_path_factory) -> Path:
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "tiny-llama", "--preset", "tiny-llama",
+                         "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4")

@@ -1,0 +1,75 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_sdk.directions import combine, direction, words
+
+GOLDEN = json.loads((Path(__file__).resolve().parents[2] / "docs" / "golden" / "directions.json").read_text())
+MASK = (1 << 64) - 1
+
+
+def splitmix64_reference(seed: int, count: int) -> list[int]:
+    """SplitMix64 written with Python integers, straight from its published definition."""
+    out, state = [], seed
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & MASK
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_first_splitmix64_output_is_the_published_constant():
+    assert int(words(0, 0, 1)[0]) == 0xE220A8397B1DCDAF
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in GOLDEN["words"]])
+def test_words_match_the_reference_and_the_golden_file(seed):
+    ours = [int(w) for w in words(seed, 0, 64)]
+    assert ours == splitmix64_reference(seed, 64)
+    assert [str(w) for w in ours[:8]] == GOLDEN["words"][str(seed)]
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in GOLDEN["words"]])
+def test_directions_match_golden_vectors(seed):
+    rademacher = direction(seed, 256, "rademacher")
+    assert "".join("+" if x > 0 else "-" for x in rademacher) == GOLDEN["rademacher_256"][str(seed)]
+    bits = [f"{b:08x}" for b in direction(seed, 64, "gaussian").view(np.uint32)]
+    assert bits == GOLDEN["gaussian_64_float32_bits"][str(seed)]
+
+
+def test_long_stream_checksum():
+    import hashlib
+
+    seed = "42"
+    z = direction(int(seed), 1_000_000, "rademacher").astype(np.int8)
+    assert hashlib.sha256(z.tobytes()).hexdigest() == GOLDEN["rademacher_1000000_sha256_of_int8"][seed]
+
+
+def test_counter_based_any_slice_without_the_prefix():
+    assert np.array_equal(words(7, 1000, 50), words(7, 0, 1050)[1000:])
+
+
+def test_rademacher_is_plus_minus_one_and_balanced():
+    z = direction(3, 100_000)
+    assert set(np.unique(z)) == {-1.0, 1.0}
+    assert abs(z.mean()) < 0.02  # 5 sigma for n = 1e5
+    g = direction(3, 100_001, "gaussian")
+    assert g.shape == (100_001,) and abs(g.mean()) < 0.02 and abs(g.std() - 1) < 0.02
+
+
+def test_bad_seed_and_kind_are_refused():
+    for seed in (-1, 1 << 63, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            direction(seed, 4)
+    with pytest.raises(ValueError, match="kind"):
+        direction(1, 4, "uniform")
+
+
+def test_combine_sums_coefficients_times_directions():
+    pairs = [(1, 0.5), (2, -0.25), (1, 0.5)]
+    expected = 1.0 * direction(1, 100).astype(np.float64) - 0.25 * direction(2, 100)
+    np.testing.assert_allclose(combine(pairs, 100), expected)
