@@ -144,8 +144,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_store(url: str) -> "Store":
+def open_store(url) -> "Store":
     """Open (creating if new) the database at `url`; a bare path means SQLite."""
+    url = str(url)
     if "://" not in url:
         url = f"sqlite:///{url}"
     try:
