@@ -104,6 +104,33 @@ def test_stories260k_three_devices_three_rounds(tmp_path, stories_bundle):
     assert len(updates) == 9 and {u.num_pairs for u in updates} == {100}
     assert all(0 < u.peak_rss_bytes < 1.5e9 for u in updates)
     assert job.status == "finished"
+    # The trained adapter as a peft folder: eager peft agrees with the .pte on real text.
+    out = tmp_path / "peft"
+    run_command("coordinator", "export-adapter", "--db", str(db), "--out", str(out), check=True)
+    assert_peft_folder_matches_program(stories_bundle, out, np.frombuffer(store.latest_version(job.id).vector, "<f4"))
+
+
+def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vector: np.ndarray) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from device_sdk.data import encode, read_examples
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.evaluate import load_tokenizer
+    from export.program import per_example_loss
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    base = AutoModelForCausalLM.from_pretrained(bundle.base_model_path)
+    model = PeftModel.from_pretrained(base, peft_folder).eval()
+    batch = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:8], m.task, m.inputs["batch_size"],
+                   m.inputs["seq_len"])[0]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    eager = per_example_loss(logits, batch.labels, m.task).numpy()
+    program = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]).losses(batch, vector)[0]
+    np.testing.assert_allclose(program, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_distilbert_classifier_three_devices_three_rounds(tmp_path_factory, tmp_path):

@@ -1,0 +1,61 @@
+import math
+
+import msgpack
+import pytest
+
+from coordinator import protocol
+from coordinator.protocol import ProtocolError, decode
+
+UPDATE = protocol.Update(task_id="t", job_id="j", round=1, global_version=0, seeds=[1, 2**63 - 1], coefs=[0.5, -1e-3],
+                         num_examples=10, loss_before=2.0, loss_after=1.9, peak_rss_bytes=400 * 2**20)
+TASK = protocol.Task(task_id="t", job_id="j", round=1, global_version=0, base_model_hash="a" * 64,
+                     adapter=b"\x00" * 16, adapter_sha256="b" * 64, method="mezo", hparams={"lr": 1e-3, "kind": "x"},
+                     deadline_s=10.0)
+
+
+@pytest.mark.parametrize("message", [
+    UPDATE, TASK,
+    protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None),
+    protocol.Welcome(job_id="j", device_id="d"), protocol.Ack(task_id="t", accepted=False, reason="late"),
+    protocol.Done(job_id="j", reason="done"), protocol.Error(code="bad_message", message="x"),
+])
+def test_every_message_round_trips(message):
+    assert decode(message.to_wire()) == message
+
+
+def wire(**changes):
+    data = {"type": "update", "v": protocol.PROTOCOL_VERSION, **UPDATE.__dict__, **changes}
+    return msgpack.packb({k: v for k, v in data.items() if v is not ...}, use_bin_type=True)
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"", "not valid msgpack"),
+    (b"\x93\x01", "not valid msgpack"),
+    ("text", "binary"),
+    (msgpack.packb(5), "map"),
+    (msgpack.packb({1: 2}), "not valid msgpack"),
+    (wire(v=2), "protocol version"),
+    (wire(type="launch"), "unknown message type"),
+    (wire(round=...), "missing field 'round'"),
+    (wire(extra=1), "unexpected fields"),
+    (wire(round=-1), "update.round must be"),
+    (wire(round=True), "update.round must be"),
+    (wire(num_examples=2**40), "update.num_examples"),
+    (wire(seeds=[2**63]), "update.seeds"),
+    (wire(seeds=[1.0, 2.0]), "update.seeds"),
+    (wire(coefs=[math.nan, 1.0]), "update.coefs"),
+    (wire(coefs=[math.inf, 1.0]), "update.coefs"),
+    (wire(coefs=["1", 1.0]), "update.coefs"),
+    (wire(coefs=[1.0]), "same length"),
+    (wire(loss_after=math.nan), "update.loss_after"),
+    (wire(task_id="x" * 1000), "update.task_id"),
+    (wire(task_id=b"bytes"), "update.task_id"),
+])
+def test_malformed_frames_are_refused_with_a_reason(frame, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frame)
+
+
+def test_oversized_frames_are_refused_before_parsing():
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(b"\x00" * (protocol.MAX_FRAME_BYTES + 1))

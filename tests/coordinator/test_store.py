@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from coordinator.server import JobConfig, job_from_bundle
+from coordinator.store import Meta, StoreError, open_store
+from coordinator.strategy import SeedFedAvg
+from device_sdk.directions import direction
+
+
+class FakeManifest:
+    base_model_hash = "h" * 64
+    adapter_dim = 16
+
+
+def make_job(store):
+    config = JobConfig(rounds=2, devices_per_round=2, min_devices=1, round_deadline_s=10, hparams={"lr": 1.0})
+    return store.create_job(job_from_bundle("j", "/b", FakeManifest, config), np.zeros(16, np.float32))
+
+
+def test_updates_are_stored_once_per_task(tmp_path):
+    store = open_store(tmp_path / "s.db")
+    job = make_job(store)
+    rnd = store.start_round(job.id, 1, 0)
+    store.touch_device("d1", 5, None)
+    store.add_task("t1", rnd.id, "d1")
+    task = store.task("t1")
+    assert store.add_update(task, [(1, 0.5)], 5, 1.0, 0.9, 100)
+    assert not store.add_update(task, [(2, 0.5)], 5, 1.0, 0.9, 100)  # duplicate
+    assert store.accepted(rnd.id)[0].pairs == [(1, 0.5)]
+    version = store.close_round(rnd, np.ones(16, np.float32), {"heldout_loss": 1.0})
+    assert version == 1 and store.open_round(job.id) is None and store.closed_rounds(job.id) == 1
+
+
+def test_schema_version_is_checked(tmp_path):
+    path = tmp_path / "s.db"
+    store = open_store(path)
+    with store.session() as s, s.begin():
+        s.get(Meta, "schema_version").value = "999"
+    with pytest.raises(StoreError, match="schema version 999"):
+        open_store(path)
+
+
+def test_state_survives_reopening(tmp_path):
+    path = tmp_path / "s.db"
+    job = make_job(open_store(path))
+    store = open_store(path)
+    assert store.running_job().id == job.id
+    assert np.frombuffer(store.latest_version(job.id).vector, "<f4").shape == (16,)
+
+
+def test_seed_fedavg_weights_devices_by_examples():
+    from coordinator.store import AcceptedUpdate
+
+    w = np.zeros(32, np.float32)
+    updates = [AcceptedUpdate("a", [(1, 1.0)], 3), AcceptedUpdate("b", [(2, 1.0)], 1)]
+    new = SeedFedAvg(server_lr=2.0).aggregate(w, updates)
+    np.testing.assert_allclose(new, 2.0 * (0.75 * direction(1, 32) + 0.25 * direction(2, 32)), rtol=1e-6)
+    assert np.array_equal(SeedFedAvg().aggregate(w, []), w)
