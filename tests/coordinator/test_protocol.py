@@ -59,3 +59,13 @@ def test_malformed_frames_are_refused_with_a_reason(frame, reason):
 def test_oversized_frames_are_refused_before_parsing():
     with pytest.raises(ProtocolError, match="exceeds"):
         decode(b"\x00" * (protocol.MAX_FRAME_BYTES + 1))
+
+
+def test_the_protocol_document_names_every_message_and_field():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    for name, cls in protocol.MESSAGES.items():
+        section = doc.split(f"### `{name}`")[1].split("###")[0]
+        for field in cls.CHECKS:
+            assert f"| `{field}` |" in section, f"docs/protocol.md: {name}.{field} is not documented"

@@ -1,0 +1,92 @@
+"""python -m fwdfed.demo: the main job, end to end, with real parts.
+
+1. export the pretrained stories260K LLaMA with a LoRA adapter to an ExecuTorch bundle;
+2. start the coordinator (websockets + SQLite) as its own process;
+3. start emulated devices, each its own process with its own shard of TinyStories, training
+   with MeZO through the `.pte` and uploading (seed, coefficient) pairs;
+4. print the held-out loss after every round, and write the final adapter as a peft folder.
+
+Everything goes under --workdir (default runs/demo). The commands it runs are printed, so
+each step can be repeated by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from fwdfed.cli import UserError, run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def python_module(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise UserError(f"step failed: {shlex.join(cmd[2:4])}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fwdfed.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo")
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "stories260K")
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "tinystories" / "train_head.txt")
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=100)
+    parser.add_argument("--mem", default="1.5GB")
+    args = parser.parse_args(argv)
+    for path in (args.model, args.data):
+        if not path.exists():
+            raise UserError(f"{path} does not exist (the demo uses the shared model and data beside the checkout)")
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bundle, db, adapter = args.workdir / "bundle", args.workdir / "job.db", args.workdir / "peft_adapter"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)  # the demo is a fresh job each time
+
+    run(python_module("export", "--model", str(args.model), "--out", str(bundle)))
+    serve = python_module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(bundle),
+                          "--eval-data", str(args.data), "--eval-examples", "128", "--rounds", str(args.rounds),
+                          "--devices-per-round", str(args.devices), "--local-steps", str(args.local_steps),
+                          "--lr", "1e-3", "--eps", "1e-2")
+    print("$ " + shlex.join(serve), flush=True)
+    log = (args.workdir / "coordinator.log").open("w")
+    coordinator = subprocess.Popen(serve, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        url = None
+        for line in coordinator.stdout:
+            print("  coordinator | " + line, end="", flush=True)
+            if line.startswith("listening on "):
+                url = line.split()[-1]
+                break
+        if url is None:
+            raise UserError(f"the coordinator did not start; see {args.workdir / 'coordinator.log'}")
+        emulate = python_module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url, "--devices",
+                                str(args.devices), "--bundle", str(bundle), "--data", str(args.data))
+        print("$ " + shlex.join(emulate), flush=True)
+        devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=(args.workdir / "devices.log").open("w"))
+        for line in coordinator.stdout:
+            print("  coordinator | " + line, end="", flush=True)
+        if coordinator.wait() != 0 or devices.wait() != 0:
+            raise UserError(f"the job failed; see {args.workdir}/coordinator.log and devices.log")
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    run(python_module("coordinator", "export-adapter", "--db", str(db), "--out", str(adapter)))
+    print(f"done: PeftModel.from_pretrained(base, {str(adapter)!r}) loads the trained adapter")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, (UserError, OSError))
