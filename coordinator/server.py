@@ -203,8 +203,9 @@ class Coordinator:
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
         new = self.strategy.aggregate(base, accepted)
         metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
-        metrics["train_loss_before"] = float(np.mean([u.loss_before for u in self.store.updates(rnd.id)]))
-        metrics["train_loss_after"] = float(np.mean([u.loss_after for u in self.store.updates(rnd.id)]))
+        rows = self.store.updates(rnd.id)
+        metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
+        metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         version = self.store.close_round(rnd, new, metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)

@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from fwdfed.cli import first_line
+
 SCHEMA_VERSION = 1
 
 
@@ -161,7 +163,7 @@ def open_store(url) -> "Store":
                 cur.close()
         tables = set(inspect(engine).get_table_names())
     except SQLAlchemyError as e:
-        raise StoreError(f"cannot open database {url}: {str(e).splitlines()[0]}") from None
+        raise StoreError(f"cannot open database {url}: {first_line(e)}") from None
     store = Store(engine)
     if not tables:
         Base.metadata.create_all(engine)

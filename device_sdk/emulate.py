@@ -52,11 +52,14 @@ def run_device(config) -> None:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     from device_sdk.client import Device
+    from device_sdk.memory import format_size, peak_rss
 
     def main(_argv):
         device = Device(config)
         tasks = asyncio.run(device.run())
-        print(f"device {config.device_id}: {tasks} updates accepted", flush=True)
+        budget = format_size(config.mem_budget_bytes) if config.mem_budget_bytes else "none"
+        print(f"device {config.device_id}: {tasks} updates accepted, peak RSS {format_size(peak_rss())} "
+              f"(budget {budget})", flush=True)
         return 0
 
     run_main(main, _user_errors(), argv=None)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from device_sdk.data import Batch
+from fwdfed.cli import first_line
 
 
 class EngineError(Exception):
@@ -30,7 +31,7 @@ class ProgramEngine:
             self._forward = self._program.load_method("forward")
             self._predict = self._program.load_method("predict")
         except Exception as e:
-            raise EngineError(f"cannot load the ExecuTorch program: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
 
     def losses(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:

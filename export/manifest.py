@@ -32,8 +32,9 @@ class BundleError(Exception):
 class Manifest:
     task: str
     model: dict  # source, folder, hash, architecture, num_labels, vocab_size
-    adapter: dict  # kind, peft_config, dim
+    adapter: dict  # kind, dim, initial (file), peft_config
     layout: AdapterLayout
+    tokenizer: str  # folder in the bundle
     inputs: dict  # batch_size, seq_len, max_perturbations
     program: dict  # file, sha256, methods, planned_memory_bytes
     verification: dict = field(default_factory=dict)
@@ -80,7 +81,7 @@ class Bundle:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.folder / TOKENIZER_DIR
+        return self.folder / self.manifest.tokenizer
 
     @property
     def base_model_path(self) -> Path:
@@ -88,7 +89,7 @@ class Bundle:
         return folder if folder.is_absolute() else self.folder / folder
 
     def initial_adapter(self) -> np.ndarray:
-        return read_adapter(self.folder / INITIAL_ADAPTER, self.manifest.adapter_dim)
+        return read_adapter(self.folder / self.manifest.adapter["initial"], self.manifest.adapter_dim)
 
 
 def read_adapter(path: Path, dim: int) -> np.ndarray:
@@ -121,7 +122,8 @@ def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
             raise BundleError(f"bundle program {program} is missing")
         if sha256_file(program) != manifest.program["sha256"]:
             raise BundleError(f"{program} does not match the manifest's sha256: the file is corrupt or from another export")
-    if not (folder / INITIAL_ADAPTER).is_file():
-        raise BundleError(f"bundle has no initial adapter ({INITIAL_ADAPTER})")
+    initial = folder / manifest.adapter.get("initial", "")
+    if not initial.is_file():
+        raise BundleError(f"bundle has no initial adapter ({initial.name})")
     bundle.initial_adapter()  # checks its size
     return bundle

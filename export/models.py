@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from export.tasks import CAUSAL_LM, SEQ_CLS
+from fwdfed.cli import first_line
 
 
 class ModelLoadError(Exception):
@@ -152,7 +153,7 @@ def load_model(folder: Path, task: str, num_labels: int):
     try:
         AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config
-        raise ModelLoadError(f"cannot read the model config in {folder}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot read the model config in {folder}: {first_line(e)}") from None
     try:
         if task == CAUSAL_LM:
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
@@ -161,18 +162,13 @@ def load_model(folder: Path, task: str, num_labels: int):
                 folder, local_files_only=True, num_labels=num_labels, dtype=torch.float32
             )
     except Exception as e:
-        raise ModelLoadError(f"cannot load the model weights in {folder}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load the model weights in {folder}: {first_line(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, add_bos_token=True)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {first_line(e)}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked and ignored by the loss, so any existing token will do.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.config._attn_implementation = "sdpa"
     return model.eval(), tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

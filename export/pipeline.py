@@ -233,9 +233,11 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         adapter={
             "kind": "lora",
             "dim": layout.dim,
+            "initial": INITIAL_ADAPTER,
             "peft_config": json.loads(json.dumps(lora.to_dict(), default=list)),
         },
         layout=layout,
+        tokenizer=TOKENIZER_DIR,
         inputs={"batch_size": spec.batch_size, "seq_len": spec.seq_len, "max_perturbations": spec.max_perturbations},
         program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
                  "bytes": len(pte)},

@@ -17,6 +17,12 @@ class UserError(Exception):
     """An error caused by the user's input or environment, reported without a traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error built on a library's."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
 def quiet_libraries() -> None:
     """Silence the import-time and deprecation chatter of torch, torchao and transformers."""
     warnings.filterwarnings("ignore", category=FutureWarning)

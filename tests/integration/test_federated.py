@@ -20,9 +20,9 @@ from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command
 class Coordinator:
     """`python -m coordinator serve` in its own process; the port it bound is read from its output."""
 
-    def __init__(self, db: Path, *args: str):
+    def __init__(self, db: Path, *args: str, port: int = 0):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", "0", *args],
+            [sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", str(port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines = []
         for line in self.process.stdout:
@@ -31,6 +31,13 @@ class Coordinator:
                 self.url = line.split()[-1]
                 return
         raise AssertionError(f"coordinator did not start:\n{''.join(self.lines)}\n{self.process.stderr.read()}")
+
+    def read_until(self, text: str) -> str:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"coordinator ended before printing {text!r}:\n{''.join(self.lines)}")
 
     def wait(self, timeout: float = 600) -> tuple[int, str, str]:
         out, err = self.process.communicate(timeout=timeout)
@@ -141,3 +148,49 @@ def test_distilbert_classifier_three_devices_three_rounds(tmp_path_factory, tmp_
                       eval_examples=256)
     assert "heldout_accuracy" in out
     assert_beats_chance(bundle, db, SST2, 256)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle):
+    """kill -9 the coordinator after round 1; a new one on the same database finishes the job
+    with the devices that reconnect, and no update is lost or counted twice."""
+    from coordinator.store import Round, UpdateRow
+
+    db, port = tmp_path / "job.db", free_port()
+    job_args = ["--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "2",
+                "--local-steps", "20", "--round-deadline", "120"]
+    first = Coordinator(db, *job_args, port=port)
+    devices = subprocess.Popen(
+        [sys.executable, "-m", "device_sdk.emulate", "--mem", "1.5GB", "--coordinator", first.url, "--devices", "2",
+         "--bundle", str(tiny_llama_bundle), "--data", str(TINYSTORIES), "--connect-timeout", "60"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first.read_until("round 1/3")
+        first.process.kill()  # SIGKILL: no chance to clean up
+        first.process.communicate()
+        second = Coordinator(db, port=port)
+        code, out, err = second.wait()
+        assert code == 0, err[-3000:]
+        assert "resuming after round 1 of 3" in out and "round 3/3" in out
+        _, devices_err = devices.communicate(timeout=120)
+        assert devices.returncode == 0, devices_err[-3000:]
+    finally:
+        first.kill()
+        devices.kill()
+    store = open_store(db)
+    job = store.latest_job()
+    assert job.status == "finished"
+    assert [v.version for v in store.versions(job.id)] == [0, 1, 2, 3]
+    with store.session() as s:
+        closed = s.query(Round).filter(Round.status == "closed").order_by(Round.number).all()
+        assert [r.number for r in closed] == [1, 2, 3]
+        for r in closed:
+            updates = s.query(UpdateRow).filter(UpdateRow.round_id == r.id).all()
+            assert sorted(u.device_id for u in updates) == ["emu-0", "emu-1"]
