@@ -1,0 +1,47 @@
+"""The eager PyTorch reference engine: the same program as the `.pte`, run by PyTorch.
+
+It answers what the ExecuTorch program cannot: the exact directional derivative of the loss
+(forward-mode AD, `torch.func.jvp`) and the exact gradient (autograd). Tests use it as the
+ground truth that finite-difference and SPSA estimates from the `.pte` are checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from device_sdk.data import Batch
+from export.manifest import Bundle
+from export.peft_adapter import peft_model_with
+from export.program import build_programs
+
+
+class EagerEngine:
+    def __init__(self, bundle: Bundle):
+        peft_model = peft_model_with(bundle, bundle.initial_adapter())
+        # The math attention path: sdpa has no forward-mode AD rule, and both give the same values.
+        peft_model.get_base_model().config._attn_implementation = "eager"
+        self.program, _ = build_programs(peft_model, bundle.manifest.layout, bundle.manifest.task)
+
+    def _mean_loss(self, batch: Batch, adapter: torch.Tensor) -> torch.Tensor:
+        losses = self.program(batch.input_ids, batch.attention_mask, batch.labels, adapter.reshape(1, -1))[0]
+        weights = torch.from_numpy(batch.weights)
+        return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+    def losses(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            a = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(adapters), dtype=np.float32))
+            return self.program(batch.input_ids, batch.attention_mask, batch.labels, a).numpy()
+
+    def jvp(self, batch: Batch, adapter: np.ndarray, direction: np.ndarray) -> tuple[float, float]:
+        """(mean loss, exact directional derivative along `direction`) by forward-mode AD."""
+        w = torch.from_numpy(np.asarray(adapter, dtype=np.float32))
+        v = torch.from_numpy(np.asarray(direction, dtype=np.float32))
+        loss, derivative = torch.func.jvp(lambda a: self._mean_loss(batch, a), (w,), (v,))
+        return float(loss), float(derivative)
+
+    def gradient(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
+        """The exact gradient of the mean loss with respect to the adapter, by autograd."""
+        w = torch.tensor(np.asarray(adapter, dtype=np.float32), requires_grad=True)
+        self._mean_loss(batch, w).backward()
+        return w.grad.numpy().astype(np.float64)
