@@ -15,15 +15,15 @@ import time
 
 import numpy as np
 
-from fwdfed.cli import quiet_libraries
+from fwdfed.cli import quiet_libraries, run_main
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--directions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quiet_libraries()
     import torch
 
@@ -62,7 +62,10 @@ def main() -> None:
             single.append(time.perf_counter() - t)
         tb, ts = statistics.median(batched) / n * 1e3, statistics.median(single) / n * 1e3
         print(f"{n:>10} {p:>3} {tb:>15.1f} {ts:>18.1f} {ts / tb:>8.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from export.manifest import BundleError
+
+    run_main(main, (BundleError, OSError))
