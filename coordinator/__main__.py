@@ -34,10 +34,25 @@ def parse_args(argv):
     s.add_argument("--min-devices", type=int, help="fewest updates that close a round (default: devices per round)")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
+    s.add_argument("--method", choices=("mezo", "fwdgrad"), default="mezo",
+                   help="mezo: local SPSA steps; fwdgrad: FwdLLM forward gradient at the global adapter")
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--eps", type=float, default=1e-2)
-    s.add_argument("--local-steps", type=int, default=50, help="MeZO steps per device per round")
-    s.add_argument("--directions", type=int, default=1, help="directions per MeZO step")
+    s.add_argument("--eps", type=float, default=1e-2, help="perturbation size (FwdLLM's h for fwdgrad)")
+    s.add_argument("--local-steps", type=int, default=50, help="MeZO steps (fwdgrad: batches) per device per round")
+    s.add_argument("--directions", type=int, help="directions per step (default: mezo 1, fwdgrad 4)")
+    s.add_argument("--kind", choices=("rademacher", "gaussian"), help="direction kind (default: mezo rademacher, "
+                   "fwdgrad gaussian)")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="mezo: decoupled from the seed form by `scale`")
+    s.add_argument("--schedule", choices=("constant", "linear"), default="constant", help="mezo: lr over local steps")
+    s.add_argument("--candidates", type=int, default=1,
+                   help="fwdgrad: draw this many times the directions and keep the most aligned with the last update")
+    s.add_argument("--variance-threshold", type=float,
+                   help="fwdgrad: ask for more perturbations while the round's estimate variance is above this")
+    s.add_argument("--max-waves", type=int, default=3, help="fwdgrad: rounds of extra perturbations at most")
+    s.add_argument("--lr-strategy", choices=("frozen", "random", "round-wise", "five-round", "model-diff"),
+                   default="frozen", help="FedMeZO client learning rates")
+    s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
+    s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
     s.add_argument("--server-lr", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
     e = commands.add_parser("export-adapter", help="write a stored global adapter as a peft adapter folder")
@@ -49,6 +64,10 @@ def parse_args(argv):
     if args.command == "serve":
         if args.min_devices is None:
             args.min_devices = args.devices_per_round
+        if args.directions is None:
+            args.directions = 1 if args.method == "mezo" else 4
+        if args.kind is None:
+            args.kind = "rademacher" if args.method == "mezo" else "gaussian"
         checks = {
             "--port must be in [0, 65535]": 0 <= args.port <= 65535,
             "--rounds, --devices-per-round, --local-steps, --directions, --max-attempts must be at least 1":
@@ -57,6 +76,10 @@ def parse_args(argv):
             "--lr, --eps, --server-lr and --round-deadline must be positive":
                 min(args.lr, args.eps, args.server_lr, args.round_deadline) > 0,
             "--eval-examples must be at least 1": args.eval_examples >= 1,
+            "--candidates, --max-waves and --blocks must be at least 1": min(args.candidates, args.max_waves, args.blocks) >= 1,
+            "--weight-decay must be in [0, 1/lr)": 0 <= args.weight_decay * args.lr < 1,
+            "--variance-threshold and --lr-delta must be positive":
+                (args.variance_threshold is None or args.variance_threshold > 0) and (args.lr_delta is None or args.lr_delta > 0),
         }
         for message, ok in checks.items():
             if not ok:
@@ -79,10 +102,16 @@ def serve(args) -> int:
         if store.job(args.job_id) is not None:
             raise UserError(f"job {args.job_id} in {args.db} has already finished; pass another --job-id")
         bundle = load_bundle(args.bundle)
+        hparams = {"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps, "directions": args.directions,
+                   "kind": args.kind}
+        if args.method == "mezo":
+            hparams |= {"weight_decay": args.weight_decay, "schedule": args.schedule}
+        else:
+            hparams |= {"candidates": args.candidates}
+        options = {"lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
+                   "variance_threshold": args.variance_threshold, "max_waves": args.max_waves}
         config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
-                           round_deadline_s=args.round_deadline,
-                           hparams={"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps,
-                                    "directions": args.directions})
+                           round_deadline_s=args.round_deadline, hparams=hparams, method=args.method, options=options)
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
                                bundle.initial_adapter())
         print(f"job {job.id}: {job.rounds} rounds of {job.devices_per_round} devices on {args.bundle}", flush=True)
@@ -90,8 +119,13 @@ def serve(args) -> int:
         bundle = load_bundle(job.bundle)
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
     evaluate = Evaluator(bundle, args.eval_data, args.eval_examples) if args.eval_data else None
-    coordinator = Coordinator(store, job, SeedFedAvg(server_lr=args.server_lr), evaluate, seed=args.seed,
-                              max_attempts=args.max_attempts)
+    blocks = job.options.get("blocks", 1)
+    try:
+        block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
+    except ValueError as e:
+        raise UserError(f"--blocks: {e}") from None
+    coordinator = Coordinator(store, job, SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"]), evaluate,
+                              seed=args.seed, max_attempts=args.max_attempts, blocks=block_bounds)
     ok = asyncio.run(serve_job(coordinator, args.host, args.port,
                                ready=lambda port: print(f"listening on ws://{args.host}:{port}", flush=True)))
     if not ok:

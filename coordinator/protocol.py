@@ -145,9 +145,10 @@ class Task(Message):
     method: str
     hparams: dict
     deadline_s: float
+    reference: bytes  # the previous round's global update (float32), or empty: guides FwdLLM's selection
     CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND, base_model_hash=HASH,
                                   adapter=_bytes(MAX_FRAME_BYTES), adapter_sha256=HASH, method=_text(32),
-                                  hparams=_hparams, deadline_s=_float(nonneg=True))
+                                  hparams=_hparams, deadline_s=_float(nonneg=True), reference=_bytes(MAX_FRAME_BYTES))
 
 
 @dataclass
@@ -160,13 +161,14 @@ class Update(Message):
     global_version: int
     seeds: list
     coefs: list
+    scale: float  # the device's adapter is scale * global + sum coef * direction(seed)
     num_examples: int
     loss_before: float
     loss_after: float
     peak_rss_bytes: int
     CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND,
                                   seeds=_int_list(0, SEED_LIMIT - 1, MAX_PAIRS), coefs=_float_list(MAX_PAIRS),
-                                  num_examples=COUNT, loss_before=_float(), loss_after=_float(),
+                                  scale=_float(nonneg=True), num_examples=COUNT, loss_before=_float(), loss_after=_float(),
                                   peak_rss_bytes=BYTES_COUNT)
 
 

@@ -22,7 +22,8 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator import protocol
 from coordinator.store import Job, Round, Store
-from coordinator.strategy import Strategy
+from coordinator.lr_strategies import client_lrs
+from coordinator.strategy import Strategy, device_deltas, estimate_variance
 
 log = logging.getLogger("coordinator")
 
@@ -37,12 +38,15 @@ class JobConfig:
     round_deadline_s: float
     hparams: dict
     method: str = "mezo"
+    options: dict | None = None
 
 
 class Coordinator:
     def __init__(self, store: Store, job: Job, strategy: Strategy, evaluate=None, seed: int = 0,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None):
         self.store, self.job, self.strategy, self.evaluate = store, job, strategy, evaluate
+        self.blocks = blocks  # block-cyclic: round r perturbs blocks[(r - 1) % len(blocks)]
+        self.kind = str(job.hparams.get("kind", "rademacher"))
         self.max_attempts = max_attempts
         self.connections: dict[str, ServerConnection] = {}
         self.changed = asyncio.Event()  # a device came or went, or an update arrived
@@ -111,8 +115,8 @@ class Coordinator:
         if reason is None:
             task = self.store.task(update.task_id)
             pairs = list(zip(update.seeds, update.coefs))
-            if not self.store.add_update(task, pairs, update.num_examples, update.loss_before, update.loss_after,
-                                         update.peak_rss_bytes):
+            if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
+                                         update.loss_after, update.peak_rss_bytes):
                 reason = "duplicate: this task already has an accepted update"
         if reason is not None:
             self.refused["update"] = self.refused.get("update", 0) + 1
@@ -141,17 +145,53 @@ class Coordinator:
         return None
 
     # ---- rounds ----
-    async def _send_task(self, rnd: Round, device_id: str, task_id: str) -> None:
+    def _history(self) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+        """Per device: train loss per closed round, and its dense change in the latest one."""
+        losses: dict[str, list[float]] = {}
+        last: dict[str, np.ndarray] = {}
+        need_deltas = self.job.options.get("lr_strategy") == "model-diff"
+        for rnd in self.store.closed_round_list(self.job.id):
+            block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+            for row, update in zip(self.store.updates(rnd.id), self.store.accepted(rnd.id)):
+                losses.setdefault(row.device_id, []).append((row.loss_before + row.loss_after) / 2)
+                if need_deltas:
+                    last[row.device_id] = device_deltas([update], self.job.adapter_dim, self.kind, block)[0]
+        return losses, last
+
+    def _task_hparams(self, rnd: Round, devices: list[str]) -> dict[str, dict]:
+        """The hyperparameters each device's task carries: the job's, its own lr, the block, the wave."""
+        options = self.job.options
+        eta0 = float(self.job.hparams["lr"])
+        losses, last = self._history() if options.get("lr_strategy", "frozen") != "frozen" else ({}, {})
+        lrs = client_lrs(options.get("lr_strategy", "frozen"), eta0, float(options.get("lr_delta", eta0 / 2)),
+                         devices, losses, last, self.rng)
+        out = {}
+        for device_id in devices:
+            hparams = {**self.job.hparams, "lr": lrs[device_id], "wave": rnd.wave}
+            if rnd.block_start is not None:
+                hparams |= {"block_start": rnd.block_start, "block_end": rnd.block_end}
+            out[device_id] = hparams
+        return out
+
+    def _reference(self, rnd: Round) -> bytes:
+        """The previous round's global update, which the forward gradient's selection aligns with."""
+        if self.job.method != "fwdgrad" or rnd.base_version == 0:
+            return b""
+        new = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, "<f4")
+        old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
+        return (new - old).astype("<f4").tobytes()
+
+    async def _send_task(self, rnd: Round, task) -> None:
         version = self.store.version(self.job.id, rnd.base_version)
-        deadline = max(0.0, rnd.opened_at + self.job.round_deadline_s - time.time())
-        task = protocol.Task(task_id=task_id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
-                             base_model_hash=self.job.base_model_hash, adapter=version.vector,
-                             adapter_sha256=version.sha256, method=self.job.method, hparams=self.job.hparams,
-                             deadline_s=deadline)
-        ws = self.connections.get(device_id)
+        deadline = max(0.0, rnd.wave_opened_at + self.job.round_deadline_s - time.time())
+        message = protocol.Task(task_id=task.id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
+                                base_model_hash=self.job.base_model_hash, adapter=version.vector,
+                                adapter_sha256=version.sha256, method=self.job.method, hparams=task.hparams,
+                                deadline_s=deadline, reference=self._reference(rnd))
+        ws = self.connections.get(task.device_id)
         if ws is not None:
             try:
-                await ws.send(task.to_wire())
+                await ws.send(message.to_wire())
             except ConnectionClosed:
                 pass
 
@@ -162,38 +202,56 @@ class Coordinator:
             return
         answered = {u.task_id for u in self.store.updates(rnd.id)}
         for task in self.store.tasks(rnd.id):
-            if task.device_id == device_id and task.id not in answered:
+            if task.device_id == device_id and task.id not in answered and task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
-                await self._send_task(rnd, device_id, task.id)
+                await self._send_task(rnd, task)
 
     async def _dispatch(self, rnd: Round) -> None:
-        """Send tasks to idle connected devices until the round has devices_per_round of them."""
-        tasked = {t.device_id for t in self.store.tasks(rnd.id)}
+        """Send tasks to idle connected devices until this wave has devices_per_round of them."""
+        tasked = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
         idle = sorted(d for d in self.connections if d not in tasked)
-        need = self.job.devices_per_round - len(tasked)
-        for device_id in self.rng.sample(idle, min(need, len(idle))):
+        chosen = self.rng.sample(idle, min(self.job.devices_per_round - len(tasked), len(idle)))
+        if not chosen:
+            return
+        for device_id, hparams in self._task_hparams(rnd, chosen).items():
             task_id = uuid.uuid4().hex
-            self.store.add_task(task_id, rnd.id, device_id)
-            log.info("round %d: task %s -> %s", rnd.number, task_id, device_id)
-            await self._send_task(rnd, device_id, task_id)
+            self.store.add_task(task_id, rnd.id, device_id, rnd.wave, hparams)
+            log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task_id, device_id, hparams["lr"])
+            await self._send_task(rnd, self.store.task(task_id))
 
-    async def run_round(self, rnd: Round) -> bool:
-        """Run one round attempt to its end; True if it closed with a new global version."""
-        deadline = rnd.opened_at + self.job.round_deadline_s
+    async def _collect(self, rnd: Round) -> None:
+        """Dispatch and wait until every task of the current wave is answered or its deadline passes."""
+        deadline = rnd.wave_opened_at + self.job.round_deadline_s
         while True:
             self.changed.clear()
             await self._dispatch(rnd)
-            tasks, updates = self.store.tasks(rnd.id), self.store.updates(rnd.id)
-            if len(tasks) >= self.job.devices_per_round and len(updates) >= len(tasks):
-                break
+            tasks = [t for t in self.store.tasks(rnd.id) if t.wave == rnd.wave]
+            answered = {u.task_id for u in self.store.updates(rnd.id)}
+            if len(tasks) >= self.job.devices_per_round and all(t.id in answered for t in tasks):
+                return
             remaining = deadline - time.time()
             if remaining <= 0:
-                break
+                return
             try:
                 await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
             except TimeoutError:
                 pass
-        accepted = self.store.accepted(rnd.id)
+
+    async def run_round(self, rnd: Round) -> bool:
+        """Run one round attempt to its end; True if it closed with a new global version."""
+        block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+        threshold = self.job.options.get("variance_threshold")
+        while True:
+            await self._collect(rnd)
+            accepted = self.store.accepted(rnd.id)
+            if self.job.method != "fwdgrad" or threshold is None or len(accepted) < self.job.min_devices:
+                break
+            variance = estimate_variance(accepted, self.job.adapter_dim, self.kind, float(self.job.hparams["lr"]), block)
+            if variance <= threshold or rnd.wave + 1 >= int(self.job.options.get("max_waves", 1)):
+                break
+            log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
+                     rnd.number, variance, threshold, rnd.wave + 1)
+            rnd = self.store.next_wave(rnd.id)
         if len(accepted) < self.job.min_devices:
             reason = (f"{len(accepted)} of the required {self.job.min_devices} updates arrived before the deadline "
                       f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
@@ -201,13 +259,17 @@ class Coordinator:
             log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
             return False
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        new = self.strategy.aggregate(base, accepted)
+        new = self.strategy.aggregate(base, accepted, block)
         metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
         rows = self.store.updates(rnd.id)
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
+        metrics["waves"] = rnd.wave + 1
+        if self.job.method == "fwdgrad" and len(accepted) > 1:
+            metrics["estimate_variance"] = estimate_variance(accepted, self.job.adapter_dim, self.kind,
+                                                             float(self.job.hparams["lr"]), block)
         version = self.store.close_round(rnd, new, metrics)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)
         print(f"round {rnd.number}/{self.job.rounds}: {len(accepted)} updates, {shown}", flush=True)
         return True
@@ -223,7 +285,8 @@ class Coordinator:
             rnd = self.store.open_round(self.job.id)
             if rnd is None:
                 base = self.store.latest_version(self.job.id).version
-                rnd = self.store.start_round(self.job.id, done + 1, base)
+                blocks = self.blocks
+                rnd = self.store.start_round(self.job.id, done + 1, base, blocks[done % len(blocks)] if blocks else None)
                 log.info("round %d attempt %d opened from version %d", rnd.number, rnd.attempt, base)
             else:
                 log.info("resuming open round %d attempt %d", rnd.number, rnd.attempt)
@@ -257,7 +320,7 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None) 
 
 def job_from_bundle(job_id: str, bundle_path: str, manifest, config: JobConfig) -> Job:
     return Job(id=job_id, bundle=bundle_path, base_model_hash=manifest.base_model_hash, adapter_dim=manifest.adapter_dim,
-               method=config.method, hparams=config.hparams, rounds=config.rounds,
+               method=config.method, hparams=config.hparams, options=config.options or {}, rounds=config.rounds,
                devices_per_round=config.devices_per_round, min_devices=config.min_devices,
                round_deadline_s=config.round_deadline_s)
 

@@ -56,7 +56,8 @@ class Job(Base):
     base_model_hash: Mapped[str] = mapped_column(String(64))
     adapter_dim: Mapped[int] = mapped_column(Integer)
     method: Mapped[str] = mapped_column(String(32))
-    hparams: Mapped[dict] = mapped_column(JSON)
+    hparams: Mapped[dict] = mapped_column(JSON)  # sent to devices with every task
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # coordinator-side: lr strategy, blocks, variance
     rounds: Mapped[int] = mapped_column(Integer)
     devices_per_round: Mapped[int] = mapped_column(Integer)
     min_devices: Mapped[int] = mapped_column(Integer)
@@ -83,6 +84,10 @@ class Round(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)  # a failed round is retried as a new attempt
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | closed | failed
     base_version: Mapped[int] = mapped_column(Integer)
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # FwdLLM: more perturbations asked while variance is high
+    wave_opened_at: Mapped[float] = mapped_column(Float, default=time.time)
+    block_start: Mapped[int | None] = mapped_column(Integer, nullable=True)  # block-cyclic: the slice perturbed
+    block_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
     reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     opened_at: Mapped[float] = mapped_column(Float, default=time.time)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -90,10 +95,12 @@ class Round(Base):
 
 class Task(Base):
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("round_id", "device_id"),)
+    __table_args__ = (UniqueConstraint("round_id", "device_id", "wave"),)
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    hparams: Mapped[dict] = mapped_column(JSON)  # as sent: a resent task is the same task
     sent_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -105,6 +112,7 @@ class UpdateRow(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     pairs: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack [[seed, coef], ...]
     num_pairs: Mapped[int] = mapped_column(Integer)
+    scale: Mapped[float] = mapped_column(Float, default=1.0)
     num_examples: Mapped[int] = mapped_column(Integer)
     loss_before: Mapped[float] = mapped_column(Float)
     loss_after: Mapped[float] = mapped_column(Float)
@@ -136,6 +144,7 @@ class AcceptedUpdate:
     device_id: str
     pairs: list[tuple[int, float]]
     num_examples: int
+    scale: float = 1.0
 
 
 def adapter_bytes(vector: np.ndarray) -> bytes:
@@ -247,12 +256,24 @@ class Store:
         with self.session() as s:
             return len(list(s.scalars(select(Round.id).where(Round.job_id == job_id, Round.status == "closed"))))
 
-    def start_round(self, job_id: str, number: int, base_version: int) -> Round:
+    def start_round(self, job_id: str, number: int, base_version: int, block: tuple[int, int] | None = None) -> Round:
         with self.session() as s, s.begin():
             attempts = s.scalars(select(Round.attempt).where(Round.job_id == job_id, Round.number == number)).all()
-            rnd = Round(job_id=job_id, number=number, attempt=max(attempts, default=0) + 1, base_version=base_version)
+            rnd = Round(job_id=job_id, number=number, attempt=max(attempts, default=0) + 1, base_version=base_version,
+                        block_start=block[0] if block else None, block_end=block[1] if block else None)
             s.add(rnd)
         return rnd
+
+    def next_wave(self, round_id: int) -> Round:
+        with self.session() as s, s.begin():
+            rnd = s.get(Round, round_id)
+            rnd.wave, rnd.wave_opened_at = rnd.wave + 1, time.time()
+        return rnd
+
+    def closed_round_list(self, job_id: str) -> list[Round]:
+        with self.session() as s:
+            return list(s.scalars(select(Round).where(Round.job_id == job_id, Round.status == "closed")
+                                  .order_by(Round.number)))
 
     def fail_round(self, round_id: int, reason: str) -> None:
         with self.session() as s, s.begin():
@@ -281,9 +302,9 @@ class Store:
             return list(s.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.version, Metric.id)))
 
     # ---- tasks and updates ----
-    def add_task(self, task_id: str, round_id: int, device_id: str) -> None:
+    def add_task(self, task_id: str, round_id: int, device_id: str, wave: int, hparams: dict) -> None:
         with self.session() as s, s.begin():
-            s.add(Task(id=task_id, round_id=round_id, device_id=device_id))
+            s.add(Task(id=task_id, round_id=round_id, device_id=device_id, wave=wave, hparams=hparams))
 
     def tasks(self, round_id: int) -> list[Task]:
         with self.session() as s:
@@ -293,13 +314,13 @@ class Store:
         with self.session() as s:
             return s.get(Task, task_id)
 
-    def add_update(self, task: Task, pairs: list[tuple[int, float]], num_examples: int, loss_before: float,
-                   loss_after: float, peak_rss_bytes: int) -> bool:
+    def add_update(self, task: Task, pairs: list[tuple[int, float]], scale: float, num_examples: int,
+                   loss_before: float, loss_after: float, peak_rss_bytes: int) -> bool:
         """Store an accepted update; False if this task already has one (a duplicate)."""
         try:
             with self.session() as s, s.begin():
                 s.add(UpdateRow(task_id=task.id, round_id=task.round_id, device_id=task.device_id,
-                                pairs=msgpack.packb(pairs), num_pairs=len(pairs), num_examples=num_examples,
+                                pairs=msgpack.packb(pairs), num_pairs=len(pairs), scale=scale, num_examples=num_examples,
                                 loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss_bytes))
             return True
         except IntegrityError:
@@ -310,5 +331,5 @@ class Store:
             return list(s.scalars(select(UpdateRow).where(UpdateRow.round_id == round_id).order_by(UpdateRow.id)))
 
     def accepted(self, round_id: int) -> list[AcceptedUpdate]:
-        return [AcceptedUpdate(u.device_id, [(int(a), float(b)) for a, b in msgpack.unpackb(u.pairs)], u.num_examples)
-                for u in self.updates(round_id)]
+        return [AcceptedUpdate(u.device_id, [(int(a), float(b)) for a, b in msgpack.unpackb(u.pairs)], u.num_examples,
+                               u.scale) for u in self.updates(round_id)]

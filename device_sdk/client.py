@@ -21,15 +21,20 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from coordinator import protocol
 from device_sdk.data import encode, read_examples, shard, split
+from device_sdk.directions import combine
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
+from device_sdk.estimate import mean_loss
+from device_sdk.fwdgrad import FwdGradConfig, ForwardGradient
 from device_sdk.memory import format_size, peak_rss
-from device_sdk.mezo import Mezo, MezoConfig, mean_loss
+from device_sdk.mezo import Mezo, MezoConfig
 from export.manifest import load_bundle
 
 log = logging.getLogger("device")
 
 LOSS_PROBE_BATCHES = 4  # batches on which loss_before / loss_after are measured
+# method name in a task -> (its config, its optimizer)
+METHODS = {"mezo": (MezoConfig, Mezo), "fwdgrad": (FwdGradConfig, ForwardGradient)}
 
 
 class DeviceError(Exception):
@@ -72,33 +77,40 @@ class Device:
             raise DeviceError(f"task {task.task_id} carries {len(task.adapter)} adapter bytes, expected {4 * m.adapter_dim}")
         if hashlib.sha256(task.adapter).hexdigest() != task.adapter_sha256:
             raise DeviceError(f"task {task.task_id}: the adapter does not match its sha256 (corrupted in transit)")
-        if task.method != "mezo":
-            raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs mezo")
+        if task.method not in METHODS:
+            raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs {sorted(METHODS)}")
+        if len(task.reference) not in (0, 4 * m.adapter_dim):
+            raise DeviceError(f"task {task.task_id} carries a reference of {len(task.reference)} bytes")
         return np.frombuffer(task.adapter, dtype="<f4").copy()
 
     def train(self, task: protocol.Task) -> protocol.Update:
         adapter = self.check_task(task)
+        config_cls, optimizer_cls = METHODS[task.method]
         try:
-            config = MezoConfig.from_hparams(task.hparams)
+            config = config_cls.from_hparams(task.hparams)
             steps = int(task.hparams["local_steps"])
+            if steps < 1:
+                raise ValueError("local_steps must be at least 1")
         except (KeyError, ValueError, TypeError) as e:
             raise DeviceError(f"task {task.task_id} has unusable hyperparameters {task.hparams}: {e}") from None
+        reference = np.frombuffer(task.reference, dtype="<f4") if task.reference else None
         # A different slice of the shard every round; the same seeds never repeat across devices or rounds.
         start = (task.round * steps) % len(self.batches)
         batches = self.batches[start:] + self.batches[:start]
-        rng = np.random.default_rng([self.config.seed, task.round, zlib.crc32(self.config.device_id.encode())])
+        wave = int(task.hparams.get("wave", 0))
+        rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(self.engine, probe, adapter)
-        mezo = Mezo(self.engine, adapter, config, rng)
-        run = mezo.train(batches, steps)
-        loss_after = mean_loss(self.engine, probe, mezo.adapter)
+        run = optimizer_cls(self.engine, adapter, config, rng, reference).train(batches, steps)
+        local = run.scale * adapter.astype(np.float64) + combine(run.pairs, adapter.shape[0], config.kind, config.block)
+        loss_after = mean_loss(self.engine, probe, local.astype(np.float32))
         peak = peak_rss()
         budget = self.config.mem_budget_bytes
         if budget is not None and peak > budget:
             log.warning("%s: peak RSS %s is over the %s budget", self.config.device_id, format_size(peak), format_size(budget))
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],
-                               coefs=[c for _, c in run.pairs], num_examples=self.num_examples,
+                               coefs=[c for _, c in run.pairs], scale=run.scale, num_examples=self.num_examples,
                                loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak)
 
     # ---- the connection ----

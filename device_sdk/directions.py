@@ -47,17 +47,32 @@ def words(seed: int, start: int, count: int) -> np.ndarray:
 
 def direction(seed: int, dim: int, kind: str = "rademacher") -> np.ndarray:
     """The float32 direction named by `seed` in R^dim."""
+    return direction_slice(seed, 0, dim, kind)
+
+
+def direction_slice(seed: int, start: int, stop: int, kind: str = "rademacher") -> np.ndarray:
+    """Elements [start, stop) of every direction named by `seed`, without computing the others."""
     if kind == "rademacher":
-        top = words(seed, 0, dim) >> np.uint64(63)
+        top = words(seed, start, stop - start) >> np.uint64(63)
         return (1.0 - 2.0 * top.astype(np.float32)).astype(np.float32)
     if kind == "gaussian":
-        pairs = (dim + 1) // 2
-        w = words(seed, 0, 2 * pairs).reshape(pairs, 2) >> np.uint64(11)
+        first, last = start // 2, (stop + 1) // 2  # the pairs that hold elements start .. stop-1
+        w = words(seed, 2 * first, 2 * (last - first)).reshape(-1, 2) >> np.uint64(11)
         u1 = (w[:, 0].astype(np.float64) + 1.0) * 2.0**-53
         u2 = w[:, 1].astype(np.float64) * 2.0**-53
         r, t = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
-        return np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)[:dim].astype(np.float32)
+        pairs = np.stack([r * np.cos(t), r * np.sin(t)], axis=1).reshape(-1)
+        return pairs[start - 2 * first : stop - 2 * first].astype(np.float32)
     raise ValueError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
+
+
+def block_direction(seed: int, dim: int, kind: str = "rademacher", block: tuple[int, int] | None = None) -> np.ndarray:
+    """The direction restricted to `block` = (start, stop): zero outside it (block-cyclic updates)."""
+    if block is None:
+        return direction(seed, dim, kind)
+    z = np.zeros(dim, dtype=np.float32)
+    z[block[0] : block[1]] = direction_slice(seed, block[0], block[1], kind)
+    return z
 
 
 def check_seed(seed: int) -> None:
@@ -65,12 +80,14 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
 
 
-def combine(pairs: list[tuple[int, float]], dim: int, kind: str = "rademacher") -> np.ndarray:
-    """sum_k coef_k * direction(seed_k), accumulated in float64 (one direction per distinct seed)."""
+def combine(pairs: list[tuple[int, float]], dim: int, kind: str = "rademacher",
+            block: tuple[int, int] | None = None) -> np.ndarray:
+    """sum_k coef_k * direction(seed_k) (restricted to `block`), accumulated in float64."""
     by_seed: dict[int, float] = {}
     for seed, coef in pairs:
         by_seed[int(seed)] = by_seed.get(int(seed), 0.0) + float(coef)
+    start, stop = block or (0, dim)
     total = np.zeros(dim, dtype=np.float64)
     for seed, coef in by_seed.items():
-        total += coef * direction(seed, dim, kind)
+        total[start:stop] += coef * direction_slice(seed, start, stop, kind)
     return total

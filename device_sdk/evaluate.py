@@ -8,7 +8,7 @@ import numpy as np
 
 from device_sdk.data import encode, read_examples, split
 from device_sdk.engine import ProgramEngine
-from device_sdk.mezo import mean_loss
+from device_sdk.estimate import mean_loss
 from export.manifest import Bundle
 from export.tasks import SEQ_CLS
 

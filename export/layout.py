@@ -70,6 +70,20 @@ class AdapterLayout:
             out[t.offset : t.end] = value.reshape(-1)
         return out
 
+    def blocks(self, count: int) -> list[tuple[int, int]]:
+        """Split the vector into `count` contiguous [start, stop) blocks of whole tensors, in layout
+        order (so, roughly, by layer), each closing once it holds its share of the elements."""
+        if not 1 <= count <= len(self.tensors):
+            raise ValueError(f"cannot split {len(self.tensors)} adapter tensors into {count} blocks")
+        bounds, start = [], 0
+        for i, t in enumerate(self.tensors):
+            left_tensors, left_blocks = len(self.tensors) - i - 1, count - len(bounds) - 1
+            if left_blocks > 0 and (t.end >= self.dim * (len(bounds) + 1) / count or left_tensors == left_blocks):
+                bounds.append((start, t.end))
+                start = t.end
+        bounds.append((start, self.dim))
+        return bounds
+
     def to_json(self) -> list[dict]:
         return [{"name": t.name, "shape": list(t.shape), "offset": t.offset} for t in self.tensors]
 

@@ -22,10 +22,11 @@ def test_updates_are_stored_once_per_task(tmp_path):
     job = make_job(store)
     rnd = store.start_round(job.id, 1, 0)
     store.touch_device("d1", 5, None)
-    store.add_task("t1", rnd.id, "d1")
+    store.add_task("t1", rnd.id, "d1", 0, {"lr": 1.0})
     task = store.task("t1")
-    assert store.add_update(task, [(1, 0.5)], 5, 1.0, 0.9, 100)
-    assert not store.add_update(task, [(2, 0.5)], 5, 1.0, 0.9, 100)  # duplicate
+    assert task.hparams == {"lr": 1.0}
+    assert store.add_update(task, [(1, 0.5)], 1.0, 5, 1.0, 0.9, 100)
+    assert not store.add_update(task, [(2, 0.5)], 1.0, 5, 1.0, 0.9, 100)  # duplicate
     assert store.accepted(rnd.id)[0].pairs == [(1, 0.5)]
     version = store.close_round(rnd, np.ones(16, np.float32), {"heldout_loss": 1.0})
     assert version == 1 and store.open_round(job.id) is None and store.closed_rounds(job.id) == 1
@@ -56,3 +57,25 @@ def test_seed_fedavg_weights_devices_by_examples():
     new = SeedFedAvg(server_lr=2.0).aggregate(w, updates)
     np.testing.assert_allclose(new, 2.0 * (0.75 * direction(1, 32) + 0.25 * direction(2, 32)), rtol=1e-6)
     assert np.array_equal(SeedFedAvg().aggregate(w, []), w)
+
+
+def test_seed_fedavg_applies_weight_decay_scale_and_blocks():
+    from coordinator.store import AcceptedUpdate
+    from device_sdk.directions import block_direction
+
+    w = np.ones(32, np.float32)
+    updates = [AcceptedUpdate("a", [(1, 1.0)], 1, scale=0.5), AcceptedUpdate("b", [(2, 1.0)], 1, scale=1.0)]
+    new = SeedFedAvg().aggregate(w, updates, block=(8, 16))
+    expected = w - 0.25 * w + 0.5 * block_direction(1, 32, block=(8, 16)) + 0.5 * block_direction(2, 32, block=(8, 16))
+    np.testing.assert_allclose(new, expected, rtol=1e-6)
+
+
+def test_estimate_variance_is_the_variance_of_the_mean_estimate():
+    from coordinator.store import AcceptedUpdate
+    from coordinator.strategy import estimate_variance
+
+    lr, dim = 0.1, 16
+    updates = [AcceptedUpdate(str(i), [(i, -lr * (1.0 + i))], 1) for i in range(4)]
+    estimates = np.stack([(1.0 + i) * direction(i, dim) for i in range(4)])
+    assert estimate_variance(updates, dim, "rademacher", lr) == pytest.approx(estimates.var(axis=0, ddof=1).mean() / 4)
+    assert estimate_variance(updates[:1], dim, "rademacher", lr) == float("inf")

@@ -73,3 +73,15 @@ def test_combine_sums_coefficients_times_directions():
     pairs = [(1, 0.5), (2, -0.25), (1, 0.5)]
     expected = 1.0 * direction(1, 100).astype(np.float64) - 0.25 * direction(2, 100)
     np.testing.assert_allclose(combine(pairs, 100), expected)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("start, stop", [(0, 10), (3, 11), (4, 4), (7, 8), (100, 257)])
+def test_any_slice_equals_the_same_slice_of_the_whole(kind, start, stop):
+    from device_sdk.directions import block_direction, direction_slice
+
+    whole = direction(11, 300, kind)
+    assert np.array_equal(direction_slice(11, start, stop, kind), whole[start:stop])
+    masked = block_direction(11, 300, kind, (start, stop))
+    assert np.array_equal(masked[start:stop], whole[start:stop]) and not masked[:start].any() and not masked[stop:].any()
+    np.testing.assert_allclose(combine([(11, 2.0)], 300, kind, (start, stop)), 2.0 * masked)

@@ -11,7 +11,7 @@ from device_sdk.directions import direction
 from device_sdk.eager import EagerEngine
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
-from device_sdk.mezo import weighted_mean
+from device_sdk.estimate import weighted_mean
 from export.manifest import load_bundle
 from tests.conftest import TINYSTORIES
 

@@ -56,3 +56,27 @@ def test_mezo_coefficient_is_the_central_difference(setup):
     plus = (engine.losses(batches[0], start + config.eps * z)[0] * w).sum() / w.sum()
     minus = (engine.losses(batches[0], start - config.eps * z)[0] * w).sum() / w.sum()
     assert coef == pytest.approx(-config.lr * (plus - minus) / (2 * config.eps), rel=1e-4, abs=1e-9)
+
+
+def test_weight_decay_and_schedule_replay_exactly_through_scale(setup):
+    bundle, engine, batches = setup
+    start = bundle.initial_adapter()
+    config = MezoConfig(lr=1e-2, eps=1e-2, directions=2, weight_decay=0.5, schedule="linear")
+    mezo = Mezo(engine, start, config, np.random.default_rng(3))
+    run = mezo.train(batches, steps=10)
+    expected_scale = np.prod([1 - 1e-2 * (1 - i / 10) * 0.5 for i in range(10)])
+    assert run.scale == pytest.approx(expected_scale, rel=1e-9)
+    replayed = run.scale * start.astype(np.float64) + combine(run.pairs, start.shape[0])
+    np.testing.assert_allclose(replayed, mezo.adapter, rtol=0, atol=1e-5)
+
+
+def test_a_block_restricts_every_step_to_its_slice(setup):
+    bundle, engine, batches = setup
+    start = bundle.initial_adapter()
+    block = bundle.manifest.layout.blocks(2)[1]
+    mezo = Mezo(engine, start, MezoConfig(lr=1e-2, eps=1e-2, block=block), np.random.default_rng(4))
+    run = mezo.train(batches, steps=5)
+    changed = np.flatnonzero(mezo.adapter != start)
+    assert changed.size and changed.min() >= block[0] and changed.max() < block[1]
+    replayed = start + combine(run.pairs, start.shape[0], block=block)
+    np.testing.assert_allclose(replayed, mezo.adapter, atol=1e-5)

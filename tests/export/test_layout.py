@@ -23,3 +23,15 @@ def test_layout_rejects_wrong_sizes_and_gaps():
         layout.flatten({})
     with pytest.raises(ValueError, match="contiguous"):
         AdapterLayout.from_json([{"name": "a", "shape": [2], "offset": 1}])
+
+
+def test_blocks_are_contiguous_whole_tensors_covering_the_vector():
+    layout = AdapterLayout.from_shapes([(f"t{i}", (i % 3 + 1, 4)) for i in range(10)])
+    for count in (1, 2, 3, 10):
+        blocks = layout.blocks(count)
+        assert len(blocks) == count and blocks[0][0] == 0 and blocks[-1][1] == layout.dim
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])) and all(s < e for s, e in blocks)
+        edges = {t.offset for t in layout.tensors} | {layout.dim}
+        assert all(s in edges and e in edges for s, e in blocks)
+    with pytest.raises(ValueError):
+        layout.blocks(11)

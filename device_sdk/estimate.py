@@ -1,0 +1,80 @@
+"""The forward-only estimate every method shares: central differences along seeded directions.
+
+For seeds s_1..s_n, one program call evaluates the batch at w + eps*z_k and w - eps*z_k for
+all k (P = 2n adapter vectors), and returns (L+ - L-) / (2 eps) per direction: an estimate
+of the directional derivative z_k . grad L (exact for a quadratic). MeZO steps along it at
+once; the forward gradient (FwdLLM) sums the estimates at a fixed point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from device_sdk.data import Batch
+from device_sdk.directions import SEED_LIMIT, block_direction
+
+
+def weighted_mean(losses: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean over the real examples of a batch, for each of the P rows of `losses`."""
+    return (losses * weights).sum(axis=-1) / max(float(weights.sum()), 1.0)
+
+
+def mean_loss(engine, batches: list[Batch], adapter: np.ndarray) -> float:
+    """Example-weighted mean loss of `adapter` over `batches`."""
+    total = sum(float((engine.losses(b, adapter)[0] * b.weights).sum()) for b in batches)
+    count = sum(b.num_examples for b in batches)
+    return total / max(count, 1)
+
+
+def draw_seeds(rng: np.random.Generator, n: int) -> list[int]:
+    return [int(s) for s in rng.integers(0, SEED_LIMIT, size=n, dtype=np.int64)]
+
+
+def parse_block(hparams: dict) -> tuple[int, int] | None:
+    """The adapter block a task restricts perturbations to (block-cyclic updates), if any."""
+    if "block_start" not in hparams:
+        return None
+    return int(hparams["block_start"]), int(hparams["block_end"])
+
+
+@dataclass
+class Estimate:
+    projected: np.ndarray  # [n] (L+ - L-) / (2 eps)
+    directions: np.ndarray  # [n, d] the directions used
+    loss: float  # mean loss over the 2n evaluations (~ L(w))
+
+
+def central_differences(engine, batch: Batch, adapter: np.ndarray, seeds: list[int], eps: float, kind: str,
+                        block: tuple[int, int] | None = None) -> Estimate:
+    z = np.stack([block_direction(s, adapter.shape[0], kind, block) for s in seeds])
+    adapters = np.concatenate([adapter + eps * z, adapter - eps * z])  # [2n, d], fresh copies
+    losses = weighted_mean(engine.losses(batch, adapters), batch.weights)
+    n = len(seeds)
+    return Estimate((losses[:n] - losses[n:]) / (2.0 * eps), z, float(losses.mean()))
+
+
+@dataclass
+class LocalRun:
+    """A device's local result in seed form: w_final = scale * w_start + sum coef_k z(seed_k).
+
+    `scale` is 1 unless weight decay shrank the adapter. Coefficients are stored divided by the
+    decay accumulated when they were made, so later decay applies to them in O(1).
+    """
+
+    step_losses: list[float] = field(default_factory=list)
+    scale: float = 1.0
+    _seeds: list[int] = field(default_factory=list)
+    _raw: list[float] = field(default_factory=list)
+
+    def add(self, seeds: list[int], coefs: np.ndarray) -> None:
+        self._seeds.extend(seeds)
+        self._raw.extend(float(c) / self.scale for c in coefs)
+
+    def decay(self, factor: float) -> None:
+        self.scale *= factor
+
+    @property
+    def pairs(self) -> list[tuple[int, float]]:
+        return [(s, r * self.scale) for s, r in zip(self._seeds, self._raw)]

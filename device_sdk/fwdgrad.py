@@ -1,0 +1,76 @@
+"""Forward gradient (FwdLLM): K perturbations per batch, summed at the global adapter.
+
+For every local batch, K directions v_k; a finite-difference JVP with step h,
+jvp_k = (L(w + h v_k) - L(w - h v_k)) / (2h), all 2K evaluations in one program call; the
+gradient estimate is sum_k jvp_k v_k / K, averaged over the batches. The device does not
+move w (FedSGD, as FwdLLM): it uploads -lr * estimate in seed form, and the coordinator
+averages the devices' estimates.
+
+Perturbation selection (FwdLLM's "discriminative sampling"): draw `candidates` x K seeds
+and keep the K whose directions are most aligned, by cosine similarity, with the previous
+round's global update (sent with the task). Like FwdLLM's, the selected estimate is biased
+towards the previous update (momentum-like); with candidates = 1 it is unbiased. FwdLLM
+selects per tensor; a seed here names the whole adapter direction, so selection is on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_sdk.data import Batch
+from device_sdk.directions import block_direction
+from device_sdk.estimate import LocalRun, central_differences, draw_seeds, parse_block
+
+
+@dataclass(frozen=True)
+class FwdGradConfig:
+    lr: float = 1e-3
+    h: float = 1e-2  # FwdLLM's step
+    directions: int = 4  # K per batch
+    kind: str = "gaussian"  # FwdLLM draws v ~ N(0, I)
+    candidates: int = 1  # selection pool: candidates x K seeds; 1 = no selection
+    block: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if not (self.lr > 0 and self.h > 0 and self.directions >= 1 and self.candidates >= 1):
+            raise ValueError(f"the forward gradient needs lr > 0, h > 0, directions >= 1, candidates >= 1, got {self}")
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "FwdGradConfig":
+        return cls(lr=float(hparams["lr"]), h=float(hparams.get("h", hparams.get("eps", 1e-2))),
+                   directions=int(hparams.get("directions", 4)), kind=str(hparams.get("kind", "gaussian")),
+                   candidates=int(hparams.get("candidates", 1)), block=parse_block(hparams))
+
+
+class ForwardGradient:
+    def __init__(self, engine, adapter: np.ndarray, config: FwdGradConfig, rng: np.random.Generator,
+                 reference: np.ndarray | None = None):
+        self.engine, self.config, self.rng = engine, config, rng
+        self.adapter = np.array(adapter, dtype=np.float32)
+        self.reference = reference if reference is not None and np.any(reference) else None
+
+    def select(self) -> list[int]:
+        c = self.config
+        if self.reference is None or c.candidates <= 1:
+            return draw_seeds(self.rng, c.directions)
+        pool = draw_seeds(self.rng, c.candidates * c.directions)
+        dim = self.adapter.shape[0]
+        ref = self.reference / np.linalg.norm(self.reference)
+        directions = (block_direction(s, dim, c.kind, c.block) for s in pool)
+        cosines = [float(z @ ref) / float(np.linalg.norm(z)) for z in directions]
+        best = np.argsort(cosines)[::-1][: c.directions]
+        return [pool[i] for i in best]
+
+    def train(self, batches: list[Batch], steps: int) -> LocalRun:
+        """Estimate the gradient at w over `steps` batches (cycling); the update is -lr * estimate."""
+        c, run = self.config, LocalRun()
+        for i in range(steps):
+            seeds = self.select()
+            est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c.h, c.kind, c.block)
+            coefs = -c.lr * est.projected / (c.directions * steps)
+            if np.all(np.isfinite(coefs)):
+                run.add(seeds, coefs)
+                run.step_losses.append(est.loss)
+        return run
