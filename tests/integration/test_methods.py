@@ -1,0 +1,45 @@
+"""The forward-only methods over the real pipeline: coordinator process, device processes, .pte."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.store import Metric, Round, Task, UpdateRow, open_store
+from tests.conftest import TINYSTORIES
+from tests.integration.test_federated import assert_beats_chance, run_job
+
+# The same budget of forward passes per device per round: 100 directions, two passes each.
+METHODS = {
+    "mezo": ["--method", "mezo", "--lr", "1e-3", "--eps", "1e-2", "--local-steps", "100", "--directions", "1"],
+    "fwdgrad": ["--method", "fwdgrad", "--lr", "0.1", "--eps", "1e-2", "--local-steps", "25", "--directions", "4"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_lowers_heldout_loss_within_the_same_forward_budget(tmp_path, stories_bundle, method):
+    db, _ = run_job(tmp_path, stories_bundle, TINYSTORIES, rounds=3, hparams=METHODS[method], eval_examples=64)
+    result = assert_beats_chance(stories_bundle, db, TINYSTORIES, 64)
+    with open_store(db).session() as s:
+        pairs = [u.num_pairs for u in s.query(UpdateRow)]
+    assert pairs == [100] * 9  # 9 updates of 100 directions: 200 forward passes each
+    print(method, result)
+
+
+def test_fwdgrad_variance_waves_block_cyclic_and_client_lrs(tmp_path, tiny_llama_bundle):
+    db, out = run_job(tmp_path, tiny_llama_bundle, TINYSTORIES, rounds=2, devices=2, eval_examples=16, hparams=[
+        "--method", "fwdgrad", "--lr", "0.05", "--local-steps", "2", "--directions", "2", "--candidates", "3",
+        "--variance-threshold", "1e-12", "--max-waves", "2", "--blocks", "2", "--lr-strategy", "round-wise"])
+    store = open_store(db)
+    with store.session() as s:
+        rounds = s.query(Round).filter(Round.status == "closed").order_by(Round.number).all()
+        assert [r.wave for r in rounds] == [1, 1]  # the variance was always above threshold: a second wave each
+        assert (rounds[0].block_start, rounds[1].block_end) == (0, rounds[1].block_end)
+        assert rounds[0].block_end == rounds[1].block_start  # cycling through two blocks
+        for r in rounds:
+            assert s.query(UpdateRow).filter(UpdateRow.round_id == r.id).count() == 4  # 2 devices x 2 waves
+        waves = [m.value for m in s.query(Metric).filter(Metric.name == "waves")]
+        assert waves == [2.0, 2.0]
+        first, second = ([t.hparams["lr"] for t in s.query(Task).filter(Task.round_id == r.id, Task.wave == 0)]
+                         for r in rounds)
+        assert set(first) == {0.05}  # no history yet
+        assert len(set(second)) == 2 and max(second) == pytest.approx(0.075)  # round-wise: eta0 +- delta
