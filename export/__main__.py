@@ -27,6 +27,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture")
     parser.add_argument("--num-labels", type=int, default=2, help="classes, for seq-cls (default 2)")
+    parser.add_argument("--adapter", default="lora", help="lora (peft) or bitfit (biases + classification head)")
+    parser.add_argument("--lora-bias", choices=("none", "all", "lora_only"), default="none",
+                        help="peft LoRA's bias option: also train biases")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--target-modules", help="comma-separated module names (default: peft's for the architecture)")
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
         out=args.out,
         task=args.task,
         num_labels=args.num_labels,
-        adapter=AdapterSpec(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets, seed=args.seed),
+        adapter=AdapterSpec(kind=args.adapter, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
+                            bias=args.lora_bias, seed=args.seed),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         max_perturbations=args.max_perturbations,

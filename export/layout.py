@@ -46,6 +46,10 @@ class AdapterLayout:
             offset = t.end
         return cls(tuple(tensors))
 
+    @property
+    def names(self) -> set[str]:
+        return {t.name for t in self.tensors}
+
     def __getitem__(self, name: str) -> AdapterTensor:
         for t in self.tensors:
             if t.name == name:

@@ -25,7 +25,10 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
     if model_hash(base) != m.base_model_hash:
         raise BundleError(f"the base model in {base} is not the one this bundle was exported from (hash differs)")
     model, _ = load_model(base, m.task, m.model.get("num_labels") or 2)
-    peft_model = get_peft_model(model, lora_config(m.adapter["peft_config"])).eval()
+    if m.adapter["kind"] == "lora":
+        peft_model = get_peft_model(model, lora_config(m.adapter["peft_config"])).eval()
+    else:
+        peft_model = model  # bitfit: the layout names the model's own parameters
     tensors = m.layout.unflatten(np.asarray(vector, dtype=np.float32))
     params = dict(peft_model.named_parameters())
     missing = [name for name in tensors if name not in params]
@@ -38,6 +41,16 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
 
 
 def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Path:
+    """A peft folder for LoRA. peft has no BitFit type: a bitfit adapter is written as
+    `bitfit.safetensors` (the trained tensors by parameter name), which
+    `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` applies."""
     out = Path(out)
-    peft_model_with(bundle, vector).save_pretrained(out)
+    if bundle.manifest.adapter["kind"] == "lora":
+        peft_model_with(bundle, vector).save_pretrained(out)
+    else:
+        from safetensors.numpy import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = bundle.manifest.layout.unflatten(np.asarray(vector, dtype=np.float32))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "bitfit.safetensors"))
     return out

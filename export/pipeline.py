@@ -45,16 +45,37 @@ class VerificationError(Exception):
     """The `.pte` and eager PyTorch disagree past the tolerance."""
 
 
+ADAPTERS = ("lora", "bitfit")
+# What the export path cannot take, and why: the adapter must be a flat input the program adds or
+# multiplies into fixed-shape weights.
+UNSUPPORTED_ADAPTERS = {
+    "prompt-tuning": "it prepends virtual tokens, changing the program's sequence length",
+    "prefix-tuning": "it injects per-layer key/value prefixes through the cache interface",
+    "p-tuning": "it prepends virtual tokens from a prompt encoder, changing the sequence length",
+    "ia3": "its scaling vectors would need their own batched path (not written yet)",
+}
+HEAD_MODULES = ("classifier", "score")  # trained whole for classification, as peft's modules_to_save
+
+
 @dataclass
 class AdapterSpec:
+    kind: str = "lora"  # lora (peft) or bitfit (all biases + the classification head)
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] | None = None  # None: peft's default for the architecture
+    bias: str = "none"  # peft LoRA's bias option: none, all, lora_only
     seed: int = 0
+
+    def __post_init__(self):
+        if self.kind in UNSUPPORTED_ADAPTERS:
+            raise NotImplementedError(f"adapter {self.kind!r} is not supported by the ExecuTorch export path: "
+                                      f"{UNSUPPORTED_ADAPTERS[self.kind]}; supported: {', '.join(ADAPTERS)}")
+        if self.kind not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.kind!r}; supported: {', '.join(ADAPTERS)}")
 
     def lora_config(self, task: str, model_type: str) -> LoraConfig:
         targets = self.target_modules or EXTRA_DEFAULT_TARGETS.get(model_type)
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets,
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, bias=self.bias,
                           lora_dropout=0.0, task_type=PEFT_TASK_TYPES[task])
 
 
@@ -88,9 +109,22 @@ def resolve_base(spec: ExportSpec) -> tuple[Path, str, str]:
     return folder, task, str(folder)
 
 
+def mark_bitfit(model, task: str):
+    """BitFit: train every bias, and the classification head whole. peft has no BitFit tuner."""
+    for name, p in model.named_parameters():
+        head = task == SEQ_CLS and any(part in HEAD_MODULES for part in name.split("."))
+        p.requires_grad_(name.endswith(".bias") or head)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NotImplementedError(f"{type(model).__name__} has no biases to tune: use --adapter lora")
+    return model.eval()
+
+
 def attach_adapter(model, task: str, adapter: AdapterSpec):
     torch.manual_seed(adapter.seed)  # peft's LoRA A init is random; the initial adapter is reproducible
-    peft_model = get_peft_model(model, adapter.lora_config(task, model.config.model_type)).eval()
+    if adapter.kind == "bitfit":
+        peft_model = mark_bitfit(model, task)
+    else:
+        peft_model = get_peft_model(model, adapter.lora_config(task, model.config.model_type)).eval()
     layout = trainable_layout(peft_model)
     initial = layout.flatten({n: p.detach().numpy() for n, p in peft_model.named_parameters() if p.requires_grad})
     return peft_model, layout, initial
@@ -205,7 +239,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     model, tokenizer = load_model(folder, task, spec.num_labels)
     if task == SEQ_CLS:
         spec.num_labels = model.config.num_labels
-    log("[2/5] attaching LoRA adapter")
+    log(f"[2/5] attaching the {spec.adapter.kind} adapter")
     peft_model, layout, initial = attach_adapter(model, task, spec.adapter)
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
@@ -218,7 +252,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     verification = verify(pte, peft_model, layout, initial, batch, task, spec.max_perturbations, spec.tolerance)
     log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
         f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {spec.tolerance:g})")
-    lora = spec.adapter.lora_config(task, model.config.model_type)
+    peft_config = (json.loads(json.dumps(spec.adapter.lora_config(task, model.config.model_type).to_dict(), default=list))
+                   if spec.adapter.kind == "lora" else None)
     manifest = Manifest(
         task=task,
         model={
@@ -231,10 +266,10 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             "base_parameters": int(base_params),
         },
         adapter={
-            "kind": "lora",
+            "kind": spec.adapter.kind,
             "dim": layout.dim,
             "initial": INITIAL_ADAPTER,
-            "peft_config": json.loads(json.dumps(lora.to_dict(), default=list)),
+            "peft_config": peft_config,
         },
         layout=layout,
         tokenizer=TOKENIZER_DIR,

@@ -37,14 +37,17 @@ class AdapterBinding:
 
 
 class BatchedLoraLinear(nn.Module):
-    """`base(x) + scaling * B_p A_p x` for the P adapter copies; x is the batch repeated P times."""
+    """`base(x) + scaling * B_p A_p x` for the P adapter copies; x is the batch repeated P times.
+
+    The base layer keeps peft's attribute name, so a trainable `...base_layer.bias` keeps its path.
+    """
 
     def __init__(self, base: nn.Linear, a: AdapterTensor, b: AdapterTensor, scaling: float, binding: AdapterBinding):
         super().__init__()
-        self.base, self.a, self.b, self.scaling, self.binding = base, a, b, scaling, binding
+        self.base_layer, self.a, self.b, self.scaling, self.binding = base, a, b, scaling, binding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base_layer(x)
         lora_a = self.binding.tensor(self.a)  # [P, r, in]
         lora_b = self.binding.tensor(self.b)  # [P, out, r]
         xs = x.reshape(lora_a.shape[0], -1, x.shape[-1])
@@ -68,6 +71,20 @@ class BatchedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], w.shape[1])
 
 
+class BatchedBiasShift(nn.Module):
+    """`module(x) + (b_p - b)`: a trained bias (BitFit, peft's LoRA `bias="all"`) of any module whose
+    bias is added to its output last (Linear, LayerNorm), without touching the module."""
+
+    def __init__(self, module: nn.Module, bias: AdapterTensor, binding: AdapterBinding):
+        super().__init__()
+        self.module, self.bias, self.binding = module, bias, binding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.module(x)
+        shift = self.binding.tensor(self.bias) - self.module.bias  # [P, out]
+        return (y.reshape(shift.shape[0], -1, y.shape[-1]) + shift.unsqueeze(1)).reshape(y.shape)
+
+
 def trainable_layout(peft_model: nn.Module) -> AdapterLayout:
     return AdapterLayout.from_shapes([(n, tuple(p.shape)) for n, p in peft_model.named_parameters() if p.requires_grad])
 
@@ -82,6 +99,8 @@ def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: Adapter
     replacements: list[tuple[str, nn.Module]] = []
     covered: set[str] = set()
     for path, module in model.named_modules():
+        if any(path.startswith(done + ".") for done, _ in replacements):
+            continue  # inside a module already replaced
         if isinstance(module, LoraLayer):
             if not isinstance(module.base_layer, nn.Linear):
                 raise NotImplementedError(
@@ -102,11 +121,26 @@ def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: Adapter
             bias = _adapter_param(layout, path, f"{prefix}.bias") if head.bias is not None else None
             replacements.append((path, BatchedLinear(w, bias, binding)))
             covered |= {w.name} | ({bias.name} if bias else set())
+        elif isinstance(module, nn.Linear) and f"{path}.weight" in layout.names:
+            # A fully trained linear layer outside peft (BitFit's classifier head).
+            w = layout[f"{path}.weight"]
+            bias = layout[f"{path}.bias"] if module.bias is not None else None
+            replacements.append((path, BatchedLinear(w, bias, binding)))
+            covered |= {w.name} | ({bias.name} if bias else set())
+    for path, replacement in replacements:
+        model.set_submodule(path, replacement)
+    for t in layout.tensors:
+        if t.name not in covered and t.name.endswith(".bias"):
+            path = t.name.removesuffix(".bias")
+            module = model.get_submodule(path)
+            if not isinstance(module, (nn.Linear, nn.LayerNorm)):
+                raise NotImplementedError(f"a trained bias of a {type(module).__name__} ({path}) is not supported "
+                                          "by the export path; only nn.Linear and nn.LayerNorm biases are")
+            model.set_submodule(path, BatchedBiasShift(module, t, binding))
+            covered.add(t.name)
     uncovered = [t.name for t in layout.tensors if t.name not in covered]
     if uncovered:
         raise NotImplementedError(f"the export path cannot feed these adapter tensors as inputs: {uncovered[:3]}")
-    for path, replacement in replacements:
-        model.set_submodule(path, replacement)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -118,20 +118,33 @@ def test_stories260k_three_devices_three_rounds(tmp_path, stories_bundle):
 
 
 def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vector: np.ndarray) -> None:
+    """Load the written adapter the way a user would (peft, or BitFit's safetensors) and compare
+    the eager loss with the .pte's on real text."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from device_sdk.data import encode, read_examples
     from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
     from export.program import per_example_loss
+    from export.tasks import CAUSAL_LM
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    base = AutoModelForCausalLM.from_pretrained(bundle.base_model_path)
-    model = PeftModel.from_pretrained(base, peft_folder).eval()
-    batch = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:8], m.task, m.inputs["batch_size"],
+    if m.task == CAUSAL_LM:
+        base, data = AutoModelForCausalLM.from_pretrained(bundle.base_model_path), TINYSTORIES
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(bundle.base_model_path, num_labels=m.model["num_labels"])
+        data = SST2
+    if m.adapter["kind"] == "lora":
+        model = PeftModel.from_pretrained(base, peft_folder).eval()
+    else:
+        missing, unexpected = base.load_state_dict(load_file(peft_folder / "bitfit.safetensors"), strict=False)
+        assert not unexpected
+        model = base.eval()
+    batch = encode(load_tokenizer(bundle), read_examples(data)[:8], m.task, m.inputs["batch_size"],
                    m.inputs["seq_len"])[0]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

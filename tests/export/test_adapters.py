@@ -1,0 +1,37 @@
+"""Adapters beyond plain LoRA: BitFit, LoRA with biases, and clear refusals for the rest."""
+
+import numpy as np
+import pytest
+
+from export.manifest import load_bundle
+from export.peft_adapter import save_peft_adapter
+from tests.conftest import export_bundle, run_command
+from tests.integration.test_federated import assert_peft_folder_matches_program
+
+
+@pytest.mark.parametrize("flags, kind", [(["--adapter", "bitfit"], "bitfit"), (["--lora-bias", "all"], "lora")])
+def test_bias_adapters_export_verify_and_write_back(tmp_path, flags, kind):
+    out = export_bundle(tmp_path / "bundle", "--preset", "tiny-distilbert", "--seq-len", "32", *flags)
+    bundle = load_bundle(out)
+    names = [t.name for t in bundle.manifest.layout.tensors]
+    assert bundle.manifest.adapter["kind"] == kind and bundle.manifest.verification["loss_max_abs_diff"] < 1e-4
+    assert any(n.endswith("sa_layer_norm.bias") for n in names)  # LayerNorm biases are trained too
+    if kind == "bitfit":
+        assert all(n.endswith(".bias") or "classifier" in n for n in names)
+    vector = (bundle.initial_adapter() + 0.1 * np.random.default_rng(0).standard_normal(bundle.manifest.adapter_dim)
+              ).astype(np.float32)
+    assert_peft_folder_matches_program(out, save_peft_adapter(bundle, vector, tmp_path / "adapter"), vector)
+
+
+@pytest.mark.parametrize("adapter, reason", [("prompt-tuning", "sequence length"), ("prefix-tuning", "prefixes"),
+                                             ("ia3", "batched path"), ("dora", "unknown adapter")])
+def test_unsupported_adapters_are_refused_with_the_reason(tmp_path, adapter, reason):
+    result = run_command("export", "--preset", "tiny-llama", "--adapter", adapter, "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert reason in result.stderr and "supported: lora, bitfit" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_bitfit_on_a_model_without_biases_is_refused(tmp_path):
+    result = run_command("export", "--preset", "tiny-llama", "--adapter", "bitfit", "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "has no biases to tune" in result.stderr
