@@ -20,8 +20,8 @@ def golden() -> dict:
         "spec": "docs/directions.md",
         "words": {str(s): [str(int(w)) for w in words(s, 0, 8)] for s in SEEDS},
         "rademacher_256": {str(s): "".join("+" if x > 0 else "-" for x in direction(s, 256, "rademacher")) for s in SEEDS},
-        "gaussian_64_float32_bits": {
-            str(s): [f"{b:08x}" for b in direction(s, 64, "gaussian").view(np.uint32)] for s in SEEDS
+        "gaussian_256_float32_bits": {
+            str(s): [f"{b:08x}" for b in direction(s, 256, "gaussian").view(np.uint32)] for s in SEEDS
         },
         "rademacher_1000000_sha256_of_int8": {
             str(s): hashlib.sha256(direction(s, 1_000_000, "rademacher").astype(np.int8).tobytes()).hexdigest() for s in SEEDS

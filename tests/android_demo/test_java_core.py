@@ -38,8 +38,8 @@ def test_java_words_and_rademacher_are_bit_identical(java_golden):
 def test_java_gaussian_is_within_one_ulp_of_the_golden_bits(java_golden):
     exact = total = 0
     for seed, got in java_golden.items():
-        ours = np.array([int(b, 16) for b in got["gaussian_64_float32_bits"]], dtype=np.uint32).view(np.float32)
-        gold = np.array([int(b, 16) for b in GOLDEN["gaussian_64_float32_bits"][seed]], dtype=np.uint32).view(np.float32)
+        ours = np.array([int(b, 16) for b in got["gaussian_256_float32_bits"]], dtype=np.uint32).view(np.float32)
+        gold = np.array([int(b, 16) for b in GOLDEN["gaussian_256_float32_bits"][seed]], dtype=np.uint32).view(np.float32)
         ulps = np.abs(ours.view(np.int32).astype(np.int64) - gold.view(np.int32).astype(np.int64))
         assert ulps.max() <= 1, (seed, ulps.max())
         exact, total = exact + int((ulps == 0).sum()), total + ulps.size

@@ -37,8 +37,8 @@ def test_words_match_the_reference_and_the_golden_file(seed):
 def test_directions_match_golden_vectors(seed):
     rademacher = direction(seed, 256, "rademacher")
     assert "".join("+" if x > 0 else "-" for x in rademacher) == GOLDEN["rademacher_256"][str(seed)]
-    bits = [f"{b:08x}" for b in direction(seed, 64, "gaussian").view(np.uint32)]
-    assert bits == GOLDEN["gaussian_64_float32_bits"][str(seed)]
+    bits = [f"{b:08x}" for b in direction(seed, 256, "gaussian").view(np.uint32)]
+    assert bits == GOLDEN["gaussian_256_float32_bits"][str(seed)]
 
 
 def test_long_stream_checksum():

@@ -19,8 +19,8 @@ public final class GoldenDump {
             for (float x : Directions.rademacher(seed, 0, 256)) {
                 out.append(x > 0 ? '+' : '-');
             }
-            out.append("\",\"gaussian_64_float32_bits\":[");
-            float[] g = Directions.gaussian(seed, 0, 64);
+            out.append("\",\"gaussian_256_float32_bits\":[");
+            float[] g = Directions.gaussian(seed, 0, 256);
             for (int i = 0; i < g.length; i++) {
                 out.append(i == 0 ? "" : ",").append('"').append(String.format("%08x", Float.floatToRawIntBits(g[i]))).append('"');
             }
