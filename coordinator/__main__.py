@@ -54,6 +54,10 @@ def parse_args(argv):
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
     s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
     s.add_argument("--server-lr", type=float, default=1.0)
+    s.add_argument("--clip", type=float, help="bound on the L2 norm of each device's coefficients")
+    s.add_argument("--heartbeat", type=float, default=10.0, help="seconds between pings; no pong in as long: gone")
+    s.add_argument("--device-timeout", type=float, default=30.0,
+                   help="seconds a tasked device may be away before its task goes to another device")
     s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
     e = commands.add_parser("export-adapter", help="write a stored global adapter as a peft adapter folder")
     e.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy database URL")
@@ -76,6 +80,8 @@ def parse_args(argv):
             "--lr, --eps, --server-lr and --round-deadline must be positive":
                 min(args.lr, args.eps, args.server_lr, args.round_deadline) > 0,
             "--eval-examples must be at least 1": args.eval_examples >= 1,
+            "--clip, --heartbeat and --device-timeout must be positive":
+                (args.clip is None or args.clip > 0) and args.heartbeat > 0 and args.device_timeout > 0,
             "--candidates, --max-waves and --blocks must be at least 1": min(args.candidates, args.max_waves, args.blocks) >= 1,
             "--weight-decay must be in [0, 1/lr)": 0 <= args.weight_decay * args.lr < 1,
             "--variance-threshold and --lr-delta must be positive":
@@ -124,9 +130,10 @@ def serve(args) -> int:
         block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
     except ValueError as e:
         raise UserError(f"--blocks: {e}") from None
-    coordinator = Coordinator(store, job, SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"]), evaluate,
-                              seed=args.seed, max_attempts=args.max_attempts, blocks=block_bounds)
-    ok = asyncio.run(serve_job(coordinator, args.host, args.port,
+    strategy = SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"], clip=args.clip)
+    coordinator = Coordinator(store, job, strategy, evaluate, seed=args.seed, max_attempts=args.max_attempts,
+                              blocks=block_bounds, device_timeout_s=args.device_timeout)
+    ok = asyncio.run(serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat,
                                ready=lambda port: print(f"listening on ws://{args.host}:{port}", flush=True)))
     if not ok:
         print(f"error: job {job.id} stopped: a round failed {args.max_attempts} times in a row", file=sys.stderr)

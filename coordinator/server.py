@@ -43,7 +43,7 @@ class JobConfig:
 
 class Coordinator:
     def __init__(self, store: Store, job: Job, strategy: Strategy, evaluate=None, seed: int = 0,
-                 max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None):
+                 max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None, device_timeout_s: float = 30.0):
         self.store, self.job, self.strategy, self.evaluate = store, job, strategy, evaluate
         self.blocks = blocks  # block-cyclic: round r perturbs blocks[(r - 1) % len(blocks)]
         self.kind = str(job.hparams.get("kind", "rademacher"))
@@ -51,7 +51,8 @@ class Coordinator:
         self.connections: dict[str, ServerConnection] = {}
         self.changed = asyncio.Event()  # a device came or went, or an update arrived
         self.rng = random.Random(seed)
-        self.refused: dict[str, int] = {}
+        self.device_timeout_s = device_timeout_s  # a tasked device away this long loses its task
+        self.gone_since: dict[str, float] = {}
         self.finished = asyncio.Event()
 
     # ---- connections ----
@@ -77,6 +78,7 @@ class Coordinator:
             device_id = hello.device_id
             self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
             self.connections[device_id] = ws
+            self.gone_since.pop(device_id, None)
             log.info("device %s connected (%d examples)", device_id, hello.num_examples)
             await ws.send(protocol.Welcome(job_id=self.job.id, device_id=device_id).to_wire())
             if self.finished.is_set():
@@ -97,11 +99,13 @@ class Coordinator:
         finally:
             if device_id is not None and self.connections.get(device_id) is ws:
                 del self.connections[device_id]
+                self.gone_since[device_id] = time.time()
+                self.store.set_device_status(device_id, "gone")
                 log.info("device %s disconnected", device_id)
                 self.changed.set()
 
     async def _refuse(self, ws: ServerConnection, code: str, message: str) -> None:
-        self.refused[code] = self.refused.get(code, 0) + 1
+        self.store.add_refusal(self.job.id, None, code, message)
         log.warning("refused a connection (%s): %s", code, message)
         try:
             await ws.send(protocol.Error(code=code, message=message[: protocol.MAX_TEXT]).to_wire())
@@ -111,15 +115,16 @@ class Coordinator:
 
     # ---- updates ----
     def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
-        reason = self._refusal_reason(device_id, update)
-        if reason is None:
+        refusal = self._refusal(device_id, update)
+        if refusal is None:
             task = self.store.task(update.task_id)
             pairs = list(zip(update.seeds, update.coefs))
             if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
                                          update.loss_after, update.peak_rss_bytes):
-                reason = "duplicate: this task already has an accepted update"
-        if reason is not None:
-            self.refused["update"] = self.refused.get("update", 0) + 1
+                refusal = ("duplicate", "duplicate: this task already has an accepted update")
+        if refusal is not None:
+            code, reason = refusal
+            self.store.add_refusal(self.job.id, device_id, code, reason)
             log.warning("refused update %s from %s: %s", update.task_id, device_id, reason)
             return protocol.Ack(task_id=update.task_id, accepted=False, reason=reason)
         log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
@@ -128,20 +133,23 @@ class Coordinator:
         self.changed.set()
         return protocol.Ack(task_id=update.task_id, accepted=True, reason="")
 
-    def _refusal_reason(self, device_id: str, update: protocol.Update) -> str | None:
+    def _refusal(self, device_id: str, update: protocol.Update) -> tuple[str, str] | None:
+        """(code, reason) when the update must not be aggregated; None when it may."""
         if update.job_id != self.job.id:
-            return f"update for job {update.job_id}, this coordinator runs {self.job.id}"
+            return "other_job", f"update for job {update.job_id}, this coordinator runs {self.job.id}"
         task = self.store.task(update.task_id)
         if task is None:
-            return "unknown task"
+            return "unknown_task", "unknown task"
         if task.device_id != device_id:
-            return "this task was sent to another device"
+            return "foreign", "this task was sent to another device"
         rnd = self.store.open_round(self.job.id)
         if rnd is None or rnd.id != task.round_id:
-            return "late: the task's round is closed"
+            return "late", "late: the task's round is closed"
+        if task.abandoned_at is not None:
+            return "abandoned", "late: the device was away and its task went to another device"
         if update.global_version != rnd.base_version or update.round != rnd.number:
-            return f"the update starts from round {update.round} version {update.global_version}, " \
-                   f"the task was round {rnd.number} version {rnd.base_version}"
+            return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
+                                     f"the task was round {rnd.number} version {rnd.base_version}")
         return None
 
     # ---- rounds ----
@@ -202,13 +210,31 @@ class Coordinator:
             return
         answered = {u.task_id for u in self.store.updates(rnd.id)}
         for task in self.store.tasks(rnd.id):
-            if task.device_id == device_id and task.id not in answered and task.wave == rnd.wave:
+            if (task.device_id == device_id and task.id not in answered and task.wave == rnd.wave
+                    and task.abandoned_at is None):
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 await self._send_task(rnd, task)
 
+    def _live_tasks(self, rnd: Round) -> list:
+        """This wave's tasks, after abandoning those whose device has been away too long."""
+        answered = {u.task_id for u in self.store.updates(rnd.id)}
+        live = []
+        for task in self.store.tasks(rnd.id):
+            if task.wave != rnd.wave or task.abandoned_at is not None:
+                continue
+            if task.id not in answered and task.device_id not in self.connections:
+                away = time.time() - self.gone_since.setdefault(task.device_id, time.time())
+                if away > self.device_timeout_s:
+                    self.store.abandon_task(task.id)
+                    log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", rnd.number,
+                                task.device_id, away, task.id)
+                    continue
+            live.append(task)
+        return live
+
     async def _dispatch(self, rnd: Round) -> None:
-        """Send tasks to idle connected devices until this wave has devices_per_round of them."""
-        tasked = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
+        """Send tasks to idle connected devices until this wave has devices_per_round live tasks."""
+        tasked = {t.device_id for t in self._live_tasks(rnd)}
         idle = sorted(d for d in self.connections if d not in tasked)
         chosen = self.rng.sample(idle, min(self.job.devices_per_round - len(tasked), len(idle)))
         if not chosen:
@@ -225,7 +251,7 @@ class Coordinator:
         while True:
             self.changed.clear()
             await self._dispatch(rnd)
-            tasks = [t for t in self.store.tasks(rnd.id) if t.wave == rnd.wave]
+            tasks = self._live_tasks(rnd)
             answered = {u.task_id for u in self.store.updates(rnd.id)}
             if len(tasks) >= self.job.devices_per_round and all(t.id in answered for t in tasks):
                 return
@@ -306,9 +332,11 @@ class Coordinator:
         return True
 
 
-async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None) -> bool:
-    """Serve until the job ends. `ready(port)` is called once the socket listens."""
-    async with serve(coordinator.handle, host, port, max_size=protocol.MAX_FRAME_BYTES) as server:
+async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, heartbeat_s: float = 10.0) -> bool:
+    """Serve until the job ends. `ready(port)` is called once the socket listens. A device that
+    does not answer a ping within `heartbeat_s` is disconnected (and then counts as away)."""
+    async with serve(coordinator.handle, host, port, max_size=protocol.MAX_FRAME_BYTES,
+                     ping_interval=heartbeat_s, ping_timeout=heartbeat_s) as server:
         bound = server.sockets[0].getsockname()[1]
         log.info("listening on ws://%s:%d", host, bound)
         if ready:

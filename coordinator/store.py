@@ -73,6 +73,7 @@ class Device(Base):
     mem_budget_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     first_seen: Mapped[float] = mapped_column(Float, default=time.time)
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    status: Mapped[str] = mapped_column(String(16), default="online")  # online | gone
 
 
 class Round(Base):
@@ -101,6 +102,7 @@ class Task(Base):
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     wave: Mapped[int] = mapped_column(Integer, default=0)
     hparams: Mapped[dict] = mapped_column(JSON)  # as sent: a resent task is the same task
+    abandoned_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its device went away; reassigned
     sent_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -128,6 +130,17 @@ class AdapterVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Refusal(Base):
+    """A refused update or connection: what, from whom, why."""
+    __tablename__ = "refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(128))
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(1024))
+    at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Metric(Base):
@@ -246,6 +259,33 @@ class Store:
                 s.add(Device(id=device_id, num_examples=num_examples, mem_budget_bytes=mem_budget_bytes))
             else:
                 device.num_examples, device.mem_budget_bytes, device.last_seen = num_examples, mem_budget_bytes, time.time()
+                device.status = "online"
+
+    def set_device_status(self, device_id: str, status: str) -> None:
+        with self.session() as s, s.begin():
+            device = s.get(Device, device_id)
+            if device is not None:
+                device.status, device.last_seen = status, time.time()
+
+    def devices(self) -> list[Device]:
+        with self.session() as s:
+            return list(s.scalars(select(Device).order_by(Device.id)))
+
+    def abandon_task(self, task_id: str) -> None:
+        with self.session() as s, s.begin():
+            s.get(Task, task_id).abandoned_at = time.time()
+
+    def add_refusal(self, job_id: str, device_id: str | None, code: str, reason: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(Refusal(job_id=job_id, device_id=device_id, code=code, reason=reason[:1024]))
+
+    def refusals(self, job_id: str) -> list[Refusal]:
+        with self.session() as s:
+            return list(s.scalars(select(Refusal).where(Refusal.job_id == job_id).order_by(Refusal.id)))
+
+    def rounds(self, job_id: str) -> list[Round]:
+        with self.session() as s:
+            return list(s.scalars(select(Round).where(Round.job_id == job_id).order_by(Round.id)))
 
     # ---- rounds ----
     def open_round(self, job_id: str) -> Round | None:

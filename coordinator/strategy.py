@@ -30,6 +30,13 @@ class SeedFedAvg:
 
     server_lr: float = 1.0
     kind: str = "rademacher"
+    clip: float | None = None  # per-device bound on the norm of its coefficient vector
+
+    def clipped(self, u: AcceptedUpdate) -> list[tuple[int, float]]:
+        norm = float(np.sqrt(sum(c * c for _, c in u.pairs)))
+        if self.clip is None or norm <= self.clip:
+            return u.pairs
+        return [(seed, coef * self.clip / norm) for seed, coef in u.pairs]
 
     def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate],
                   block: tuple[int, int] | None = None) -> np.ndarray:
@@ -37,7 +44,7 @@ class SeedFedAvg:
         if not updates or total <= 0:
             return global_adapter.copy()
         weights = [self.server_lr * u.num_examples / total for u in updates]
-        weighted = [(seed, w * coef) for u, w in zip(updates, weights) for seed, coef in u.pairs]
+        weighted = [(seed, w * coef) for u, w in zip(updates, weights) for seed, coef in self.clipped(u)]
         w64 = global_adapter.astype(np.float64)
         shrink = sum(w * (u.scale - 1.0) for u, w in zip(updates, weights))
         return (w64 + shrink * w64 + combine(weighted, global_adapter.shape[0], self.kind, block)).astype(np.float32)
