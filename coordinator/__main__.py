@@ -64,6 +64,13 @@ def parse_args(argv):
     e.add_argument("--job-id", help="default: the most recent job")
     e.add_argument("--version", type=int, help="global adapter version (default: the latest)")
     e.add_argument("--out", type=Path, required=True, help="folder to write (adapter_config.json + weights)")
+    st = commands.add_parser("status", help="jobs, rounds, devices, last metrics, refusals")
+    st.add_argument("--db", required=True)
+    st.add_argument("--job-id", help="default: the most recent job")
+    pl = commands.add_parser("plot", help="held-out loss/accuracy per round as a PNG")
+    pl.add_argument("--db", required=True)
+    pl.add_argument("--job-id", help="default: the most recent job")
+    pl.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "serve":
         if args.min_devices is None:
@@ -142,17 +149,26 @@ def serve(args) -> int:
     return 0
 
 
-def export_adapter(args) -> int:
-    import numpy as np
-
+def existing_job(args):
+    """The store and the job a read-only command is about; a missing database is not created."""
     from coordinator.store import open_store
-    from export.manifest import load_bundle
-    from export.peft_adapter import save_peft_adapter
 
+    if "://" not in str(args.db) and not Path(args.db).is_file():
+        raise UserError(f"database {args.db} does not exist")
     store = open_store(args.db)
     job = store.job(args.job_id) if args.job_id else store.latest_job()
     if job is None:
         raise UserError(f"{args.db} has no job {args.job_id or ''}".strip())
+    return store, job
+
+
+def export_adapter(args) -> int:
+    import numpy as np
+
+    from export.manifest import load_bundle
+    from export.peft_adapter import save_peft_adapter
+
+    store, job = existing_job(args)
     row = store.latest_version(job.id) if args.version is None else store.version(job.id, args.version)
     if row is None:
         raise UserError(f"job {job.id} has no adapter version {args.version}")
@@ -167,6 +183,20 @@ def main(argv=None) -> int:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    if args.command == "status":
+        from coordinator.report import status_text
+
+        print(status_text(*existing_job(args)))
+        return 0
+    if args.command == "plot":
+        from coordinator.report import plot_metrics
+
+        store, job = existing_job(args)
+        try:
+            print(f"wrote {plot_metrics(store, job, args.out)}")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return 0
     return serve(args) if args.command == "serve" else export_adapter(args)
 
 

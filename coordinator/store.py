@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     ForeignKey,
     Integer,
@@ -32,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fwdfed.cli import first_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: waves, blocks, per-task hparams, scale, device status, refusals
 
 
 class StoreError(Exception):
@@ -70,7 +71,7 @@ class Device(Base):
     __tablename__ = "devices"
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
-    mem_budget_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    mem_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     first_seen: Mapped[float] = mapped_column(Float, default=time.time)
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     status: Mapped[str] = mapped_column(String(16), default="online")  # online | gone
@@ -118,7 +119,7 @@ class UpdateRow(Base):
     num_examples: Mapped[int] = mapped_column(Integer)
     loss_before: Mapped[float] = mapped_column(Float)
     loss_after: Mapped[float] = mapped_column(Float)
-    peak_rss_bytes: Mapped[int] = mapped_column(Integer)
+    peak_rss_bytes: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 

@@ -1,5 +1,8 @@
+import os
+
 import numpy as np
 import pytest
+from sqlalchemy import create_engine
 
 from coordinator.server import JobConfig, job_from_bundle
 from coordinator.store import Meta, StoreError, open_store
@@ -12,28 +15,46 @@ class FakeManifest:
     adapter_dim = 16
 
 
+POSTGRES = os.environ.get("FWDFED_TEST_POSTGRES_URL")  # .ci/run starts PostgreSQL and sets it
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The same storage tests on SQLite and on PostgreSQL (a fresh schema each time)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.db")
+    if not POSTGRES:
+        pytest.skip("FWDFED_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    from coordinator.store import Base
+
+    engine = create_engine(POSTGRES)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return POSTGRES
+
+
 def make_job(store):
     config = JobConfig(rounds=2, devices_per_round=2, min_devices=1, round_deadline_s=10, hparams={"lr": 1.0})
     return store.create_job(job_from_bundle("j", "/b", FakeManifest, config), np.zeros(16, np.float32))
 
 
-def test_updates_are_stored_once_per_task(tmp_path):
-    store = open_store(tmp_path / "s.db")
+def test_updates_are_stored_once_per_task(db_url):
+    store = open_store(db_url)
     job = make_job(store)
     rnd = store.start_round(job.id, 1, 0)
     store.touch_device("d1", 5, None)
     store.add_task("t1", rnd.id, "d1", 0, {"lr": 1.0})
     task = store.task("t1")
     assert task.hparams == {"lr": 1.0}
-    assert store.add_update(task, [(1, 0.5)], 1.0, 5, 1.0, 0.9, 100)
+    assert store.add_update(task, [(1, 0.5)], 1.0, 5, 1.0, 0.9, 3 * 2**30)  # peaks past 2^31 bytes fit
     assert not store.add_update(task, [(2, 0.5)], 1.0, 5, 1.0, 0.9, 100)  # duplicate
     assert store.accepted(rnd.id)[0].pairs == [(1, 0.5)]
     version = store.close_round(rnd, np.ones(16, np.float32), {"heldout_loss": 1.0})
     assert version == 1 and store.open_round(job.id) is None and store.closed_rounds(job.id) == 1
 
 
-def test_schema_version_is_checked(tmp_path):
-    path = tmp_path / "s.db"
+def test_schema_version_is_checked(db_url):
+    path = db_url
     store = open_store(path)
     with store.session() as s, s.begin():
         s.get(Meta, "schema_version").value = "999"
@@ -41,12 +62,14 @@ def test_schema_version_is_checked(tmp_path):
         open_store(path)
 
 
-def test_state_survives_reopening(tmp_path):
-    path = tmp_path / "s.db"
+def test_state_survives_reopening(db_url):
+    path = db_url
     job = make_job(open_store(path))
+    open_store(path).add_refusal(job.id, "d", "late", "late")
     store = open_store(path)
     assert store.running_job().id == job.id
     assert np.frombuffer(store.latest_version(job.id).vector, "<f4").shape == (16,)
+    assert [r.code for r in store.refusals(job.id)] == ["late"]
 
 
 def test_seed_fedavg_weights_devices_by_examples():

@@ -10,7 +10,7 @@ import sys
 from coordinator import protocol
 from coordinator.store import Round, Task, UpdateRow, open_store
 from export.manifest import load_bundle
-from tests.conftest import ROOT, TINYSTORIES
+from tests.conftest import ROOT, TINYSTORIES, run_command
 from tests.integration.protocol_client import ProtocolDevice
 from tests.integration.test_federated import Coordinator, emulate
 
@@ -82,6 +82,11 @@ def test_duplicate_late_foreign_and_other_job_updates_are_refused_and_counted(tm
     with store.session() as s:
         assert s.query(UpdateRow).count() == 2  # one per round: nothing doubled, nothing lost
     assert [v.version for v in store.versions(job.id)] == [0, 1, 2]
+    status = run_command("coordinator", "status", "--db", str(db), check=True).stdout
+    assert "job job-1: finished" in status and "refused: duplicate 1, foreign 1, late 1, other_job 1" in status
+    assert "   1 attempt 1: closed" in status and "a " in status and "b " in status
+    no_metrics = run_command("coordinator", "plot", "--db", str(db), "--out", str(tmp_path / "p.png"))
+    assert no_metrics.returncode == 2 and "no held-out metrics" in no_metrics.stderr
 
 
 def test_a_round_that_cannot_reach_its_minimum_fails_with_a_reason_and_is_retried(tmp_path, tiny_llama_bundle):

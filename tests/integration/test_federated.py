@@ -111,6 +111,9 @@ def test_stories260k_three_devices_three_rounds(tmp_path, stories_bundle):
     assert len(updates) == 9 and {u.num_pairs for u in updates} == {100}
     assert all(0 < u.peak_rss_bytes < 1.5e9 for u in updates)
     assert job.status == "finished"
+    plot = tmp_path / "loss.png"
+    run_command("coordinator", "plot", "--db", str(db), "--out", str(plot), check=True)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The trained adapter as a peft folder: eager peft agrees with the .pte on real text.
     out = tmp_path / "peft"
     run_command("coordinator", "export-adapter", "--db", str(db), "--out", str(out), check=True)
