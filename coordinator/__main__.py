@@ -32,6 +32,8 @@ def parse_args(argv):
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--devices-per-round", type=int, default=3)
     s.add_argument("--min-devices", type=int, help="fewest updates that close a round (default: devices per round)")
+    s.add_argument("--fraction", type=float, help="sample this share of the connected devices each round "
+                   "(at least --min-devices) instead of --devices-per-round")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
     s.add_argument("--method", choices=("mezo", "fwdgrad"), default="mezo",
@@ -54,6 +56,8 @@ def parse_args(argv):
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
     s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
     s.add_argument("--server-lr", type=float, default=1.0)
+    s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
+                   help="full: an acknowledged update survives power loss; normal: only a crash of this process")
     s.add_argument("--clip", type=float, help="bound on the L2 norm of each device's coefficients")
     s.add_argument("--heartbeat", type=float, default=10.0, help="seconds between pings; no pong in as long: gone")
     s.add_argument("--device-timeout", type=float, default=30.0,
@@ -84,6 +88,7 @@ def parse_args(argv):
             "--rounds, --devices-per-round, --local-steps, --directions, --max-attempts must be at least 1":
                 min(args.rounds, args.devices_per_round, args.local_steps, args.directions, args.max_attempts) >= 1,
             "--min-devices must be between 1 and --devices-per-round": 1 <= args.min_devices <= args.devices_per_round,
+            "--fraction must be in (0, 1]": args.fraction is None or 0 < args.fraction <= 1,
             "--lr, --eps, --server-lr and --round-deadline must be positive":
                 min(args.lr, args.eps, args.server_lr, args.round_deadline) > 0,
             "--eval-examples must be at least 1": args.eval_examples >= 1,
@@ -107,7 +112,7 @@ def serve(args) -> int:
     from device_sdk.evaluate import Evaluator
     from export.manifest import load_bundle
 
-    store = open_store(args.db)
+    store = open_store(args.db, sqlite_sync=args.sqlite_sync)
     job = store.running_job()
     if job is None:
         if args.bundle is None:
@@ -121,7 +126,7 @@ def serve(args) -> int:
             hparams |= {"weight_decay": args.weight_decay, "schedule": args.schedule}
         else:
             hparams |= {"candidates": args.candidates}
-        options = {"lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
+        options = {"fraction": args.fraction, "lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
                    "variance_threshold": args.variance_threshold, "max_waves": args.max_waves}
         config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
                            round_deadline_s=args.round_deadline, hparams=hparams, method=args.method, options=options)

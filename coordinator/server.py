@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +28,7 @@ from coordinator.strategy import Strategy, device_deltas, estimate_variance
 log = logging.getLogger("coordinator")
 
 HELLO_TIMEOUT_S = 10.0
+COLLECT_BATCH_S = 0.05
 
 
 @dataclass
@@ -115,9 +116,9 @@ class Coordinator:
 
     # ---- updates ----
     def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
-        refusal = self._refusal(device_id, update)
+        task = self.store.task(update.task_id)
+        refusal = self._refusal(device_id, update, task)
         if refusal is None:
-            task = self.store.task(update.task_id)
             pairs = list(zip(update.seeds, update.coefs))
             if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
                                          update.loss_after, update.peak_rss_bytes):
@@ -133,11 +134,10 @@ class Coordinator:
         self.changed.set()
         return protocol.Ack(task_id=update.task_id, accepted=True, reason="")
 
-    def _refusal(self, device_id: str, update: protocol.Update) -> tuple[str, str] | None:
+    def _refusal(self, device_id: str, update: protocol.Update, task) -> tuple[str, str] | None:
         """(code, reason) when the update must not be aggregated; None when it may."""
         if update.job_id != self.job.id:
             return "other_job", f"update for job {update.job_id}, this coordinator runs {self.job.id}"
-        task = self.store.task(update.task_id)
         if task is None:
             return "unknown_task", "unknown task"
         if task.device_id != device_id:
@@ -189,13 +189,14 @@ class Coordinator:
         old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
         return (new - old).astype("<f4").tobytes()
 
-    async def _send_task(self, rnd: Round, task) -> None:
-        version = self.store.version(self.job.id, rnd.base_version)
+    async def _send_task(self, rnd: Round, task, version=None, reference: bytes | None = None) -> None:
+        version = version or self.store.version(self.job.id, rnd.base_version)
+        reference = self._reference(rnd) if reference is None else reference
         deadline = max(0.0, rnd.wave_opened_at + self.job.round_deadline_s - time.time())
         message = protocol.Task(task_id=task.id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
                                 base_model_hash=self.job.base_model_hash, adapter=version.vector,
                                 adapter_sha256=version.sha256, method=self.job.method, hparams=task.hparams,
-                                deadline_s=deadline, reference=self._reference(rnd))
+                                deadline_s=deadline, reference=reference)
         ws = self.connections.get(task.device_id)
         if ws is not None:
             try:
@@ -208,7 +209,7 @@ class Coordinator:
         rnd = self.store.open_round(self.job.id)
         if rnd is None:
             return
-        answered = {u.task_id for u in self.store.updates(rnd.id)}
+        answered = self.store.answered(rnd.id)
         for task in self.store.tasks(rnd.id):
             if (task.device_id == device_id and task.id not in answered and task.wave == rnd.wave
                     and task.abandoned_at is None):
@@ -217,7 +218,7 @@ class Coordinator:
 
     def _live_tasks(self, rnd: Round) -> list:
         """This wave's tasks, after abandoning those whose device has been away too long."""
-        answered = {u.task_id for u in self.store.updates(rnd.id)}
+        answered = self.store.answered(rnd.id)
         live = []
         for task in self.store.tasks(rnd.id):
             if task.wave != rnd.wave or task.abandoned_at is not None:
@@ -232,18 +233,30 @@ class Coordinator:
             live.append(task)
         return live
 
+    def _target(self, rnd: Round) -> int:
+        """Devices this round samples: devices_per_round, or with a fraction, that share of the
+        connected devices (at least min_devices; it only grows while the round is open)."""
+        fraction = self.job.options.get("fraction")
+        if fraction is None:
+            return self.job.devices_per_round
+        wanted = max(self.job.min_devices, math.ceil(fraction * len(self.connections)))
+        if wanted > rnd.target:
+            rnd.target = self.store.raise_target(rnd.id, wanted).target
+        return rnd.target
+
     async def _dispatch(self, rnd: Round) -> None:
-        """Send tasks to idle connected devices until this wave has devices_per_round live tasks."""
+        """Send tasks to idle connected devices until this wave has its target of live tasks."""
         tasked = {t.device_id for t in self._live_tasks(rnd)}
         idle = sorted(d for d in self.connections if d not in tasked)
-        chosen = self.rng.sample(idle, min(self.job.devices_per_round - len(tasked), len(idle)))
+        chosen = self.rng.sample(idle, max(0, min(self._target(rnd) - len(tasked), len(idle))))
         if not chosen:
             return
-        for device_id, hparams in self._task_hparams(rnd, chosen).items():
-            task_id = uuid.uuid4().hex
-            self.store.add_task(task_id, rnd.id, device_id, rnd.wave, hparams)
-            log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task_id, device_id, hparams["lr"])
-            await self._send_task(rnd, self.store.task(task_id))
+        tasks = self.store.add_tasks(rnd.id, rnd.wave, self._task_hparams(rnd, chosen))  # one transaction
+        version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
+        for task in tasks:
+            log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
+                     task.hparams["lr"])
+            await self._send_task(rnd, task, version, reference)
 
     async def _collect(self, rnd: Round) -> None:
         """Dispatch and wait until every task of the current wave is answered or its deadline passes."""
@@ -252,14 +265,16 @@ class Coordinator:
             self.changed.clear()
             await self._dispatch(rnd)
             tasks = self._live_tasks(rnd)
-            answered = {u.task_id for u in self.store.updates(rnd.id)}
-            if len(tasks) >= self.job.devices_per_round and all(t.id in answered for t in tasks):
+            answered = self.store.answered(rnd.id)
+            if len(tasks) >= self._target(rnd) and all(t.id in answered for t in tasks):
                 return
             remaining = deadline - time.time()
             if remaining <= 0:
                 return
             try:
                 await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                # Let a burst of arrivals land before re-checking: each check reads the round's tasks.
+                await asyncio.sleep(COLLECT_BATCH_S)
             except TimeoutError:
                 pass
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass
 
 import msgpack
@@ -86,6 +87,7 @@ class Round(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)  # a failed round is retried as a new attempt
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | closed | failed
     base_version: Mapped[int] = mapped_column(Integer)
+    target: Mapped[int] = mapped_column(Integer, default=0)  # devices sampled (grows with --fraction)
     wave: Mapped[int] = mapped_column(Integer, default=0)  # FwdLLM: more perturbations asked while variance is high
     wave_opened_at: Mapped[float] = mapped_column(Float, default=time.time)
     block_start: Mapped[int | None] = mapped_column(Integer, nullable=True)  # block-cyclic: the slice perturbed
@@ -169,8 +171,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_store(url) -> "Store":
-    """Open (creating if new) the database at `url`; a bare path means SQLite."""
+def open_store(url, sqlite_sync: str = "full") -> "Store":
+    """Open (creating if new) the database at `url`; a bare path means SQLite.
+
+    `sqlite_sync`: "full" makes every accepted update durable against power loss before it is
+    acknowledged; "normal" (WAL) keeps it safe from a crash of the process only, and is faster."""
     url = str(url)
     if "://" not in url:
         url = f"sqlite:///{url}"
@@ -182,6 +187,7 @@ def open_store(url) -> "Store":
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
                 cur.execute("PRAGMA busy_timeout=5000")
+                cur.execute(f"PRAGMA synchronous={'NORMAL' if sqlite_sync == 'normal' else 'FULL'}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         tables = set(inspect(engine).get_table_names())
@@ -305,6 +311,12 @@ class Store:
             s.add(rnd)
         return rnd
 
+    def raise_target(self, round_id: int, target: int) -> Round:
+        with self.session() as s, s.begin():
+            rnd = s.get(Round, round_id)
+            rnd.target = max(rnd.target, target)
+        return rnd
+
     def next_wave(self, round_id: int) -> Round:
         with self.session() as s, s.begin():
             rnd = s.get(Round, round_id)
@@ -343,9 +355,13 @@ class Store:
             return list(s.scalars(select(Metric).where(Metric.job_id == job_id).order_by(Metric.version, Metric.id)))
 
     # ---- tasks and updates ----
-    def add_task(self, task_id: str, round_id: int, device_id: str, wave: int, hparams: dict) -> None:
+    def add_tasks(self, round_id: int, wave: int, hparams_by_device: dict[str, dict]) -> list[Task]:
+        """New tasks for these devices, stored in one transaction before any is sent."""
+        tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h)
+                 for d, h in hparams_by_device.items()]
         with self.session() as s, s.begin():
-            s.add(Task(id=task_id, round_id=round_id, device_id=device_id, wave=wave, hparams=hparams))
+            s.add_all(tasks)
+        return tasks
 
     def tasks(self, round_id: int) -> list[Task]:
         with self.session() as s:
@@ -366,6 +382,11 @@ class Store:
             return True
         except IntegrityError:
             return False
+
+    def answered(self, round_id: int) -> set[str]:
+        """Ids of the round's tasks that have an accepted update (without loading the updates)."""
+        with self.session() as s:
+            return set(s.scalars(select(UpdateRow.task_id).where(UpdateRow.round_id == round_id)))
 
     def updates(self, round_id: int) -> list[UpdateRow]:
         with self.session() as s:

@@ -43,8 +43,8 @@ def test_updates_are_stored_once_per_task(db_url):
     job = make_job(store)
     rnd = store.start_round(job.id, 1, 0)
     store.touch_device("d1", 5, None)
-    store.add_task("t1", rnd.id, "d1", 0, {"lr": 1.0})
-    task = store.task("t1")
+    (task,) = store.add_tasks(rnd.id, 0, {"d1": {"lr": 1.0}})
+    task = store.task(task.id)
     assert task.hparams == {"lr": 1.0}
     assert store.add_update(task, [(1, 0.5)], 1.0, 5, 1.0, 0.9, 3 * 2**30)  # peaks past 2^31 bytes fit
     assert not store.add_update(task, [(2, 0.5)], 1.0, 5, 1.0, 0.9, 100)  # duplicate

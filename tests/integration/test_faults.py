@@ -11,7 +11,7 @@ from coordinator import protocol
 from coordinator.store import Round, Task, UpdateRow, open_store
 from export.manifest import load_bundle
 from tests.conftest import ROOT, TINYSTORIES, run_command
-from tests.integration.protocol_client import ProtocolDevice
+from device_sdk.protocol_client import ProtocolClient
 from tests.integration.test_federated import Coordinator, emulate
 
 
@@ -48,7 +48,7 @@ def test_duplicate_late_foreign_and_other_job_updates_are_refused_and_counted(tm
                               "--round-deadline", "60")
 
     async def scenario():
-        async with ProtocolDevice(coordinator.url, "a", manifest.base_model_hash, manifest.adapter_dim) as a:
+        async with ProtocolClient(coordinator.url, "a", manifest.base_model_hash, manifest.adapter_dim) as a:
             first = await a.recv()
             await a.send(a.update(first))
             acks = [await a.recv()]
@@ -60,7 +60,7 @@ def test_duplicate_late_foreign_and_other_job_updates_are_refused_and_counted(tm
             acks.append(await a.recv())
             await a.send(a.update(second, job_id="someone-elses-job"))
             acks.append(await a.recv())
-            async with ProtocolDevice(coordinator.url, "b", manifest.base_model_hash, manifest.adapter_dim) as b:
+            async with ProtocolClient(coordinator.url, "b", manifest.base_model_hash, manifest.adapter_dim) as b:
                 await b.send(b.update(second))  # a's task, sent by b
                 acks.append(await b.recv())
             await a.send(a.update(second))
@@ -96,7 +96,7 @@ def test_a_round_that_cannot_reach_its_minimum_fails_with_a_reason_and_is_retrie
                               "--round-deadline", "3", "--max-attempts", "2")
 
     async def lone_device():
-        async with ProtocolDevice(coordinator.url, "lonely", manifest.base_model_hash, manifest.adapter_dim) as d:
+        async with ProtocolClient(coordinator.url, "lonely", manifest.base_model_hash, manifest.adapter_dim) as d:
             for _ in range(2):  # one task per attempt
                 task = await d.recv()
                 await d.send(d.update(task))
