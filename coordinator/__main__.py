@@ -36,8 +36,9 @@ def parse_args(argv):
                    "(at least --min-devices) instead of --devices-per-round")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
-    s.add_argument("--method", choices=("mezo", "fwdgrad"), default="mezo",
-                   help="mezo: local SPSA steps; fwdgrad: FwdLLM forward gradient at the global adapter")
+    s.add_argument("--method", choices=("mezo", "fwdgrad", "backprop"), default="mezo",
+                   help="mezo: local SPSA steps; fwdgrad: FwdLLM forward gradient at the global adapter; "
+                        "backprop: the AdamW baseline (dense updates, eager PyTorch on the device)")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--eps", type=float, default=1e-2, help="perturbation size (FwdLLM's h for fwdgrad)")
     s.add_argument("--local-steps", type=int, default=50, help="MeZO steps (fwdgrad: batches) per device per round")
@@ -124,8 +125,10 @@ def serve(args) -> int:
                    "kind": args.kind}
         if args.method == "mezo":
             hparams |= {"weight_decay": args.weight_decay, "schedule": args.schedule}
-        else:
+        elif args.method == "fwdgrad":
             hparams |= {"candidates": args.candidates}
+        else:
+            hparams |= {"weight_decay": args.weight_decay}
         options = {"fraction": args.fraction, "lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
                    "variance_threshold": args.variance_threshold, "max_waves": args.max_waves}
         config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,

@@ -161,14 +161,15 @@ class Update(Message):
     global_version: int
     seeds: list
     coefs: list
-    scale: float  # the device's adapter is scale * global + sum coef * direction(seed)
+    scale: float  # the device's adapter is scale * global + sum coef * direction(seed) + dense
+    dense: bytes  # a dense change (float32, d values; the backprop baseline), or empty
     num_examples: int
     loss_before: float
     loss_after: float
     peak_rss_bytes: int
     CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND,
                                   seeds=_int_list(0, SEED_LIMIT - 1, MAX_PAIRS), coefs=_float_list(MAX_PAIRS),
-                                  scale=_float(nonneg=True), num_examples=COUNT, loss_before=_float(), loss_after=_float(),
+                                  scale=_float(nonneg=True), dense=_bytes(MAX_FRAME_BYTES), num_examples=COUNT, loss_before=_float(), loss_after=_float(),
                                   peak_rss_bytes=BYTES_COUNT)
 
 

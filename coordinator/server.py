@@ -121,7 +121,7 @@ class Coordinator:
         if refusal is None:
             pairs = list(zip(update.seeds, update.coefs))
             if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
-                                         update.loss_after, update.peak_rss_bytes):
+                                         update.loss_after, update.peak_rss_bytes, update.dense):
                 refusal = ("duplicate", "duplicate: this task already has an accepted update")
         if refusal is not None:
             code, reason = refusal
@@ -147,6 +147,11 @@ class Coordinator:
             return "late", "late: the task's round is closed"
         if task.abandoned_at is not None:
             return "abandoned", "late: the device was away and its task went to another device"
+        if update.dense:
+            if len(update.dense) != 4 * self.job.adapter_dim:
+                return "wrong_dimension", f"dense part of {len(update.dense)} bytes, the adapter has {self.job.adapter_dim} values"
+            if not np.all(np.isfinite(np.frombuffer(update.dense, "<f4"))):
+                return "non_finite", "the dense part holds non-finite values"
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")

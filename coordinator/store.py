@@ -118,6 +118,7 @@ class UpdateRow(Base):
     pairs: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack [[seed, coef], ...]
     num_pairs: Mapped[int] = mapped_column(Integer)
     scale: Mapped[float] = mapped_column(Float, default=1.0)
+    dense: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32, the backprop baseline
     num_examples: Mapped[int] = mapped_column(Integer)
     loss_before: Mapped[float] = mapped_column(Float)
     loss_after: Mapped[float] = mapped_column(Float)
@@ -161,6 +162,7 @@ class AcceptedUpdate:
     pairs: list[tuple[int, float]]
     num_examples: int
     scale: float = 1.0
+    dense: np.ndarray | None = None
 
 
 def adapter_bytes(vector: np.ndarray) -> bytes:
@@ -372,12 +374,13 @@ class Store:
             return s.get(Task, task_id)
 
     def add_update(self, task: Task, pairs: list[tuple[int, float]], scale: float, num_examples: int,
-                   loss_before: float, loss_after: float, peak_rss_bytes: int) -> bool:
+                   loss_before: float, loss_after: float, peak_rss_bytes: int, dense: bytes | None = None) -> bool:
         """Store an accepted update; False if this task already has one (a duplicate)."""
         try:
             with self.session() as s, s.begin():
                 s.add(UpdateRow(task_id=task.id, round_id=task.round_id, device_id=task.device_id,
-                                pairs=msgpack.packb(pairs), num_pairs=len(pairs), scale=scale, num_examples=num_examples,
+                                pairs=msgpack.packb(pairs), num_pairs=len(pairs), scale=scale, dense=dense or None,
+                                num_examples=num_examples,
                                 loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss_bytes))
             return True
         except IntegrityError:
@@ -394,4 +397,5 @@ class Store:
 
     def accepted(self, round_id: int) -> list[AcceptedUpdate]:
         return [AcceptedUpdate(u.device_id, [(int(a), float(b)) for a, b in msgpack.unpackb(u.pairs)], u.num_examples,
-                               u.scale) for u in self.updates(round_id)]
+                               u.scale, np.frombuffer(u.dense, "<f4") if u.dense else None)
+                for u in self.updates(round_id)]

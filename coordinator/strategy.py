@@ -22,7 +22,7 @@ class Strategy(Protocol):
 
 @dataclass
 class SeedFedAvg:
-    """w' = w + server_lr * sum_i (n_i / N) * ((scale_i - 1) w + sum_k coef_ik * direction(seed_ik)).
+    """w' = w + server_lr * sum_i (n_i / N) * ((scale_i - 1) w + sum_k coef_ik * direction(seed_ik) + dense_i).
 
     Each device's update is its seed-form change of the adapter (directions restricted to the
     round's block, if any); devices are weighted by their number of examples, as in FedAvg.
@@ -47,7 +47,9 @@ class SeedFedAvg:
         weighted = [(seed, w * coef) for u, w in zip(updates, weights) for seed, coef in self.clipped(u)]
         w64 = global_adapter.astype(np.float64)
         shrink = sum(w * (u.scale - 1.0) for u, w in zip(updates, weights))
-        return (w64 + shrink * w64 + combine(weighted, global_adapter.shape[0], self.kind, block)).astype(np.float32)
+        dense = sum((w * u.dense.astype(np.float64) for u, w in zip(updates, weights) if u.dense is not None), 0.0)
+        new = w64 + shrink * w64 + combine(weighted, global_adapter.shape[0], self.kind, block) + dense
+        return new.astype(np.float32)
 
 
 def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block=None) -> np.ndarray:

@@ -24,6 +24,7 @@ from device_sdk.data import encode, read_examples, shard, split
 from device_sdk.directions import combine
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
+from device_sdk.backprop import Backprop, BackpropConfig
 from device_sdk.estimate import mean_loss
 from device_sdk.fwdgrad import FwdGradConfig, ForwardGradient
 from device_sdk.memory import format_size, peak_rss
@@ -34,7 +35,8 @@ log = logging.getLogger("device")
 
 LOSS_PROBE_BATCHES = 4  # batches on which loss_before / loss_after are measured
 # method name in a task -> (its config, its optimizer)
-METHODS = {"mezo": (MezoConfig, Mezo), "fwdgrad": (FwdGradConfig, ForwardGradient)}
+METHODS = {"mezo": (MezoConfig, Mezo), "fwdgrad": (FwdGradConfig, ForwardGradient),
+           "backprop": (BackpropConfig, Backprop)}
 
 
 class DeviceError(Exception):
@@ -66,6 +68,7 @@ class Device:
         self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
         self.engine = ProgramEngine(self.bundle.program_path, m.inputs["max_perturbations"])
         self.tasks_done = 0
+        self._eager = None  # built on the first backprop task
 
     # ---- training ----
     def check_task(self, task: protocol.Task) -> np.ndarray:
@@ -101,8 +104,10 @@ class Device:
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(self.engine, probe, adapter)
-        run = optimizer_cls(self.engine, adapter, config, rng, reference).train(batches, steps)
+        run = optimizer_cls(self._engine_for(task.method), adapter, config, rng, reference).train(batches, steps)
         local = run.scale * adapter.astype(np.float64) + combine(run.pairs, adapter.shape[0], config.kind, config.block)
+        if run.dense is not None:
+            local += run.dense
         loss_after = mean_loss(self.engine, probe, local.astype(np.float32))
         peak = peak_rss()
         budget = self.config.mem_budget_bytes
@@ -110,8 +115,20 @@ class Device:
             log.warning("%s: peak RSS %s is over the %s budget", self.config.device_id, format_size(peak), format_size(budget))
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],
-                               coefs=[c for _, c in run.pairs], scale=run.scale, num_examples=self.num_examples,
+                               coefs=[c for _, c in run.pairs], scale=run.scale,
+                               dense=b"" if run.dense is None else run.dense.astype("<f4").tobytes(),
+                               num_examples=self.num_examples,
                                loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak)
+
+    def _engine_for(self, method: str):
+        """The ExecuTorch program for forward-only methods; eager PyTorch (autograd) for backprop."""
+        if method != "backprop":
+            return self.engine
+        if self._eager is None:
+            from device_sdk.eager import EagerEngine
+
+            self._eager = EagerEngine(self.bundle)
+        return self._eager
 
     # ---- the connection ----
     def hello(self) -> protocol.Hello:

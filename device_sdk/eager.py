@@ -23,7 +23,7 @@ class EagerEngine:
         peft_model.get_base_model().config._attn_implementation = "eager"
         self.program, _ = build_programs(peft_model, bundle.manifest.layout, bundle.manifest.task)
 
-    def _mean_loss(self, batch: Batch, adapter: torch.Tensor) -> torch.Tensor:
+    def mean_loss(self, batch: Batch, adapter: torch.Tensor) -> torch.Tensor:
         losses = self.program(batch.input_ids, batch.attention_mask, batch.labels, adapter.reshape(1, -1))[0]
         weights = torch.from_numpy(batch.weights)
         return (losses * weights).sum() / weights.sum().clamp(min=1.0)
@@ -37,11 +37,11 @@ class EagerEngine:
         """(mean loss, exact directional derivative along `direction`) by forward-mode AD."""
         w = torch.from_numpy(np.asarray(adapter, dtype=np.float32))
         v = torch.from_numpy(np.asarray(direction, dtype=np.float32))
-        loss, derivative = torch.func.jvp(lambda a: self._mean_loss(batch, a), (w,), (v,))
+        loss, derivative = torch.func.jvp(lambda a: self.mean_loss(batch, a), (w,), (v,))
         return float(loss), float(derivative)
 
     def gradient(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
         """The exact gradient of the mean loss with respect to the adapter, by autograd."""
         w = torch.tensor(np.asarray(adapter, dtype=np.float32), requires_grad=True)
-        self._mean_loss(batch, w).backward()
+        self.mean_loss(batch, w).backward()
         return w.grad.numpy().astype(np.float64)

@@ -57,7 +57,7 @@ def central_differences(engine, batch: Batch, adapter: np.ndarray, seeds: list[i
 
 @dataclass
 class LocalRun:
-    """A device's local result in seed form: w_final = scale * w_start + sum coef_k z(seed_k).
+    """A device's local result: w_final = scale * w_start + sum coef_k z(seed_k) (+ dense).
 
     `scale` is 1 unless weight decay shrank the adapter. Coefficients are stored divided by the
     decay accumulated when they were made, so later decay applies to them in O(1).
@@ -65,6 +65,7 @@ class LocalRun:
 
     step_losses: list[float] = field(default_factory=list)
     scale: float = 1.0
+    dense: np.ndarray | None = None  # a dense change (the backprop baseline), added to the seed form
     _seeds: list[int] = field(default_factory=list)
     _raw: list[float] = field(default_factory=list)
 

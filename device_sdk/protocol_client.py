@@ -38,7 +38,7 @@ class ProtocolClient:
 
     def update(self, task: protocol.Task, job_id: str | None = None, seeds=(1, 2), coefs=(1e-3, -1e-3)):
         return protocol.Update(task_id=task.task_id, job_id=job_id or task.job_id, round=task.round,
-                               global_version=task.global_version, seeds=list(seeds), coefs=list(coefs), scale=1.0,
+                               global_version=task.global_version, seeds=list(seeds), coefs=list(coefs), scale=1.0, dense=b"",
                                num_examples=10, loss_before=1.0, loss_after=0.9, peak_rss_bytes=1)
 
     async def answer_until_done(self, pairs: int = 10) -> int:

@@ -6,7 +6,7 @@ import pytest
 from coordinator import protocol
 from coordinator.protocol import ProtocolError, decode
 
-UPDATE = protocol.Update(task_id="t", job_id="j", round=1, global_version=0, seeds=[1, 2**63 - 1], coefs=[0.5, -1e-3], scale=1.0,
+UPDATE = protocol.Update(task_id="t", job_id="j", round=1, global_version=0, seeds=[1, 2**63 - 1], coefs=[0.5, -1e-3], scale=1.0, dense=b"",
                          num_examples=10, loss_before=2.0, loss_after=1.9, peak_rss_bytes=400 * 2**20)
 TASK = protocol.Task(task_id="t", job_id="j", round=1, global_version=0, base_model_hash="a" * 64,
                      adapter=b"\x00" * 16, adapter_sha256="b" * 64, method="mezo", hparams={"lr": 1e-3, "kind": "x"},

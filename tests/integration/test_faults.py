@@ -63,6 +63,10 @@ def test_duplicate_late_foreign_and_other_job_updates_are_refused_and_counted(tm
             async with ProtocolClient(coordinator.url, "b", manifest.base_model_hash, manifest.adapter_dim) as b:
                 await b.send(b.update(second))  # a's task, sent by b
                 acks.append(await b.recv())
+            bad_dense = a.update(second)
+            bad_dense.dense = b"\x00" * 8  # not the adapter's size
+            await a.send(bad_dense)
+            acks.append(await a.recv())
             await a.send(a.update(second))
             acks.append(await a.recv())
             return acks
@@ -73,17 +77,18 @@ def test_duplicate_late_foreign_and_other_job_updates_are_refused_and_counted(tm
     finally:
         coordinator.kill()
     assert code == 0, err[-2000:]
-    assert [ack.accepted for ack in acks] == [True, False, False, False, False, True]
+    assert [ack.accepted for ack in acks] == [True, False, False, False, False, False, True]
     assert ["duplicate" in acks[1].reason, "late" in acks[2].reason, "job" in acks[3].reason,
             "another device" in acks[4].reason] == [True] * 4
     store = open_store(db)
     job = store.latest_job()
-    assert [r.code for r in store.refusals(job.id)] == ["duplicate", "late", "other_job", "foreign"]
+    assert [r.code for r in store.refusals(job.id)] == ["duplicate", "late", "other_job", "foreign", "wrong_dimension"]
     with store.session() as s:
         assert s.query(UpdateRow).count() == 2  # one per round: nothing doubled, nothing lost
     assert [v.version for v in store.versions(job.id)] == [0, 1, 2]
     status = run_command("coordinator", "status", "--db", str(db), check=True).stdout
-    assert "job job-1: finished" in status and "refused: duplicate 1, foreign 1, late 1, other_job 1" in status
+    assert "job job-1: finished" in status
+    assert "refused: duplicate 1, foreign 1, late 1, other_job 1, wrong_dimension 1" in status
     assert "   1 attempt 1: closed" in status and "a " in status and "b " in status
     no_metrics = run_command("coordinator", "plot", "--db", str(db), "--out", str(tmp_path / "p.png"))
     assert no_metrics.returncode == 2 and "no held-out metrics" in no_metrics.stderr

@@ -43,3 +43,17 @@ def test_fwdgrad_variance_waves_block_cyclic_and_client_lrs(tmp_path, tiny_llama
                          for r in rounds)
         assert set(first) == {0.05}  # no history yet
         assert len(set(second)) == 2 and max(second) == pytest.approx(0.075)  # round-wise: eta0 +- delta
+
+
+def test_backprop_baseline_sends_dense_updates_through_the_same_rounds(tmp_path, tiny_llama_bundle):
+    """Dense AdamW updates from eager PyTorch, sampled by fraction: all connected devices."""
+    db, out = run_job(tmp_path, tiny_llama_bundle, TINYSTORIES, rounds=2, devices=2, eval_examples=16, hparams=[
+        "--method", "backprop", "--lr", "1e-2", "--local-steps", "5", "--fraction", "1.0", "--min-devices", "1"])
+    store = open_store(db)
+    with store.session() as s:
+        updates = s.query(UpdateRow).all()
+        assert len(updates) == 4 and all(u.num_pairs == 0 and u.dense is not None for u in updates)
+        assert all(u.loss_after < u.loss_before for u in updates)  # AdamW on the probe batches
+        assert [r.target for r in s.query(Round).order_by(Round.number)] == [2, 2]
+    versions = store.versions(store.latest_job().id)
+    assert len(versions) == 3 and versions[0].vector != versions[-1].vector
