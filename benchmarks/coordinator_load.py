@@ -30,9 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 async def fleet(url: str, n: int, manifest, pairs: int) -> int:
     from device_sdk.protocol_client import ProtocolClient
 
+    enrolling = asyncio.Semaphore(100)  # devices arrive in waves, as a fleet does, not in one burst
+
     async def one(i: int) -> int:
-        async with ProtocolClient(url, f"load-{i}", manifest.base_model_hash, manifest.adapter_dim) as client:
+        client = ProtocolClient(url, f"load-{i}", manifest.base_model_hash, manifest.adapter_dim)
+        async with enrolling:
+            await client.__aenter__()
+        try:
             return await client.answer_until_done(pairs)
+        finally:
+            await client.__aexit__()
 
     return sum(await asyncio.gather(*(one(i) for i in range(n))))
 

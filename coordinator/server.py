@@ -214,10 +214,8 @@ class Coordinator:
         rnd = self.store.open_round(self.job.id)
         if rnd is None:
             return
-        answered = self.store.answered(rnd.id)
-        for task in self.store.tasks(rnd.id):
-            if (task.device_id == device_id and task.id not in answered and task.wave == rnd.wave
-                    and task.abandoned_at is None):
+        for task in self.store.tasks(rnd.id, device_id):
+            if task.wave == rnd.wave and task.abandoned_at is None and task.id not in self.store.answered(rnd.id):
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 await self._send_task(rnd, task)
 

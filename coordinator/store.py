@@ -365,9 +365,12 @@ class Store:
             s.add_all(tasks)
         return tasks
 
-    def tasks(self, round_id: int) -> list[Task]:
+    def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
+        query = select(Task).where(Task.round_id == round_id)
+        if device_id is not None:
+            query = query.where(Task.device_id == device_id)
         with self.session() as s:
-            return list(s.scalars(select(Task).where(Task.round_id == round_id)))
+            return list(s.scalars(query))
 
     def task(self, task_id: str) -> Task | None:
         with self.session() as s:
