@@ -249,9 +249,11 @@ class Coordinator:
 
     async def _dispatch(self, rnd: Round) -> None:
         """Send tasks to idle connected devices until this wave has its target of live tasks."""
-        tasked = {t.device_id for t in self._live_tasks(rnd)}
-        idle = sorted(d for d in self.connections if d not in tasked)
-        chosen = self.rng.sample(idle, max(0, min(self._target(rnd) - len(tasked), len(idle))))
+        live = self._live_tasks(rnd)
+        # A device whose task was abandoned is not asked again in the same wave: the task moved on.
+        assigned = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
+        idle = sorted(d for d in self.connections if d not in assigned)
+        chosen = self.rng.sample(idle, max(0, min(self._target(rnd) - len(live), len(idle))))
         if not chosen:
             return
         tasks = self.store.add_tasks(rnd.id, rnd.wave, self._task_hparams(rnd, chosen))  # one transaction
