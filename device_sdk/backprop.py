@@ -36,7 +36,7 @@ class Backprop:
         self.engine, self.config = engine, config  # an EagerEngine: it has autograd
         self.start = np.array(adapter, dtype=np.float32)
 
-    def train(self, batches: list[Batch], steps: int) -> LocalRun:
+    def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
         w = torch.tensor(self.start, requires_grad=True)
         optimizer = torch.optim.AdamW([w], lr=self.config.lr, weight_decay=self.config.weight_decay)
         run = LocalRun()
@@ -46,5 +46,7 @@ class Backprop:
             loss.backward()
             optimizer.step()
             run.step_losses.append(float(loss))
+            if guard:
+                guard()
         run.dense = (w.detach().numpy() - self.start).astype(np.float32)
         return run

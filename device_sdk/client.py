@@ -25,9 +25,10 @@ from device_sdk.directions import combine
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from device_sdk.backprop import Backprop, BackpropConfig
+from device_sdk.budget import BudgetGuard, plan_memory
 from device_sdk.estimate import mean_loss
 from device_sdk.fwdgrad import FwdGradConfig, ForwardGradient
-from device_sdk.memory import format_size, peak_rss
+from device_sdk.memory import peak_rss
 from device_sdk.mezo import Mezo, MezoConfig
 from export.manifest import load_bundle
 
@@ -65,6 +66,10 @@ class Device:
         if not examples:
             raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
         self.num_examples = len(examples)
+        if config.mem_budget_bytes is not None:
+            # Before the program is loaded: a budget that cannot hold a step is refused here.
+            plan = plan_memory(self.bundle, config.mem_budget_bytes, len(examples), m.inputs["max_perturbations"] // 2)
+            log.info("%s: %s", config.device_id, plan.describe())
         self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
         self.engine = ProgramEngine(self.bundle.program_path, m.inputs["max_perturbations"])
         self.tasks_done = 0
@@ -104,21 +109,19 @@ class Device:
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(self.engine, probe, adapter)
-        run = optimizer_cls(self._engine_for(task.method), adapter, config, rng, reference).train(batches, steps)
+        guard = BudgetGuard(self.config.mem_budget_bytes)
+        run = optimizer_cls(self._engine_for(task.method), adapter, config, rng, reference).train(batches, steps, guard)
         local = run.scale * adapter.astype(np.float64) + combine(run.pairs, adapter.shape[0], config.kind, config.block)
         if run.dense is not None:
             local += run.dense
         loss_after = mean_loss(self.engine, probe, local.astype(np.float32))
-        peak = peak_rss()
-        budget = self.config.mem_budget_bytes
-        if budget is not None and peak > budget:
-            log.warning("%s: peak RSS %s is over the %s budget", self.config.device_id, format_size(peak), format_size(budget))
+        guard()  # the probe evaluations count too
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],
                                coefs=[c for _, c in run.pairs], scale=run.scale,
                                dense=b"" if run.dense is None else run.dense.astype("<f4").tobytes(),
                                num_examples=self.num_examples,
-                               loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak)
+                               loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss())
 
     def _engine_for(self, method: str):
         """The ExecuTorch program for forward-only methods; eager PyTorch (autograd) for backprop."""

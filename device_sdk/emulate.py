@@ -66,12 +66,13 @@ def run_device(config) -> None:
 
 
 def _user_errors():
+    from device_sdk.budget import BudgetError
     from device_sdk.client import DeviceError
     from device_sdk.data import DataError
     from device_sdk.engine import EngineError
     from export.manifest import BundleError
 
-    return (UserError, DeviceError, DataError, EngineError, BundleError, OSError)
+    return (UserError, DeviceError, DataError, EngineError, BundleError, BudgetError, OSError)
 
 
 def main(argv=None) -> int:

@@ -63,7 +63,7 @@ class ForwardGradient:
         best = np.argsort(cosines)[::-1][: c.directions]
         return [pool[i] for i in best]
 
-    def train(self, batches: list[Batch], steps: int) -> LocalRun:
+    def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
         """Estimate the gradient at w over `steps` batches (cycling); the update is -lr * estimate."""
         c, run = self.config, LocalRun()
         for i in range(steps):
@@ -73,4 +73,6 @@ class ForwardGradient:
             if np.all(np.isfinite(coefs)):
                 run.add(seeds, coefs)
                 run.step_losses.append(est.loss)
+            if guard:
+                guard()
         return run

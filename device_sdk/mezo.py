@@ -61,11 +61,13 @@ class Mezo:
         run.add(seeds, coefs)
         run.step_losses.append(est.loss)
 
-    def train(self, batches: list[Batch], steps: int) -> LocalRun:
-        """`steps` MeZO steps cycling over `batches`."""
+    def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
+        """`steps` MeZO steps cycling over `batches`; `guard()` runs after each (the memory budget)."""
         run = LocalRun()
         for i in range(steps):
             lr = self.config.lr * (1.0 - i / steps if self.config.schedule == "linear" else 1.0)
             self.step(batches[i % len(batches)], run, lr)
+            if guard:
+                guard()
         return run
 

@@ -118,3 +118,12 @@ def test_malformed_messages_are_refused_and_the_coordinator_keeps_serving(tmp_pa
     store = open_store(db)
     job = store.latest_job()
     assert job.status == "running" and [v.version for v in store.versions(job.id)] == [0]
+
+
+def test_a_budget_too_small_for_the_model_is_refused_before_training(tiny_llama_bundle):
+    result = run_command("device_sdk.emulate", "--mem", "100MB", "--coordinator", "ws://127.0.0.1:9", "--devices", "1",
+                         "--bundle", str(tiny_llama_bundle), "--data", str(TINYSTORIES), "--connect-timeout", "2")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    refusal = next(line for line in result.stderr.splitlines() if line.startswith("error: memory plan"))
+    assert "runtime" in refusal and "over. Would fit:" in refusal and "budget" in refusal
+    assert "cannot reach the coordinator" not in result.stderr  # refused before connecting or loading

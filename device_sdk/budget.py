@@ -1,0 +1,85 @@
+"""The memory budget: plan before loading anything, enforce while training.
+
+The plan adds up what a training step holds: the runtime as measured now (interpreter,
+torch, ExecuTorch; before any model), the program's weights, its planned activation arena
+(ExecuTorch's memory plan, at the program's largest P), the adapter copies the method needs
+(the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
+is over the budget the device refuses before loading the program, saying what would fit.
+
+While training, the kernel's high-water mark (VmHWM) is checked after every step; the first
+step whose measured peak passed the budget stops the device with an error. (A check after
+the step cannot stop the allocation that passed it; the plan is what keeps steps under.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from device_sdk.memory import current_rss, format_size, peak_rss
+from export.manifest import Bundle
+
+
+class BudgetError(Exception):
+    """The budget cannot be kept; the message says by how much and what would fit."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    runtime: int
+    weights: int
+    activations: int
+    adapters: int
+    data: int
+    directions: int  # n per program call (P = 2n)
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.activations + self.adapters + self.data
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
+            ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
+            ("adapters", self.adapters), ("data", self.data)))
+        return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
+                f"({self.directions} direction(s), P = {2 * self.directions} per call)")
+
+
+def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int) -> MemoryPlan:
+    """The plan for `directions` per call (capped by the program's P), or BudgetError."""
+    m = bundle.manifest
+    d = m.adapter_dim
+    n = max(1, min(directions, m.inputs["max_perturbations"] // 2))
+    plan = MemoryPlan(
+        budget=budget,
+        runtime=current_rss(),
+        weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
+        activations=int(m.program["planned_memory_bytes"]["forward"]),
+        adapters=(1 + 3 * n) * d * 4,
+        data=num_examples * m.inputs["seq_len"] * 8 * 3,
+        directions=n,
+    )
+    if plan.total > budget:
+        over = plan.total - budget
+        hints = ["a smaller base model", "a lower LoRA rank", "a smaller --batch-size or --seq-len at export",
+                 "a quantized export"]
+        if plan.runtime > budget:
+            hints = [f"nothing: the runtime alone (Python, torch, ExecuTorch) needs {format_size(plan.runtime)}"]
+        elif plan.runtime + plan.weights > budget:
+            hints = ["a smaller or quantized base model: the runtime and weights alone need "
+                     f"{format_size(plan.runtime + plan.weights)}"]
+        raise BudgetError(f"{plan.describe()}: {format_size(over)} over. Would fit: {'; or '.join(hints)}")
+    return plan
+
+
+class BudgetGuard:
+    """Called after every training step: stops the device once its measured peak passed the budget."""
+
+    def __init__(self, budget: int | None):
+        self.budget, self.steps = budget, 0
+
+    def __call__(self) -> None:
+        self.steps += 1
+        if self.budget is not None and (peak := peak_rss()) > self.budget:
+            raise BudgetError(f"peak memory {format_size(peak)} passed the {format_size(self.budget)} budget "
+                              f"at training step {self.steps}: stopping")

@@ -1,0 +1,25 @@
+import pytest
+
+from device_sdk.budget import BudgetError, BudgetGuard, plan_memory
+from device_sdk.memory import peak_rss
+from export.manifest import load_bundle
+
+
+def test_the_plan_adds_up_what_a_step_holds(tiny_llama_bundle):
+    bundle = load_bundle(tiny_llama_bundle)
+    m = bundle.manifest
+    plan = plan_memory(bundle, 2**40, num_examples=100, directions=99)
+    assert plan.directions == m.inputs["max_perturbations"] // 2  # capped by the program's P
+    assert plan.activations == m.program["planned_memory_bytes"]["forward"] and plan.weights == m.program["bytes"]
+    assert plan.adapters == (1 + 3 * plan.directions) * m.adapter_dim * 4
+    assert plan.total == plan.runtime + plan.weights + plan.activations + plan.adapters + plan.data
+    assert "memory plan: runtime" in plan.describe()
+    with pytest.raises(BudgetError, match="over. Would fit"):
+        plan_memory(bundle, plan.total - 1, num_examples=100, directions=99)
+
+
+def test_the_guard_stops_once_the_measured_peak_passes_the_budget():
+    BudgetGuard(None)()
+    BudgetGuard(peak_rss() * 2)()
+    with pytest.raises(BudgetError, match="passed the .* budget at training step 1"):
+        BudgetGuard(peak_rss() // 2)()
