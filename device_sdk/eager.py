@@ -20,7 +20,8 @@ class EagerEngine:
     def __init__(self, bundle: Bundle):
         peft_model = peft_model_with(bundle, bundle.initial_adapter())
         # The math attention path: sdpa has no forward-mode AD rule, and both give the same values.
-        peft_model.get_base_model().config._attn_implementation = "eager"
+        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model  # bitfit: no peft
+        base.config._attn_implementation = "eager"
         self.program, _ = build_programs(peft_model, bundle.manifest.layout, bundle.manifest.task)
 
     def mean_loss(self, batch: Batch, adapter: torch.Tensor) -> torch.Tensor:

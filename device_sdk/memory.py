@@ -30,7 +30,7 @@ def format_size(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
-def _status_field(name: str) -> int:
+def status_field(name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(name + ":"):
@@ -40,8 +40,8 @@ def _status_field(name: str) -> int:
 
 def peak_rss() -> int:
     """The process's peak resident memory so far, in bytes (the kernel's VmHWM)."""
-    return _status_field("VmHWM")
+    return status_field("VmHWM")
 
 
 def current_rss() -> int:
-    return _status_field("VmRSS")
+    return status_field("VmRSS")

@@ -1,0 +1,203 @@
+"""python -m device_sdk.profile: peak memory and time of a training step, method by method.
+
+    python -m device_sdk.profile --bundle bundles/llama-110m --bundle bundles/distilbert-base --out reports/memory
+
+For every bundle and every mode, a fresh process loads the same exported program, takes the
+same batch, and measures (the kernel's own counters, /proc/self/status):
+- runtime: resident memory after importing Python, torch and ExecuTorch, before any model;
+- program load: what loading the program (or, for backprop, the eager model) added: its
+  weights and the backend's initialisation;
+- work: what the step added above that, at its peak (activations, planned buffers, adapter
+  copies, optimizer state);
+and the median time per step. Modes: inference (one forward, P = 1), mezo (one step, one
+direction: P = 2), fwdgrad (one batch, 4 directions: P = 8), batched (the program's largest P),
+and backprop (peft LoRA with AdamW in eager PyTorch: the baseline). It writes report.json and a
+self-contained report.html with the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fwdfed.cli import UserError, quiet_libraries, run_main
+
+MODES = ("inference", "mezo", "fwdgrad", "batched", "backprop")
+
+
+def reset_peak() -> None:
+    """Make VmHWM restart from the current RSS (Linux: clear_refs 5), so a phase's peak is its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
+    """One mode in this (fresh) process; returns the figures as a dict."""
+    quiet_libraries()
+    import numpy as np
+    import torch
+
+    from device_sdk.data import Batch
+    from device_sdk.memory import status_field
+    from export.manifest import load_bundle
+
+    runtime = status_field("VmRSS")
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    b, length = m.inputs["batch_size"], m.inputs["seq_len"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, m.model["vocab_size"], (b, length), generator=g)
+    labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
+    batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
+    w = bundle.initial_adapter()
+    rng = np.random.default_rng(0)
+
+    if mode == "backprop":
+        from device_sdk.backprop import Backprop, BackpropConfig
+        from device_sdk.eager import EagerEngine
+
+        engine = EagerEngine(bundle)
+        optimizer = Backprop(engine, w, BackpropConfig(lr=1e-4))
+        step = lambda: optimizer.train([batch], 1)  # noqa: E731 (one AdamW step from the same start)
+    else:
+        from device_sdk.engine import ProgramEngine
+        from device_sdk.fwdgrad import ForwardGradient, FwdGradConfig
+        from device_sdk.mezo import Mezo, MezoConfig
+
+        engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+        max_n = max(1, m.inputs["max_perturbations"] // 2)
+        if mode == "inference":
+            step = lambda: engine.losses(batch, w)  # noqa: E731
+        elif mode == "fwdgrad":
+            fwd = ForwardGradient(engine, w, FwdGradConfig(lr=1e-4, directions=4), rng)
+            step = lambda: fwd.train([batch], 1)  # noqa: E731
+        else:
+            mezo = Mezo(engine, w, MezoConfig(lr=1e-6, directions=1 if mode == "mezo" else max_n), rng)
+            step = lambda: mezo.train([batch], 1)  # noqa: E731
+    loaded = status_field("VmRSS")
+    reset_peak()
+    times = []
+    for _ in range(repeats + 1):  # the first run also initialises the backends: kept for memory, not time
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = status_field("VmHWM")
+    return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
+            "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
+            "batch": [b, length], "runtime_bytes": runtime, "weights_bytes": loaded - runtime,
+            "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
+            "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
+            "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
+
+
+def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "device_sdk.profile", "--measure", mode, "--bundle", str(bundle),
+                          "--repeats", str(repeats)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"measuring {mode} on {bundle} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(results: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=2))
+    models = list(dict.fromkeys(r["model"] for r in results))
+    mib = 2**20
+    figures, rows = [], []
+    for model in models:
+        rs = [r for r in results if r["model"] == model]
+        inference = next(r for r in rs if r["mode"] == "inference")["peak_bytes"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+        modes = [r["mode"] for r in rs]
+        bottom = [0.0] * len(rs)
+        for key, label in (("runtime_bytes", "runtime (Python, torch, ExecuTorch)"), ("weights_bytes", "program load (weights, backend init)"),
+                           ("work_bytes", "step: activations, adapter copies, optimizer")):
+            values = [r[key] / mib for r in rs]
+            ax1.bar(modes, values, bottom=bottom, label=label)
+            bottom = [a + v for a, v in zip(bottom, values)]
+        ax1.axhline(inference / mib * 1.1, color="k", ls="--", lw=1, label="inference peak + 10%")
+        ax1.set_ylabel("peak resident memory (MiB)")
+        ax1.legend(fontsize=7)
+        ax2.bar(modes, [r["step_seconds"] * 1e3 for r in rs], color="tab:gray")
+        ax2.set_ylabel("time per step (ms)")
+        fig.suptitle(f"{model}: {rs[0]['base_parameters'] / 1e6:.1f}M base parameters, adapter {rs[0]['adapter_dim']:,}, "
+                     f"batch {rs[0]['batch'][0]}x{rs[0]['batch'][1]}")
+        figures.append(_png(fig))
+        plt.close(fig)
+        for r in rs:
+            rows.append(f"<tr><td>{model}</td><td>{r['mode']}</td><td>{r['runtime_bytes'] / mib:.0f}</td>"
+                        f"<td>{r['weights_bytes'] / mib:.0f}</td><td>{r['work_bytes'] / mib:.0f}</td>"
+                        f"<td>{r['peak_bytes'] / mib:.0f}</td><td>{r['peak_bytes'] / inference:.3f}</td>"
+                        f"<td>{r['step_seconds'] * 1e3:.1f}</td></tr>")
+    images = "\n".join(f'<img alt="memory and time" src="data:image/png;base64,{p}">' for p in figures)
+    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>Memory of a training step</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 8px;text-align:right}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
+<h1>Memory of a training step, method by method</h1>
+<p>Each row is a fresh process on the same exported program and the same batch. Peak is the
+kernel's high-water mark of resident memory (VmHWM). Ratio = the mode's peak / the inference peak.</p>
+{images}
+<table><tr><th>model</th><th>mode</th><th>runtime MiB</th><th>program load MiB</th><th>step MiB</th>
+<th>peak MiB</th><th>peak / inference</th><th>ms per step</th></tr>
+{''.join(rows)}</table>
+<p>Generated by <code>python -m device_sdk.profile</code>; numbers in report.json.</p></body></html>"""
+    path = out / "report.html"
+    path.write_text(html)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device_sdk.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, action="append", required=True, help="repeat for several models")
+    parser.add_argument("--out", type=Path, help="report folder (report.html, report.json)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # internal: one fresh measurement
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(str(args.bundle[0]), args.measure, args.repeats)))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    if "inference" not in args.modes:
+        parser.error("--modes must include inference: every ratio is to its peak")
+    from export.manifest import load_bundle
+
+    for bundle in args.bundle:
+        load_bundle(bundle)  # a bad bundle is refused before anything runs
+    results = []
+    for bundle in args.bundle:
+        for mode in args.modes:
+            r = run_fresh(bundle, mode, args.repeats)
+            results.append(r)
+            print(f"{r['model']:<28} {mode:<10} peak {r['peak_bytes'] / 2**20:7.0f} MiB "
+                  f"(runtime {r['runtime_bytes'] / 2**20:.0f}, load {r['weights_bytes'] / 2**20:.0f}, "
+                  f"step {r['work_bytes'] / 2**20:.0f})  {r['step_seconds'] * 1e3:8.1f} ms", flush=True)
+    print(f"wrote {write_report(results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from export.manifest import BundleError
+
+    quiet_libraries()
+    run_main(main, (UserError, BundleError, OSError))
