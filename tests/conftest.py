@@ -26,6 +26,28 @@ def run_command(*args: str, timeout: float = 600, check: bool = False) -> subpro
     return result
 
 
+def program_and_batches(bundle_dir: Path, count: int):
+    """The bundle, its ExecuTorch engine, and `count` TinyStories examples in the program's batch shape."""
+    from device_sdk.data import encode, read_examples
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.evaluate import load_tokenizer
+    from export.manifest import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:count], m.task, m.inputs["batch_size"],
+                     m.inputs["seq_len"])
+    return bundle, ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]), batches
+
+
+def away_from_init(bundle, seed: int = 0):
+    """An adapter away from peft's init, where LoRA B = 0 makes half the gradient vanish."""
+    import numpy as np
+
+    noise = 0.05 * np.random.default_rng(seed).standard_normal(bundle.manifest.adapter_dim)
+    return (bundle.initial_adapter() + noise).astype(np.float32)
+
+
 def export_bundle(out: Path, *args: str) -> Path:
     run_command("export", "--out", str(out), *args, check=True)
     return out

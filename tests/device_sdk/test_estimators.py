@@ -6,25 +6,16 @@ The finite differences come from the real `.pte`; the truths from the eager refe
 import numpy as np
 import pytest
 
-from device_sdk.data import encode, read_examples
 from device_sdk.directions import direction
 from device_sdk.eager import EagerEngine
-from device_sdk.engine import ProgramEngine
-from device_sdk.evaluate import load_tokenizer
 from device_sdk.estimate import weighted_mean
-from export.manifest import load_bundle
-from tests.conftest import TINYSTORIES
+from tests.conftest import away_from_init, program_and_batches
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_llama_bundle):
-    bundle = load_bundle(tiny_llama_bundle)
-    m = bundle.manifest
-    batch = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:2], m.task, m.inputs["batch_size"],
-                   m.inputs["seq_len"])[0]
-    # A point away from peft's init (where LoRA B = 0 makes half the gradient vanish).
-    adapter = (bundle.initial_adapter() + 0.05 * np.random.default_rng(0).standard_normal(m.adapter_dim)).astype(np.float32)
-    return EagerEngine(bundle), ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]), batch, adapter
+    bundle, program, batches = program_and_batches(tiny_llama_bundle, 2)
+    return EagerEngine(bundle), program, batches[0], away_from_init(bundle)
 
 
 def test_eager_reference_computes_what_the_program_computes(engines):

@@ -3,24 +3,16 @@
 import numpy as np
 import pytest
 
-from device_sdk.data import encode, read_examples
 from device_sdk.directions import combine, direction
 from device_sdk.eager import EagerEngine
-from device_sdk.engine import ProgramEngine
-from device_sdk.evaluate import load_tokenizer
 from device_sdk.fwdgrad import ForwardGradient, FwdGradConfig
-from export.manifest import load_bundle
-from tests.conftest import TINYSTORIES
+from tests.conftest import away_from_init, program_and_batches
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama_bundle):
-    bundle = load_bundle(tiny_llama_bundle)
-    m = bundle.manifest
-    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:4], m.task, m.inputs["batch_size"],
-                     m.inputs["seq_len"])
-    adapter = (bundle.initial_adapter() + 0.05 * np.random.default_rng(0).standard_normal(m.adapter_dim)).astype(np.float32)
-    return bundle, ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]), batches, adapter
+    bundle, engine, batches = program_and_batches(tiny_llama_bundle, 4)
+    return bundle, engine, batches, away_from_init(bundle)
 
 
 def test_the_mean_forward_gradient_is_the_true_gradient_within_its_variance(setup):

@@ -3,22 +3,14 @@
 import numpy as np
 import pytest
 
-from device_sdk.data import encode, read_examples
 from device_sdk.directions import combine
-from device_sdk.engine import ProgramEngine
-from device_sdk.evaluate import load_tokenizer
 from device_sdk.mezo import Mezo, MezoConfig
-from export.manifest import load_bundle
-from tests.conftest import TINYSTORIES
+from tests.conftest import program_and_batches
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama_bundle):
-    bundle = load_bundle(tiny_llama_bundle)
-    m = bundle.manifest
-    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:16], m.task, m.inputs["batch_size"],
-                     m.inputs["seq_len"])
-    return bundle, ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]), batches
+    return program_and_batches(tiny_llama_bundle, 16)
 
 
 def test_batched_and_one_at_a_time_losses_agree(setup):

@@ -46,9 +46,10 @@ def test_fwdgrad_variance_waves_block_cyclic_and_client_lrs(tmp_path, tiny_llama
 
 
 def test_backprop_baseline_sends_dense_updates_through_the_same_rounds(tmp_path, tiny_llama_bundle):
-    """Dense AdamW updates from eager PyTorch, sampled by fraction: all connected devices."""
+    """Dense AdamW updates from eager PyTorch, sampled by fraction: all connected devices (at
+    least two, so that a round cannot close before the slower device has connected)."""
     db, out = run_job(tmp_path, tiny_llama_bundle, TINYSTORIES, rounds=2, devices=2, eval_examples=16, hparams=[
-        "--method", "backprop", "--lr", "1e-2", "--local-steps", "5", "--fraction", "1.0", "--min-devices", "1"])
+        "--method", "backprop", "--lr", "1e-2", "--local-steps", "5", "--fraction", "1.0", "--min-devices", "2"])
     store = open_store(db)
     with store.session() as s:
         updates = s.query(UpdateRow).all()
