@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from coordinator import protocol
-from coordinator.store import Job, Round, Store
+from coordinator.store import Job, Round, Store, as_accepted
 from coordinator.lr_strategies import client_lrs
 from coordinator.strategy import Strategy, device_deltas, estimate_variance
 
@@ -165,10 +165,10 @@ class Coordinator:
         need_deltas = self.job.options.get("lr_strategy") == "model-diff"
         for rnd in self.store.closed_round_list(self.job.id):
             block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-            for row, update in zip(self.store.updates(rnd.id), self.store.accepted(rnd.id)):
+            for row in self.store.updates(rnd.id):
                 losses.setdefault(row.device_id, []).append((row.loss_before + row.loss_after) / 2)
                 if need_deltas:
-                    last[row.device_id] = device_deltas([update], self.job.adapter_dim, self.kind, block)[0]
+                    last[row.device_id] = device_deltas([as_accepted(row)], self.job.adapter_dim, self.kind, block)[0]
         return losses, last
 
     def _task_hparams(self, rnd: Round, devices: list[str]) -> dict[str, dict]:
@@ -214,8 +214,9 @@ class Coordinator:
         rnd = self.store.open_round(self.job.id)
         if rnd is None:
             return
+        answered = self.store.answered(rnd.id)
         for task in self.store.tasks(rnd.id, device_id):
-            if task.wave == rnd.wave and task.abandoned_at is None and task.id not in self.store.answered(rnd.id):
+            if task.wave == rnd.wave and task.abandoned_at is None and task.id not in answered:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 await self._send_task(rnd, task)
 
@@ -287,12 +288,15 @@ class Coordinator:
         """Run one round attempt to its end; True if it closed with a new global version."""
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         threshold = self.job.options.get("variance_threshold")
+        lr = float(self.job.hparams["lr"])
         while True:
             await self._collect(rnd)
-            accepted = self.store.accepted(rnd.id)
+            rows = self.store.updates(rnd.id)
+            accepted = [as_accepted(row) for row in rows]
+            variance = None
             if self.job.method != "fwdgrad" or threshold is None or len(accepted) < self.job.min_devices:
                 break
-            variance = estimate_variance(accepted, self.job.adapter_dim, self.kind, float(self.job.hparams["lr"]), block)
+            variance = estimate_variance(accepted, self.job.adapter_dim, self.kind, lr, block)
             if variance <= threshold or rnd.wave + 1 >= int(self.job.options.get("max_waves", 1)):
                 break
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
@@ -307,13 +311,12 @@ class Coordinator:
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
         new = self.strategy.aggregate(base, accepted, block)
         metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
-        rows = self.store.updates(rnd.id)
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
         if self.job.method == "fwdgrad" and len(accepted) > 1:
-            metrics["estimate_variance"] = estimate_variance(accepted, self.job.adapter_dim, self.kind,
-                                                             float(self.job.hparams["lr"]), block)
+            metrics["estimate_variance"] = (variance if variance is not None else
+                                            estimate_variance(accepted, self.job.adapter_dim, self.kind, lr, block))
         version = self.store.close_round(rnd, new, metrics)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)

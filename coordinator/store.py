@@ -399,6 +399,10 @@ class Store:
             return list(s.scalars(select(UpdateRow).where(UpdateRow.round_id == round_id).order_by(UpdateRow.id)))
 
     def accepted(self, round_id: int) -> list[AcceptedUpdate]:
-        return [AcceptedUpdate(u.device_id, [(int(a), float(b)) for a, b in msgpack.unpackb(u.pairs)], u.num_examples,
-                               u.scale, np.frombuffer(u.dense, "<f4") if u.dense else None)
-                for u in self.updates(round_id)]
+        return [as_accepted(u) for u in self.updates(round_id)]
+
+
+def as_accepted(u: UpdateRow) -> AcceptedUpdate:
+    """A stored update as the strategy reads it."""
+    return AcceptedUpdate(u.device_id, [(int(a), float(b)) for a, b in msgpack.unpackb(u.pairs)], u.num_examples,
+                          u.scale, np.frombuffer(u.dense, "<f4") if u.dense else None)
