@@ -53,7 +53,8 @@ def run_fleet(bundle: Path, n: int, rounds: int, pairs: int, sync: str) -> dict:
         db = Path(tmp) / "load.db"
         coordinator = subprocess.Popen(
             [sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(bundle),
-             "--rounds", str(rounds), "--devices-per-round", str(n), "--round-deadline", "900", "--heartbeat", "120", "--sqlite-sync", sync],
+             "--rounds", str(rounds), "--devices-per-round", str(n), "--round-deadline", "900", "--heartbeat", "120", "--sqlite-sync", sync,
+             "--auth", "none", "--local-steps", str(pairs)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             url = next(line.split()[-1] for line in coordinator.stdout if line.startswith("listening on "))

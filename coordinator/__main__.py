@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.net import is_loopback
 
 
 def parse_args(argv):
@@ -64,6 +65,29 @@ def parse_args(argv):
     s.add_argument("--device-timeout", type=float, default=30.0,
                    help="seconds a tasked device may be away before its task goes to another device")
     s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
+    security = s.add_argument_group("security")
+    security.add_argument("--auth", choices=("token", "none"), default="token",
+                          help="token: only devices enrolled with `enrol` may connect (default); none: anyone may")
+    security.add_argument("--cert", type=Path, help="TLS certificate chain (PEM): serve wss://")
+    security.add_argument("--key", type=Path, help="the certificate's private key (PEM)")
+    security.add_argument("--max-connections", type=int, default=10_000)
+    security.add_argument("--max-messages-per-s", type=float, default=5.0,
+                          help="per device, sustained (bursts of 20); faster devices are disconnected")
+    security.add_argument("--max-update-rms", type=float,
+                          help="refuse updates that change the adapter by more than this RMS per value")
+    security.add_argument("--dp-clip", type=float, help="differential privacy: clip each device's change to this L2 norm")
+    security.add_argument("--dp-noise-multiplier", type=float,
+                          help="differential privacy: Gaussian noise of this many times --dp-clip (see docs/privacy.md)")
+    security.add_argument("--dp-delta", type=float, default=1e-5, help="differential privacy: the delta of (epsilon, delta)")
+    en = commands.add_parser("enrol", help="issue a credential (token) for each device; written to --out")
+    en.add_argument("--db", required=True)
+    en.add_argument("--device-id", nargs="+", required=True, help="device ids to enrol (re-enrolling replaces the token)")
+    en.add_argument("--out", type=Path, required=True, help="JSON file of device id -> token, for the devices")
+    rv = commands.add_parser("revoke", help="revoke devices' credentials; connected ones are cut off within a second")
+    rv.add_argument("--db", required=True)
+    rv.add_argument("--device-id", nargs="+", required=True)
+    cr = commands.add_parser("credentials", help="list enrolled devices and whether their credential is revoked")
+    cr.add_argument("--db", required=True)
     e = commands.add_parser("export-adapter", help="write a stored global adapter as a peft adapter folder")
     e.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy database URL")
     e.add_argument("--job-id", help="default: the most recent job")
@@ -78,6 +102,8 @@ def parse_args(argv):
     pl.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from device_sdk.estimate import MAX_CANDIDATES, MAX_DIRECTIONS, MAX_LOCAL_STEPS
+
         if args.min_devices is None:
             args.min_devices = args.devices_per_round
         if args.directions is None:
@@ -96,9 +122,21 @@ def parse_args(argv):
             "--clip, --heartbeat and --device-timeout must be positive":
                 (args.clip is None or args.clip > 0) and args.heartbeat > 0 and args.device_timeout > 0,
             "--candidates, --max-waves and --blocks must be at least 1": min(args.candidates, args.max_waves, args.blocks) >= 1,
+            # Devices refuse tasks past these bounds (a task is untrusted input to them).
+            f"--local-steps, --directions and --candidates can be at most {MAX_LOCAL_STEPS}, {MAX_DIRECTIONS} "
+            f"and {MAX_CANDIDATES}": args.local_steps <= MAX_LOCAL_STEPS and args.directions <= MAX_DIRECTIONS
+                                    and args.candidates <= MAX_CANDIDATES,
             "--weight-decay must be in [0, 1/lr)": 0 <= args.weight_decay * args.lr < 1,
             "--variance-threshold and --lr-delta must be positive":
                 (args.variance_threshold is None or args.variance_threshold > 0) and (args.lr_delta is None or args.lr_delta > 0),
+            "--cert and --key go together": (args.cert is None) == (args.key is None),
+            "--max-connections and --max-messages-per-s must be positive":
+                args.max_connections >= 1 and args.max_messages_per_s > 0,
+            "--max-update-rms must be positive": args.max_update_rms is None or args.max_update_rms > 0,
+            "--dp-clip and --dp-noise-multiplier go together, both positive":
+                (args.dp_clip is None) == (args.dp_noise_multiplier is None)
+                and (args.dp_clip is None or min(args.dp_clip, args.dp_noise_multiplier) > 0),
+            "--dp-delta must be in (0, 1)": 0 < args.dp_delta < 1,
         }
         for message, ok in checks.items():
             if not ok:
@@ -107,9 +145,8 @@ def parse_args(argv):
 
 
 def serve(args) -> int:
-    from coordinator.server import Coordinator, JobConfig, job_from_bundle, serve_job
+    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
     from coordinator.store import open_store
-    from coordinator.strategy import SeedFedAvg
     from device_sdk.evaluate import Evaluator
     from export.manifest import load_bundle
 
@@ -130,7 +167,8 @@ def serve(args) -> int:
         else:
             hparams |= {"weight_decay": args.weight_decay}
         options = {"fraction": args.fraction, "lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
-                   "variance_threshold": args.variance_threshold, "max_waves": args.max_waves}
+                   "variance_threshold": args.variance_threshold, "max_waves": args.max_waves,
+                   "dp_clip": args.dp_clip, "dp_noise_multiplier": args.dp_noise_multiplier, "dp_delta": args.dp_delta}
         config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
                            round_deadline_s=args.round_deadline, hparams=hparams, method=args.method, options=options)
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
@@ -145,11 +183,20 @@ def serve(args) -> int:
         block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
     except ValueError as e:
         raise UserError(f"--blocks: {e}") from None
-    strategy = SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"], clip=args.clip)
-    coordinator = Coordinator(store, job, strategy, evaluate, seed=args.seed, max_attempts=args.max_attempts,
-                              blocks=block_bounds, device_timeout_s=args.device_timeout)
-    ok = asyncio.run(serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat,
-                               ready=lambda port: print(f"listening on ws://{args.host}:{port}", flush=True)))
+    limits = Limits(require_credentials=args.auth == "token", max_connections=args.max_connections,
+                    messages_per_s=args.max_messages_per_s, max_update_rms=args.max_update_rms)
+    if limits.require_credentials and not store.credentials():
+        print(f"warning: no device is enrolled in {args.db}: run `python -m coordinator enrol` "
+              "(or serve with --auth none)", file=sys.stderr, flush=True)
+    if args.cert is None and not is_loopback(args.host):
+        print(f"warning: serving {args.host} without TLS: credentials and adapters cross the network in the clear; "
+              "pass --cert and --key", file=sys.stderr, flush=True)
+    coordinator = Coordinator(store, job, strategy_for(args, job), evaluate, seed=args.seed,
+                              max_attempts=args.max_attempts, blocks=block_bounds, device_timeout_s=args.device_timeout,
+                              limits=limits)
+    tls = tls_context(args.cert, args.key) if args.cert else None
+    ok = asyncio.run(serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat, tls=tls,
+                               ready=lambda url: print(f"listening on {url}", flush=True)))
     if not ok:
         print(f"error: job {job.id} stopped: a round failed {args.max_attempts} times in a row", file=sys.stderr)
         return 1
@@ -157,13 +204,86 @@ def serve(args) -> int:
     return 0
 
 
-def existing_job(args):
-    """The store and the job a read-only command is about; a missing database is not created."""
+def strategy_for(args, job):
+    """The aggregation rule: seed FedAvg, or its differentially private form. Privacy settings are
+    the job's (stored when it was created), so a resumed job keeps the guarantee it started with."""
+    clip, sigma, delta = (job.options.get(k) for k in ("dp_clip", "dp_noise_multiplier", "dp_delta"))
+    if clip is None:
+        from coordinator.strategy import SeedFedAvg
+
+        return SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"], clip=args.clip)
+    from coordinator.privacy import DPSeedFedAvg, gaussian_epsilon
+
+    print(f"differential privacy: clip {clip:g}, noise multiplier {sigma:g}: "
+          f"({gaussian_epsilon(sigma, job.rounds, delta):.3g}, {delta:g})-DP per device after {job.rounds} rounds",
+          flush=True)
+    return DPSeedFedAvg(clip=clip, noise_multiplier=sigma, kind=job.hparams["kind"], server_lr=args.server_lr)
+
+
+def tls_context(cert: Path, key: Path):
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise UserError(f"cannot use the certificate {cert} with key {key}: {e}") from None
+    return context
+
+
+def enrol(args) -> int:
+    """Tokens go to the --out file only (mode 0600), written whole or not at all; the database keeps hashes."""
+    import json
+    import os
+
+    from coordinator.protocol import MAX_ID
     from coordinator.store import open_store
 
-    if "://" not in str(args.db) and not Path(args.db).is_file():
-        raise UserError(f"database {args.db} does not exist")
+    bad = [d for d in args.device_id if not d or len(d) > MAX_ID]
+    if bad:
+        raise UserError(f"device ids must be 1 to {MAX_ID} characters: {bad[0]!r}")
     store = open_store(args.db)
+    tokens = {device_id: store.enrol(device_id) for device_id in args.device_id}
+    scratch = args.out.with_name(f".{args.out.name}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f, indent=1)
+    os.replace(scratch, args.out)
+    print(f"enrolled {len(tokens)} device(s); their tokens are in {args.out} (give each device its own)")
+    return 0
+
+
+def existing_store(db):
+    """The store of a command that reads or changes an existing database: a missing one is not created."""
+    from coordinator.store import open_store
+
+    if "://" not in str(db) and not Path(db).is_file():
+        raise UserError(f"database {db} does not exist")
+    return open_store(db)
+
+
+def revoke(args) -> int:
+    store = existing_store(args.db)
+    for device_id in args.device_id:
+        print(f"{device_id}: {'revoked' if store.revoke(device_id) else 'no valid credential to revoke'}")
+    return 0
+
+
+def list_credentials(args) -> int:
+    import time
+
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+    for c in existing_store(args.db).credentials():
+        print(f"{c.device_id}\tenrolled {when(c.created_at)}\t" + (f"revoked {when(c.revoked_at)}" if c.revoked_at else "valid"))
+    return 0
+
+
+def existing_job(args):
+    """The store and the job a read-only command is about; a missing database is not created."""
+    store = existing_store(args.db)
     job = store.job(args.job_id) if args.job_id else store.latest_job()
     if job is None:
         raise UserError(f"{args.db} has no job {args.job_id or ''}".strip())
@@ -205,7 +325,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
         return 0
-    return serve(args) if args.command == "serve" else export_adapter(args)
+    commands = {"serve": serve, "export-adapter": export_adapter, "enrol": enrol, "revoke": revoke,
+                "credentials": list_credentials}
+    return commands[args.command](args)
 
 
 def user_errors():

@@ -219,7 +219,7 @@ def decode(frame: Any) -> Message:
     kind, version = data.pop("type", None), data.pop("v", None)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
-    if kind not in MESSAGES:
+    if not isinstance(kind, str) or kind not in MESSAGES:
         raise ProtocolError(f"unknown message type {kind!r}")
     cls = MESSAGES[kind]
     names = {f.name for f in fields(cls)}

@@ -13,22 +13,69 @@ import asyncio
 import logging
 import math
 import random
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from coordinator import protocol
 from coordinator.store import Job, Round, Store, as_accepted
 from coordinator.lr_strategies import client_lrs
+from coordinator.privacy import gaussian_epsilon
 from coordinator.strategy import Strategy, device_deltas, estimate_variance
 
 log = logging.getLogger("coordinator")
 
 HELLO_TIMEOUT_S = 10.0
 COLLECT_BATCH_S = 0.05
+REVOCATION_CHECK_S = 1.0  # how soon a revoked credential cuts its device off
+
+
+@dataclass
+class Limits:
+    """What the fleet and each device may send. Past a limit, the connection or update is refused
+    with a reason (and the refusal stored); nothing past a limit is read into memory or aggregated."""
+    require_credentials: bool = True
+    max_connections: int = 10_000
+    messages_per_s: float = 5.0  # per device, sustained; an honest device sends one update per task
+    burst: int = 20
+    max_update_rms: float | None = None  # bound on an update's RMS change per adapter value
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per device, kept across reconnections so that reconnecting does not refill it."""
+    rate: float
+    burst: int
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # device -> (tokens, at)
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        tokens, at = self.buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        self.buckets[key] = (tokens - 1.0, now) if tokens >= 1.0 else (tokens, now)
+        return tokens >= 1.0
+
+
+def bearer_token(request: Request) -> str | None:
+    value = request.headers.get("Authorization", "")
+    return value[len("Bearer "):].strip() or None if value.startswith("Bearer ") else None
+
+
+def allowed_pairs(hparams: dict) -> int:
+    """(seed, coefficient) pairs a task's honest answer has at most: one per direction per local step."""
+    return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
+
+
+def max_frame_bytes(adapter_dim: int, hparams: dict) -> int:
+    """The largest frame a device needs to send for this job: an update with a dense part of the
+    adapter's size, or with every pair it may send (msgpack: at most 9 bytes a seed, 9 a coefficient)."""
+    return 4 * adapter_dim + 18 * allowed_pairs(hparams) + 64 * 1024
 
 
 @dataclass
@@ -42,10 +89,25 @@ class JobConfig:
     options: dict | None = None
 
 
+class Refused(Exception):
+    """A connection refused with a code and reason (sent to the device, stored, logged)."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+# Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
+FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
+
+
 class Coordinator:
     def __init__(self, store: Store, job: Job, strategy: Strategy, evaluate=None, seed: int = 0,
-                 max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None, device_timeout_s: float = 30.0):
+                 max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None, device_timeout_s: float = 30.0,
+                 limits: Limits | None = None):
         self.store, self.job, self.strategy, self.evaluate = store, job, strategy, evaluate
+        self.limits = limits or Limits()
+        self.rate = RateLimiter(self.limits.messages_per_s, self.limits.burst)
         self.blocks = blocks  # block-cyclic: round r perturbs blocks[(r - 1) % len(blocks)]
         self.kind = str(job.hparams.get("kind", "rademacher"))
         self.max_attempts = max_attempts
@@ -57,26 +119,47 @@ class Coordinator:
         self.finished = asyncio.Event()
 
     # ---- connections ----
+    def check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Before the websocket opens: refuse when the fleet is full or the credential is not valid,
+        so that nothing from an unknown sender is ever read as a message."""
+        if len(connection.server.connections) >= self.limits.max_connections:
+            return self._refuse_handshake(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_connections",
+                                          f"the coordinator holds its limit of {self.limits.max_connections} connections")
+        if not self.limits.require_credentials:
+            return None
+        token = bearer_token(request)
+        if token is None:
+            return self._refuse_handshake(connection, HTTPStatus.UNAUTHORIZED, "no_credential",
+                                          "no credential: send 'Authorization: Bearer <token>' (python -m coordinator enrol)")
+        device_id = self.store.authenticate(token[:256])
+        if device_id is None:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          "the credential is not valid or was revoked")
+        connection.username = device_id  # where websockets' own auth helpers keep who is connected
+        return None
+
+    def _refuse_handshake(self, connection: ServerConnection, status: HTTPStatus, code: str, reason: str) -> Response:
+        self.store.add_refusal(self.job.id, None, code, reason)
+        log.warning("refused a handshake from %s (%s): %s", connection.remote_address, code, reason)
+        return connection.respond(status, f"{code}: {reason}\n")
+
+    async def _receive(self, ws: ServerConnection, key: str, timeout: float | None = None) -> protocol.Message:
+        """The next message, or ProtocolError; a device past its message rate is refused."""
+        frame = await (asyncio.wait_for(ws.recv(), timeout) if timeout else ws.recv())
+        if not self.rate.allow(key):
+            raise Refused("rate_limited",
+                          f"more than {self.limits.burst} messages at once or {self.limits.messages_per_s:g} per second")
+        return protocol.decode(frame)
+
     async def handle(self, ws: ServerConnection) -> None:
         device_id = None
+        enrolled = getattr(ws, "username", None)  # set by check_handshake when credentials are required
         try:
             try:
-                hello = protocol.decode(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT_S))
+                hello = await self._receive(ws, enrolled or str(ws.remote_address), HELLO_TIMEOUT_S)
             except TimeoutError:
-                await self._refuse(ws, "timeout", f"no hello within {HELLO_TIMEOUT_S:g} s")
-                return
-            if not isinstance(hello, protocol.Hello):
-                await self._refuse(ws, "bad_message", f"the first message must be hello, not {hello.TYPE}")
-                return
-            if hello.base_model_hash != self.job.base_model_hash or hello.adapter_dim != self.job.adapter_dim:
-                await self._refuse(ws, "wrong_model", "this job trains base model "
-                                   f"{self.job.base_model_hash[:12]} with adapter dim {self.job.adapter_dim}; the device "
-                                   f"holds {hello.base_model_hash[:12]} with dim {hello.adapter_dim}")
-                return
-            if hello.device_id in self.connections:
-                await self._refuse(ws, "duplicate_device", f"device {hello.device_id} is already connected")
-                return
-            device_id = hello.device_id
+                raise Refused("timeout", f"no hello within {HELLO_TIMEOUT_S:g} s") from None
+            device_id = self._admit(hello, enrolled)
             self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
             self.connections[device_id] = ws
             self.gone_since.pop(device_id, None)
@@ -87,16 +170,20 @@ class Coordinator:
                 return
             await self._resend_open_task(device_id)
             self.changed.set()
-            async for frame in ws:
-                message = protocol.decode(frame)
+            while True:
+                message = await self._receive(ws, device_id)
                 if not isinstance(message, protocol.Update):
-                    await self._refuse(ws, "bad_message", f"devices may send only updates after hello, not {message.TYPE}")
-                    return
+                    raise Refused("bad_message", f"devices may send only updates after hello, not {message.TYPE}")
                 await ws.send(self._accept(device_id, message).to_wire())
         except protocol.ProtocolError as e:
-            await self._refuse(ws, "bad_message", str(e))
+            await self._refuse(ws, "bad_message", str(e), device_id or enrolled)
+        except Refused as e:
+            await self._refuse(ws, e.code, e.reason, device_id or enrolled)
         except ConnectionClosed:
             pass
+        except Exception:  # a bug: logged with its traceback, and the connection still gets an answer
+            log.exception("connection handler failed")
+            await self._refuse(ws, "internal_error", "the coordinator failed on this message", device_id)
         finally:
             if device_id is not None and self.connections.get(device_id) is ws:
                 del self.connections[device_id]
@@ -105,14 +192,56 @@ class Coordinator:
                 log.info("device %s disconnected", device_id)
                 self.changed.set()
 
-    async def _refuse(self, ws: ServerConnection, code: str, message: str) -> None:
-        self.store.add_refusal(self.job.id, None, code, message)
+    def _admit(self, hello: protocol.Message, enrolled: str | None) -> str:
+        """The device id a first message enrols, or Refused."""
+        if not isinstance(hello, protocol.Hello):
+            raise Refused("bad_message", f"the first message must be hello, not {hello.TYPE}")
+        if enrolled is not None and hello.device_id != enrolled:
+            raise Refused("wrong_device", f"the credential is {enrolled}'s, the hello says {hello.device_id}")
+        if hello.base_model_hash != self.job.base_model_hash or hello.adapter_dim != self.job.adapter_dim:
+            raise Refused("wrong_model", f"this job trains base model {self.job.base_model_hash[:12]} with adapter dim "
+                                         f"{self.job.adapter_dim}; the device holds {hello.base_model_hash[:12]} "
+                                         f"with dim {hello.adapter_dim}")
+        if hello.device_id in self.connections:
+            raise Refused("duplicate_device", f"device {hello.device_id} is already connected")
+        return hello.device_id
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str, device_id: str | None = None) -> None:
+        self.store.add_refusal(self.job.id, device_id, code, message)
+        if device_id is not None and code in FORFEITING:
+            self._forfeit(device_id)
         log.warning("refused a connection (%s): %s", code, message)
         try:
             await ws.send(protocol.Error(code=code, message=message[: protocol.MAX_TEXT]).to_wire())
             await ws.close(1008, code)
         except ConnectionClosed:
             pass
+
+    def _forfeit(self, device_id: str) -> None:
+        """A device that broke the protocol loses its open task at once: otherwise, by reconnecting
+        and misbehaving again, it could hold the round's task without ever being away long enough."""
+        rnd = self.store.open_round(self.job.id)
+        if rnd is None:
+            return
+        answered = self.store.answered(rnd.id)
+        for task in self.store.tasks(rnd.id, device_id):
+            if task.abandoned_at is None and task.id not in answered:
+                self.store.abandon_task(task.id)
+                log.warning("round %d: %s broke the protocol: task %s abandoned, reassigning", rnd.number,
+                            device_id, task.id)
+                self.changed.set()
+
+    async def cut_off_revoked(self) -> None:
+        """Close the connection of every device whose credential was revoked (by `coordinator revoke`)."""
+        while self.limits.require_credentials:
+            await asyncio.sleep(REVOCATION_CHECK_S)
+            if not self.connections:
+                continue
+            for device_id in self.store.revoked(list(self.connections)):
+                ws = self.connections.get(device_id)
+                if ws is not None:
+                    log.warning("device %s: credential revoked, disconnecting", device_id)
+                    await self._refuse(ws, "revoked", "this device's credential was revoked", device_id)
 
     # ---- updates ----
     def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
@@ -138,6 +267,8 @@ class Coordinator:
         """(code, reason) when the update must not be aggregated; None when it may."""
         if update.job_id != self.job.id:
             return "other_job", f"update for job {update.job_id}, this coordinator runs {self.job.id}"
+        if self.limits.require_credentials and self.store.revoked([device_id]):
+            return "revoked", "this device's credential was revoked"
         if task is None:
             return "unknown_task", "unknown task"
         if task.device_id != device_id:
@@ -147,14 +278,32 @@ class Coordinator:
             return "late", "late: the task's round is closed"
         if task.abandoned_at is not None:
             return "abandoned", "late: the device was away and its task went to another device"
-        if update.dense:
-            if len(update.dense) != 4 * self.job.adapter_dim:
-                return "wrong_dimension", f"dense part of {len(update.dense)} bytes, the adapter has {self.job.adapter_dim} values"
-            if not np.all(np.isfinite(np.frombuffer(update.dense, "<f4"))):
-                return "non_finite", "the dense part holds non-finite values"
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")
+        return self._poisoning(update, task.hparams)
+
+    def _poisoning(self, update: protocol.Update, hparams: dict) -> tuple[str, str] | None:
+        """(code, reason) for an update whose content would damage the model if aggregated."""
+        if len(update.seeds) > (allowed := allowed_pairs(hparams)):
+            return "too_many_pairs", f"{len(update.seeds)} pairs, the task allows {allowed} (local steps x directions)"
+        lowest = (1.0 - float(hparams["lr"]) * float(hparams.get("weight_decay", 0.0))) ** int(hparams.get("local_steps", 1))
+        if not lowest - 1e-6 <= update.scale <= 1.0 + 1e-6:
+            return "bad_scale", f"scale {update.scale:.6g}: weight decay in this task gives a scale in [{lowest:.6g}, 1]"
+        dense = np.frombuffer(update.dense, "<f4") if update.dense else None
+        if dense is not None:
+            if dense.size != self.job.adapter_dim:
+                return "wrong_dimension", f"dense part of {len(update.dense)} bytes, the adapter has {self.job.adapter_dim} values"
+            if not np.all(np.isfinite(dense)):
+                return "non_finite", "the dense part holds non-finite values"
+        bound = self.limits.max_update_rms
+        if bound is not None:
+            # A direction has about unit RMS per value, so the seed form's RMS change is about
+            # the norm of its coefficients; a dense part's is its own RMS.
+            rms = math.hypot(math.sqrt(math.fsum(c * c for c in update.coefs)),
+                             0.0 if dense is None else float(np.sqrt(np.mean(dense.astype(np.float64) ** 2))))
+            if rms > bound:
+                return "norm_bound", f"the update changes the adapter by RMS {rms:.3g}, past the bound {bound:.3g}"
         return None
 
     # ---- rounds ----
@@ -314,6 +463,8 @@ class Coordinator:
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
+        if (sigma := self.job.options.get("dp_noise_multiplier")) is not None:
+            metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.job.options["dp_delta"])
         if self.job.method == "fwdgrad" and len(accepted) > 1:
             metrics["estimate_variance"] = (variance if variance is not None else
                                             estimate_variance(accepted, self.job.adapter_dim, self.kind, lr, block))
@@ -355,16 +506,28 @@ class Coordinator:
         return True
 
 
-async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, heartbeat_s: float = 10.0) -> bool:
-    """Serve until the job ends. `ready(port)` is called once the socket listens. A device that
-    does not answer a ping within `heartbeat_s` is disconnected (and then counts as away)."""
-    async with serve(coordinator.handle, host, port, max_size=protocol.MAX_FRAME_BYTES,
+async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, heartbeat_s: float = 10.0,
+                    tls: ssl.SSLContext | None = None) -> bool:
+    """Serve until the job ends. `ready(url)` is called once the socket listens. A device that
+    does not answer a ping within `heartbeat_s` is disconnected (and then counts as away).
+    Frames larger than the job needs are refused from their header, before they are read."""
+    job = coordinator.job
+    # max_queue: a device waits for each ack, so a few unread frames are all an honest one has;
+    # the cap bounds what a flooding one makes the server hold. Reading pauses while the queue is
+    # full, so closing such a connection cannot finish its handshake: close_timeout bounds that wait.
+    async with serve(coordinator.handle, host, port, ssl=tls, process_request=coordinator.check_handshake,
+                     max_size=max_frame_bytes(job.adapter_dim, job.hparams), max_queue=4, close_timeout=2,
                      ping_interval=heartbeat_s, ping_timeout=heartbeat_s) as server:
         bound = server.sockets[0].getsockname()[1]
-        log.info("listening on ws://%s:%d", host, bound)
+        url = f"{'wss' if tls else 'ws'}://{host}:{bound}"
+        log.info("listening on %s", url)
         if ready:
-            ready(bound)
-        ok = await coordinator.run_job()
+            ready(url)
+        sweeper = asyncio.create_task(coordinator.cut_off_revoked())
+        try:
+            ok = await coordinator.run_job()
+        finally:
+            sweeper.cancel()
         await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
         return ok
 

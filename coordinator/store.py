@@ -9,6 +9,7 @@ version is refused rather than misread.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fwdfed.cli import first_line
 
-SCHEMA_VERSION = 2  # 2: waves, blocks, per-task hparams, scale, device status, refusals
+SCHEMA_VERSION = 3  # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials
+UPGRADABLE = {"2"}  # versions whose upgrade only adds tables
 
 
 class StoreError(Exception):
@@ -147,6 +149,15 @@ class Refusal(Base):
     at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class Credential(Base):
+    """A device's enrolment: the sha256 of its token (the token itself is never stored)."""
+    __tablename__ = "credentials"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Metric(Base):
     __tablename__ = "metrics"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -214,6 +225,11 @@ class Store:
             raise StoreError("the database was not made by this coordinator (it has no meta table); use a new --db")
         with Session(self.engine) as s:
             row = s.get(Meta, "schema_version")
+        if row is not None and row.value in UPGRADABLE:
+            Base.metadata.create_all(self.engine)  # adds the missing tables, touches no existing one
+            with Session(self.engine) as s, s.begin():
+                s.get(Meta, "schema_version").value = str(SCHEMA_VERSION)
+            return
         if row is None or row.value != str(SCHEMA_VERSION):
             found = row.value if row else "none"
             raise StoreError(f"database schema version {found} is not supported (this coordinator uses {SCHEMA_VERSION})")
@@ -279,6 +295,41 @@ class Store:
     def devices(self) -> list[Device]:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.id)))
+
+    # ---- credentials ----
+    def enrol(self, device_id: str) -> str:
+        """Issue a new token for `device_id` (replacing and so revoking any earlier one); returns it."""
+        token = secrets.token_urlsafe(32)
+        with self.session() as s, s.begin():
+            s.merge(Credential(device_id=device_id, token_hash=sha256(token.encode()), created_at=time.time(),
+                               revoked_at=None))
+        return token
+
+    def revoke(self, device_id: str) -> bool:
+        """Revoke the device's credential; False if it has none or it is already revoked."""
+        with self.session() as s, s.begin():
+            credential = s.get(Credential, device_id)
+            if credential is None or credential.revoked_at is not None:
+                return False
+            credential.revoked_at = time.time()
+            return True
+
+    def authenticate(self, token: str) -> str | None:
+        """The device a valid, unrevoked token belongs to, or None."""
+        with self.session() as s:
+            credential = s.scalars(select(Credential).where(Credential.token_hash == sha256(token.encode()))).first()
+        return credential.device_id if credential is not None and credential.revoked_at is None else None
+
+    def revoked(self, device_ids: list[str]) -> set[str]:
+        """Those of `device_ids` whose credential was revoked (or removed) since they connected."""
+        with self.session() as s:
+            valid = set(s.scalars(select(Credential.device_id).where(Credential.device_id.in_(device_ids),
+                                                                     Credential.revoked_at.is_(None))))
+        return set(device_ids) - valid
+
+    def credentials(self) -> list[Credential]:
+        with self.session() as s:
+            return list(s.scalars(select(Credential).order_by(Credential.device_id)))
 
     def abandon_task(self, task_id: str) -> None:
         with self.session() as s, s.begin():

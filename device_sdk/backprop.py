@@ -6,13 +6,14 @@ and it answers a task with a dense update through the same round machinery.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from device_sdk.data import Batch
-from device_sdk.estimate import LocalRun
+from device_sdk.estimate import LocalRun, check_positive, hparam
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,13 @@ class BackpropConfig:
     block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"backprop needs lr > 0, got {self}")
+        check_positive("lr", self.lr)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "BackpropConfig":
-        return cls(lr=float(hparams["lr"]), weight_decay=float(hparams.get("weight_decay", 0.0)))
+        return cls(lr=hparam(hparams, "lr", float), weight_decay=hparam(hparams, "weight_decay", float, 0.0))
 
 
 class Backprop:

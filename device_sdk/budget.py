@@ -31,7 +31,7 @@ class MemoryPlan:
     activations: int
     adapters: int
     data: int
-    directions: int  # n per program call (P = 2n)
+    directions: int  # n per step: 2n perturbed copies, evaluated P at a time
 
     @property
     def total(self) -> int:
@@ -42,17 +42,20 @@ class MemoryPlan:
             ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
             ("adapters", self.adapters), ("data", self.data)))
         return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
-                f"({self.directions} direction(s), P = {2 * self.directions} per call)")
+                f"({self.directions} direction(s) per step)")
 
 
-def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int) -> MemoryPlan:
-    """The plan for `directions` per call (capped by the program's P), or BudgetError."""
+def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
+                runtime: int | None = None) -> MemoryPlan:
+    """The plan for `directions` per step, or BudgetError. A step holds all its directions and
+    perturbed copies at once, however many program calls (of at most P vectors) it takes.
+    `runtime`: the baseline measured before anything was loaded (default: measured now)."""
     m = bundle.manifest
     d = m.adapter_dim
-    n = max(1, min(directions, m.inputs["max_perturbations"] // 2))
+    n = max(1, directions)
     plan = MemoryPlan(
         budget=budget,
-        runtime=current_rss(),
+        runtime=current_rss() if runtime is None else runtime,
         weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
         activations=int(m.program["planned_memory_bytes"]["forward"]),
         adapters=(1 + 3 * n) * d * 4,

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 import time
 import zlib
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from coordinator import protocol
 from device_sdk.data import encode, read_examples, shard, split
@@ -26,11 +28,12 @@ from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from device_sdk.backprop import Backprop, BackpropConfig
 from device_sdk.budget import BudgetGuard, plan_memory
-from device_sdk.estimate import mean_loss
+from device_sdk.estimate import hparam, mean_loss, parse_steps
 from device_sdk.fwdgrad import FwdGradConfig, ForwardGradient
 from device_sdk.memory import peak_rss
 from device_sdk.mezo import Mezo, MezoConfig
 from export.manifest import load_bundle
+from fwdfed.net import is_loopback
 
 log = logging.getLogger("device")
 
@@ -55,6 +58,8 @@ class DeviceConfig:
     mem_budget_bytes: int | None = None
     connect_timeout_s: float = 30.0
     seed: int = 0
+    token: str | None = None  # the credential from `python -m coordinator enrol`
+    ca_file: str | None = None  # trust this CA (PEM) for wss:// besides the system's
 
 
 class Device:
@@ -66,12 +71,14 @@ class Device:
         if not examples:
             raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
         self.num_examples = len(examples)
+        self.plan = None
         if config.mem_budget_bytes is not None:
             # Before the program is loaded: a budget that cannot hold a step is refused here.
-            plan = plan_memory(self.bundle, config.mem_budget_bytes, len(examples), m.inputs["max_perturbations"] // 2)
-            log.info("%s: %s", config.device_id, plan.describe())
+            self.plan = plan_memory(self.bundle, config.mem_budget_bytes, len(examples),
+                                    m.inputs["max_perturbations"] // 2)
+            log.info("%s: %s", config.device_id, self.plan.describe())
         self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
-        self.engine = ProgramEngine(self.bundle.program_path, m.inputs["max_perturbations"])
+        self.engine = ProgramEngine.for_bundle(self.bundle)
         self.tasks_done = 0
         self._eager = None  # built on the first backprop task
 
@@ -89,23 +96,38 @@ class Device:
             raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs {sorted(METHODS)}")
         if len(task.reference) not in (0, 4 * m.adapter_dim):
             raise DeviceError(f"task {task.task_id} carries a reference of {len(task.reference)} bytes")
-        return np.frombuffer(task.adapter, dtype="<f4").copy()
+        adapter = np.frombuffer(task.adapter, dtype="<f4").copy()
+        # A sha256 only says the bytes arrived as sent: NaN or infinity would poison every loss.
+        for name, values in (("adapter", adapter), ("reference", np.frombuffer(task.reference, dtype="<f4"))):
+            if not np.isfinite(values).all():
+                raise DeviceError(f"task {task.task_id}: its {name} holds NaN or infinite values")
+        return adapter
 
     def train(self, task: protocol.Task) -> protocol.Update:
         adapter = self.check_task(task)
         config_cls, optimizer_cls = METHODS[task.method]
+        # Every hyperparameter is checked here, before the first allocation the task sizes.
         try:
             config = config_cls.from_hparams(task.hparams)
-            steps = int(task.hparams["local_steps"])
-            if steps < 1:
-                raise ValueError("local_steps must be at least 1")
-        except (KeyError, ValueError, TypeError) as e:
-            raise DeviceError(f"task {task.task_id} has unusable hyperparameters {task.hparams}: {e}") from None
+            steps = parse_steps(task.hparams)
+            wave = hparam(task.hparams, "wave", int, 0)
+            if wave < 0:
+                raise ValueError(f"wave must be >= 0, got {wave}")
+            if config.block is not None and config.block[1] > adapter.shape[0]:
+                raise ValueError(f"the adapter block [{config.block[0]}, {config.block[1]}) passes the adapter's "
+                                 f"dimension {adapter.shape[0]}")
+            if steps * getattr(config, "directions", 0) > protocol.MAX_PAIRS:  # backprop sends no pairs
+                raise ValueError(f"{steps} steps of {config.directions} directions make more (seed, coefficient) "
+                                 f"pairs than an update may carry ({protocol.MAX_PAIRS})")
+        except (ValueError, TypeError) as e:
+            raise DeviceError(f"task {task.task_id} has an unusable hyperparameter: {e}") from None
+        if self.plan is not None:  # a task may ask for more directions per step than the plan assumed
+            plan_memory(self.bundle, self.plan.budget, self.num_examples, getattr(config, "directions", 1),
+                        runtime=self.plan.runtime)
         reference = np.frombuffer(task.reference, dtype="<f4") if task.reference else None
         # A different slice of the shard every round; the same seeds never repeat across devices or rounds.
         start = (task.round * steps) % len(self.batches)
         batches = self.batches[start:] + self.batches[:start]
-        wave = int(task.hparams.get("wave", 0))
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(self.engine, probe, adapter)
@@ -140,14 +162,43 @@ class Device:
                               adapter_dim=m.adapter_dim, num_examples=self.num_examples,
                               mem_budget_bytes=self.config.mem_budget_bytes)
 
+    def _connect_options(self) -> dict:
+        """The handshake's credential header and TLS context. The server's certificate is verified
+        (against the system's CAs and --ca-file); a credential never travels unencrypted off this host."""
+        url, c = self.config.coordinator, self.config
+        try:
+            secure, host = urlsplit(url).scheme == "wss", urlsplit(url).hostname or ""
+        except ValueError:
+            raise DeviceError(f"{url!r} is not a websocket URL (ws://host:port)") from None
+        options = {"max_size": 8 * self.bundle.manifest.adapter_dim + 64 * 1024}  # a task: adapter + reference
+        if c.token:
+            if not secure and not is_loopback(host):
+                raise DeviceError(f"refusing to send this device's credential unencrypted to {host}: use wss://")
+            options["additional_headers"] = {"Authorization": f"Bearer {c.token}"}
+        if secure:
+            try:
+                options["ssl"] = ssl.create_default_context(cafile=c.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise DeviceError(f"cannot use the CA file {c.ca_file}: {e}") from None
+        return options
+
     async def _connect(self):
+        options = self._connect_options()
         deadline = time.monotonic() + self.config.connect_timeout_s
         delay, last_error = 0.2, None
         while time.monotonic() < deadline:
             try:
-                return await connect(self.config.coordinator, max_size=protocol.MAX_FRAME_BYTES, open_timeout=10)
+                return await connect(self.config.coordinator, open_timeout=10, **options)
             except InvalidURI:
                 raise DeviceError(f"{self.config.coordinator!r} is not a websocket URL (ws://host:port)") from None
+            except InvalidStatus as e:
+                if e.response.status_code in (401, 403):
+                    reason = e.response.body.decode("utf-8", "replace").strip()[:200]
+                    raise DeviceError(f"the coordinator refused this device's credential: {reason}") from None
+                last_error = e  # 503: the coordinator is full for now
+            except ssl.SSLCertVerificationError as e:
+                raise DeviceError(f"the coordinator's TLS certificate is not trusted: {e.verify_message} "
+                                  "(pass the CA that signed it with --ca-file)") from None
             except (OSError, InvalidHandshake, TimeoutError) as e:
                 last_error = e
             await asyncio.sleep(delay)

@@ -33,6 +33,9 @@ def parse_args(argv):
     parser.add_argument("--device-prefix", default="emu", help="devices are named PREFIX-0, PREFIX-1, ...")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep trying to reach the coordinator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--credentials", type=Path,
+                        help="JSON file of device id -> token (from `python -m coordinator enrol`)")
+    parser.add_argument("--ca-file", type=Path, help="CA certificate (PEM) that signed the coordinator's wss:// certificate")
     args = parser.parse_args(argv)
     try:
         args.mem_bytes = parse_size(args.mem)
@@ -75,6 +78,22 @@ def _user_errors():
     return (UserError, DeviceError, DataError, EngineError, BundleError, BudgetError, OSError)
 
 
+def read_credentials(path: Path, names: list[str]) -> dict[str, str]:
+    """Each emulated device's token from `coordinator enrol`'s file; every device must have one."""
+    import json
+
+    try:
+        tokens = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the credentials file {path}: {e}") from None
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+        raise UserError(f"{path} must map device ids to tokens, as `python -m coordinator enrol --out` writes")
+    missing = [name for name in names if name not in tokens]
+    if missing:
+        raise UserError(f"{path} has no credential for {', '.join(missing[:5])}: enrol them first")
+    return tokens
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
@@ -88,10 +107,13 @@ def main(argv=None) -> int:
     examples = read_examples(args.data)
     print(f"emulating {args.devices} devices, budget {args.mem} ({format_size(args.mem_bytes)}) each, "
           f"{len(examples)} examples in {args.data}, bundle {bundle.manifest.model['source']}", flush=True)
-    configs = [DeviceConfig(device_id=f"{args.device_prefix}-{i}", coordinator=args.coordinator,
-                            bundle=str(args.bundle), data=str(args.data), shard_index=i, shard_count=args.devices,
-                            mem_budget_bytes=args.mem_bytes, connect_timeout_s=args.connect_timeout, seed=args.seed)
-               for i in range(args.devices)]
+    names = [f"{args.device_prefix}-{i}" for i in range(args.devices)]
+    tokens = read_credentials(args.credentials, names) if args.credentials else {}
+    configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
+                            shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
+                            connect_timeout_s=args.connect_timeout, seed=args.seed, token=tokens.get(name),
+                            ca_file=str(args.ca_file) if args.ca_file else None)
+               for i, name in enumerate(names)]
     ctx = multiprocessing.get_context("spawn")
     processes = [ctx.Process(target=run_device, args=(c,), name=c.device_id) for c in configs]
     for p in processes:

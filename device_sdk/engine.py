@@ -6,33 +6,108 @@ reference lives with the exporter (`export.program`); the two are compared at ex
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from device_sdk.data import Batch
+from export.manifest import Bundle, Manifest
+from export.tasks import SEQ_CLS
 from fwdfed.cli import first_line
+
+# ExecuTorch's ScalarType codes of the inputs the engine passes: token ids and labels, adapters.
+INT64, FLOAT32 = 4, 6
+DTYPE_NAMES = {INT64: "int64", FLOAT32: "float32"}
 
 
 class EngineError(Exception):
     """The program cannot be loaded or run; the message is meant for the user."""
 
 
+class _PalImpl(ctypes.Structure):
+    """ExecuTorch's table of platform functions (`executorch::runtime::PalImpl`, runtime/platform/platform.h)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("init", "abort", "current_ticks", "ticks_to_ns_multiplier",
+                                                     "emit_log_message", "allocate", "free", "source_filename")]
+
+
+@functools.cache
+def runtime():
+    """The ExecuTorch runtime, with its log written to stderr as raw bytes.
+
+    The Python bindings pass the runtime's log through `sys.stderr`, decoding it as UTF-8; a log
+    line quoting bytes of a corrupt program (a file identifier, say) does not decode, and the
+    failed decode aborts the process where loading should have raised. The runtime's own C logger
+    writes the bytes as they are. The active table is updated in place: `register_pal` would log
+    an error of its own, being called after the bindings' registration.
+    """
+    from executorch.extension.pybindings import _C
+    from executorch.runtime import Runtime
+
+    rt = Runtime.get()
+    try:
+        lib = ctypes.CDLL(_C.__file__)  # its symbol lookup reaches libexecutorch.so, which it links
+        get_pal_impl = lib._ZN10executorch7runtime12get_pal_implEv  # executorch::runtime::get_pal_impl()
+        c_logger = lib.et_pal_emit_log_message
+    except (OSError, AttributeError):
+        # Another ExecuTorch build without these symbols: keep its logger (pinned 1.5.1 has them).
+        return rt
+    get_pal_impl.restype = ctypes.POINTER(_PalImpl)
+    get_pal_impl().contents.emit_log_message = ctypes.cast(c_logger, ctypes.c_void_p).value
+    return rt
+
+
 class ProgramEngine:
     def __init__(self, program: bytes | Path | str, max_perturbations: int):
-        from executorch.runtime import Runtime
-
         # The runtime wraps `bytes` without copying and loads methods lazily: keep the bytes
         # and the Program referenced for as long as the methods are used.
         self._source = program if isinstance(program, bytes) else str(program)
         try:
-            self._program = Runtime.get().load_program(self._source)
+            self._program = runtime().load_program(self._source)
             self._forward = self._program.load_method("forward")
             self._predict = self._program.load_method("predict")
         except Exception as e:
             raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
+
+    @classmethod
+    def for_bundle(cls, bundle: Bundle) -> "ProgramEngine":
+        """The bundle's program, refused at load when it does not take the inputs its manifest describes."""
+        engine = cls(bundle.program_path, bundle.manifest.inputs["max_perturbations"])
+        engine.check_signature(bundle.manifest)
+        return engine
+
+    def check_signature(self, manifest: Manifest) -> None:
+        """Compare the methods' inputs with the manifest's shapes: a program from another export, or a
+        manifest edited since, would otherwise fail (or run on misread inputs) at the first task."""
+        b, l, p = (manifest.inputs[k] for k in ("batch_size", "seq_len", "max_perturbations"))
+        d = manifest.adapter_dim
+        tokens = ((b, l), INT64, "batch_size x seq_len")
+        labels = ((b,), INT64, "batch_size") if manifest.task == SEQ_CLS else tokens
+        expected = {
+            "forward": {"input_ids": tokens, "attention_mask": tokens, "labels": labels,
+                        "adapters": ((p, d), FLOAT32, "max_perturbations x adapter_dim")},
+            "predict": {"input_ids": tokens, "attention_mask": tokens, "adapter": ((1, d), FLOAT32, "1 x adapter_dim")},
+        }
+        for name, method in (("forward", self._forward), ("predict", self._predict)):
+            meta, inputs = method.metadata, expected[name]
+            if meta.num_inputs() != len(inputs):
+                raise EngineError(f"the program does not match its manifest: its {name} takes {meta.num_inputs()} "
+                                  f"inputs, the manifest describes {len(inputs)}")
+            for i, (input_name, (shape, dtype, what)) in enumerate(inputs.items()):
+                try:
+                    info = meta.input_tensor_meta(i)
+                except (IndexError, RuntimeError):
+                    raise EngineError(f"the program does not match its manifest: its {name} input {i} "
+                                      "is not a tensor") from None
+                if (tuple(info.sizes()), info.dtype()) != (shape, dtype):
+                    raise EngineError(
+                        f"the program does not match its manifest: its {name} input {input_name} is "
+                        f"{DTYPE_NAMES.get(info.dtype(), f'dtype {info.dtype()}')} {list(info.sizes())}, "
+                        f"the manifest's {what} is {DTYPE_NAMES[dtype]} {list(shape)}")
 
     def losses(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
         """Per-example loss [P, B] of `batch` under each of the P adapter vectors."""
@@ -40,11 +115,18 @@ class ProgramEngine:
         out = []
         for start in range(0, adapters.shape[0], self.max_perturbations):
             chunk = torch.from_numpy(adapters[start : start + self.max_perturbations])
-            (loss,) = self._forward.execute([batch.input_ids, batch.attention_mask, batch.labels, chunk])
+            (loss,) = self._execute(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels, chunk])
             out.append(loss.numpy())
         return np.concatenate(out, axis=0)
 
     def logits(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
         vector = torch.from_numpy(np.ascontiguousarray(adapter, dtype=np.float32).reshape(1, -1))
-        (logits,) = self._predict.execute([batch.input_ids, batch.attention_mask, vector])
+        (logits,) = self._execute(self._predict, "predict", [batch.input_ids, batch.attention_mask, vector])
         return logits.numpy()
+
+    @staticmethod
+    def _execute(method, name: str, inputs: list):
+        try:
+            return method.execute(inputs)
+        except (RuntimeError, ValueError) as e:
+            raise EngineError(f"the ExecuTorch program's {name} failed: {first_line(e)}") from None

@@ -8,12 +8,19 @@ once; the forward gradient (FwdLLM) sums the estimates at a fixed point.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from device_sdk.data import Batch
 from device_sdk.directions import SEED_LIMIT, block_direction
+
+# Bounds on what a task may ask of a device, checked before anything is allocated: the task
+# comes over the network, and 10**9 directions would be 10**9 adapter-sized vectors.
+MAX_LOCAL_STEPS = 100_000  # 2000 times the coordinator's default of 50
+MAX_DIRECTIONS = 4096  # per step, which holds 3n adapter-sized vectors (n directions, 2n perturbed copies)
+MAX_CANDIDATES = 64  # FwdLLM's selection draws and scores candidates x directions directions per step
 
 
 def weighted_mean(losses: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -32,11 +39,45 @@ def draw_seeds(rng: np.random.Generator, n: int) -> list[int]:
     return [int(s) for s in rng.integers(0, SEED_LIMIT, size=n, dtype=np.int64)]
 
 
+def hparam(hparams: dict, name: str, kind: type, default=None):
+    """`hparams[name]` read as `kind` (int, float or str); `default` when absent, which None makes required."""
+    if name not in hparams:
+        if default is None:
+            raise ValueError(f"{name} is missing")
+        return default
+    try:
+        return kind(hparams[name])
+    except (ValueError, TypeError, OverflowError):  # int("x"), int(float("inf")), float([])
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {hparams[name]!r}") from None
+
+
+def check_positive(name: str, value: float) -> None:
+    """A learning rate or step size: finite and > 0 (NaN fails `> 0` by itself, infinity does not)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_count(name: str, value: int, limit: int) -> None:
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be between 1 and {limit}, got {value!r}")
+
+
+def parse_steps(hparams: dict) -> int:
+    """The local steps a task asks for (batches, for the forward gradient)."""
+    steps = hparam(hparams, "local_steps", int)
+    check_count("local_steps", steps, MAX_LOCAL_STEPS)
+    return steps
+
+
 def parse_block(hparams: dict) -> tuple[int, int] | None:
-    """The adapter block a task restricts perturbations to (block-cyclic updates), if any."""
+    """The adapter block a task restricts perturbations to (block-cyclic updates), if any.
+    Its end is checked against the adapter's dimension by the device, which knows it."""
     if "block_start" not in hparams:
         return None
-    return int(hparams["block_start"]), int(hparams["block_end"])
+    start, end = hparam(hparams, "block_start", int), hparam(hparams, "block_end", int)
+    if not 0 <= start < end:
+        raise ValueError(f"the adapter block must have 0 <= block_start < block_end, got [{start}, {end})")
+    return start, end
 
 
 @dataclass

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_sdk.data import Batch
-from device_sdk.directions import block_direction
-from device_sdk.estimate import LocalRun, central_differences, draw_seeds, parse_block
+from device_sdk.directions import KINDS, block_direction
+from device_sdk.estimate import (MAX_CANDIDATES, MAX_DIRECTIONS, LocalRun, central_differences, check_count,
+                                 check_positive, draw_seeds, hparam, parse_block)
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,18 @@ class FwdGradConfig:
     block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        if not (self.lr > 0 and self.h > 0 and self.directions >= 1 and self.candidates >= 1):
-            raise ValueError(f"the forward gradient needs lr > 0, h > 0, directions >= 1, candidates >= 1, got {self}")
+        check_positive("lr", self.lr)
+        check_positive("h", self.h)
+        check_count("directions", self.directions, MAX_DIRECTIONS)
+        check_count("candidates", self.candidates, MAX_CANDIDATES)
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FwdGradConfig":
-        return cls(lr=float(hparams["lr"]), h=float(hparams.get("h", hparams.get("eps", 1e-2))),
-                   directions=int(hparams.get("directions", 4)), kind=str(hparams.get("kind", "gaussian")),
-                   candidates=int(hparams.get("candidates", 1)), block=parse_block(hparams))
+        return cls(lr=hparam(hparams, "lr", float), h=hparam(hparams, "h", float, hparam(hparams, "eps", float, 1e-2)),
+                   directions=hparam(hparams, "directions", int, 4), kind=hparam(hparams, "kind", str, "gaussian"),
+                   candidates=hparam(hparams, "candidates", int, 1), block=parse_block(hparams))
 
 
 class ForwardGradient:

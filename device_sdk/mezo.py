@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_sdk.data import Batch
-from device_sdk.estimate import LocalRun, central_differences, draw_seeds, parse_block
+from device_sdk.directions import KINDS
+from device_sdk.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_positive,
+                                 draw_seeds, hparam, parse_block)
 
 SCHEDULES = ("constant", "linear")
 
@@ -31,16 +33,22 @@ class MezoConfig:
     block: tuple[int, int] | None = None  # perturb only this slice of the adapter
 
     def __post_init__(self):
-        if not (self.lr > 0 and self.eps > 0 and self.directions >= 1 and 0 <= self.lr * self.weight_decay < 1):
-            raise ValueError(f"MeZO needs lr > 0, eps > 0, directions >= 1 and 0 <= lr*weight_decay < 1, got {self}")
+        check_positive("lr", self.lr)
+        check_positive("eps", self.eps)
+        check_count("directions", self.directions, MAX_DIRECTIONS)
+        if not 0 <= self.lr * self.weight_decay < 1:
+            raise ValueError(f"MeZO needs 0 <= lr * weight_decay < 1, got lr {self.lr!r} and weight_decay {self.weight_decay!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "MezoConfig":
-        return cls(lr=float(hparams["lr"]), eps=float(hparams["eps"]), directions=int(hparams.get("directions", 1)),
-                   kind=str(hparams.get("kind", "rademacher")), weight_decay=float(hparams.get("weight_decay", 0.0)),
-                   schedule=str(hparams.get("schedule", "constant")), block=parse_block(hparams))
+        return cls(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
+                   directions=hparam(hparams, "directions", int, 1), kind=hparam(hparams, "kind", str, "rademacher"),
+                   weight_decay=hparam(hparams, "weight_decay", float, 0.0),
+                   schedule=hparam(hparams, "schedule", str, "constant"), block=parse_block(hparams))
 
 
 class Mezo:

@@ -94,7 +94,27 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
             "batch": [b, length], "runtime_bytes": runtime, "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
             "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
+            "adapter_copies_bytes": adapter_copies(mode, m.adapter_dim, m.inputs["max_perturbations"]),
             "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
+
+
+def adapter_copies(mode: str, d: int, max_perturbations: int) -> int:
+    """Bytes of adapter-sized float32 vectors a step of `mode` holds: the master copy, and for n
+    directions the n directions and 2n perturbed copies; backprop: weights, gradient, AdamW's two moments."""
+    n = {"inference": 0, "mezo": 1, "fwdgrad": 4, "batched": max(1, max_perturbations // 2)}.get(mode)
+    return 4 * d * (4 if n is None else 1 + 3 * n)
+
+
+def breakdown(r: dict) -> dict[str, int]:
+    """A record's peak split into parts. ExecuTorch allocates a method's planned buffers when it
+    loads the method, so the program load holds them: load - plan is the weights and backend."""
+    planned = 0 if r["mode"] == "backprop" else min(r["planned_arena_bytes"], r["weights_bytes"])
+    copies = min(r["adapter_copies_bytes"], r["work_bytes"])
+    return {"runtime (Python, torch, ExecuTorch)": r["runtime_bytes"],
+            "weights and backend": r["weights_bytes"] - planned,
+            "planned buffers (memory plan)": planned,
+            "adapter copies": copies,
+            "other step memory (activations, optimizer)": r["work_bytes"] - copies}
 
 
 def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
@@ -128,9 +148,9 @@ def write_report(results: list[dict], out: Path) -> Path:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
         modes = [r["mode"] for r in rs]
         bottom = [0.0] * len(rs)
-        for key, label in (("runtime_bytes", "runtime (Python, torch, ExecuTorch)"), ("weights_bytes", "program load (weights, backend init)"),
-                           ("work_bytes", "step: activations, adapter copies, optimizer")):
-            values = [r[key] / mib for r in rs]
+        parts = [breakdown(r) for r in rs]
+        for label in parts[0]:
+            values = [p[label] / mib for p in parts]
             ax1.bar(modes, values, bottom=bottom, label=label)
             bottom = [a + v for a, v in zip(bottom, values)]
         ax1.axhline(inference / mib * 1.1, color="k", ls="--", lw=1, label="inference peak + 10%")
@@ -142,11 +162,10 @@ def write_report(results: list[dict], out: Path) -> Path:
                      f"batch {rs[0]['batch'][0]}x{rs[0]['batch'][1]}")
         figures.append(_png(fig))
         plt.close(fig)
-        for r in rs:
-            rows.append(f"<tr><td>{model}</td><td>{r['mode']}</td><td>{r['runtime_bytes'] / mib:.0f}</td>"
-                        f"<td>{r['weights_bytes'] / mib:.0f}</td><td>{r['work_bytes'] / mib:.0f}</td>"
-                        f"<td>{r['peak_bytes'] / mib:.0f}</td><td>{r['peak_bytes'] / inference:.3f}</td>"
-                        f"<td>{r['step_seconds'] * 1e3:.1f}</td></tr>")
+        for r, p in zip(rs, parts):
+            cells = "".join(f"<td>{v / mib:.0f}</td>" for v in p.values())
+            rows.append(f"<tr><td>{model}</td><td>{r['mode']}</td>{cells}<td>{r['peak_bytes'] / mib:.0f}</td>"
+                        f"<td>{r['peak_bytes'] / inference:.3f}</td><td>{r['step_seconds'] * 1e3:.1f}</td></tr>")
     images = "\n".join(f'<img alt="memory and time" src="data:image/png;base64,{p}">' for p in figures)
     html = f"""<!doctype html><html><head><meta charset="utf-8"><title>Memory of a training step</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 8px;text-align:right}}
@@ -155,8 +174,13 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style
 <p>Each row is a fresh process on the same exported program and the same batch. Peak is the
 kernel's high-water mark of resident memory (VmHWM). Ratio = the mode's peak / the inference peak.</p>
 {images}
-<table><tr><th>model</th><th>mode</th><th>runtime MiB</th><th>program load MiB</th><th>step MiB</th>
-<th>peak MiB</th><th>peak / inference</th><th>ms per step</th></tr>
+<p>Breakdown: the runtime is resident memory after the imports, before any model; the program
+load is split into the planned buffers of ExecuTorch's memory plan (allocated when the method
+loads, at the program's largest P) and the rest (weights, backend); a step adds the adapter
+copies the method holds (computed from the adapter's size) and other memory (activations
+outside the plan, optimizer state, allocator slack). Backprop runs in eager PyTorch: no plan.</p>
+<table><tr><th>model</th><th>mode</th><th>runtime MiB</th><th>weights + backend MiB</th><th>planned buffers MiB</th>
+<th>adapter copies MiB</th><th>other step MiB</th><th>peak MiB</th><th>peak / inference</th><th>ms per step</th></tr>
 {''.join(rows)}</table>
 <p>Generated by <code>python -m device_sdk.profile</code>; numbers in report.json.</p></body></html>"""
     path = out / "report.html"

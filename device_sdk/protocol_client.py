@@ -7,6 +7,7 @@ coordinator can be driven by thousands of them from one process.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from websockets.asyncio.client import connect
 
@@ -14,12 +15,16 @@ from coordinator import protocol
 
 
 class ProtocolClient:
-    def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int):
+    def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int, token: str | None = None,
+                 tls: ssl.SSLContext | None = None):
         self.url, self.device_id, self.hash, self.dim = url, device_id, base_model_hash, adapter_dim
+        self.options = {"additional_headers": {"Authorization": f"Bearer {token}"} if token else None}
+        if tls is not None:
+            self.options["ssl"] = tls
         self.ws = None
 
     async def __aenter__(self):
-        self.ws = await connect(self.url, max_size=protocol.MAX_FRAME_BYTES, open_timeout=60)
+        self.ws = await connect(self.url, max_size=protocol.MAX_FRAME_BYTES, open_timeout=60, **self.options)
         await self.send(protocol.Hello(device_id=self.device_id, base_model_hash=self.hash, adapter_dim=self.dim,
                                        num_examples=10, mem_budget_bytes=None))
         welcome = await self.recv()

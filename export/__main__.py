@@ -38,7 +38,18 @@ def parse_args(argv):
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per example")
     parser.add_argument("--max-perturbations", type=int, default=8, help="adapter vectors per call")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss diff| .pte vs eager")
+    parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
+                                      "batch, then sequence length until a training step's plan fits")
+    parser.add_argument("--device-runtime", default="256MiB",
+                        help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)
+    from device_sdk.memory import parse_size
+
+    try:
+        args.mem_bytes = parse_size(args.mem) if args.mem else None
+        args.runtime_bytes = parse_size(args.device_runtime)
+    except ValueError as e:
+        parser.error(f"--mem / --device-runtime: {e}")
     for name in ("num_labels", "lora_rank", "batch_size", "max_perturbations"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -66,18 +77,23 @@ def main(argv=None) -> int:
         seq_len=args.seq_len,
         max_perturbations=args.max_perturbations,
         tolerance=args.tolerance,
+        mem_budget=args.mem_bytes,
+        device_runtime=args.runtime_bytes,
     )
     manifest = run_export(spec)
-    print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,})")
+    print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "
+          f"batch {manifest.inputs['batch_size']}, seq {manifest.inputs['seq_len']}, "
+          f"P {manifest.inputs['max_perturbations']})")
     return 0
 
 
 def user_errors():
     from export.manifest import BundleError
     from export.models import ModelLoadError
-    from export.pipeline import VerificationError
+    from export.pipeline import MemoryFitError, VerificationError
 
-    return (UserError, ModelLoadError, BundleError, VerificationError, NotImplementedError, ValueError, OSError)
+    return (UserError, ModelLoadError, BundleError, VerificationError, MemoryFitError, NotImplementedError, ValueError,
+            OSError)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,18 @@ def read_adapter(path: Path, dim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").copy()
 
 
+# Bounds on the program's input shapes: what a phone can run, far above what an export makes. A
+# manifest past them is damaged, and must be refused before its shapes size any allocation.
+INPUT_LIMITS = {"batch_size": 4096, "seq_len": 1 << 16, "max_perturbations": 4096}
+
+
+def check_inputs(manifest: Manifest, path: Path) -> None:
+    for name, limit in INPUT_LIMITS.items():
+        value = manifest.inputs.get(name) if isinstance(manifest.inputs, dict) else None
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit):
+            raise BundleError(f"{path}: inputs.{name} must be an integer in [1, {limit}], got {value!r}")
+
+
 def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
     """Read and check a bundle folder; raises BundleError with a one-line reason."""
     folder = Path(folder)
@@ -114,6 +126,7 @@ def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BundleError(f"{manifest_path} is not a valid manifest: {e}") from None
     bundle = Bundle(folder, manifest)
+    check_inputs(manifest, manifest_path)
     if manifest.adapter.get("dim") != manifest.adapter_dim:
         raise BundleError(f"{manifest_path}: adapter dim {manifest.adapter.get('dim')} disagrees with its layout")
     if check_program:

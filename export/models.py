@@ -60,8 +60,8 @@ PRESETS: dict[str, Preset] = {
     "llama-110m": Preset(
         CAUSAL_LM,
         dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-             num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024),
-        "LLaMA decoder shaped like stories110M: 12 layers, hidden 768 (benchmarks)",
+             num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, vocab_size=32000),
+        "LLaMA decoder shaped like stories110M: 12 layers, hidden 768, 32,000-row vocabulary, 110M (benchmarks)",
     ),
     "distilbert-base": Preset(
         SEQ_CLS,
@@ -99,7 +99,9 @@ def write_preset(name: str, folder: Path, num_labels: int, seed: int = 0) -> Non
     tokenizer = byte_level_tokenizer()
     fields = dict(preset.config)
     model_type = fields.pop("model_type")
-    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    # A preset may size its embedding table like the real model's vocabulary (llama-110m: 32,000
+    # rows, as stories110M); the byte-level tokenizer then uses only the first rows.
+    common = dict(vocab_size=max(len(tokenizer), fields.pop("vocab_size", 0)), pad_token_id=tokenizer.pad_token_id)
     if model_type == "llama":
         config = LlamaConfig(**fields, **common, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)

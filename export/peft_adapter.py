@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +46,29 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
 def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Path:
     """A peft folder for LoRA. peft has no BitFit type: a bitfit adapter is written as
     `bitfit.safetensors` (the trained tensors by parameter name), which
-    `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` applies."""
-    out = Path(out)
-    if bundle.manifest.adapter["kind"] == "lora":
-        peft_model_with(bundle, vector).save_pretrained(out)
-    else:
-        from safetensors.numpy import save_file
+    `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` applies.
 
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = bundle.manifest.layout.unflatten(np.asarray(vector, dtype=np.float32))
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "bitfit.safetensors"))
+    The files are written in a scratch folder beside `out` and moved into place once all are
+    written, so a failed write leaves no half-written adapter, and what was at `out` untouched."""
+    out, m = Path(out), bundle.manifest
+    vector = np.asarray(vector, dtype=np.float32)
+    if vector.shape != (m.adapter_dim,):
+        raise BundleError(f"the adapter has {vector.size} values; this bundle's layout needs {m.adapter_dim}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        if m.adapter["kind"] == "lora":
+            peft_model_with(bundle, vector).save_pretrained(scratch)
+        else:
+            from safetensors.numpy import save_file
+
+            tensors = m.layout.unflatten(vector)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(scratch / "bitfit.safetensors"))
+        if out.is_dir():  # file by file: files of the user's in the folder stay
+            for path in scratch.iterdir():
+                os.replace(path, out / path.name)
+        else:
+            os.replace(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out

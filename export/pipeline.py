@@ -4,6 +4,7 @@
     attach_adapter  HF model + AdapterSpec      -> peft model, adapter layout, initial adapter
     build_programs  peft model                  -> LossProgram, PredictProgram (adapter as input)
     lower           eager programs              -> ExecuTorch program bytes, planned memory
+    fit_memory      (with --mem) lower again at smaller P, batch, length until the device's plan fits
     verify          .pte vs eager peft          -> max abs difference (fails past a tolerance)
     write_bundle    everything above            -> model.pte, manifest.json, adapter, tokenizer
 """
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,31 @@ class ExportSpec:
     seq_len: int = 64
     max_perturbations: int = 8
     tolerance: float = 1e-4
+    mem_budget: int | None = None  # bytes a device may use: shrink P, then batch, then length to fit
+    device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
+
+
+class MemoryFitError(Exception):
+    """No program shape fits the memory budget; the message says what would."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch_size: int
+    seq_len: int
+    max_perturbations: int
+
+    def smaller(self, factor: float) -> "Shapes | None":
+        """Shapes whose activations are about `factor` times these: P first (down to 2, both signs of
+        one direction), then the batch (down to 1), then the sequence length (down to 16)."""
+        p, b, length = self.max_perturbations, self.batch_size, self.seq_len
+        if p > 2:
+            return Shapes(b, length, max(2, min(p - 1, int(p * factor))))
+        if b > 1:
+            return Shapes(max(1, min(b - 1, int(b * factor))), length, p)
+        if length > 16:
+            return Shapes(b, max(16, min(length - 1, int(length * factor))), p)
+        return None
 
 
 # ---- passes -----------------------------------------------------------------------------
@@ -172,6 +198,46 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     return et.buffer, planned
 
 
+def device_plan(spec: ExportSpec, pte_bytes: int, planned: dict, adapter_dim: int, shapes: Shapes) -> int:
+    """What a device holds for a training step of this program (as device_sdk.budget plans it, with
+    the directions of one full call): runtime, weights, the forward method's plan, adapter copies."""
+    n = max(1, shapes.max_perturbations // 2)
+    return spec.device_runtime + pte_bytes + planned["forward"] + (1 + 3 * n) * adapter_dim * 4
+
+
+def fit_memory(spec: ExportSpec, lower_at, adapter_dim: int, log) -> tuple[bytes, dict, Shapes]:
+    """Lower at the asked shapes; with a budget, lower again at smaller ones until the plan fits.
+    The activations are taken to scale with P x batch x length, which picks each next try."""
+    shapes = Shapes(spec.batch_size, spec.seq_len, spec.max_perturbations)
+    for attempt in range(6):
+        pte, planned = lower_at(shapes)
+        log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
+            f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
+        if spec.mem_budget is None:
+            return pte, planned, shapes
+        total = device_plan(spec, len(pte), planned, adapter_dim, shapes)
+        log(f"      device plan at batch {shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}: "
+            f"{total / 2**20:.0f} MiB of the {spec.mem_budget / 2**20:.0f} MiB budget")
+        if total <= spec.mem_budget:
+            return pte, planned, shapes
+        fixed = spec.device_runtime + len(pte) + 4 * adapter_dim * 4
+        if fixed >= spec.mem_budget:
+            raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights "
+                                 f"({len(pte) / 2**20:.0f} MiB) and the adapter copies alone pass the "
+                                 f"{spec.mem_budget / 2**20:.0f} MiB budget: use a smaller or quantized model, "
+                                 "or a lower LoRA rank")
+        variable = total - fixed
+        smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / variable)
+        if smaller is None:
+            break
+        log(f"      over budget: lowering again at batch {smaller.batch_size}, seq {smaller.seq_len}, "
+            f"P {smaller.max_perturbations}")
+        shapes = smaller
+    raise MemoryFitError(f"no program shape fits the {spec.mem_budget / 2**20:.0f} MiB budget (tried down to batch "
+                         f"{shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}): use a smaller "
+                         "or quantized model")
+
+
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
            max_perturbations: int, tolerance: float) -> dict:
     """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
@@ -244,10 +310,16 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program = build_programs(peft_model, layout, task)
-    batch = example_inputs(spec, task, model.config.vocab_size, tokenizer.pad_token_id)
     log(f"[3/5] lowering to ExecuTorch (batch {spec.batch_size}, seq {spec.seq_len}, up to {spec.max_perturbations} adapters per call)")
-    pte, planned = lower(loss_program, predict_program, batch, layout.dim, spec.max_perturbations)
-    log(f"      program {len(pte) / 1e6:.1f} MB, planned memory {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
+
+    def lower_at(shapes: Shapes):
+        example = example_inputs(replace(spec, batch_size=shapes.batch_size, seq_len=shapes.seq_len), task,
+                                 model.config.vocab_size, tokenizer.pad_token_id)
+        return lower(loss_program, predict_program, example, layout.dim, shapes.max_perturbations)
+
+    pte, planned, shapes = fit_memory(spec, lower_at, layout.dim, log)
+    spec.batch_size, spec.seq_len, spec.max_perturbations = shapes.batch_size, shapes.seq_len, shapes.max_perturbations
+    batch = example_inputs(spec, task, model.config.vocab_size, tokenizer.pad_token_id)
     log("[4/5] verifying .pte against eager peft")
     verification = verify(pte, peft_model, layout, initial, batch, task, spec.max_perturbations, spec.tolerance)
     log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
@@ -275,7 +347,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         tokenizer=TOKENIZER_DIR,
         inputs={"batch_size": spec.batch_size, "seq_len": spec.seq_len, "max_perturbations": spec.max_perturbations},
         program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
-                 "bytes": len(pte)},
+                 "bytes": len(pte), "mem_budget_bytes": spec.mem_budget,
+                 "device_plan_bytes": device_plan(spec, len(pte), planned, layout.dim, shapes)},
         verification=verification,
     )
     write_bundle(spec.out, pte, manifest, initial, tokenizer)

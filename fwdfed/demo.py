@@ -1,8 +1,8 @@
 """python -m fwdfed.demo: the main job, end to end, with real parts.
 
 1. export the pretrained stories260K LLaMA with a LoRA adapter to an ExecuTorch bundle;
-2. start the coordinator (websockets + SQLite) as its own process;
-3. start emulated devices, each its own process with its own shard of TinyStories, training
+2. enrol the devices (a token each) and start the coordinator (websockets + SQLite) as its own process;
+3. start emulated devices, each with its token, each its own process with its own shard of TinyStories, training
    with MeZO through the `.pte` and uploading (seed, coefficient) pairs;
 4. print the held-out loss after every round, and write the final adapter as a peft folder.
 
@@ -55,6 +55,9 @@ def main(argv=None) -> int:
         stale.unlink(missing_ok=True)  # the demo is a fresh job each time
 
     run(python_module("export", "--model", str(args.model), "--out", str(bundle)))
+    names = [f"emu-{i}" for i in range(args.devices)]
+    credentials = args.workdir / "tokens.json"
+    run(python_module("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(credentials)))
     serve = python_module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(bundle),
                           "--eval-data", str(args.data), "--eval-examples", "128", "--rounds", str(args.rounds),
                           "--devices-per-round", str(args.devices), "--local-steps", str(args.local_steps),
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
         if url is None:
             raise UserError(f"the coordinator did not start; see {args.workdir / 'coordinator.log'}")
         emulate = python_module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url, "--devices",
-                                str(args.devices), "--bundle", str(bundle), "--data", str(args.data))
+                                str(args.devices), "--bundle", str(bundle), "--data", str(args.data),
+                                "--credentials", str(credentials))
         print("$ " + shlex.join(emulate), flush=True)
         devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=(args.workdir / "devices.log").open("w"))

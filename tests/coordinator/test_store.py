@@ -102,3 +102,34 @@ def test_estimate_variance_is_the_variance_of_the_mean_estimate():
     estimates = np.stack([(1.0 + i) * direction(i, dim) for i in range(4)])
     assert estimate_variance(updates, dim, "rademacher", lr) == pytest.approx(estimates.var(axis=0, ddof=1).mean() / 4)
     assert estimate_variance(updates[:1], dim, "rademacher", lr) == float("inf")
+
+
+def test_credentials_are_stored_hashed_and_revocation_holds(db_url):
+    store = open_store(db_url)
+    token = store.enrol("phone-1")
+    other = store.enrol("phone-2")
+    assert store.authenticate(token) == "phone-1" and store.authenticate(other) == "phone-2"
+    assert store.authenticate(token + "x") is None and store.authenticate("") is None
+    stored = {c.device_id: c.token_hash for c in store.credentials()}
+    assert token not in stored.values() and len(stored["phone-1"]) == 64  # only the sha256 is kept
+    assert store.revoke("phone-1") and not store.revoke("phone-1") and not store.revoke("nobody")
+    assert store.authenticate(token) is None and store.authenticate(other) == "phone-2"
+    assert store.revoked(["phone-1", "phone-2", "never-enrolled"]) == {"phone-1", "never-enrolled"}
+    fresh = store.enrol("phone-1")  # re-enrolment issues a new token; the old one stays dead
+    assert store.authenticate(fresh) == "phone-1" and store.authenticate(token) is None
+
+
+def test_a_version_2_database_is_upgraded_by_adding_the_credentials_table(tmp_path):
+    from sqlalchemy import inspect
+
+    from coordinator.store import Credential
+
+    path = tmp_path / "v2.db"
+    store = open_store(path)
+    make_job(store)
+    Credential.__table__.drop(store.engine)
+    with store.session() as s, s.begin():
+        s.get(Meta, "schema_version").value = "2"
+    store = open_store(path)
+    assert "credentials" in inspect(store.engine).get_table_names() and store.latest_job().id == "j"
+    assert store.authenticate(store.enrol("d")) == "d"

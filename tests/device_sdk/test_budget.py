@@ -9,7 +9,8 @@ def test_the_plan_adds_up_what_a_step_holds(tiny_llama_bundle):
     bundle = load_bundle(tiny_llama_bundle)
     m = bundle.manifest
     plan = plan_memory(bundle, 2**40, num_examples=100, directions=99)
-    assert plan.directions == m.inputs["max_perturbations"] // 2  # capped by the program's P
+    assert plan.directions == 99  # all held at once, however many program calls evaluate them
+    assert plan_memory(bundle, 2**40, 100, 99, runtime=123).runtime == 123
     assert plan.activations == m.program["planned_memory_bytes"]["forward"] and plan.weights == m.program["bytes"]
     assert plan.adapters == (1 + 3 * plan.directions) * m.adapter_dim * 4
     assert plan.total == plan.runtime + plan.weights + plan.activations + plan.adapters + plan.data

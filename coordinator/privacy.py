@@ -1,0 +1,145 @@
+"""Optional differential privacy on the aggregate: DP-FedAvg (McMahan et al. 2018), device level.
+
+What is protected: one device's whole contribution to a round. Each device's change of the
+adapter is clipped to L2 norm C on the server and Gaussian noise of std sigma*C/m (m devices in
+the round) is added to their equal-weight mean, so the new global adapter hardly depends on
+whether that device sent its real change or no change at all ("zero-out" neighbours, Kairouz et
+al. 2021: same devices, one device's change replaced by zero). `gaussian_epsilon` gives the
+(epsilon, delta) of that, composed over the rounds. Swapping one device's data for arbitrary
+other data moves the mean by up to 2C/m, i.e. it is covered at `gaussian_epsilon(sigma / 2, ...)`.
+
+Threat model: central DP. The coordinator is trusted: it sees every individual update. Devices,
+and whoever is shown the adapter versions, see only the noisy global versions.
+
+Limits:
+- No amplification by subsampling is claimed: which devices take part in a round is decided by
+  who is connected, not by Poisson sampling, so epsilon is an upper bound from composition alone.
+- The accounting counts every closed round, whether or not a given device took part in it.
+- The clip applies to a device's dense change, so its seed-form pairs are expanded on the server
+  (O(pairs * d) work per device and round), and a device that answered several waves of a round
+  is clipped once, on the mean of its updates.
+- Devices are weighted equally, not by their number of examples: see `DPSeedFedAvg.aggregate`.
+- Only the adapter versions are protected. Other things computed from individual updates (train
+  loss metrics, the estimate variance and the number of waves it asks for, learning rates of the
+  loss- or update-based lr strategies) are not noised.
+- The noise comes from numpy's PCG64 with an unpredictable seed, not a cryptographic generator,
+  and floating-point rounding is not hardened against side channels (Mironov 2012).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.store import AcceptedUpdate
+from device_sdk.directions import KINDS, combine
+
+
+@dataclass
+class DPSeedFedAvg:
+    """w' = w + server_lr * (mean_j clip_C(delta_j) + N(0, (sigma C / m)^2)), over the m devices j.
+
+    delta_j = (scale - 1) w + sum_k coef_k direction(seed_k) + dense is device j's change of the
+    adapter (the mean of its updates if it answered several waves), restricted to the round's
+    block if any; clip_C scales it down to norm C if it is longer.
+    """
+
+    clip: float  # C: the largest L2 norm of one device's change that reaches the aggregate
+    noise_multiplier: float  # sigma: the noise std in units of C
+    kind: str = "rademacher"
+    server_lr: float = 1.0
+    seed: int | None = None  # None: unpredictable; an int only for tests and reproducible experiments
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"the DP clip bound must be a positive number, got {self.clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(f"the DP noise multiplier must be a positive number, got {self.noise_multiplier}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
+        # Whoever can predict the noise can subtract it: the default seed must not be guessable.
+        self.rng = np.random.default_rng(secrets.randbits(128) if self.seed is None else self.seed)
+
+    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate],
+                  block: tuple[int, int] | None = None) -> np.ndarray:
+        if not updates:
+            return global_adapter.copy()
+        w = global_adapter.astype(np.float64)
+        by_device = group_by_device(updates)
+        # Equal weights, not num_examples: the count is reported by the device, so weighting by it
+        # would let one device scale its own share (and the sensitivity) past C / m.
+        m = len(by_device)
+        total = np.zeros_like(w)
+        for device_updates in by_device.values():
+            total += clipped(device_change(w, device_updates, self.kind, block), self.clip)
+        mean = total / m
+        # Noise only where the round can change the adapter: device changes are zero outside the
+        # block, so the released values there are the old ones and need no noise.
+        start, stop = block or (0, w.shape[0])
+        mean[start:stop] += self.rng.normal(0.0, self.noise_multiplier * self.clip / m, stop - start)
+        return (w + self.server_lr * mean).astype(np.float32)
+
+
+def group_by_device(updates: list[AcceptedUpdate]) -> dict[str, list[AcceptedUpdate]]:
+    """A device that answered several waves of a round has one update per wave: the privacy unit
+    is the device, so its updates must be clipped together."""
+    groups: dict[str, list[AcceptedUpdate]] = defaultdict(list)
+    for u in updates:
+        groups[u.device_id].append(u)
+    return groups
+
+
+def device_change(w: np.ndarray, updates: list[AcceptedUpdate], kind: str,
+                  block: tuple[int, int] | None) -> np.ndarray:
+    """The mean of one device's changes of `w` (float64), zero outside `block`.
+
+    The mean keeps the aggregate equal to SeedFedAvg's (with equal example counts) when every
+    device answered every wave."""
+    return sum(update_change(w, u, kind, block) for u in updates) / len(updates)
+
+
+def update_change(w: np.ndarray, u: AcceptedUpdate, kind: str, block: tuple[int, int] | None) -> np.ndarray:
+    change = (u.scale - 1.0) * w + combine(u.pairs, w.shape[0], kind, block)
+    if u.dense is not None:
+        change += u.dense.astype(np.float64)
+    if block is None:
+        return change
+    # A shrink (weight decay) or dense part outside the block would reach the adapter unnoised:
+    # drop it, so that the round changes the block only.
+    inside = np.zeros_like(change)
+    inside[block[0] : block[1]] = change[block[0] : block[1]]
+    return inside
+
+
+def clipped(change: np.ndarray, bound: float) -> np.ndarray:
+    """change * min(1, bound / ||change||)."""
+    norm = float(np.linalg.norm(change))
+    return change if norm <= bound else change * (bound / norm)
+
+
+def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """The epsilon of `rounds` Gaussian mechanisms with sensitivity C and noise std sigma*C, at `delta`.
+
+    Renyi DP (Mironov 2017): one round is (alpha, alpha / (2 sigma^2))-RDP for every alpha > 1,
+    rounds compose by adding, and (alpha, rho)-RDP implies (rho + log(1/delta) / (alpha - 1), delta)-DP.
+    eps(alpha) = rounds * alpha / (2 sigma^2) + log(1/delta) / (alpha - 1) is convex on alpha > 1;
+    its derivative vanishes at alpha* = 1 + sqrt(2 sigma^2 log(1/delta) / rounds), which gives
+    eps = rounds / (2 sigma^2) + sqrt(2 rounds log(1/delta)) / sigma. No amplification by
+    subsampling is claimed, so this is an upper bound.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError(f"the noise multiplier must be a positive number, got {noise_multiplier!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+        raise ValueError(f"the number of rounds must be a whole number >= 0, got {rounds!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be between 0 and 1 (exclusive), e.g. 1e-5; got {delta!r}")
+    if rounds == 0:
+        return 0.0
+    log_inv_delta = math.log(1.0 / delta)
+    alpha = 1.0 + math.sqrt(2.0 * noise_multiplier**2 * log_inv_delta / rounds)
+    return rounds * alpha / (2.0 * noise_multiplier**2) + log_inv_delta / (alpha - 1.0)
