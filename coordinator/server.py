@@ -56,6 +56,9 @@ class RateLimiter:
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
+        if len(self.buckets) > 100_000:  # forget buckets refilled since: they would start full anyway
+            full_after = self.burst / self.rate
+            self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full_after}
         tokens, at = self.buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.rate)
         self.buckets[key] = (tokens - 1.0, now) if tokens >= 1.0 else (tokens, now)
@@ -64,7 +67,9 @@ class RateLimiter:
 
 def bearer_token(request: Request) -> str | None:
     value = request.headers.get("Authorization", "")
-    return value[len("Bearer "):].strip() or None if value.startswith("Bearer ") else None
+    if not value.startswith("Bearer "):
+        return None
+    return value.removeprefix("Bearer ").strip() or None
 
 
 def allowed_pairs(hparams: dict) -> int:
@@ -143,10 +148,10 @@ class Coordinator:
         log.warning("refused a handshake from %s (%s): %s", connection.remote_address, code, reason)
         return connection.respond(status, f"{code}: {reason}\n")
 
-    async def _receive(self, ws: ServerConnection, key: str, timeout: float | None = None) -> protocol.Message:
+    async def _receive(self, ws: ServerConnection, device_id: str | None, timeout: float | None = None) -> protocol.Message:
         """The next message, or ProtocolError; a device past its message rate is refused."""
         frame = await (asyncio.wait_for(ws.recv(), timeout) if timeout else ws.recv())
-        if not self.rate.allow(key):
+        if device_id is not None and not self.rate.allow(device_id):
             raise Refused("rate_limited",
                           f"more than {self.limits.burst} messages at once or {self.limits.messages_per_s:g} per second")
         return protocol.decode(frame)
@@ -156,7 +161,9 @@ class Coordinator:
         enrolled = getattr(ws, "username", None)  # set by check_handshake when credentials are required
         try:
             try:
-                hello = await self._receive(ws, enrolled or str(ws.remote_address), HELLO_TIMEOUT_S)
+                # The hello counts against the credential's rate (reconnecting is no way around it);
+                # without credentials, the one frame read before the hello names nobody to limit.
+                hello = await self._receive(ws, enrolled, HELLO_TIMEOUT_S)
             except TimeoutError:
                 raise Refused("timeout", f"no hello within {HELLO_TIMEOUT_S:g} s") from None
             device_id = self._admit(hello, enrolled)
