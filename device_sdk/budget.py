@@ -2,7 +2,8 @@
 
 The plan adds up what a training step holds: the runtime as measured now (interpreter,
 torch, ExecuTorch; before any model), the program's weights, its planned activation arena
-(ExecuTorch's memory plan, at the program's largest P), the adapter copies the method needs
+(ExecuTorch's memory plan of both methods, at the program's largest P), the backend's own
+workspace beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
 (the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
 is over the budget the device refuses before loading the program, saying what would fit.
 
@@ -28,19 +29,20 @@ class MemoryPlan:
     budget: int
     runtime: int
     weights: int
-    activations: int
+    activations: int  # both methods' planned buffers: the engine loads both
+    workspace: int  # the backend's own buffers beyond the plan, measured at export
     adapters: int
     data: int
     directions: int  # n per step: 2n perturbed copies, evaluated P at a time
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.activations + self.adapters + self.data
+        return self.runtime + self.weights + self.activations + self.workspace + self.adapters + self.data
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
             ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
-            ("adapters", self.adapters), ("data", self.data)))
+            ("backend workspace", self.workspace), ("adapters", self.adapters), ("data", self.data)))
         return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
                 f"({self.directions} direction(s) per step)")
 
@@ -57,7 +59,8 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
         budget=budget,
         runtime=current_rss() if runtime is None else runtime,
         weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
-        activations=int(m.program["planned_memory_bytes"]["forward"]),
+        activations=int(sum(m.program["planned_memory_bytes"].values())),
+        workspace=int(m.program.get("workspace_bytes", 0)),
         adapters=(1 + 3 * n) * d * 4,
         data=num_examples * m.inputs["seq_len"] * 8 * 3,
         directions=n,

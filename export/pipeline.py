@@ -4,9 +4,12 @@
     attach_adapter  HF model + AdapterSpec      -> peft model, adapter layout, initial adapter
     build_programs  peft model                  -> LossProgram, PredictProgram (adapter as input)
     lower           eager programs              -> ExecuTorch program bytes, planned memory
-    fit_memory      (with --mem) lower again at smaller P, batch, length until the device's plan fits
     verify          .pte vs eager peft          -> max abs difference (fails past a tolerance)
     write_bundle    everything above            -> model.pte, manifest.json, adapter, tokenizer
+    measure_step    the bundle                  -> a training step's measured peak, in a fresh process
+
+With --mem, lower..measure_step run again at a smaller P, batch, then length until the device's
+plan (with the measured backend workspace) fits the budget (fit_memory).
 """
 
 from __future__ import annotations
@@ -198,44 +201,56 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     return et.buffer, planned
 
 
-def device_plan(spec: ExportSpec, pte_bytes: int, planned: dict, adapter_dim: int, shapes: Shapes) -> int:
-    """What a device holds for a training step of this program (as device_sdk.budget plans it, with
-    the directions of one full call): runtime, weights, the forward method's plan, adapter copies."""
+def device_plan(spec: ExportSpec, pte_bytes: int, planned: dict, adapter_dim: int, shapes: Shapes,
+                workspace: int = 0) -> int:
+    """What a device holds for a training step of this program, as device_sdk.budget plans it (with
+    the directions of one full call): runtime, weights, both methods' planned buffers, the backend's
+    workspace (measured), adapter copies."""
     n = max(1, shapes.max_perturbations // 2)
-    return spec.device_runtime + pte_bytes + planned["forward"] + (1 + 3 * n) * adapter_dim * 4
+    return (spec.device_runtime + pte_bytes + sum(planned.values()) + workspace
+            + (1 + 3 * n) * adapter_dim * 4)
 
 
-def fit_memory(spec: ExportSpec, lower_at, adapter_dim: int, log) -> tuple[bytes, dict, Shapes]:
-    """Lower at the asked shapes; with a budget, lower again at smaller ones until the plan fits.
-    The activations are taken to scale with P x batch x length, which picks each next try."""
+def fit_memory(spec: ExportSpec, build_at, log):
+    """Build at the asked shapes; with a budget, build again at smaller ones until the plan fits.
+    `build_at(shapes)` returns (result, device plan bytes, bytes that do not shrink with the shapes);
+    what does shrink is taken to scale with P x batch x length, which picks each next try."""
     shapes = Shapes(spec.batch_size, spec.seq_len, spec.max_perturbations)
-    for attempt in range(6):
-        pte, planned = lower_at(shapes)
-        log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
-            f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
+    for _ in range(6):
+        result, total, fixed = build_at(shapes)
         if spec.mem_budget is None:
-            return pte, planned, shapes
-        total = device_plan(spec, len(pte), planned, adapter_dim, shapes)
+            return result
         log(f"      device plan at batch {shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}: "
             f"{total / 2**20:.0f} MiB of the {spec.mem_budget / 2**20:.0f} MiB budget")
         if total <= spec.mem_budget:
-            return pte, planned, shapes
-        fixed = spec.device_runtime + len(pte) + 4 * adapter_dim * 4
+            return result
         if fixed >= spec.mem_budget:
-            raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights "
-                                 f"({len(pte) / 2**20:.0f} MiB) and the adapter copies alone pass the "
-                                 f"{spec.mem_budget / 2**20:.0f} MiB budget: use a smaller or quantized model, "
-                                 "or a lower LoRA rank")
-        variable = total - fixed
-        smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / variable)
+            raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
+                                 f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
+                                 "budget: use a smaller or quantized model, or a lower LoRA rank")
+        smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
         if smaller is None:
             break
-        log(f"      over budget: lowering again at batch {smaller.batch_size}, seq {smaller.seq_len}, "
+        log(f"      over budget: building again at batch {smaller.batch_size}, seq {smaller.seq_len}, "
             f"P {smaller.max_perturbations}")
         shapes = smaller
     raise MemoryFitError(f"no program shape fits the {spec.mem_budget / 2**20:.0f} MiB budget (tried down to batch "
                          f"{shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}): use a smaller "
                          "or quantized model")
+
+
+def measure_step(folder: Path, manifest: Manifest) -> dict:
+    """Run the program's largest step (MeZO at P = max) in a fresh process and attribute its peak: what
+    is left after the runtime, weights, planned buffers and adapter copies is the backend's own
+    workspace (XNNPACK's buffers inside its delegates, which ExecuTorch's memory plan does not see)."""
+    from device_sdk.profile import run_fresh
+
+    measured = run_fresh(folder, "batched", 0)
+    program = manifest.program
+    known = (measured["runtime_bytes"] + program["bytes"] + sum(program["planned_memory_bytes"].values())
+             + measured["adapter_copies_bytes"])
+    return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
+            "workspace_bytes": max(0, measured["peak_bytes"] - known)}
 
 
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
@@ -310,46 +325,50 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program = build_programs(peft_model, layout, task)
-    log(f"[3/5] lowering to ExecuTorch (batch {spec.batch_size}, seq {spec.seq_len}, up to {spec.max_perturbations} adapters per call)")
-
-    def lower_at(shapes: Shapes):
-        example = example_inputs(replace(spec, batch_size=shapes.batch_size, seq_len=shapes.seq_len), task,
-                                 model.config.vocab_size, tokenizer.pad_token_id)
-        return lower(loss_program, predict_program, example, layout.dim, shapes.max_perturbations)
-
-    pte, planned, shapes = fit_memory(spec, lower_at, layout.dim, log)
-    spec.batch_size, spec.seq_len, spec.max_perturbations = shapes.batch_size, shapes.seq_len, shapes.max_perturbations
-    batch = example_inputs(spec, task, model.config.vocab_size, tokenizer.pad_token_id)
-    log("[4/5] verifying .pte against eager peft")
-    verification = verify(pte, peft_model, layout, initial, batch, task, spec.max_perturbations, spec.tolerance)
-    log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
-        f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {spec.tolerance:g})")
     peft_config = (json.loads(json.dumps(spec.adapter.lora_config(task, model.config.model_type).to_dict(), default=list))
                    if spec.adapter.kind == "lora" else None)
-    manifest = Manifest(
-        task=task,
-        model={
-            "source": spec.source,
-            "folder": recorded_folder,
-            "hash": model_hash(folder),
-            "architecture": type(model).__name__,
-            "num_labels": spec.num_labels if task == SEQ_CLS else None,
-            "vocab_size": int(model.config.vocab_size),
-            "base_parameters": int(base_params),
-        },
-        adapter={
-            "kind": spec.adapter.kind,
-            "dim": layout.dim,
-            "initial": INITIAL_ADAPTER,
-            "peft_config": peft_config,
-        },
-        layout=layout,
-        tokenizer=TOKENIZER_DIR,
-        inputs={"batch_size": spec.batch_size, "seq_len": spec.seq_len, "max_perturbations": spec.max_perturbations},
-        program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
-                 "bytes": len(pte), "mem_budget_bytes": spec.mem_budget,
-                 "device_plan_bytes": device_plan(spec, len(pte), planned, layout.dim, shapes)},
-        verification=verification,
-    )
-    write_bundle(spec.out, pte, manifest, initial, tokenizer)
-    return manifest
+
+    def build_at(shapes: Shapes):
+        """Lower, verify, write and measure the program at these shapes."""
+        at = replace(spec, batch_size=shapes.batch_size, seq_len=shapes.seq_len,
+                     max_perturbations=shapes.max_perturbations)
+        log(f"[3/5] lowering to ExecuTorch (batch {at.batch_size}, seq {at.seq_len}, "
+            f"up to {at.max_perturbations} adapters per call)")
+        batch = example_inputs(at, task, model.config.vocab_size, tokenizer.pad_token_id)
+        pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations)
+        log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
+            f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
+        log("[4/5] verifying .pte against eager peft")
+        verification = verify(pte, peft_model, layout, initial, batch, task, at.max_perturbations, at.tolerance)
+        log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
+            f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {at.tolerance:g})")
+        manifest = Manifest(
+            task=task,
+            model={
+                "source": spec.source,
+                "folder": recorded_folder,
+                "hash": model_hash(folder),
+                "architecture": type(model).__name__,
+                "num_labels": spec.num_labels if task == SEQ_CLS else None,
+                "vocab_size": int(model.config.vocab_size),
+                "base_parameters": int(base_params),
+            },
+            adapter={"kind": spec.adapter.kind, "dim": layout.dim, "initial": INITIAL_ADAPTER, "peft_config": peft_config},
+            layout=layout,
+            tokenizer=TOKENIZER_DIR,
+            inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
+            program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
+                     "bytes": len(pte), "mem_budget_bytes": spec.mem_budget},
+            verification=verification,
+        )
+        write_bundle(spec.out, pte, manifest, initial, tokenizer)
+        manifest.program |= measure_step(spec.out, manifest)
+        workspace = manifest.program["workspace_bytes"]
+        manifest.program["device_plan_bytes"] = device_plan(at, len(pte), planned, layout.dim, shapes, workspace)
+        log(f"      measured step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
+            f"(backend workspace beyond the plan: {workspace / 2**20:.0f} MiB)")
+        (spec.out / MANIFEST).write_text(manifest.to_json())
+        fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
+        return manifest, manifest.program["device_plan_bytes"], fixed
+
+    return fit_memory(spec, build_at, log)
