@@ -2,8 +2,8 @@
 
 The plan adds up what a training step holds: the runtime as measured now (interpreter,
 torch, ExecuTorch; before any model), the program's weights, its planned activation arena
-(ExecuTorch's memory plan of both methods, at the program's largest P), the backend's own
-workspace beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
+(ExecuTorch's memory plan of both methods, at the program's largest P), what the backend holds
+beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
 (the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
 is over the budget the device refuses before loading the program, saying what would fit.
 
@@ -30,7 +30,7 @@ class MemoryPlan:
     runtime: int
     weights: int
     activations: int  # both methods' planned buffers: the engine loads both
-    workspace: int  # the backend's own buffers beyond the plan, measured at export
+    workspace: int  # measured at export: the backend's buffers, thread pools and first-run state beyond the plan
     adapters: int
     data: int
     directions: int  # n per step: 2n perturbed copies, evaluated P at a time
@@ -42,7 +42,7 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
             ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
-            ("backend workspace", self.workspace), ("adapters", self.adapters), ("data", self.data)))
+            ("backend beyond the plan", self.workspace), ("adapters", self.adapters), ("data", self.data)))
         return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
                 f"({self.directions} direction(s) per step)")
 

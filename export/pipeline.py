@@ -9,7 +9,7 @@
     measure_step    the bundle                  -> a training step's measured peak, in a fresh process
 
 With --mem, lower..measure_step run again at a smaller P, batch, then length until the device's
-plan (with the measured backend workspace) fits the budget (fit_memory).
+plan (with what the backend was measured to hold beyond the plan) fits the budget (fit_memory).
 """
 
 from __future__ import annotations
@@ -241,8 +241,9 @@ def fit_memory(spec: ExportSpec, build_at, log):
 
 def measure_step(folder: Path, manifest: Manifest) -> dict:
     """Run the program's largest step (MeZO at P = max) in a fresh process and attribute its peak: what
-    is left after the runtime, weights, planned buffers and adapter copies is the backend's own
-    workspace (XNNPACK's buffers inside its delegates, which ExecuTorch's memory plan does not see)."""
+    is left after the runtime, weights, planned buffers and adapter copies is what the backend holds
+    beyond the plan: XNNPACK's buffers inside its delegates (which ExecuTorch's memory plan does not
+    see), its thread pool and packed weights, and the first run's lazily built state."""
     from device_sdk.profile import run_fresh
 
     measured = run_fresh(folder, "batched", 0)
@@ -366,7 +367,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         workspace = manifest.program["workspace_bytes"]
         manifest.program["device_plan_bytes"] = device_plan(at, len(pte), planned, layout.dim, shapes, workspace)
         log(f"      measured step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
-            f"(backend workspace beyond the plan: {workspace / 2**20:.0f} MiB)")
+            f"(the backend beyond the plan: {workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
         return manifest, manifest.program["device_plan_bytes"], fixed
