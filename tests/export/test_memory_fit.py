@@ -53,13 +53,13 @@ def test_a_budget_the_fixed_part_alone_passes_is_refused_with_what_would_fit():
 
 
 def test_export_with_mem_measures_a_step_and_writes_the_program_that_fits(tmp_path, tiny_llama_bundle):
-    first = json.loads((tiny_llama_bundle / "manifest.json").read_text())  # batch 2, seq 16, P 4
-    program = first["program"]
-    assert program["measured_step_peak_bytes"] > program["measured_runtime_bytes"] > 0
-    # Room for all but a quarter of the forward plan at P 4: P must drop.
-    budget = program["device_plan_bytes"] - program["planned_memory_bytes"]["forward"] // 4
-    out = export_bundle(tmp_path / "fit", "--preset", "tiny-llama", "--batch-size", "2", "--seq-len", "16",
-                        "--max-perturbations", "4", "--mem", f"{budget}B")
+    small = json.loads((tiny_llama_bundle / "manifest.json").read_text())["program"]  # batch 2, seq 16, P 4
+    assert small["measured_step_peak_bytes"] > small["measured_runtime_bytes"] > 0
+    # At batch 4 x 64 the forward plan grows by ~1.1 MB per adapter vector, far above the noise of
+    # the measurement: 6 MB over the small program's plan leaves room for P = 2, not for P = 8.
+    budget = small["device_plan_bytes"] + 6_000_000
+    out = export_bundle(tmp_path / "fit", "--preset", "tiny-llama", "--batch-size", "4", "--seq-len", "64",
+                        "--max-perturbations", "8", "--mem", f"{budget}B")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["inputs"]["max_perturbations"] < 4
+    assert manifest["inputs"]["max_perturbations"] < 8
     assert manifest["program"]["device_plan_bytes"] <= budget == manifest["program"]["mem_budget_bytes"]
