@@ -14,8 +14,8 @@ import logging
 import ssl
 import time
 import zlib
-from urllib.parse import urlsplit
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.client import connect
