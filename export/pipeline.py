@@ -26,8 +26,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from export.layout import AdapterLayout
+from device_sdk.budget import plan_memory
 from export.manifest import (
     BASE_MODEL_DIR,
+    Bundle,
     INITIAL_ADAPTER,
     MANIFEST,
     PROGRAM,
@@ -201,16 +203,6 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     return et.buffer, planned
 
 
-def device_plan(spec: ExportSpec, pte_bytes: int, planned: dict, adapter_dim: int, shapes: Shapes,
-                workspace: int = 0) -> int:
-    """What a device holds for a training step of this program, as device_sdk.budget plans it (with
-    the directions of one full call): runtime, weights, both methods' planned buffers, the backend's
-    workspace (measured), adapter copies."""
-    n = max(1, shapes.max_perturbations // 2)
-    return (spec.device_runtime + pte_bytes + sum(planned.values()) + workspace
-            + (1 + 3 * n) * adapter_dim * 4)
-
-
 def fit_memory(spec: ExportSpec, build_at, log):
     """Build at the asked shapes; with a budget, build again at smaller ones until the plan fits.
     `build_at(shapes)` returns (result, device plan bytes, bytes that do not shrink with the shapes);
@@ -364,10 +356,12 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         )
         write_bundle(spec.out, pte, manifest, initial, tokenizer)
         manifest.program |= measure_step(spec.out, manifest)
-        workspace = manifest.program["workspace_bytes"]
-        manifest.program["device_plan_bytes"] = device_plan(at, len(pte), planned, layout.dim, shapes, workspace)
+        # The device's own plan (with the directions of one full call), so export and device agree.
+        plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
+                           directions=shapes.max_perturbations // 2, runtime=spec.device_runtime)
+        manifest.program["device_plan_bytes"] = plan.total
         log(f"      measured step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
-            f"(the backend beyond the plan: {workspace / 2**20:.0f} MiB)")
+            f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
         return manifest, manifest.program["device_plan_bytes"], fixed
