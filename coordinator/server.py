@@ -227,16 +227,20 @@ class Coordinator:
     def _forfeit(self, device_id: str) -> None:
         """A device that broke the protocol loses its open task at once: otherwise, by reconnecting
         and misbehaving again, it could hold the round's task without ever being away long enough."""
+        rnd, tasks = self._unanswered_tasks(device_id)
+        for task in tasks:
+            self.store.abandon_task(task.id)
+            log.warning("round %d: %s broke the protocol: task %s abandoned, reassigning", rnd.number,
+                        device_id, task.id)
+            self.changed.set()
+
+    def _unanswered_tasks(self, device_id: str) -> tuple[Round | None, list]:
+        """The open round, and the device's tasks in it that are neither answered nor abandoned."""
         rnd = self.store.open_round(self.job.id)
         if rnd is None:
-            return
+            return None, []
         answered = self.store.answered(rnd.id)
-        for task in self.store.tasks(rnd.id, device_id):
-            if task.abandoned_at is None and task.id not in answered:
-                self.store.abandon_task(task.id)
-                log.warning("round %d: %s broke the protocol: task %s abandoned, reassigning", rnd.number,
-                            device_id, task.id)
-                self.changed.set()
+        return rnd, [t for t in self.store.tasks(rnd.id, device_id) if t.abandoned_at is None and t.id not in answered]
 
     async def cut_off_revoked(self) -> None:
         """Close the connection of every device whose credential was revoked (by `coordinator revoke`)."""
@@ -367,12 +371,9 @@ class Coordinator:
 
     async def _resend_open_task(self, device_id: str) -> None:
         """After a restart or reconnect, a device gets back the task it has not answered."""
-        rnd = self.store.open_round(self.job.id)
-        if rnd is None:
-            return
-        answered = self.store.answered(rnd.id)
-        for task in self.store.tasks(rnd.id, device_id):
-            if task.wave == rnd.wave and task.abandoned_at is None and task.id not in answered:
+        rnd, tasks = self._unanswered_tasks(device_id)
+        for task in tasks:
+            if task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 await self._send_task(rnd, task)
 
