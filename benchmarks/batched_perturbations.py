@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     quiet_libraries()
     import torch
 
-    from device_sdk.data import Batch
-    from device_sdk.directions import direction
     from device_sdk.engine import ProgramEngine
-    from export.manifest import load_bundle
+    from fwdfed.batch import Batch
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.directions import direction
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -74,8 +74,8 @@ def reference_mezo_ms(bundle, batch, repeats: int) -> float:
     of perturb(+eps), perturb(-2 eps), restore(+eps) and update, over the peft model's tensors."""
     import torch
 
-    from export.peft_adapter import peft_model_with
-    from export.program import per_example_loss
+    from fwdfed.model.peft_adapter import peft_model_with
+    from fwdfed.model.program import per_example_loss
 
     model = peft_model_with(bundle, bundle.initial_adapter())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,6 +105,4 @@ def reference_mezo_ms(bundle, batch, repeats: int) -> float:
 
 
 if __name__ == "__main__":
-    from export.manifest import BundleError
-
-    run_main(main, (BundleError, OSError))
+    run_main(main)

@@ -22,13 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def fleet(url: str, n: int, manifest, pairs: int) -> int:
-    from device_sdk.protocol_client import ProtocolClient
+    from tests.support.protocol_client import ProtocolClient
 
     enrolling = asyncio.Semaphore(100)  # devices arrive in waves, as a fleet does, not in one burst
 
@@ -46,7 +47,7 @@ async def fleet(url: str, n: int, manifest, pairs: int) -> int:
 
 def run_fleet(bundle: Path, n: int, rounds: int, pairs: int, sync: str) -> dict:
     from coordinator.store import open_store
-    from export.manifest import load_bundle
+    from fwdfed.bundle.manifest import load_bundle
 
     manifest = load_bundle(bundle).manifest
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from export.manifest import BundleError
-
-    run_main(main, (UserError, BundleError, OSError))
+    run_main(main)

@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
 from fwdfed.net import is_loopback
 
 
@@ -102,7 +103,11 @@ def parse_args(argv):
     pl.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from device_sdk.estimate import MAX_CANDIDATES, MAX_DIRECTIONS, MAX_LOCAL_STEPS
+        from fwdfed.methods.estimate import (
+            MAX_CANDIDATES,
+            MAX_DIRECTIONS,
+            MAX_LOCAL_STEPS,
+        )
 
         if args.min_devices is None:
             args.min_devices = args.devices_per_round
@@ -145,10 +150,16 @@ def parse_args(argv):
 
 
 def serve(args) -> int:
-    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
+    from coordinator.server import (
+        Coordinator,
+        JobConfig,
+        Limits,
+        job_from_bundle,
+        serve_job,
+    )
     from coordinator.store import open_store
     from device_sdk.evaluate import Evaluator
-    from export.manifest import load_bundle
+    from fwdfed.bundle.manifest import load_bundle
 
     store = open_store(args.db, sqlite_sync=args.sqlite_sync)
     job = store.running_job()
@@ -237,8 +248,8 @@ def enrol(args) -> int:
     import json
     import os
 
-    from coordinator.protocol import MAX_ID
     from coordinator.store import open_store
+    from fwdfed.protocol import MAX_ID
 
     bad = [d for d in args.device_id if not d or len(d) > MAX_ID]
     if bad:
@@ -293,8 +304,8 @@ def existing_job(args):
 def export_adapter(args) -> int:
     import numpy as np
 
-    from export.manifest import load_bundle
-    from export.peft_adapter import save_peft_adapter
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.model.peft_adapter import save_peft_adapter
 
     store, job = existing_job(args)
     row = store.latest_version(job.id) if args.version is None else store.version(job.id, args.version)
@@ -330,15 +341,6 @@ def main(argv=None) -> int:
     return commands[args.command](args)
 
 
-def user_errors():
-    from coordinator.store import StoreError
-    from device_sdk.data import DataError
-    from device_sdk.engine import EngineError
-    from export.manifest import BundleError
-
-    return (UserError, StoreError, BundleError, DataError, EngineError, OSError)
-
-
 if __name__ == "__main__":
     quiet_libraries()
-    run_main(main, user_errors())
+    run_main(main)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.store import AcceptedUpdate
-from device_sdk.directions import KINDS, combine
+from fwdfed.directions import KINDS, combine
 
 
 @dataclass

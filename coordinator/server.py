@@ -23,11 +23,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from coordinator import protocol
-from coordinator.store import Job, Round, Store, as_accepted
 from coordinator.lr_strategies import client_lrs
 from coordinator.privacy import gaussian_epsilon
+from coordinator.store import Job, Round, Store, as_accepted
 from coordinator.strategy import Strategy, device_deltas, estimate_variance
+from fwdfed import protocol
 
 log = logging.getLogger("coordinator")
 

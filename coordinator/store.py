@@ -33,13 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fwdfed.cli import first_line
+from fwdfed.errors import UserError, first_line
 
 SCHEMA_VERSION = 3  # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials
 UPGRADABLE = {"2"}  # versions whose upgrade only adds tables
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A database the coordinator cannot use; the message is meant for the user."""
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from coordinator.store import AcceptedUpdate
-from device_sdk.directions import combine
+from fwdfed.directions import combine
 
 
 class Strategy(Protocol):

@@ -1,81 +1,15 @@
-"""The memory budget: plan before loading anything, enforce while training.
+"""The memory budget enforced while training.
 
-The plan adds up what a training step holds: the runtime as measured now (interpreter,
-torch, ExecuTorch; before any model), the program's weights, its planned activation arena
-(ExecuTorch's memory plan of both methods, at the program's largest P), what the backend holds
-beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
-(the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
-is over the budget the device refuses before loading the program, saying what would fit.
-
-While training, the kernel's high-water mark (VmHWM) is checked after every step; the first
-step whose measured peak passed the budget stops the device with an error. (A check after
-the step cannot stop the allocation that passed it; the plan is what keeps steps under.)
+The kernel's high-water mark (VmHWM) is checked after every step; the first step whose
+measured peak passed the budget stops the device with an error. (A check after the step
+cannot stop the allocation that passed it; the plan, `fwdfed.memory_plan`, is what keeps
+steps under.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from device_sdk.memory import current_rss, format_size, peak_rss
-from export.manifest import Bundle
-
-
-class BudgetError(Exception):
-    """The budget cannot be kept; the message says by how much and what would fit."""
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    budget: int
-    runtime: int
-    weights: int
-    activations: int  # both methods' planned buffers: the engine loads both
-    workspace: int  # measured at export: the backend's buffers, thread pools and first-run state beyond the plan
-    adapters: int
-    data: int
-    directions: int  # n per step: 2n perturbed copies, evaluated P at a time
-
-    @property
-    def total(self) -> int:
-        return self.runtime + self.weights + self.activations + self.workspace + self.adapters + self.data
-
-    def describe(self) -> str:
-        parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
-            ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
-            ("backend beyond the plan", self.workspace), ("adapters", self.adapters), ("data", self.data)))
-        return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
-                f"({self.directions} direction(s) per step)")
-
-
-def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
-                runtime: int | None = None) -> MemoryPlan:
-    """The plan for `directions` per step, or BudgetError. A step holds all its directions and
-    perturbed copies at once, however many program calls (of at most P vectors) it takes.
-    `runtime`: the baseline measured before anything was loaded (default: measured now)."""
-    m = bundle.manifest
-    d = m.adapter_dim
-    n = max(1, directions)
-    plan = MemoryPlan(
-        budget=budget,
-        runtime=current_rss() if runtime is None else runtime,
-        weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
-        activations=int(sum(m.program["planned_memory_bytes"].values())),
-        workspace=int(m.program.get("workspace_bytes", 0)),
-        adapters=(1 + 3 * n) * d * 4,
-        data=num_examples * m.inputs["seq_len"] * 8 * 3,
-        directions=n,
-    )
-    if plan.total > budget:
-        over = plan.total - budget
-        hints = ["a smaller base model", "a lower LoRA rank", "a smaller --batch-size or --seq-len at export",
-                 "a quantized export"]
-        if plan.runtime > budget:
-            hints = [f"nothing: the runtime alone (Python, torch, ExecuTorch) needs {format_size(plan.runtime)}"]
-        elif plan.runtime + plan.weights > budget:
-            hints = ["a smaller or quantized base model: the runtime and weights alone need "
-                     f"{format_size(plan.runtime + plan.weights)}"]
-        raise BudgetError(f"{plan.describe()}: {format_size(over)} over. Would fit: {'; or '.join(hints)}")
-    return plan
+from fwdfed.memory import format_size, peak_rss
+from fwdfed.memory_plan import BudgetError
 
 
 class BudgetGuard:

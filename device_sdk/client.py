@@ -19,20 +19,27 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
 
-from coordinator import protocol
+from device_sdk.budget import BudgetGuard
 from device_sdk.data import encode, read_examples, shard, split
-from device_sdk.directions import combine
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
-from device_sdk.backprop import Backprop, BackpropConfig
-from device_sdk.budget import BudgetGuard, plan_memory
-from device_sdk.estimate import hparam, mean_loss, parse_steps
-from device_sdk.fwdgrad import FwdGradConfig, ForwardGradient
-from device_sdk.memory import peak_rss
-from device_sdk.mezo import Mezo, MezoConfig
-from export.manifest import load_bundle
+from fwdfed import protocol
+from fwdfed.bundle.manifest import load_bundle
+from fwdfed.directions import combine
+from fwdfed.errors import UserError
+from fwdfed.memory import peak_rss
+from fwdfed.memory_plan import plan_memory
+from fwdfed.methods.backprop import Backprop, BackpropConfig
+from fwdfed.methods.estimate import hparam, mean_loss, parse_steps
+from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
+from fwdfed.methods.mezo import Mezo, MezoConfig
 from fwdfed.net import is_loopback
 
 log = logging.getLogger("device")
@@ -43,7 +50,7 @@ METHODS = {"mezo": (MezoConfig, Mezo), "fwdgrad": (FwdGradConfig, ForwardGradien
            "backprop": (BackpropConfig, Backprop)}
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """The device cannot go on; the message is meant for the user."""
 
 

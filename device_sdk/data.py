@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.tasks import IGNORE_INDEX, SEQ_CLS
+from fwdfed.batch import Batch
+from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
+from fwdfed.errors import UserError
 
 HELDOUT_EVERY = 10
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data file that cannot be read; the message is meant for the user."""
 
 
@@ -31,18 +33,6 @@ class DataError(Exception):
 class Example:
     text: str
     label: int | None = None
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, L] int64
-    attention_mask: torch.Tensor  # [B, L] int64
-    labels: torch.Tensor  # [B, L] int64 (causal LM, -100 = ignored) or [B] int64 (classification)
-    weights: np.ndarray  # [B] float32: 1 for a real example, 0 for filler that pads the batch
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.weights.sum())
 
 
 def read_examples(path: str | Path) -> list[Example]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from device_sdk.data import Batch
-from export.manifest import Bundle
-from export.peft_adapter import peft_model_with
-from export.program import build_programs
+from fwdfed.batch import Batch
+from fwdfed.bundle.manifest import Bundle
+from fwdfed.model.peft_adapter import peft_model_with
+from fwdfed.model.program import build_programs
 
 
 class EagerEngine:

@@ -17,11 +17,12 @@ import multiprocessing
 import sys
 from pathlib import Path
 
-from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
 
 
 def parse_args(argv):
-    from device_sdk.memory import parse_size
+    from fwdfed.memory import parse_size
 
     parser = argparse.ArgumentParser(prog="python -m device_sdk.emulate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +56,7 @@ def run_device(config) -> None:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     from device_sdk.client import Device
-    from device_sdk.memory import format_size, peak_rss
+    from fwdfed.memory import format_size, peak_rss
 
     def main(_argv):
         device = Device(config)
@@ -65,17 +66,7 @@ def run_device(config) -> None:
               f"(budget {budget})", flush=True)
         return 0
 
-    run_main(main, _user_errors(), argv=None)
-
-
-def _user_errors():
-    from device_sdk.budget import BudgetError
-    from device_sdk.client import DeviceError
-    from device_sdk.data import DataError
-    from device_sdk.engine import EngineError
-    from export.manifest import BundleError
-
-    return (UserError, DeviceError, DataError, EngineError, BundleError, BudgetError, OSError)
+    run_main(main)
 
 
 def read_credentials(path: Path, names: list[str]) -> dict[str, str]:
@@ -99,8 +90,8 @@ def main(argv=None) -> int:
     quiet_libraries()
     from device_sdk.client import DeviceConfig
     from device_sdk.data import read_examples
-    from device_sdk.memory import format_size
-    from export.manifest import load_bundle
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.memory import format_size
 
     # Check everything the devices share before starting any of them.
     bundle = load_bundle(args.bundle)
@@ -129,4 +120,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     quiet_libraries()
-    run_main(main, _user_errors())
+    run_main(main)

@@ -1,7 +1,7 @@
 """Forward engines: run the exported program's methods on a batch and P adapter vectors.
 
 `ProgramEngine` runs the `.pte` through the ExecuTorch runtime, as a phone does. The eager
-reference lives with the exporter (`export.program`); the two are compared at export time.
+reference lives with the exporter (`fwdfed.model.program`); the two are compared at export time.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_sdk.data import Batch
-from export.manifest import Bundle, Manifest
-from export.tasks import SEQ_CLS
-from fwdfed.cli import first_line
+from fwdfed.batch import Batch
+from fwdfed.bundle.manifest import Bundle, Manifest
+from fwdfed.bundle.tasks import SEQ_CLS
+from fwdfed.errors import UserError, first_line
 
 # ExecuTorch's ScalarType codes of the inputs the engine passes: token ids and labels, adapters.
 INT64, FLOAT32 = 4, 6
 DTYPE_NAMES = {INT64: "int64", FLOAT32: "float32"}
 
 
-class EngineError(Exception):
+class EngineError(UserError):
     """The program cannot be loaded or run; the message is meant for the user."""
 
 

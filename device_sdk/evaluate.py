@@ -8,9 +8,9 @@ import numpy as np
 
 from device_sdk.data import encode, read_examples, split
 from device_sdk.engine import ProgramEngine
-from device_sdk.estimate import mean_loss
-from export.manifest import Bundle
-from export.tasks import SEQ_CLS
+from fwdfed.bundle.manifest import Bundle
+from fwdfed.bundle.tasks import SEQ_CLS
+from fwdfed.methods.estimate import mean_loss
 
 
 def load_tokenizer(bundle: Bundle):

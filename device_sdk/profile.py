@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
 
 MODES = ("inference", "mezo", "fwdgrad", "batched", "backprop")
 
@@ -44,9 +45,9 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from device_sdk.data import Batch
-    from device_sdk.memory import status_field
-    from export.manifest import load_bundle
+    from fwdfed.batch import Batch
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.memory import status_field
 
     runtime = status_field("VmRSS")
     bundle = load_bundle(bundle_dir)
@@ -60,16 +61,16 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     rng = np.random.default_rng(0)
 
     if mode == "backprop":
-        from device_sdk.backprop import Backprop, BackpropConfig
         from device_sdk.eager import EagerEngine
+        from fwdfed.methods.backprop import Backprop, BackpropConfig
 
         engine = EagerEngine(bundle)
         optimizer = Backprop(engine, w, BackpropConfig(lr=1e-4))
         step = lambda: optimizer.train([batch], 1)  # noqa: E731 (one AdamW step from the same start)
     else:
         from device_sdk.engine import ProgramEngine
-        from device_sdk.fwdgrad import ForwardGradient, FwdGradConfig
-        from device_sdk.mezo import Mezo, MezoConfig
+        from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
+        from fwdfed.methods.mezo import Mezo, MezoConfig
 
         engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
         max_n = max(1, m.inputs["max_perturbations"] // 2)
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
         parser.error("--out is required")
     if "inference" not in args.modes:
         parser.error("--modes must include inference: every ratio is to its peak")
-    from export.manifest import load_bundle
+    from fwdfed.bundle.manifest import load_bundle
 
     for bundle in args.bundle:
         load_bundle(bundle)  # a bad bundle is refused before anything runs
@@ -221,7 +222,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from export.manifest import BundleError
 
     quiet_libraries()
-    run_main(main, (UserError, BundleError, OSError))
+    run_main(main)

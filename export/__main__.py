@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fwdfed.cli import UserError, quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries, run_main
 
 
 def parse_args(argv):
-    from export.models import PRESETS
-    from export.tasks import TASKS
+    from fwdfed.bundle.tasks import TASKS
+    from fwdfed.model.base_model import PRESETS
 
     presets = "\n".join(f"  {name:18} {p.description}" for name, p in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -43,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)
-    from device_sdk.memory import parse_size
+    from fwdfed.memory import parse_size
 
     try:
         args.mem_bytes = parse_size(args.mem) if args.mem else None
@@ -87,15 +87,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def user_errors():
-    from export.manifest import BundleError
-    from export.models import ModelLoadError
-    from export.pipeline import MemoryFitError, VerificationError
-
-    return (UserError, ModelLoadError, BundleError, VerificationError, MemoryFitError, NotImplementedError, ValueError,
-            OSError)
-
-
 if __name__ == "__main__":
     quiet_libraries()
-    run_main(main, user_errors())
+    run_main(main, also=(NotImplementedError, ValueError))

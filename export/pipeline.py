@@ -25,21 +25,34 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
-from export.layout import AdapterLayout
-from device_sdk.budget import plan_memory
-from export.manifest import (
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.manifest import (
     BASE_MODEL_DIR,
-    Bundle,
     INITIAL_ADAPTER,
     MANIFEST,
     PROGRAM,
     TOKENIZER_DIR,
+    Bundle,
     Manifest,
     sha256_file,
 )
-from export.models import PRESETS, infer_task, load_model, model_hash, write_preset
-from export.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
-from export.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
+from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
+from fwdfed.errors import UserError
+from fwdfed.memory_plan import plan_memory
+from fwdfed.model.base_model import (
+    PRESETS,
+    infer_task,
+    load_model,
+    model_hash,
+    write_preset,
+)
+from fwdfed.model.program import (
+    LossProgram,
+    PredictProgram,
+    build_programs,
+    peft_reference_loss,
+    trainable_layout,
+)
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
 # Architectures for which peft ships no default LoRA targets: the attention query and value,
@@ -47,7 +60,7 @@ PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
 EXTRA_DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
 
 
-class VerificationError(Exception):
+class VerificationError(UserError):
     """The `.pte` and eager PyTorch disagree past the tolerance."""
 
 
@@ -100,7 +113,7 @@ class ExportSpec:
     device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
 
 
-class MemoryFitError(Exception):
+class MemoryFitError(UserError):
     """No program shape fits the memory budget; the message says what would."""
 
 
@@ -179,7 +192,9 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
           max_perturbations: int):
     """torch.export both methods and lower them to one XNNPACK-delegated ExecuTorch program."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from torch.export import Dim, export
@@ -249,8 +264,8 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
            max_perturbations: int, tolerance: float) -> dict:
     """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
-    from device_sdk.data import Batch
     from device_sdk.engine import ProgramEngine
+    from fwdfed.batch import Batch
 
     g = np.random.default_rng(0)
     # Perturbed adapters, so that the (zero-initialised) LoRA B path is exercised too.

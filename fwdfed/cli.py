@@ -12,15 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-
-class UserError(Exception):
-    """An error caused by the user's input or environment, reported without a traceback."""
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for a one-line error built on a library's."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+from fwdfed.errors import UserError
 
 
 def quiet_libraries() -> None:
@@ -43,11 +35,13 @@ def quiet_libraries() -> None:
         pass
 
 
-def run_main(main: Callable[[list[str] | None], int], user_errors: tuple[type[BaseException], ...], argv=None) -> None:
-    """Run `main`; turn the listed exception types into a one-line error and exit status 2."""
+def run_main(main: Callable[[list[str] | None], int], argv=None,
+             also: tuple[type[BaseException], ...] = ()) -> None:
+    """Run `main`; a UserError or OSError (a file or socket the user named), or one of `also`,
+    becomes a one-line error and exit status 2."""
     try:
         code = main(argv)
-    except user_errors as e:
+    except (UserError, OSError, *also) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fwdfed.cli import UserError, run_main
+from fwdfed.cli import run_main
+from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -93,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (UserError, OSError))
+    run_main(main)

@@ -31,7 +31,7 @@ def program_and_batches(bundle_dir: Path, count: int):
     from device_sdk.data import encode, read_examples
     from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
-    from export.manifest import load_bundle
+    from fwdfed.bundle.manifest import load_bundle
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

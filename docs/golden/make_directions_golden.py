@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_sdk.directions import direction, words
+from fwdfed.directions import direction, words
 
 SEEDS = [0, 1, 42, 0x0123456789ABCDEF, (1 << 63) - 1]
 

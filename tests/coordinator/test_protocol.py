@@ -3,8 +3,8 @@ import math
 import msgpack
 import pytest
 
-from coordinator import protocol
-from coordinator.protocol import ProtocolError, decode
+from fwdfed import protocol
+from fwdfed.protocol import ProtocolError, decode
 
 UPDATE = protocol.Update(task_id="t", job_id="j", round=1, global_version=0, seeds=[1, 2**63 - 1], coefs=[0.5, -1e-3], scale=1.0, dense=b"",
                          num_examples=10, loss_before=2.0, loss_after=1.9, peak_rss_bytes=400 * 2**20)

@@ -7,7 +7,7 @@ from sqlalchemy import create_engine
 from coordinator.server import JobConfig, job_from_bundle
 from coordinator.store import Meta, StoreError, open_store
 from coordinator.strategy import SeedFedAvg
-from device_sdk.directions import direction
+from fwdfed.directions import direction
 
 
 class FakeManifest:
@@ -84,7 +84,7 @@ def test_seed_fedavg_weights_devices_by_examples():
 
 def test_seed_fedavg_applies_weight_decay_scale_and_blocks():
     from coordinator.store import AcceptedUpdate
-    from device_sdk.directions import block_direction
+    from fwdfed.directions import block_direction
 
     w = np.ones(32, np.float32)
     updates = [AcceptedUpdate("a", [(1, 1.0)], 1, scale=0.5), AcceptedUpdate("b", [(2, 1.0)], 1, scale=1.0)]

@@ -1,8 +1,9 @@
 import pytest
 
-from device_sdk.budget import BudgetError, BudgetGuard, plan_memory
-from device_sdk.memory import peak_rss
-from export.manifest import load_bundle
+from device_sdk.budget import BudgetGuard
+from fwdfed.bundle.manifest import load_bundle
+from fwdfed.memory import peak_rss
+from fwdfed.memory_plan import BudgetError, plan_memory
 
 
 def test_the_plan_adds_up_what_a_step_holds(tiny_llama_bundle):

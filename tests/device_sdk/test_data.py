@@ -1,8 +1,8 @@
 import pytest
 
 from device_sdk.data import DataError, encode, read_examples, shard, split
-from export.models import byte_level_tokenizer
-from export.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
+from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
+from fwdfed.model.base_model import byte_level_tokenizer
 from tests.conftest import SHARED
 
 

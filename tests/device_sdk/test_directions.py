@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_sdk.directions import combine, direction, words
+from fwdfed.directions import combine, direction, words
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[2] / "docs" / "golden" / "directions.json").read_text())
 MASK = (1 << 64) - 1
@@ -78,7 +78,7 @@ def test_combine_sums_coefficients_times_directions():
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("start, stop", [(0, 10), (3, 11), (4, 4), (7, 8), (100, 257)])
 def test_any_slice_equals_the_same_slice_of_the_whole(kind, start, stop):
-    from device_sdk.directions import block_direction, direction_slice
+    from fwdfed.directions import block_direction, direction_slice
 
     whole = direction(11, 300, kind)
     assert np.array_equal(direction_slice(11, start, stop, kind), whole[start:stop])

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from device_sdk.directions import combine, direction
 from device_sdk.eager import EagerEngine
-from device_sdk.fwdgrad import ForwardGradient, FwdGradConfig
+from fwdfed.directions import combine, direction
+from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
 from tests.conftest import away_from_init, program_and_batches
 
 

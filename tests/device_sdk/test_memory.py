@@ -1,6 +1,6 @@
 import pytest
 
-from device_sdk.memory import current_rss, parse_size, peak_rss
+from fwdfed.memory import current_rss, parse_size, peak_rss
 
 
 @pytest.mark.parametrize("text, size", [("1.5GB", 1_500_000_000), ("1500MB", 1_500_000_000), ("800MiB", 800 * 2**20),

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from device_sdk.directions import combine
-from device_sdk.mezo import Mezo, MezoConfig
+from fwdfed.directions import combine
+from fwdfed.methods.mezo import Mezo, MezoConfig
 from tests.conftest import program_and_batches
 
 
@@ -41,7 +41,7 @@ def test_mezo_coefficient_is_the_central_difference(setup):
     mezo = Mezo(engine, start, config, np.random.default_rng(2))
     run = mezo.train(batches[:1], steps=1)
     (seed, coef), = run.pairs
-    from device_sdk.directions import direction
+    from fwdfed.directions import direction
 
     z = direction(seed, start.shape[0])
     w = batches[0].weights

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from export.manifest import load_bundle
-from export.peft_adapter import save_peft_adapter
+from fwdfed.bundle.manifest import load_bundle
+from fwdfed.model.peft_adapter import save_peft_adapter
 from tests.conftest import export_bundle, run_command
 from tests.integration.test_federated import assert_peft_folder_matches_program
 

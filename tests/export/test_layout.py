@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from export.layout import AdapterLayout
+from fwdfed.bundle.layout import AdapterLayout
 
 
 def test_flatten_unflatten_round_trip():

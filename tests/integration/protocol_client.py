@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from device_sdk.protocol_client import ProtocolClient
-from export.manifest import load_bundle
+from fwdfed.bundle.manifest import load_bundle
+from tests.support.protocol_client import ProtocolClient
 
 
 async def take_a_task_and_hang(url: str, bundle_dir: str, device_id: str) -> None:

@@ -10,8 +10,8 @@ import msgpack
 import pytest
 from websockets.asyncio.client import connect
 
-from coordinator import protocol
 from coordinator.store import open_store
+from fwdfed import protocol
 from tests.conftest import STORIES, TINYSTORIES, run_command
 from tests.integration.test_federated import Coordinator, emulate
 

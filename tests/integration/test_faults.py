@@ -7,12 +7,12 @@ import asyncio
 import subprocess
 import sys
 
-from coordinator import protocol
 from coordinator.store import Round, Task, UpdateRow, open_store
-from export.manifest import load_bundle
+from fwdfed import protocol
+from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import ROOT, TINYSTORIES, run_command
-from device_sdk.protocol_client import ProtocolClient
 from tests.integration.test_federated import Coordinator, emulate
+from tests.support.protocol_client import ProtocolClient
 
 
 def test_a_device_killed_mid_round_loses_its_task_to_another(tmp_path, tiny_llama_bundle):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from coordinator.store import open_store
-from device_sdk.directions import direction
 from device_sdk.evaluate import Evaluator
-from export.manifest import load_bundle
+from fwdfed.bundle.manifest import load_bundle
+from fwdfed.directions import direction
 from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command
 
 
@@ -150,8 +150,8 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     from device_sdk.data import encode, read_examples
     from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
-    from export.program import per_example_loss
-    from export.tasks import CAUSAL_LM
+    from fwdfed.bundle.tasks import CAUSAL_LM
+    from fwdfed.model.program import per_example_loss
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from coordinator import protocol
-from export.manifest import load_bundle
+from fwdfed import protocol
+from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import ROOT, TINYSTORIES
 from tests.integration.test_federated import Coordinator, enrol
 

@@ -12,12 +12,12 @@ import trustme
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from coordinator import protocol
 from coordinator.store import UpdateRow, open_store
-from device_sdk.protocol_client import ProtocolClient
-from export.manifest import load_bundle
+from fwdfed import protocol
+from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import TINYSTORIES, run_command
 from tests.integration.test_federated import Coordinator, emulate, enrol
+from tests.support.protocol_client import ProtocolClient
 
 
 @pytest.fixture

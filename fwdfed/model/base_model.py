@@ -23,11 +23,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from export.tasks import CAUSAL_LM, SEQ_CLS
-from fwdfed.cli import first_line
+from fwdfed.bundle.tasks import CAUSAL_LM, SEQ_CLS
+from fwdfed.errors import UserError, first_line
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A model folder or preset that cannot be used; the message is meant for the user."""
 
 

@@ -14,10 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_sdk.data import Batch
-from device_sdk.directions import KINDS
-from device_sdk.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_positive,
-                                 draw_seeds, hparam, parse_block)
+from fwdfed.batch import Batch
+from fwdfed.directions import KINDS
+from fwdfed.methods.estimate import (
+    MAX_DIRECTIONS,
+    LocalRun,
+    central_differences,
+    check_count,
+    check_positive,
+    draw_seeds,
+    hparam,
+    parse_block,
+)
 
 SCHEDULES = ("constant", "linear")
 

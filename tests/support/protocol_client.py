@@ -11,7 +11,7 @@ import ssl
 
 from websockets.asyncio.client import connect
 
-from coordinator import protocol
+from fwdfed import protocol
 
 
 class ProtocolClient:

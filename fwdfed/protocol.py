@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from device_sdk.directions import SEED_LIMIT
+from fwdfed.directions import SEED_LIMIT
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a task carries the global adapter: 16M float32 at most

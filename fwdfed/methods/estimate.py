@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_sdk.data import Batch
-from device_sdk.directions import SEED_LIMIT, block_direction
+from fwdfed.batch import Batch
+from fwdfed.directions import SEED_LIMIT, block_direction
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
 # comes over the network, and 10**9 directions would be 10**9 adapter-sized vectors.

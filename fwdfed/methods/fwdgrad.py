@@ -19,10 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_sdk.data import Batch
-from device_sdk.directions import KINDS, block_direction
-from device_sdk.estimate import (MAX_CANDIDATES, MAX_DIRECTIONS, LocalRun, central_differences, check_count,
-                                 check_positive, draw_seeds, hparam, parse_block)
+from fwdfed.batch import Batch
+from fwdfed.directions import KINDS, block_direction
+from fwdfed.methods.estimate import (
+    MAX_CANDIDATES,
+    MAX_DIRECTIONS,
+    LocalRun,
+    central_differences,
+    check_count,
+    check_positive,
+    draw_seeds,
+    hparam,
+    parse_block,
+)
 
 
 @dataclass(frozen=True)

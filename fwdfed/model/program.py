@@ -15,8 +15,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from export.layout import AdapterLayout, AdapterTensor
-from export.tasks import IGNORE_INDEX, SEQ_CLS
+from fwdfed.bundle.layout import AdapterLayout, AdapterTensor
+from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
 
 PEFT_ADAPTER_NAME = "default"
 

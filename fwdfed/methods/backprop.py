@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_sdk.data import Batch
-from device_sdk.estimate import LocalRun, check_positive, hparam
+from fwdfed.batch import Batch
+from fwdfed.methods.estimate import LocalRun, check_positive, hparam
 
 
 @dataclass(frozen=True)

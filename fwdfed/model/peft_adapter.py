@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 
-from export.manifest import Bundle, BundleError
-from export.models import load_model, model_hash
+from fwdfed.bundle.manifest import Bundle, BundleError
+from fwdfed.model.base_model import load_model, model_hash
 
 
 def lora_config(manifest_config: dict) -> LoraConfig:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.layout import AdapterLayout
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -24,7 +25,7 @@ TOKENIZER_DIR = "tokenizer"
 BASE_MODEL_DIR = "base_model"
 
 
-class BundleError(Exception):
+class BundleError(UserError):
     """A bundle that is missing, corrupt or inconsistent; the message is meant for the user."""
 
 

@@ -1,0 +1,23 @@
+"""A batch in the program's static input shapes: what every engine and method consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64
+    labels: torch.Tensor  # [B, L] int64 (causal LM, -100 = ignored) or [B] int64 (classification)
+    weights: np.ndarray  # [B] float32: 1 for a real example, 0 for filler that pads the batch
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.weights.sum())
