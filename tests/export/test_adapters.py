@@ -6,7 +6,7 @@ import pytest
 from fwdfed.bundle.manifest import load_bundle
 from fwdfed.model.peft_adapter import save_peft_adapter
 from tests.conftest import export_bundle, run_command
-from tests.integration.test_federated import assert_peft_folder_matches_program
+from tests.support.checks import assert_peft_folder_matches_program
 
 
 @pytest.mark.parametrize("flags, kind", [(["--adapter", "bitfit"], "bitfit"), (["--lora-bias", "all"], "lora")])

@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from coordinator.store import open_store
 from fwdfed import protocol
 from tests.conftest import STORIES, TINYSTORIES, run_command
-from tests.integration.test_federated import Coordinator, emulate
+from tests.support.fleet import Coordinator, emulate
 
 
 def assert_one_line_error(result, *fragments):

@@ -11,7 +11,7 @@ from coordinator.store import Round, Task, UpdateRow, open_store
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import ROOT, TINYSTORIES, run_command
-from tests.integration.test_federated import Coordinator, emulate
+from tests.support.fleet import Coordinator, emulate
 from tests.support.protocol_client import ProtocolClient
 
 
@@ -19,7 +19,7 @@ def test_a_device_killed_mid_round_loses_its_task_to_another(tmp_path, tiny_llam
     db = tmp_path / "job.db"
     coordinator = Coordinator(db, "--bundle", str(tiny_llama_bundle), "--rounds", "1", "--devices-per-round", "1",
                               "--local-steps", "5", "--device-timeout", "2", "--round-deadline", "120")
-    ghost = subprocess.Popen([sys.executable, "-m", "tests.integration.protocol_client", coordinator.url,
+    ghost = subprocess.Popen([sys.executable, "-m", "tests.support.hanging_device", coordinator.url,
                               str(tiny_llama_bundle), "ghost"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert ghost.stdout.readline().startswith("got task")  # the ghost holds the round's only task

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import ROOT, TINYSTORIES
-from tests.integration.test_federated import Coordinator, enrol
+from tests.support.fleet import Coordinator, enrol
 
 HYPOTHESIS_FRAMES = 6_000
 RANDOM_FRAMES = 4_000

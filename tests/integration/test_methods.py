@@ -6,7 +6,8 @@ import pytest
 
 from coordinator.store import Metric, Round, Task, UpdateRow, open_store
 from tests.conftest import TINYSTORIES
-from tests.integration.test_federated import assert_beats_chance, run_job
+from tests.support.checks import assert_beats_chance
+from tests.support.fleet import run_job
 
 # The same budget of forward passes per device per round: 100 directions, two passes each.
 METHODS = {

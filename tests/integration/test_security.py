@@ -16,7 +16,7 @@ from coordinator.store import UpdateRow, open_store
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import TINYSTORIES, run_command
-from tests.integration.test_federated import Coordinator, emulate, enrol
+from tests.support.fleet import Coordinator, emulate, enrol
 from tests.support.protocol_client import ProtocolClient
 
 

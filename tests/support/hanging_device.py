@@ -1,5 +1,5 @@
 """A process that enrols, takes one task and then hangs until it is killed (a device dying mid-round):
-    python -m tests.integration.protocol_client URL BUNDLE DEVICE_ID
+    python -m tests.support.hanging_device URL BUNDLE DEVICE_ID
 """
 
 from __future__ import annotations

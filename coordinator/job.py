@@ -1,0 +1,54 @@
+"""A job's coordinator-side settings, typed and stored with the job.
+
+Everything that decides how rounds are configured and aggregated lives here and in the job's
+row (method, hyperparameters, rounds), so a coordinator restarted on the same database runs
+the rest of the job exactly as it started, whatever flags it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# Options a later coordinator version added: a job stored before them gets these values when it
+# is resumed (the flags it was started with were not stored).
+ADDED_LATER = ("server_lr", "clip")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    fraction: float | None = None  # sample this share of the connected devices (at least min_devices)
+    lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
+    lr_delta: float | None = None  # their spread; None: half the job's lr
+    blocks: int = 1  # block-cyclic: round r perturbs block (r - 1) mod blocks of the adapter
+    variance_threshold: float | None = None  # ask for more waves while the estimate variance is above it
+    max_waves: int = 3
+    server_lr: float = 1.0  # the aggregate moves the adapter by server_lr x the weighted mean change
+    clip: float | None = None  # bound on the L2 norm of each device's coefficient vector
+    dp_clip: float | None = None  # differential privacy (coordinator.privacy)
+    dp_noise_multiplier: float | None = None
+    dp_delta: float = 1e-5
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: dict) -> "JobOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (stored or {}).items() if k in known})
+
+
+def resumed_options(stored: dict, flags: dict) -> tuple[JobOptions, list[str]]:
+    """The options a resumed job runs with: the stored ones. `flags` (name -> value given on the
+    command line, None when not given) fill only what an older job did not store; a flag that
+    disagrees with the stored value is ignored, with a warning for the operator."""
+    stored = dict(stored or {})
+    warnings = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name not in stored and name in ADDED_LATER:
+            stored[name] = value
+        elif name in stored and stored[name] != value:
+            warnings.append(f"ignoring --{name.replace('_', '-')} {value:g}: job was created with {stored[name]}")
+    return JobOptions.from_json(stored), warnings

@@ -1,0 +1,77 @@
+"""What a training method is: the one description every side reads.
+
+A method names what a device does with a task (its config, checked from the task's
+hyperparameters, and its optimizer) and what the rest of the system needs to know about it:
+the command-line flags of its own hyperparameters, the adapter copies a step holds (the
+memory plan), how many (seed, coefficient) pairs and what `scale` an honest answer has (the
+coordinator's checks), and whether the coordinator sends the previous global update with a
+task or may ask for more waves of perturbations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fwdfed.batch import Batch
+from fwdfed.methods.estimate import LocalRun
+
+# The task hyperparameters every method reads (the coordinator's --lr, --eps, --local-steps,
+# --directions, --kind); a method's own are declared in its `hparams`.
+COMMON_HPARAMS = ("lr", "eps", "local_steps", "directions", "kind")
+
+
+@dataclass(frozen=True)
+class Hparam:
+    """A task hyperparameter of one method: `python -m coordinator serve --<name>` sets it."""
+    name: str  # as in the task's hparams; the flag is --name-with-dashes
+    type: type  # int, float or str
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+class Optimizer(Protocol):
+    def train(self, batches: list[Batch], steps: int, guard: Callable[[], None] | None = None) -> LocalRun: ...
+
+
+def one_master_and_three_per_direction(directions: int) -> int:
+    """The fp32 master, and per direction the direction and its two perturbed copies."""
+    return 1 + 3 * max(1, directions)
+
+
+def unit_scale(hparams: dict) -> tuple[float, float]:
+    return 1.0, 1.0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # what a task's `method` says
+    summary: str  # one line, for --help
+    config: type  # a frozen dataclass; `config.from_hparams(hparams)` checks every value (ValueError)
+    optimizer: Callable[..., Optimizer]  # (engine, adapter, config, rng, reference) -> Optimizer
+    hparams: tuple[Hparam, ...] = ()  # its own task hyperparameters, beyond COMMON_HPARAMS
+    default_directions: int = 1
+    default_kind: str = "rademacher"
+    needs_autograd: bool = False  # runs on the eager engine (autograd), not the ExecuTorch program
+    uploads_dense: bool = False  # answers with a dense change instead of (or beside) pairs
+    uses_reference: bool = False  # the task carries the previous round's global update
+    estimates_gradient: bool = False  # an update is -lr x a gradient estimate at the global adapter,
+    # so the coordinator can measure the variance of the round's mean estimate and ask for more waves
+    adapter_copies: Callable[[int], int] = one_master_and_three_per_direction  # adapter vectors a step holds
+    scale_range: Callable[[dict], tuple[float, float]] = unit_scale  # of an honest update's `scale`
+
+    def allowed_pairs(self, hparams: dict) -> int:
+        """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""
+        return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
+
+    def make_optimizer(self, engine, adapter: np.ndarray, config, rng: np.random.Generator,
+                       reference: np.ndarray | None = None) -> Optimizer:
+        return self.optimizer(engine, adapter, config, rng, reference)

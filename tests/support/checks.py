@@ -1,0 +1,78 @@
+"""Checks that a trained adapter really learned and really loads: shared by the integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.store import open_store
+from device_sdk.evaluate import Evaluator
+from fwdfed.bundle.manifest import load_bundle
+from fwdfed.directions import direction
+from tests.conftest import SST2, TINYSTORIES
+
+
+def assert_beats_chance(bundle_dir: Path, db: Path, data: Path, eval_examples: int, controls: int = 8) -> dict:
+    """The trained adapter's held-out loss must beat the start by more than a random step of the
+    same length does: chance alone moves the loss by the spread of those controls."""
+    bundle = load_bundle(bundle_dir)
+    store = open_store(db)
+    job = store.latest_job()
+    versions = store.versions(job.id)
+    start = np.frombuffer(versions[0].vector, "<f4")
+    final = np.frombuffer(versions[-1].vector, "<f4")
+    assert len(versions) == job.rounds + 1
+    evaluate = Evaluator(bundle, data, eval_examples)
+    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
+    step = np.linalg.norm(final - start)
+    chance = []
+    for k in range(controls):
+        z = direction(10_000 + k, start.shape[0])
+        chance.append(start_loss - evaluate(start + step * z / np.linalg.norm(z))["heldout_loss"])
+    gain = start_loss - final_loss
+    bar = max(max(chance), float(np.mean(chance) + 3 * np.std(chance)), 0.0)
+    print(f"held-out loss {start_loss:.4f} -> {final_loss:.4f} (gain {gain:.4f}); "
+          f"random steps of the same length: gains {np.round(chance, 4).tolist()}")
+    assert gain > bar, f"gain {gain:.4f} is within chance (bar {bar:.4f})"
+    # The coordinator's own per-round figures agree with a fresh evaluation.
+    logged = [m.value for m in store.metrics(job.id) if m.name == "heldout_loss"]
+    assert logged[0] == pytest.approx(start_loss, rel=1e-5) and logged[-1] == pytest.approx(final_loss, rel=1e-5)
+    return {"start": start_loss, "final": final_loss, "chance": chance}
+
+
+def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vector: np.ndarray) -> None:
+    """Load the written adapter the way a user would (peft, or BitFit's safetensors) and compare
+    the eager loss with the .pte's on real text."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from device_sdk.data import encode, read_examples
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.evaluate import load_tokenizer
+    from fwdfed.bundle.tasks import CAUSAL_LM
+    from fwdfed.model.program import per_example_loss
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    if m.task == CAUSAL_LM:
+        base, data = AutoModelForCausalLM.from_pretrained(bundle.base_model_path), TINYSTORIES
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(bundle.base_model_path, num_labels=m.model["num_labels"])
+        data = SST2
+    if m.adapter["kind"] == "lora":
+        model = PeftModel.from_pretrained(base, peft_folder).eval()
+    else:
+        missing, unexpected = base.load_state_dict(load_file(peft_folder / "bitfit.safetensors"), strict=False)
+        assert not unexpected
+        model = base.eval()
+    batch = encode(load_tokenizer(bundle), read_examples(data)[:8], m.task, m.inputs["batch_size"],
+                   m.inputs["seq_len"])[0]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    eager = per_example_loss(logits, batch.labels, m.task).numpy()
+    program = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]).losses(batch, vector)[0]
+    np.testing.assert_allclose(program, eager, rtol=1e-4, atol=1e-5)
