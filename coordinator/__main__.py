@@ -14,8 +14,12 @@ import logging
 import sys
 from pathlib import Path
 
+from coordinator.job import JobOptions, resumed_options
+from fwdfed import methods
 from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.directions import KINDS
 from fwdfed.errors import UserError
+from fwdfed.methods.estimate import MAX_LOCAL_STEPS
 from fwdfed.net import is_loopback
 
 
@@ -38,19 +42,21 @@ def parse_args(argv):
                    "(at least --min-devices) instead of --devices-per-round")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
-    s.add_argument("--method", choices=("mezo", "fwdgrad", "backprop"), default="mezo",
-                   help="mezo: local SPSA steps; fwdgrad: FwdLLM forward gradient at the global adapter; "
-                        "backprop: the AdamW baseline (dense updates, eager PyTorch on the device)")
+    s.add_argument("--method", choices=methods.names(), default="mezo",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--eps", type=float, default=1e-2, help="perturbation size (FwdLLM's h for fwdgrad)")
     s.add_argument("--local-steps", type=int, default=50, help="MeZO steps (fwdgrad: batches) per device per round")
-    s.add_argument("--directions", type=int, help="directions per step (default: mezo 1, fwdgrad 4)")
-    s.add_argument("--kind", choices=("rademacher", "gaussian"), help="direction kind (default: mezo rademacher, "
-                   "fwdgrad gaussian)")
-    s.add_argument("--weight-decay", type=float, default=0.0, help="mezo: decoupled from the seed form by `scale`")
-    s.add_argument("--schedule", choices=("constant", "linear"), default="constant", help="mezo: lr over local steps")
-    s.add_argument("--candidates", type=int, default=1,
-                   help="fwdgrad: draw this many times the directions and keep the most aligned with the last update")
+    s.add_argument("--directions", type=int, help="directions per step (default: the method's: " +
+                   ", ".join(f"{m.name} {m.default_directions}" for m in methods.METHODS.values()) + ")")
+    s.add_argument("--kind", choices=KINDS, help="direction kind (default: the method's: " +
+                   ", ".join(f"{m.name} {m.default_kind}" for m in methods.METHODS.values()) + ")")
+    added = set()
+    for method in methods.METHODS.values():  # each method's own task hyperparameters
+        for h in method.hparams:
+            if h.name not in added:
+                added.add(h.name)
+                s.add_argument(h.flag, type=h.type, default=h.default, choices=h.choices, help=h.help)
     s.add_argument("--variance-threshold", type=float,
                    help="fwdgrad: ask for more perturbations while the round's estimate variance is above this")
     s.add_argument("--max-waves", type=int, default=3, help="fwdgrad: rounds of extra perturbations at most")
@@ -58,10 +64,11 @@ def parse_args(argv):
                    default="frozen", help="FedMeZO client learning rates")
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
     s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
-    s.add_argument("--server-lr", type=float, default=1.0)
+    s.add_argument("--server-lr", type=float, help="the aggregate moves the adapter by this times the weighted mean "
+                   "change (default 1; stored with the job)")
     s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
                    help="full: an acknowledged update survives power loss; normal: only a crash of this process")
-    s.add_argument("--clip", type=float, help="bound on the L2 norm of each device's coefficients")
+    s.add_argument("--clip", type=float, help="bound on the L2 norm of each device's coefficients (stored with the job)")
     s.add_argument("--heartbeat", type=float, default=10.0, help="seconds between pings; no pong in as long: gone")
     s.add_argument("--device-timeout", type=float, default=30.0,
                    help="seconds a tasked device may be away before its task goes to another device")
@@ -103,18 +110,13 @@ def parse_args(argv):
     pl.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from fwdfed.methods.estimate import (
-            MAX_CANDIDATES,
-            MAX_DIRECTIONS,
-            MAX_LOCAL_STEPS,
-        )
-
+        method = methods.get(args.method)
         if args.min_devices is None:
             args.min_devices = args.devices_per_round
         if args.directions is None:
-            args.directions = 1 if args.method == "mezo" else 4
+            args.directions = method.default_directions
         if args.kind is None:
-            args.kind = "rademacher" if args.method == "mezo" else "gaussian"
+            args.kind = method.default_kind
         checks = {
             "--port must be in [0, 65535]": 0 <= args.port <= 65535,
             "--rounds, --devices-per-round, --local-steps, --directions, --max-attempts must be at least 1":
@@ -122,16 +124,13 @@ def parse_args(argv):
             "--min-devices must be between 1 and --devices-per-round": 1 <= args.min_devices <= args.devices_per_round,
             "--fraction must be in (0, 1]": args.fraction is None or 0 < args.fraction <= 1,
             "--lr, --eps, --server-lr and --round-deadline must be positive":
-                min(args.lr, args.eps, args.server_lr, args.round_deadline) > 0,
+                min(args.lr, args.eps, args.round_deadline) > 0 and (args.server_lr is None or args.server_lr > 0),
             "--eval-examples must be at least 1": args.eval_examples >= 1,
             "--clip, --heartbeat and --device-timeout must be positive":
                 (args.clip is None or args.clip > 0) and args.heartbeat > 0 and args.device_timeout > 0,
-            "--candidates, --max-waves and --blocks must be at least 1": min(args.candidates, args.max_waves, args.blocks) >= 1,
-            # Devices refuse tasks past these bounds (a task is untrusted input to them).
-            f"--local-steps, --directions and --candidates can be at most {MAX_LOCAL_STEPS}, {MAX_DIRECTIONS} "
-            f"and {MAX_CANDIDATES}": args.local_steps <= MAX_LOCAL_STEPS and args.directions <= MAX_DIRECTIONS
-                                    and args.candidates <= MAX_CANDIDATES,
-            "--weight-decay must be in [0, 1/lr)": 0 <= args.weight_decay * args.lr < 1,
+            "--max-waves and --blocks must be at least 1": min(args.max_waves, args.blocks) >= 1,
+            # Devices refuse tasks past this bound (a task is untrusted input to them).
+            f"--local-steps can be at most {MAX_LOCAL_STEPS}": args.local_steps <= MAX_LOCAL_STEPS,
             "--variance-threshold and --lr-delta must be positive":
                 (args.variance_threshold is None or args.variance_threshold > 0) and (args.lr_delta is None or args.lr_delta > 0),
             "--cert and --key go together": (args.cert is None) == (args.key is None),
@@ -146,17 +145,30 @@ def parse_args(argv):
         for message, ok in checks.items():
             if not ok:
                 parser.error(message)
+        try:  # the method's own checks, the ones every device applies to a task
+            method.config.from_hparams(job_hparams(args))
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 
+def job_hparams(args) -> dict:
+    """The task hyperparameters of a new job: the common ones and the method's own."""
+    method = methods.get(args.method)
+    hparams = {"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps, "directions": args.directions,
+               "kind": args.kind}
+    return hparams | {h.name: getattr(args, h.name) for h in method.hparams}
+
+
+def job_options(args) -> JobOptions:
+    return JobOptions(fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
+                      blocks=args.blocks, variance_threshold=args.variance_threshold, max_waves=args.max_waves,
+                      server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
+                      dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta)
+
+
 def serve(args) -> int:
-    from coordinator.server import (
-        Coordinator,
-        JobConfig,
-        Limits,
-        job_from_bundle,
-        serve_job,
-    )
+    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
     from coordinator.store import open_store
     from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
@@ -169,27 +181,24 @@ def serve(args) -> int:
         if store.job(args.job_id) is not None:
             raise UserError(f"job {args.job_id} in {args.db} has already finished; pass another --job-id")
         bundle = load_bundle(args.bundle)
-        hparams = {"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps, "directions": args.directions,
-                   "kind": args.kind}
-        if args.method == "mezo":
-            hparams |= {"weight_decay": args.weight_decay, "schedule": args.schedule}
-        elif args.method == "fwdgrad":
-            hparams |= {"candidates": args.candidates}
-        else:
-            hparams |= {"weight_decay": args.weight_decay}
-        options = {"fraction": args.fraction, "lr_strategy": args.lr_strategy, "lr_delta": args.lr_delta or args.lr / 2, "blocks": args.blocks,
-                   "variance_threshold": args.variance_threshold, "max_waves": args.max_waves,
-                   "dp_clip": args.dp_clip, "dp_noise_multiplier": args.dp_noise_multiplier, "dp_delta": args.dp_delta}
         config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
-                           round_deadline_s=args.round_deadline, hparams=hparams, method=args.method, options=options)
+                           round_deadline_s=args.round_deadline, hparams=job_hparams(args), method=args.method,
+                           options=job_options(args))
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
                                bundle.initial_adapter())
+        options = config.options
         print(f"job {job.id}: {job.rounds} rounds of {job.devices_per_round} devices on {args.bundle}", flush=True)
     else:
         bundle = load_bundle(job.bundle)
+        # The job runs on as it started: its stored options win over this command's flags.
+        options, warnings = resumed_options(job.options, {"server_lr": args.server_lr, "clip": args.clip})
+        if options.to_json() != job.options:
+            job = store.set_job_options(job.id, options.to_json())
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
     evaluate = Evaluator(bundle, args.eval_data, args.eval_examples) if args.eval_data else None
-    blocks = job.options.get("blocks", 1)
+    blocks = options.blocks
     try:
         block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
     except ValueError as e:
@@ -202,7 +211,7 @@ def serve(args) -> int:
     if args.cert is None and not is_loopback(args.host):
         print(f"warning: serving {args.host} without TLS: credentials and adapters cross the network in the clear; "
               "pass --cert and --key", file=sys.stderr, flush=True)
-    coordinator = Coordinator(store, job, strategy_for(args, job), evaluate, seed=args.seed,
+    coordinator = Coordinator(store, job, strategy_for(job, options), evaluate, seed=args.seed,
                               max_attempts=args.max_attempts, blocks=block_bounds, device_timeout_s=args.device_timeout,
                               limits=limits)
     tls = tls_context(args.cert, args.key) if args.cert else None
@@ -215,20 +224,21 @@ def serve(args) -> int:
     return 0
 
 
-def strategy_for(args, job):
-    """The aggregation rule: seed FedAvg, or its differentially private form. Privacy settings are
-    the job's (stored when it was created), so a resumed job keeps the guarantee it started with."""
-    clip, sigma, delta = (job.options.get(k) for k in ("dp_clip", "dp_noise_multiplier", "dp_delta"))
-    if clip is None:
-        from coordinator.strategy import SeedFedAvg
-
-        return SeedFedAvg(server_lr=args.server_lr, kind=job.hparams["kind"], clip=args.clip)
+def strategy_for(job, options: JobOptions):
+    """The job's strategy: seed FedAvg, or its differentially private form. Every setting is the
+    job's (stored when it was created), so a resumed job aggregates as it started."""
     from coordinator.privacy import DPSeedFedAvg, gaussian_epsilon
+    from coordinator.strategy import SeedFedAvg
 
-    print(f"differential privacy: clip {clip:g}, noise multiplier {sigma:g}: "
+    common = dict(method=methods.get(job.method), hparams=job.hparams, options=options,
+                  devices_per_round=job.devices_per_round, min_devices=job.min_devices)
+    if options.dp_clip is None:
+        return SeedFedAvg(**common)
+    sigma, delta = options.dp_noise_multiplier, options.dp_delta
+    print(f"differential privacy: clip {options.dp_clip:g}, noise multiplier {sigma:g}: "
           f"({gaussian_epsilon(sigma, job.rounds, delta):.3g}, {delta:g})-DP per device after {job.rounds} rounds",
           flush=True)
-    return DPSeedFedAvg(clip=clip, noise_multiplier=sigma, kind=job.hparams["kind"], server_lr=args.server_lr)
+    return DPSeedFedAvg(**common)
 
 
 def tls_context(cert: Path, key: Path):

@@ -35,30 +35,36 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.store import AcceptedUpdate
-from fwdfed.directions import KINDS, combine
+from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from fwdfed.directions import KINDS
 
 
 @dataclass
-class DPSeedFedAvg:
+class DPSeedFedAvg(SeedFedAvg):
     """w' = w + server_lr * (mean_j clip_C(delta_j) + N(0, (sigma C / m)^2)), over the m devices j.
 
     delta_j = (scale - 1) w + sum_k coef_k direction(seed_k) + dense is device j's change of the
     adapter (the mean of its updates if it answered several waves), restricted to the round's
-    block if any; clip_C scales it down to norm C if it is longer.
+    block if any; clip_C scales it down to norm C if it is longer. C and sigma are the job's
+    `dp_clip` and `dp_noise_multiplier`. Rounds are configured as SeedFedAvg configures them.
     """
 
-    clip: float  # C: the largest L2 norm of one device's change that reaches the aggregate
-    noise_multiplier: float  # sigma: the noise std in units of C
-    kind: str = "rademacher"
-    server_lr: float = 1.0
     seed: int | None = None  # None: unpredictable; an int only for tests and reproducible experiments
     rng: np.random.Generator = field(init=False, repr=False)
 
+    @property
+    def clip(self) -> float:  # C: the largest L2 norm of one device's change that reaches the aggregate
+        return self.options.dp_clip
+
+    @property
+    def noise_multiplier(self) -> float:  # sigma: the noise std in units of C
+        return self.options.dp_noise_multiplier
+
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and self.clip > 0):
+        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"the DP clip bound must be a positive number, got {self.clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+        if not (isinstance(self.noise_multiplier, (int, float)) and math.isfinite(self.noise_multiplier)
+                and self.noise_multiplier > 0):
             raise ValueError(f"the DP noise multiplier must be a positive number, got {self.noise_multiplier}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
@@ -82,7 +88,7 @@ class DPSeedFedAvg:
         # block, so the released values there are the old ones and need no noise.
         start, stop = block or (0, w.shape[0])
         mean[start:stop] += self.rng.normal(0.0, self.noise_multiplier * self.clip / m, stop - start)
-        return (w + self.server_lr * mean).astype(np.float32)
+        return (w + self.options.server_lr * mean).astype(np.float32)
 
 
 def group_by_device(updates: list[AcceptedUpdate]) -> dict[str, list[AcceptedUpdate]]:
@@ -104,9 +110,7 @@ def device_change(w: np.ndarray, updates: list[AcceptedUpdate], kind: str,
 
 
 def update_change(w: np.ndarray, u: AcceptedUpdate, kind: str, block: tuple[int, int] | None) -> np.ndarray:
-    change = (u.scale - 1.0) * w + combine(u.pairs, w.shape[0], kind, block)
-    if u.dense is not None:
-        change += u.dense.astype(np.float64)
+    change = u.change.delta(w, kind, block)
     if block is None:
         return change
     # A shrink (weight decay) or dense part outside the block would reach the adapter unnoised:

@@ -23,11 +23,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from coordinator.lr_strategies import client_lrs
+from coordinator.job import JobOptions
 from coordinator.privacy import gaussian_epsilon
-from coordinator.store import Job, Round, Store, as_accepted
-from coordinator.strategy import Strategy, device_deltas, estimate_variance
-from fwdfed import protocol
+from coordinator.store import Job, Round, Store
+from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
+from fwdfed import methods, protocol
 
 log = logging.getLogger("coordinator")
 
@@ -66,21 +66,17 @@ class RateLimiter:
 
 
 def bearer_token(request: Request) -> str | None:
-    value = request.headers.get("Authorization", "")
-    if not value.startswith("Bearer "):
+    """The token of an `Authorization: Bearer <token>` header; the scheme in any case (RFC 9110)."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
         return None
-    return value.removeprefix("Bearer ").strip() or None
+    return token.strip() or None
 
 
-def allowed_pairs(hparams: dict) -> int:
-    """(seed, coefficient) pairs a task's honest answer has at most: one per direction per local step."""
-    return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
-
-
-def max_frame_bytes(adapter_dim: int, hparams: dict) -> int:
+def max_frame_bytes(job: Job) -> int:
     """The largest frame a device needs to send for this job: an update with a dense part of the
     adapter's size, or with every pair it may send (msgpack: at most 9 bytes a seed, 9 a coefficient)."""
-    return 4 * adapter_dim + 18 * allowed_pairs(hparams) + 64 * 1024
+    return 4 * job.adapter_dim + 18 * methods.get(job.method).allowed_pairs(job.hparams) + 64 * 1024
 
 
 @dataclass
@@ -91,7 +87,7 @@ class JobConfig:
     round_deadline_s: float
     hparams: dict
     method: str = "mezo"
-    options: dict | None = None
+    options: JobOptions = field(default_factory=JobOptions)
 
 
 class Refused(Exception):
@@ -102,6 +98,7 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
+SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this much (float rounding)
 # Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
 
@@ -115,6 +112,8 @@ class Coordinator:
         self.rate = RateLimiter(self.limits.messages_per_s, self.limits.burst)
         self.blocks = blocks  # block-cyclic: round r perturbs blocks[(r - 1) % len(blocks)]
         self.kind = str(job.hparams.get("kind", "rademacher"))
+        self.method = methods.get(job.method)
+        self.options = JobOptions.from_json(job.options)
         self.max_attempts = max_attempts
         self.connections: dict[str, ServerConnection] = {}
         self.changed = asyncio.Event()  # a device came or went, or an update arrived
@@ -192,12 +191,18 @@ class Coordinator:
             log.exception("connection handler failed")
             await self._refuse(ws, "internal_error", "the coordinator failed on this message", device_id)
         finally:
-            if device_id is not None and self.connections.get(device_id) is ws:
-                del self.connections[device_id]
-                self.gone_since[device_id] = time.time()
-                self.store.set_device_status(device_id, "gone")
-                log.info("device %s disconnected", device_id)
-                self.changed.set()
+            if device_id is not None:
+                self._drop(device_id, ws)
+
+    def _drop(self, device_id: str, ws: ServerConnection) -> None:
+        """Forget a device's connection (once): it is away from now on."""
+        if self.connections.get(device_id) is not ws:
+            return
+        del self.connections[device_id]
+        self.gone_since[device_id] = time.time()
+        self.store.set_device_status(device_id, "gone")
+        log.info("device %s disconnected", device_id)
+        self.changed.set()
 
     def _admit(self, hello: protocol.Message, enrolled: str | None) -> str:
         """The device id a first message enrols, or Refused."""
@@ -215,8 +220,12 @@ class Coordinator:
 
     async def _refuse(self, ws: ServerConnection, code: str, message: str, device_id: str | None = None) -> None:
         self.store.add_refusal(self.job.id, device_id, code, message)
-        if device_id is not None and code in FORFEITING:
-            self._forfeit(device_id)
+        if device_id is not None:
+            # Gone from now on, not once the close completes (which a flooding peer can stretch to
+            # close_timeout): no task may be sent to a connection that is being closed.
+            self._drop(device_id, ws)
+            if code in FORFEITING:
+                self._forfeit(device_id)
         log.warning("refused a connection (%s): %s", code, message)
         try:
             await ws.send(protocol.Error(code=code, message=message[: protocol.MAX_TEXT]).to_wire())
@@ -262,12 +271,13 @@ class Coordinator:
             pairs = list(zip(update.seeds, update.coefs))
             if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
                                          update.loss_after, update.peak_rss_bytes, update.dense):
-                refusal = ("duplicate", "duplicate: this task already has an accepted update")
+                refusal = ("duplicate", "this task already has an accepted update")
         if refusal is not None:
             code, reason = refusal
             self.store.add_refusal(self.job.id, device_id, code, reason)
-            log.warning("refused update %s from %s: %s", update.task_id, device_id, reason)
-            return protocol.Ack(task_id=update.task_id, accepted=False, reason=reason)
+            log.warning("refused update %s from %s (%s): %s", update.task_id, device_id, code, reason)
+            # The code leads the reason (docs/protocol.md): a device can act on it without parsing words.
+            return protocol.Ack(task_id=update.task_id, accepted=False, reason=f"{code}: {reason}"[: protocol.MAX_TEXT])
         log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
                  update.task_id, device_id, len(update.seeds), update.num_examples, update.loss_before,
                  update.loss_after, update.peak_rss_bytes / 2**20)
@@ -286,9 +296,9 @@ class Coordinator:
             return "foreign", "this task was sent to another device"
         rnd = self.store.open_round(self.job.id)
         if rnd is None or rnd.id != task.round_id:
-            return "late", "late: the task's round is closed"
+            return "late", "the task's round is closed"
         if task.abandoned_at is not None:
-            return "abandoned", "late: the device was away and its task went to another device"
+            return "abandoned", "the device was away and its task went to another device"
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")
@@ -296,15 +306,18 @@ class Coordinator:
 
     def _poisoning(self, update: protocol.Update, hparams: dict) -> tuple[str, str] | None:
         """(code, reason) for an update whose content would damage the model if aggregated."""
-        if len(update.seeds) > (allowed := allowed_pairs(hparams)):
+        if len(update.seeds) > (allowed := self.method.allowed_pairs(hparams)):
             return "too_many_pairs", f"{len(update.seeds)} pairs, the task allows {allowed} (local steps x directions)"
-        lowest = (1.0 - float(hparams["lr"]) * float(hparams.get("weight_decay", 0.0))) ** int(hparams.get("local_steps", 1))
-        if not lowest - 1e-6 <= update.scale <= 1.0 + 1e-6:
-            return "bad_scale", f"scale {update.scale:.6g}: weight decay in this task gives a scale in [{lowest:.6g}, 1]"
-        dense = np.frombuffer(update.dense, "<f4") if update.dense else None
-        if dense is not None:
-            if dense.size != self.job.adapter_dim:
-                return "wrong_dimension", f"dense part of {len(update.dense)} bytes, the adapter has {self.job.adapter_dim} values"
+        lowest, highest = self.method.scale_range(hparams)
+        if not lowest - SCALE_TOLERANCE <= update.scale <= highest + SCALE_TOLERANCE:
+            return "bad_scale", f"scale {update.scale:.6g}: this task gives a scale in [{lowest:.6g}, {highest:.6g}]"
+        dense = None
+        if update.dense:
+            # The length first: bytes that are not whole float32 values cannot even be read as an adapter.
+            if len(update.dense) != 4 * self.job.adapter_dim:
+                return "wrong_dimension", (f"dense part of {len(update.dense)} bytes, the adapter has "
+                                           f"{self.job.adapter_dim} float32 values ({4 * self.job.adapter_dim} bytes)")
+            dense = np.frombuffer(update.dense, "<f4")
             if not np.all(np.isfinite(dense)):
                 return "non_finite", "the dense part holds non-finite values"
         bound = self.limits.max_update_rms
@@ -322,33 +335,19 @@ class Coordinator:
         """Per device: train loss per closed round, and its dense change in the latest one."""
         losses: dict[str, list[float]] = {}
         last: dict[str, np.ndarray] = {}
-        need_deltas = self.job.options.get("lr_strategy") == "model-diff"
+        need_deltas = self.options.lr_strategy == "model-diff"
         for rnd in self.store.closed_round_list(self.job.id):
             block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
             for row in self.store.updates(rnd.id):
                 losses.setdefault(row.device_id, []).append((row.loss_before + row.loss_after) / 2)
                 if need_deltas:
-                    last[row.device_id] = device_deltas([as_accepted(row)], self.job.adapter_dim, self.kind, block)[0]
+                    update = AcceptedUpdate.from_row(row)
+                    last[row.device_id] = device_deltas([update], self.job.adapter_dim, self.kind, block)[0]
         return losses, last
 
-    def _task_hparams(self, rnd: Round, devices: list[str]) -> dict[str, dict]:
-        """The hyperparameters each device's task carries: the job's, its own lr, the block, the wave."""
-        options = self.job.options
-        eta0 = float(self.job.hparams["lr"])
-        losses, last = self._history() if options.get("lr_strategy", "frozen") != "frozen" else ({}, {})
-        lrs = client_lrs(options.get("lr_strategy", "frozen"), eta0, float(options.get("lr_delta", eta0 / 2)),
-                         devices, losses, last, self.rng)
-        out = {}
-        for device_id in devices:
-            hparams = {**self.job.hparams, "lr": lrs[device_id], "wave": rnd.wave}
-            if rnd.block_start is not None:
-                hparams |= {"block_start": rnd.block_start, "block_end": rnd.block_end}
-            out[device_id] = hparams
-        return out
-
     def _reference(self, rnd: Round) -> bytes:
-        """The previous round's global update, which the forward gradient's selection aligns with."""
-        if self.job.method != "fwdgrad" or rnd.base_version == 0:
+        """The previous round's global update, for a method that uses it (the forward gradient's selection)."""
+        if not self.method.uses_reference or rnd.base_version == 0:
             return b""
         new = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, "<f4")
         old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
@@ -370,12 +369,27 @@ class Coordinator:
                 pass
 
     async def _resend_open_task(self, device_id: str) -> None:
-        """After a restart or reconnect, a device gets back the task it has not answered."""
+        """After a restart or reconnect, a device gets back the task it has not answered: also one
+        taken from it while it was away, if no other device has taken that task over (the wave is
+        still short of live tasks), rather than the round waiting for its deadline."""
         rnd, tasks = self._unanswered_tasks(device_id)
+        if rnd is not None and not tasks:
+            tasks = self._restorable(rnd, device_id)
         for task in tasks:
             if task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 await self._send_task(rnd, task)
+
+    def _restorable(self, rnd: Round, device_id: str) -> list:
+        """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
+        answered = self.store.answered(rnd.id)
+        mine = [t for t in self.store.tasks(rnd.id, device_id)
+                if t.wave == rnd.wave and t.abandoned_at is not None and t.id not in answered]
+        if not mine or len(self._live_tasks(rnd)) >= self._target(rnd):
+            return []
+        log.info("round %d: %s is back and no device took over its task %s: giving it back", rnd.number,
+                 device_id, mine[0].id)
+        return [self.store.restore_task(mine[0].id)]
 
     def _live_tasks(self, rnd: Round) -> list:
         """This wave's tasks, after abandoning those whose device has been away too long."""
@@ -395,26 +409,24 @@ class Coordinator:
         return live
 
     def _target(self, rnd: Round) -> int:
-        """Devices this round samples: devices_per_round, or with a fraction, that share of the
-        connected devices (at least min_devices; it only grows while the round is open)."""
-        fraction = self.job.options.get("fraction")
-        if fraction is None:
-            return self.job.devices_per_round
-        wanted = max(self.job.min_devices, math.ceil(fraction * len(self.connections)))
+        """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""
+        wanted = self.strategy.target(len(self.connections), rnd.target)
         if wanted > rnd.target:
             rnd.target = self.store.raise_target(rnd.id, wanted).target
-        return rnd.target
+        return max(wanted, rnd.target)
 
     async def _dispatch(self, rnd: Round) -> None:
         """Send tasks to idle connected devices until this wave has its target of live tasks."""
         live = self._live_tasks(rnd)
         # A device whose task was abandoned is not asked again in the same wave: the task moved on.
         assigned = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
-        idle = sorted(d for d in self.connections if d not in assigned)
-        chosen = self.rng.sample(idle, max(0, min(self._target(rnd) - len(live), len(idle))))
+        idle = [d for d in self.connections if d not in assigned]
+        chosen = self.strategy.sample(idle, self._target(rnd) - len(live), self.rng)
         if not chosen:
             return
-        tasks = self.store.add_tasks(rnd.id, rnd.wave, self._task_hparams(rnd, chosen))  # one transaction
+        block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+        hparams = self.strategy.configure(rnd.wave, block, chosen, self._history, self.rng)
+        tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
         for task in tasks:
             log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
@@ -444,20 +456,18 @@ class Coordinator:
     async def run_round(self, rnd: Round) -> bool:
         """Run one round attempt to its end; True if it closed with a new global version."""
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        threshold = self.job.options.get("variance_threshold")
-        lr = float(self.job.hparams["lr"])
         while True:
             await self._collect(rnd)
             rows = self.store.updates(rnd.id)
-            accepted = [as_accepted(row) for row in rows]
-            variance = None
-            if self.job.method != "fwdgrad" or threshold is None or len(accepted) < self.job.min_devices:
+            accepted = [AcceptedUpdate.from_row(row) for row in rows]
+            if len(accepted) < self.job.min_devices:
+                variance = None
                 break
-            variance = estimate_variance(accepted, self.job.adapter_dim, self.kind, lr, block)
-            if variance <= threshold or rnd.wave + 1 >= int(self.job.options.get("max_waves", 1)):
+            more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+            if not more:
                 break
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
-                     rnd.number, variance, threshold, rnd.wave + 1)
+                     rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
             rnd = self.store.next_wave(rnd.id)
         if len(accepted) < self.job.min_devices:
             reason = (f"{len(accepted)} of the required {self.job.min_devices} updates arrived before the deadline "
@@ -471,11 +481,10 @@ class Coordinator:
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
-        if (sigma := self.job.options.get("dp_noise_multiplier")) is not None:
-            metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.job.options["dp_delta"])
-        if self.job.method == "fwdgrad" and len(accepted) > 1:
-            metrics["estimate_variance"] = (variance if variance is not None else
-                                            estimate_variance(accepted, self.job.adapter_dim, self.kind, lr, block))
+        if (sigma := self.options.dp_noise_multiplier) is not None:
+            metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.options.dp_delta)
+        if variance is not None:
+            metrics["estimate_variance"] = variance
         version = self.store.close_round(rnd, new, metrics)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)
@@ -524,7 +533,7 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
     # the cap bounds what a flooding one makes the server hold. Reading pauses while the queue is
     # full, so closing such a connection cannot finish its handshake: close_timeout bounds that wait.
     async with serve(coordinator.handle, host, port, ssl=tls, process_request=coordinator.check_handshake,
-                     max_size=max_frame_bytes(job.adapter_dim, job.hparams), max_queue=4, close_timeout=2,
+                     max_size=max_frame_bytes(job), max_queue=4, close_timeout=2,
                      ping_interval=heartbeat_s, ping_timeout=heartbeat_s) as server:
         bound = server.sockets[0].getsockname()[1]
         url = f"{'wss' if tls else 'ws'}://{host}:{bound}"
@@ -542,7 +551,7 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
 
 def job_from_bundle(job_id: str, bundle_path: str, manifest, config: JobConfig) -> Job:
     return Job(id=job_id, bundle=bundle_path, base_model_hash=manifest.base_model_hash, adapter_dim=manifest.adapter_dim,
-               method=config.method, hparams=config.hparams, options=config.options or {}, rounds=config.rounds,
+               method=config.method, hparams=config.hparams, options=config.options.to_json(), rounds=config.rounds,
                devices_per_round=config.devices_per_round, min_devices=config.min_devices,
                round_deadline_s=config.round_deadline_s)
 

@@ -16,20 +16,8 @@ from dataclasses import dataclass
 
 import msgpack
 import numpy as np
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Float,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    UniqueConstraint,
-    create_engine,
-    event,
-    inspect,
-    select,
-)
+from sqlalchemy import (JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint,
+                        create_engine, event, inspect, select)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -258,6 +246,13 @@ class Store:
             s.add(AdapterVersion(job_id=job.id, version=0, vector=data, sha256=sha256(data)))
         return job
 
+    def set_job_options(self, job_id: str, options: dict) -> Job:
+        """Options an older coordinator did not store, filled in when the job is resumed."""
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            job.options = options
+        return job
+
     def finish_job(self, job_id: str) -> None:
         with self.session() as s, s.begin():
             s.get(Job, job_id).status = "finished"
@@ -334,6 +329,13 @@ class Store:
     def abandon_task(self, task_id: str) -> None:
         with self.session() as s, s.begin():
             s.get(Task, task_id).abandoned_at = time.time()
+
+    def restore_task(self, task_id: str) -> Task:
+        """An abandoned task given back to its device (no other device took it over)."""
+        with self.session() as s, s.begin():
+            task = s.get(Task, task_id)
+            task.abandoned_at = None
+        return task
 
     def add_refusal(self, job_id: str, device_id: str | None, code: str, reason: str) -> None:
         with self.session() as s, s.begin():

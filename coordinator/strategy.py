@@ -1,63 +1,158 @@
-"""The aggregation rule, behind one seam: a new method is a new Strategy class.
+"""The Strategy seam between the round machinery and the rule it runs.
 
-The round machinery (coordinator.server) collects accepted updates and hands them here with
-the round's global adapter; the strategy returns the next global adapter.
+Like Flower's, a strategy both configures a round (how many devices and which, what each
+device's task says: its learning rate, the round's block, the wave; whether the round needs
+another wave of perturbations) and aggregates the answers into the next global adapter. The
+round machinery (coordinator.server) does everything else: connections, tasks stored and
+sent, deadlines, restarts. A new rule is a new Strategy class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgpack
 import numpy as np
 
-from coordinator.store import AcceptedUpdate
-from fwdfed.directions import combine
+from coordinator.job import JobOptions
+from coordinator.lr_strategies import client_lrs
+from fwdfed import methods
+from fwdfed.methods import Method
+from fwdfed.update import SeedUpdate
+
+Block = tuple[int, int] | None
+# Per device: its train loss in every closed round it took part in, and its change of the adapter
+# in the latest one (for FedMeZO's model-diff learning rates).
+History = tuple[dict[str, list[float]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """An accepted update as aggregation reads it."""
+    device_id: str
+    num_examples: int
+    change: SeedUpdate
+
+    @property
+    def pairs(self) -> list[tuple[int, float]]:
+        return self.change.pairs
+
+    @classmethod
+    def of(cls, device_id: str, pairs: list[tuple[int, float]], num_examples: int, scale: float = 1.0,
+           dense: np.ndarray | None = None) -> "AcceptedUpdate":
+        return cls(device_id, num_examples, SeedUpdate(pairs, scale, dense))
+
+    @classmethod
+    def from_row(cls, row) -> "AcceptedUpdate":
+        """A stored update (coordinator.store's UpdateRow)."""
+        pairs = [(int(a), float(b)) for a, b in msgpack.unpackb(row.pairs)]
+        dense = np.frombuffer(row.dense, "<f4") if row.dense else None
+        return cls(row.device_id, row.num_examples, SeedUpdate(pairs, row.scale, dense))
 
 
 class Strategy(Protocol):
-    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate],
-                  block: tuple[int, int] | None = None) -> np.ndarray: ...
+    def target(self, connected: int, current: int) -> int:
+        """Devices the round samples, given how many are connected and the round's target so far."""
+
+    def sample(self, idle: list[str], count: int, rng: random.Random) -> list[str]:
+        """`count` of the idle connected devices to task."""
+
+    def configure(self, wave: int, block: Block, devices: list[str], history: Callable[[], History],
+                  rng: random.Random) -> dict[str, dict]:
+        """Each chosen device's task hyperparameters."""
+
+    def another_wave(self, updates: list[AcceptedUpdate], dim: int, wave: int,
+                     block: Block) -> tuple[bool, float | None]:
+        """Whether the round asks its devices for another wave, and the estimate variance (if any)."""
+
+    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate], block: Block = None) -> np.ndarray:
+        """The next global adapter."""
 
 
 @dataclass
 class SeedFedAvg:
-    """w' = w + server_lr * sum_i (n_i / N) * ((scale_i - 1) w + sum_k coef_ik * direction(seed_ik) + dense_i).
+    """w' = w + server_lr * sum_i (n_i / N) * delta_i, delta_i = (scale_i - 1) w + sum_k coef_ik z(seed_ik) + dense_i.
 
-    Each device's update is its seed-form change of the adapter (directions restricted to the
-    round's block, if any); devices are weighted by their number of examples, as in FedAvg.
+    Devices are weighted by their number of examples, as in FedAvg; directions are restricted
+    to the round's block, if any; `clip` bounds the norm of each device's coefficient vector.
+    It configures rounds from the job: `devices_per_round` (or a `fraction` of the connected
+    devices, at least `min_devices`), client learning rates by `lr_strategy`, and for methods
+    that estimate a gradient, waves while the estimate's variance is above the threshold.
     """
 
-    server_lr: float = 1.0
-    kind: str = "rademacher"
-    clip: float | None = None  # per-device bound on the norm of its coefficient vector
+    method: Method = field(default_factory=lambda: methods.get("mezo"))
+    hparams: dict = field(default_factory=dict)  # the job's task hyperparameters
+    options: JobOptions = field(default_factory=JobOptions)
+    devices_per_round: int = 1
+    min_devices: int = 1
 
-    def clipped(self, u: AcceptedUpdate) -> list[tuple[int, float]]:
-        norm = float(np.sqrt(sum(c * c for _, c in u.pairs)))
-        if self.clip is None or norm <= self.clip:
-            return u.pairs
-        return [(seed, coef * self.clip / norm) for seed, coef in u.pairs]
+    @property
+    def kind(self) -> str:
+        return str(self.hparams.get("kind", "rademacher"))
 
-    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate],
-                  block: tuple[int, int] | None = None) -> np.ndarray:
+    # ---- configuring a round ----
+    def target(self, connected: int, current: int) -> int:
+        if self.options.fraction is None:
+            return self.devices_per_round
+        return max(current, self.min_devices, math.ceil(self.options.fraction * connected))
+
+    def sample(self, idle: list[str], count: int, rng: random.Random) -> list[str]:
+        return rng.sample(sorted(idle), max(0, min(count, len(idle))))
+
+    def configure(self, wave: int, block: Block, devices: list[str], history: Callable[[], History],
+                  rng: random.Random) -> dict[str, dict]:
+        o = self.options
+        eta0 = float(self.hparams["lr"])
+        losses, last = history() if o.lr_strategy != "frozen" else ({}, {})
+        lrs = client_lrs(o.lr_strategy, eta0, o.lr_delta if o.lr_delta is not None else eta0 / 2, devices, losses,
+                         last, rng)
+        out = {}
+        for device_id in devices:
+            hparams = {**self.hparams, "lr": lrs[device_id], "wave": wave}
+            if block is not None:
+                hparams |= {"block_start": block[0], "block_end": block[1]}
+            out[device_id] = hparams
+        return out
+
+    def another_wave(self, updates: list[AcceptedUpdate], dim: int, wave: int,
+                     block: Block) -> tuple[bool, float | None]:
+        threshold = self.options.variance_threshold
+        if not self.method.estimates_gradient or len(updates) < 2:
+            return False, None
+        variance = estimate_variance(updates, dim, self.kind, float(self.hparams["lr"]), block)
+        more = threshold is not None and variance > threshold and wave + 1 < self.options.max_waves
+        return more, variance
+
+    # ---- aggregating ----
+    def clipped(self, u: AcceptedUpdate) -> SeedUpdate:
+        clip = self.options.clip
+        norm = math.sqrt(math.fsum(c * c for _, c in u.pairs))
+        if clip is None or norm <= clip:
+            return u.change
+        return u.change.with_pairs([(seed, coef * clip / norm) for seed, coef in u.pairs])
+
+    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate], block: Block = None) -> np.ndarray:
         total = sum(u.num_examples for u in updates)
         if not updates or total <= 0:
             return global_adapter.copy()
-        weights = [self.server_lr * u.num_examples / total for u in updates]
-        weighted = [(seed, w * coef) for u, w in zip(updates, weights) for seed, coef in self.clipped(u)]
-        w64 = global_adapter.astype(np.float64)
-        shrink = sum(w * (u.scale - 1.0) for u, w in zip(updates, weights))
-        dense = sum((w * u.dense.astype(np.float64) for u, w in zip(updates, weights) if u.dense is not None), 0.0)
-        new = w64 + shrink * w64 + combine(weighted, global_adapter.shape[0], self.kind, block) + dense
+        w = global_adapter.astype(np.float64)
+        new = w.copy()
+        for u in updates:
+            new += (self.options.server_lr * u.num_examples / total) * self.clipped(u).delta(w, self.kind, block)
         return new.astype(np.float32)
 
 
-def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block=None) -> np.ndarray:
-    """Each device's dense change of the adapter (scale ignored), [devices, dim]."""
-    return np.stack([combine(u.pairs, dim, kind, block) for u in updates])
+def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block: Block = None) -> np.ndarray:
+    """Each device's seed-form change of the adapter (scale and dense left out), [devices, dim]."""
+    zero = np.zeros(dim, dtype=np.float32)
+    return np.stack([SeedUpdate(u.pairs).delta(zero, kind, block) for u in updates])
 
 
-def estimate_variance(updates: list[AcceptedUpdate], dim: int, kind: str, lr: float, block=None) -> float:
+def estimate_variance(updates: list[AcceptedUpdate], dim: int, kind: str, lr: float, block: Block = None) -> float:
     """FwdLLM's check: the variance of the round's mean gradient estimate, averaged over elements.
 
     Each device's update is -lr times its gradient estimate; the variance of the mean of N

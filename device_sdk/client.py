@@ -19,12 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import (
-    ConnectionClosed,
-    InvalidHandshake,
-    InvalidStatus,
-    InvalidURI,
-)
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from device_sdk.budget import BudgetGuard
 from device_sdk.data import encode, read_examples, shard, split
@@ -32,22 +27,16 @@ from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
-from fwdfed.directions import combine
 from fwdfed.errors import UserError
 from fwdfed.memory import peak_rss
 from fwdfed.memory_plan import plan_memory
-from fwdfed.methods.backprop import Backprop, BackpropConfig
+from fwdfed import methods
 from fwdfed.methods.estimate import hparam, mean_loss, parse_steps
-from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
-from fwdfed.methods.mezo import Mezo, MezoConfig
 from fwdfed.net import is_loopback
 
 log = logging.getLogger("device")
 
 LOSS_PROBE_BATCHES = 4  # batches on which loss_before / loss_after are measured
-# method name in a task -> (its config, its optimizer)
-METHODS = {"mezo": (MezoConfig, Mezo), "fwdgrad": (FwdGradConfig, ForwardGradient),
-           "backprop": (BackpropConfig, Backprop)}
 
 
 class DeviceError(UserError):
@@ -99,8 +88,9 @@ class Device:
             raise DeviceError(f"task {task.task_id} carries {len(task.adapter)} adapter bytes, expected {4 * m.adapter_dim}")
         if hashlib.sha256(task.adapter).hexdigest() != task.adapter_sha256:
             raise DeviceError(f"task {task.task_id}: the adapter does not match its sha256 (corrupted in transit)")
-        if task.method not in METHODS:
-            raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs {sorted(METHODS)}")
+        if task.method not in methods.METHODS:
+            raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs "
+                              f"{methods.names()}")
         if len(task.reference) not in (0, 4 * m.adapter_dim):
             raise DeviceError(f"task {task.task_id} carries a reference of {len(task.reference)} bytes")
         adapter = np.frombuffer(task.adapter, dtype="<f4").copy()
@@ -112,10 +102,10 @@ class Device:
 
     def train(self, task: protocol.Task) -> protocol.Update:
         adapter = self.check_task(task)
-        config_cls, optimizer_cls = METHODS[task.method]
+        method = methods.get(task.method)
         # Every hyperparameter is checked here, before the first allocation the task sizes.
         try:
-            config = config_cls.from_hparams(task.hparams)
+            config = method.config.from_hparams(task.hparams)
             steps = parse_steps(task.hparams)
             wave = hparam(task.hparams, "wave", int, 0)
             if wave < 0:
@@ -130,7 +120,7 @@ class Device:
             raise DeviceError(f"task {task.task_id} has an unusable hyperparameter: {e}") from None
         if self.plan is not None:  # a task may ask for more directions per step than the plan assumed
             plan_memory(self.bundle, self.plan.budget, self.num_examples, getattr(config, "directions", 1),
-                        runtime=self.plan.runtime)
+                        runtime=self.plan.runtime, method=method.name)
         reference = np.frombuffer(task.reference, dtype="<f4") if task.reference else None
         # A different slice of the shard every round; the same seeds never repeat across devices or rounds.
         start = (task.round * steps) % len(self.batches)
@@ -139,11 +129,9 @@ class Device:
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(self.engine, probe, adapter)
         guard = BudgetGuard(self.config.mem_budget_bytes)
-        run = optimizer_cls(self._engine_for(task.method), adapter, config, rng, reference).train(batches, steps, guard)
-        local = run.scale * adapter.astype(np.float64) + combine(run.pairs, adapter.shape[0], config.kind, config.block)
-        if run.dense is not None:
-            local += run.dense
-        loss_after = mean_loss(self.engine, probe, local.astype(np.float32))
+        optimizer = method.make_optimizer(self._engine_for(method), adapter, config, rng, reference)
+        run = optimizer.train(batches, steps, guard)
+        loss_after = mean_loss(self.engine, probe, run.update.apply(adapter, config.kind, config.block))
         guard()  # the probe evaluations count too
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],
@@ -152,9 +140,9 @@ class Device:
                                num_examples=self.num_examples,
                                loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss())
 
-    def _engine_for(self, method: str):
+    def _engine_for(self, method: methods.Method):
         """The ExecuTorch program for forward-only methods; eager PyTorch (autograd) for backprop."""
-        if method != "backprop":
+        if not method.needs_autograd:
             return self.engine
         if self._eager is None:
             from device_sdk.eager import EagerEngine

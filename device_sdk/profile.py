@@ -9,10 +9,11 @@ same batch, and measures (the kernel's own counters, /proc/self/status):
   weights and the backend's initialisation;
 - work: what the step added above that, at its peak (activations, planned buffers, adapter
   copies, optimizer state);
-and the median time per step. Modes: inference (one forward, P = 1), mezo (one step, one
-direction: P = 2), fwdgrad (one batch, 4 directions: P = 8), batched (the program's largest P),
-and backprop (peft LoRA with AdamW in eager PyTorch: the baseline). It writes report.json and a
-self-contained report.html with the plots.
+and the median time per step. Modes (`device_sdk.measure`): inference (one forward, P = 1),
+one step of every training method in `fwdfed.methods` at its default directions (mezo: one
+direction, P = 2; fwdgrad: 4 directions, P = 8; backprop: peft LoRA with AdamW in eager
+PyTorch, the baseline), and batched (MeZO at the program's largest P). It writes report.json
+and a self-contained report.html with the plots.
 """
 
 from __future__ import annotations
@@ -21,89 +22,11 @@ import argparse
 import base64
 import io
 import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
-from fwdfed.errors import UserError
 
-MODES = ("inference", "mezo", "fwdgrad", "batched", "backprop")
-
-
-def reset_peak() -> None:
-    """Make VmHWM restart from the current RSS (Linux: clear_refs 5), so a phase's peak is its own."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
-    """One mode in this (fresh) process; returns the figures as a dict."""
-    quiet_libraries()
-    import numpy as np
-    import torch
-
-    from fwdfed.batch import Batch
-    from fwdfed.bundle.manifest import load_bundle
-    from fwdfed.memory import status_field
-
-    runtime = status_field("VmRSS")
-    bundle = load_bundle(bundle_dir)
-    m = bundle.manifest
-    b, length = m.inputs["batch_size"], m.inputs["seq_len"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, m.model["vocab_size"], (b, length), generator=g)
-    labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
-    batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
-    w = bundle.initial_adapter()
-    rng = np.random.default_rng(0)
-
-    if mode == "backprop":
-        from device_sdk.eager import EagerEngine
-        from fwdfed.methods.backprop import Backprop, BackpropConfig
-
-        engine = EagerEngine(bundle)
-        optimizer = Backprop(engine, w, BackpropConfig(lr=1e-4))
-        step = lambda: optimizer.train([batch], 1)  # noqa: E731 (one AdamW step from the same start)
-    else:
-        from device_sdk.engine import ProgramEngine
-        from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
-        from fwdfed.methods.mezo import Mezo, MezoConfig
-
-        engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
-        max_n = max(1, m.inputs["max_perturbations"] // 2)
-        if mode == "inference":
-            step = lambda: engine.losses(batch, w)  # noqa: E731
-        elif mode == "fwdgrad":
-            fwd = ForwardGradient(engine, w, FwdGradConfig(lr=1e-4, directions=4), rng)
-            step = lambda: fwd.train([batch], 1)  # noqa: E731
-        else:
-            mezo = Mezo(engine, w, MezoConfig(lr=1e-6, directions=1 if mode == "mezo" else max_n), rng)
-            step = lambda: mezo.train([batch], 1)  # noqa: E731
-    loaded = status_field("VmRSS")
-    reset_peak()
-    times = []
-    for _ in range(repeats + 1):  # the first run also initialises the backends: kept for memory, not time
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    peak = status_field("VmHWM")
-    return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
-            "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
-            "batch": [b, length], "runtime_bytes": runtime, "weights_bytes": loaded - runtime,
-            "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
-            "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
-            "adapter_copies_bytes": adapter_copies(mode, m.adapter_dim, m.inputs["max_perturbations"]),
-            "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
-
-
-def adapter_copies(mode: str, d: int, max_perturbations: int) -> int:
-    """Bytes of adapter-sized float32 vectors a step of `mode` holds: the master copy, and for n
-    directions the n directions and 2n perturbed copies; backprop: weights, gradient, AdamW's two moments."""
-    n = {"inference": 0, "mezo": 1, "fwdgrad": 4, "batched": max(1, max_perturbations // 2)}.get(mode)
-    return 4 * d * (4 if n is None else 1 + 3 * n)
+from device_sdk.measure import MODES, run_fresh
 
 
 def breakdown(r: dict) -> dict[str, int]:
@@ -116,14 +39,6 @@ def breakdown(r: dict) -> dict[str, int]:
             "planned buffers (memory plan)": planned,
             "adapter copies": copies,
             "other step memory (activations, optimizer)": r["work_bytes"] - copies}
-
-
-def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "device_sdk.profile", "--measure", mode, "--bundle", str(bundle),
-                          "--repeats", str(repeats)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise UserError(f"measuring {mode} on {bundle} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _png(fig) -> str:
@@ -196,11 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (report.html, report.json)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--measure", choices=MODES, help=argparse.SUPPRESS)  # internal: one fresh measurement
     args = parser.parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(str(args.bundle[0]), args.measure, args.repeats)))
-        return 0
     if args.out is None:
         parser.error("--out is required")
     if "inference" not in args.modes:
@@ -222,6 +133,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-
     quiet_libraries()
     run_main(main)

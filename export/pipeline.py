@@ -26,33 +26,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import (
-    BASE_MODEL_DIR,
-    INITIAL_ADAPTER,
-    MANIFEST,
-    PROGRAM,
-    TOKENIZER_DIR,
-    Bundle,
-    Manifest,
-    sha256_file,
-)
+from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, Bundle,
+                                    Manifest, sha256_file)
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory
-from fwdfed.model.base_model import (
-    PRESETS,
-    infer_task,
-    load_model,
-    model_hash,
-    write_preset,
-)
-from fwdfed.model.program import (
-    LossProgram,
-    PredictProgram,
-    build_programs,
-    peft_reference_loss,
-    trainable_layout,
-)
+from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
+from fwdfed.model.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
 # Architectures for which peft ships no default LoRA targets: the attention query and value,
@@ -192,9 +172,7 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
           max_perturbations: int):
     """torch.export both methods and lower them to one XNNPACK-delegated ExecuTorch program."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from torch.export import Dim, export
@@ -251,7 +229,7 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
     is left after the runtime, weights, planned buffers and adapter copies is what the backend holds
     beyond the plan: XNNPACK's buffers inside its delegates (which ExecuTorch's memory plan does not
     see), its thread pool and packed weights, and the first run's lazily built state."""
-    from device_sdk.profile import run_fresh
+    from device_sdk.measure import run_fresh
 
     measured = run_fresh(folder, "batched", 0)
     program = manifest.program

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.errors import UserError
+from fwdfed import methods
 from fwdfed.memory import current_rss, format_size
 
 
@@ -47,9 +48,10 @@ class MemoryPlan:
 
 
 def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
-                runtime: int | None = None) -> MemoryPlan:
-    """The plan for `directions` per step, or BudgetError. A step holds all its directions and
-    perturbed copies at once, however many program calls (of at most P vectors) it takes.
+                runtime: int | None = None, method: str = "mezo") -> MemoryPlan:
+    """The plan for `directions` per step of `method`, or BudgetError. A step holds all its
+    directions and perturbed copies at once (the method says how many adapter copies that is),
+    however many program calls (of at most P vectors) it takes.
     `runtime`: the baseline measured before anything was loaded (default: measured now)."""
     m = bundle.manifest
     d = m.adapter_dim
@@ -60,7 +62,7 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
         weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
         activations=int(sum(m.program["planned_memory_bytes"].values())),
         workspace=int(m.program.get("workspace_bytes", 0)),
-        adapters=(1 + 3 * n) * d * 4,
+        adapters=methods.get(method).adapter_copies(n) * d * 4,
         data=num_examples * m.inputs["seq_len"] * 8 * 3,
         directions=n,
     )

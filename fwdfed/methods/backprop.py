@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fwdfed.batch import Batch
+from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, check_positive, hparam
 
 
@@ -39,6 +39,8 @@ class Backprop:
         self.start = np.array(adapter, dtype=np.float32)
 
     def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
+        import torch  # here, not at the top: the registry of methods is read where torch is absent
+
         w = torch.tensor(self.start, requires_grad=True)
         optimizer = torch.optim.AdamW([w], lr=self.config.lr, weight_decay=self.config.weight_decay)
         run = LocalRun()
@@ -52,3 +54,15 @@ class Backprop:
                 guard()
         run.dense = (w.detach().numpy() - self.start).astype(np.float32)
         return run
+
+
+METHOD = Method(
+    name="backprop",
+    summary="the baseline phones cannot afford: local AdamW steps through eager PyTorch autograd, dense updates",
+    config=BackpropConfig,
+    optimizer=Backprop,
+    hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay"),),
+    needs_autograd=True,
+    uploads_dense=True,
+    adapter_copies=lambda directions: 4,  # weights, gradient and AdamW's two moments
+)

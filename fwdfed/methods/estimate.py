@@ -15,6 +15,7 @@ import numpy as np
 
 from fwdfed.batch import Batch
 from fwdfed.directions import SEED_LIMIT, block_direction
+from fwdfed.update import SeedUpdate
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
 # comes over the network, and 10**9 directions would be 10**9 adapter-sized vectors.
@@ -120,3 +121,7 @@ class LocalRun:
     @property
     def pairs(self) -> list[tuple[int, float]]:
         return [(s, r * self.scale) for s, r in zip(self._seeds, self._raw)]
+
+    @property
+    def update(self) -> SeedUpdate:
+        return SeedUpdate(self.pairs, self.scale, self.dense)

@@ -21,17 +21,9 @@ import numpy as np
 
 from fwdfed.batch import Batch
 from fwdfed.directions import KINDS, block_direction
-from fwdfed.methods.estimate import (
-    MAX_CANDIDATES,
-    MAX_DIRECTIONS,
-    LocalRun,
-    central_differences,
-    check_count,
-    check_positive,
-    draw_seeds,
-    hparam,
-    parse_block,
-)
+from fwdfed.methods.base import Hparam, Method
+from fwdfed.methods.estimate import (MAX_CANDIDATES, MAX_DIRECTIONS, LocalRun, central_differences, check_count,
+                                     check_positive, draw_seeds, hparam, parse_block)
 
 
 @dataclass(frozen=True)
@@ -90,3 +82,17 @@ class ForwardGradient:
             if guard:
                 guard()
         return run
+
+
+METHOD = Method(
+    name="fwdgrad",
+    summary="FwdLLM's forward gradient at the global adapter: K directions per batch, finite-difference JVPs",
+    config=FwdGradConfig,
+    optimizer=ForwardGradient,
+    hparams=(Hparam("candidates", int, 1, "fwdgrad: draw this many times the directions and keep the most "
+                                          "aligned with the last global update"),),
+    default_directions=4,
+    default_kind="gaussian",
+    uses_reference=True,
+    estimates_gradient=True,
+)

@@ -16,16 +16,9 @@ import numpy as np
 
 from fwdfed.batch import Batch
 from fwdfed.directions import KINDS
-from fwdfed.methods.estimate import (
-    MAX_DIRECTIONS,
-    LocalRun,
-    central_differences,
-    check_count,
-    check_positive,
-    draw_seeds,
-    hparam,
-    parse_block,
-)
+from fwdfed.methods.base import Hparam, Method
+from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_positive,
+                                     draw_seeds, hparam, parse_block)
 
 SCHEDULES = ("constant", "linear")
 
@@ -87,3 +80,19 @@ class Mezo:
                 guard()
         return run
 
+
+def scale_range(hparams: dict) -> tuple[float, float]:
+    """Weight decay shrinks the adapter by (1 - lr wd) per step (less on a linear schedule)."""
+    lowest = (1.0 - float(hparams["lr"]) * float(hparams.get("weight_decay", 0.0))) ** int(hparams.get("local_steps", 1))
+    return lowest, 1.0
+
+
+METHOD = Method(
+    name="mezo",
+    summary="local MeZO/SPSA steps: n directions per step, both signs of all n in one program call",
+    config=MezoConfig,
+    optimizer=Mezo,
+    hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay (mezo: sent as `scale`)"),
+             Hparam("schedule", str, "constant", "mezo: the lr over the local steps", SCHEDULES)),
+    scale_range=scale_range,
+)

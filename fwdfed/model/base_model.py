@@ -13,15 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DistilBertConfig,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DistilBertConfig, LlamaConfig, PreTrainedTokenizerFast)
 
 from fwdfed.bundle.tasks import CAUSAL_LM, SEQ_CLS
 from fwdfed.errors import UserError, first_line

@@ -5,12 +5,17 @@ import math
 import numpy as np
 import pytest
 
+from coordinator.job import JobOptions
 from coordinator.privacy import DPSeedFedAvg, gaussian_epsilon
-from coordinator.store import AcceptedUpdate
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategy import AcceptedUpdate, SeedFedAvg
 
 NO_NOISE = 1e-30  # with NO_CLIP, a noise std of 1e-18: below float32 resolution
 NO_CLIP = 1e12
+
+
+def dp_strategy(clip, noise_multiplier, kind: str = "rademacher", server_lr: float = 1.0, seed=None) -> DPSeedFedAvg:
+    options = JobOptions(dp_clip=clip, dp_noise_multiplier=noise_multiplier, server_lr=server_lr)
+    return DPSeedFedAvg(hparams={"kind": kind}, options=options, seed=seed)
 
 
 def adapter(dim: int, seed: int = 0) -> np.ndarray:
@@ -21,7 +26,7 @@ def random_updates(dim: int, devices: int, seed: int = 1, scale: bool = True, de
                    waves: int = 1) -> list[AcceptedUpdate]:
     """`waves` updates from each of `devices` devices, each with a few seed-form pairs."""
     rng = np.random.default_rng(seed)
-    return [AcceptedUpdate(f"dev{i}", [(int(rng.integers(1 << 62)), float(rng.normal())) for _ in range(3)], 7,
+    return [AcceptedUpdate.of(f"dev{i}", [(int(rng.integers(1 << 62)), float(rng.normal())) for _ in range(3)], 7,
                            scale=float(rng.uniform(0.9, 1.0)) if scale else 1.0,
                            dense=(0.1 * rng.standard_normal(dim)).astype(np.float32) if dense else None)
             for _ in range(waves) for i in range(devices)]
@@ -36,8 +41,8 @@ def change_norm(new: np.ndarray, old: np.ndarray) -> float:
 def test_without_noise_or_clip_it_is_seedfedavg_with_equal_counts(kind, block, extras):
     # SeedFedAvg applies a shrink or dense part outside the block; the DP strategy drops it there.
     w, updates = adapter(64), random_updates(64, 4, scale=extras, dense=extras)
-    dp = DPSeedFedAvg(clip=NO_CLIP, noise_multiplier=NO_NOISE, kind=kind, server_lr=0.5, seed=0)
-    expected = SeedFedAvg(server_lr=0.5, kind=kind).aggregate(w, updates, block)
+    dp = dp_strategy(clip=NO_CLIP, noise_multiplier=NO_NOISE, kind=kind, server_lr=0.5, seed=0)
+    expected = SeedFedAvg(hparams={"kind": kind}, options=JobOptions(server_lr=0.5)).aggregate(w, updates, block)
     got = dp.aggregate(w, updates, block)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
@@ -46,28 +51,28 @@ def test_without_noise_or_clip_it_is_seedfedavg_with_equal_counts(kind, block, e
 
 def test_example_counts_do_not_weigh():
     w, updates = adapter(32), random_updates(32, 3)
-    skewed = [AcceptedUpdate(u.device_id, u.pairs, n, u.scale, u.dense) for u, n in zip(updates, (1, 1000, 5))]
-    dp = DPSeedFedAvg(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
+    skewed = [AcceptedUpdate(u.device_id, n, u.change) for u, n in zip(updates, (1, 1000, 5))]
+    dp = dp_strategy(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
     np.testing.assert_allclose(dp.aggregate(w, skewed), SeedFedAvg().aggregate(w, updates), rtol=1e-6, atol=1e-6)
 
 
 def test_every_device_answering_every_wave_is_seedfedavg():
     w, updates = adapter(32), random_updates(32, 3, waves=2)
-    dp = DPSeedFedAvg(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
+    dp = dp_strategy(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
     np.testing.assert_allclose(dp.aggregate(w, updates), SeedFedAvg().aggregate(w, updates), rtol=1e-6, atol=1e-6)
 
 
 def huge(device_id: str) -> AcceptedUpdate:
-    return AcceptedUpdate(device_id, [(s, 1e6) for s in range(5)], 1, scale=3.0, dense=np.full(64, 1e4, np.float32))
+    return AcceptedUpdate.of(device_id, [(s, 1e6) for s in range(5)], 1, scale=3.0, dense=np.full(64, 1e4, np.float32))
 
 
 def silent(device_id: str) -> AcceptedUpdate:
-    return AcceptedUpdate(device_id, [], 1)
+    return AcceptedUpdate.of(device_id, [], 1)
 
 
 def test_one_huge_device_moves_the_adapter_by_clip_over_m():
     w = adapter(64)
-    dp = DPSeedFedAvg(clip=2.0, noise_multiplier=NO_NOISE, server_lr=0.5, seed=0)
+    dp = dp_strategy(clip=2.0, noise_multiplier=NO_NOISE, server_lr=0.5, seed=0)
     moved = change_norm(dp.aggregate(w, [huge("a"), silent("b"), silent("c"), silent("d")]), w)
     assert moved == pytest.approx(0.5 * 2.0 / 4, rel=1e-5)
 
@@ -75,14 +80,14 @@ def test_one_huge_device_moves_the_adapter_by_clip_over_m():
 def test_a_device_with_several_waves_is_clipped_once():
     # Clipping each update would let "a" move the adapter by 3 C / 5 instead of C / 3.
     w = adapter(64)
-    dp = DPSeedFedAvg(clip=1.0, noise_multiplier=NO_NOISE, seed=0)
+    dp = dp_strategy(clip=1.0, noise_multiplier=NO_NOISE, seed=0)
     moved = change_norm(dp.aggregate(w, [huge("a"), huge("a"), huge("a"), silent("b"), silent("c")]), w)
     assert moved == pytest.approx(1.0 / 3, rel=1e-5)
 
 
 def test_zeroing_one_device_moves_the_aggregate_by_at_most_clip_over_m():
     w, others = adapter(64), random_updates(64, 3)
-    dp = DPSeedFedAvg(clip=0.5, noise_multiplier=NO_NOISE, server_lr=0.8, seed=0)
+    dp = dp_strategy(clip=0.5, noise_multiplier=NO_NOISE, server_lr=0.8, seed=0)
     with_it = dp.aggregate(w, [huge("x"), *others])
     without_it = dp.aggregate(w, [silent("x"), *others])
     assert change_norm(with_it, without_it) == pytest.approx(0.8 * 0.5 / 4, rel=1e-4)
@@ -90,15 +95,15 @@ def test_zeroing_one_device_moves_the_aggregate_by_at_most_clip_over_m():
 
 def test_small_changes_are_not_clipped():
     w, updates = adapter(64), random_updates(64, 2)
-    dp = DPSeedFedAvg(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
-    tight = DPSeedFedAvg(clip=1e3, noise_multiplier=NO_NOISE, seed=0)
+    dp = dp_strategy(clip=NO_CLIP, noise_multiplier=NO_NOISE, seed=0)
+    tight = dp_strategy(clip=1e3, noise_multiplier=NO_NOISE, seed=0)
     np.testing.assert_array_equal(tight.aggregate(w, updates), dp.aggregate(w, updates))
 
 
 def noise_of(w: np.ndarray, updates: list[AcceptedUpdate], block=None, **config) -> np.ndarray:
     """The noise the DP strategy added: its result minus the same aggregation without noise."""
-    noisy = DPSeedFedAvg(**config, seed=3).aggregate(w, updates, block).astype(np.float64)
-    clean = DPSeedFedAvg(**{**config, "noise_multiplier": NO_NOISE}, seed=3).aggregate(w, updates, block)
+    noisy = dp_strategy(**config, seed=3).aggregate(w, updates, block).astype(np.float64)
+    clean = dp_strategy(**{**config, "noise_multiplier": NO_NOISE}, seed=3).aggregate(w, updates, block)
     return noisy - clean.astype(np.float64)
 
 
@@ -114,7 +119,7 @@ def test_with_a_block_only_the_block_changes_and_is_noised():
     dim, block = 200_000, (50_000, 150_000)
     w = adapter(dim)
     updates = random_updates(dim, 4)  # with a shrink and a dense part outside the block too
-    new = DPSeedFedAvg(clip=1.0, noise_multiplier=1.5, seed=3).aggregate(w, updates, block)
+    new = dp_strategy(clip=1.0, noise_multiplier=1.5, seed=3).aggregate(w, updates, block)
     np.testing.assert_array_equal(new[: block[0]], w[: block[0]])
     np.testing.assert_array_equal(new[block[1] :], w[block[1] :])
     noise = noise_of(w, updates, block, clip=1.0, noise_multiplier=1.5)
@@ -124,15 +129,15 @@ def test_with_a_block_only_the_block_changes_and_is_noised():
 def test_the_noise_is_reproducible_from_a_seed_and_unpredictable_without_one():
     w, updates = adapter(64), random_updates(64, 2)
     config = dict(clip=1.0, noise_multiplier=1.0)
-    seeded = [DPSeedFedAvg(**config, seed=5).aggregate(w, updates) for _ in range(2)]
+    seeded = [dp_strategy(**config, seed=5).aggregate(w, updates) for _ in range(2)]
     np.testing.assert_array_equal(seeded[0], seeded[1])
-    unseeded = [DPSeedFedAvg(**config).aggregate(w, updates) for _ in range(2)]
+    unseeded = [dp_strategy(**config).aggregate(w, updates) for _ in range(2)]
     assert not np.array_equal(unseeded[0], unseeded[1])
 
 
 def test_no_updates_give_an_unchanged_copy():
     w = adapter(16)
-    new = DPSeedFedAvg(clip=1.0, noise_multiplier=1.0, seed=0).aggregate(w, [])
+    new = dp_strategy(clip=1.0, noise_multiplier=1.0, seed=0).aggregate(w, [])
     np.testing.assert_array_equal(new, w)
     assert new is not w
 
@@ -143,7 +148,7 @@ def test_no_updates_give_an_unchanged_copy():
                                     dict(clip=1.0, noise_multiplier=1.0, kind="uniform")])
 def test_bad_configurations_are_refused(config):
     with pytest.raises(ValueError):
-        DPSeedFedAvg(**config)
+        dp_strategy(**config)
 
 
 def grid_epsilon(sigma: float, rounds: int, delta: float) -> float:

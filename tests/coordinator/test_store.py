@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine
 
+from coordinator.job import JobOptions
 from coordinator.server import JobConfig, job_from_bundle
 from coordinator.store import Meta, StoreError, open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategy import AcceptedUpdate, SeedFedAvg
 from fwdfed.directions import direction
 
 
@@ -73,32 +74,29 @@ def test_state_survives_reopening(db_url):
 
 
 def test_seed_fedavg_weights_devices_by_examples():
-    from coordinator.store import AcceptedUpdate
 
     w = np.zeros(32, np.float32)
-    updates = [AcceptedUpdate("a", [(1, 1.0)], 3), AcceptedUpdate("b", [(2, 1.0)], 1)]
-    new = SeedFedAvg(server_lr=2.0).aggregate(w, updates)
+    updates = [AcceptedUpdate.of("a", [(1, 1.0)], 3), AcceptedUpdate.of("b", [(2, 1.0)], 1)]
+    new = SeedFedAvg(options=JobOptions(server_lr=2.0)).aggregate(w, updates)
     np.testing.assert_allclose(new, 2.0 * (0.75 * direction(1, 32) + 0.25 * direction(2, 32)), rtol=1e-6)
     assert np.array_equal(SeedFedAvg().aggregate(w, []), w)
 
 
 def test_seed_fedavg_applies_weight_decay_scale_and_blocks():
-    from coordinator.store import AcceptedUpdate
     from fwdfed.directions import block_direction
 
     w = np.ones(32, np.float32)
-    updates = [AcceptedUpdate("a", [(1, 1.0)], 1, scale=0.5), AcceptedUpdate("b", [(2, 1.0)], 1, scale=1.0)]
+    updates = [AcceptedUpdate.of("a", [(1, 1.0)], 1, scale=0.5), AcceptedUpdate.of("b", [(2, 1.0)], 1, scale=1.0)]
     new = SeedFedAvg().aggregate(w, updates, block=(8, 16))
     expected = w - 0.25 * w + 0.5 * block_direction(1, 32, block=(8, 16)) + 0.5 * block_direction(2, 32, block=(8, 16))
     np.testing.assert_allclose(new, expected, rtol=1e-6)
 
 
 def test_estimate_variance_is_the_variance_of_the_mean_estimate():
-    from coordinator.store import AcceptedUpdate
     from coordinator.strategy import estimate_variance
 
     lr, dim = 0.1, 16
-    updates = [AcceptedUpdate(str(i), [(i, -lr * (1.0 + i))], 1) for i in range(4)]
+    updates = [AcceptedUpdate.of(str(i), [(i, -lr * (1.0 + i))], 1) for i in range(4)]
     estimates = np.stack([(1.0 + i) * direction(i, dim) for i in range(4)])
     assert estimate_variance(updates, dim, "rademacher", lr) == pytest.approx(estimates.var(axis=0, ddof=1).mean() / 4)
     assert estimate_variance(updates[:1], dim, "rademacher", lr) == float("inf")

@@ -3,14 +3,10 @@ processes on loopback, SQLite, and held-out evaluation through the ExecuTorch pr
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from coordinator.store import open_store
 from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command

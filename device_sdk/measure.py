@@ -1,0 +1,123 @@
+"""python -m device_sdk.measure: one training step's peak memory and time, in this fresh process.
+
+    python -m device_sdk.measure --bundle B --mode batched [--repeats 3]
+
+prints one JSON line: resident memory after the imports (the runtime), after loading the
+program (or, for a method that needs autograd, the eager model), the step's peak (the kernel's
+VmHWM, reset before the step) and the median time per step. Modes: inference (P = 1), every
+method of `fwdfed.methods` at its default directions, and batched (MeZO at the program's
+largest P). The profiler (`device_sdk.profile`) and the exporter's memory fit
+(`python -m export --mem`) run it in fresh processes, so no mode's memory leaks into another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fwdfed import methods
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
+
+MODES = ("inference", *methods.names(), "batched")
+
+
+def reset_peak() -> None:
+    """Make VmHWM restart from the current RSS (Linux: clear_refs 5), so a phase's peak is its own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def directions_of(mode: str, max_perturbations: int) -> int:
+    """Directions per step in `mode`: none for inference, the program's largest call for batched."""
+    if mode == "inference":
+        return 0
+    if mode == "batched":
+        return max(1, max_perturbations // 2)
+    return methods.get(mode).default_directions
+
+
+def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
+    """One mode in this (fresh) process; returns the figures as a dict."""
+    quiet_libraries()
+    import numpy as np
+    import torch
+
+    from fwdfed.batch import Batch
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.memory import status_field
+
+    runtime = status_field("VmRSS")
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    b, length = m.inputs["batch_size"], m.inputs["seq_len"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, m.model["vocab_size"], (b, length), generator=g)
+    labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
+    batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
+    w = bundle.initial_adapter()
+    n = directions_of(mode, m.inputs["max_perturbations"])
+    method = methods.get("mezo" if mode in ("inference", "batched") else mode)
+    if method.needs_autograd:
+        from device_sdk.eager import EagerEngine
+
+        engine = EagerEngine(bundle)
+    else:
+        from device_sdk.engine import ProgramEngine
+
+        engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+    if mode == "inference":
+        step = lambda: engine.losses(batch, w)  # noqa: E731
+    else:
+        # A tiny lr: memory and time do not depend on it, and every repeat starts near the same point.
+        config = method.config.from_hparams({"lr": 1e-6, "eps": 1e-2, "directions": n, "local_steps": 1})
+        optimizer = method.make_optimizer(engine, w, config, np.random.default_rng(0))
+        step = lambda: optimizer.train([batch], 1)  # noqa: E731
+    loaded = status_field("VmRSS")
+    reset_peak()
+    times = []
+    for _ in range(repeats + 1):  # the first run also initialises the backends: kept for memory, not time
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = status_field("VmHWM")
+    copies = 1 if mode == "inference" else method.adapter_copies(n)
+    return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
+            "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
+            "batch": [b, length], "runtime_bytes": runtime, "weights_bytes": loaded - runtime,
+            "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
+            "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
+            "adapter_copies_bytes": 4 * m.adapter_dim * copies,
+            "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
+
+
+def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
+    """`measure` in a fresh process: this process's own memory stays out of the figures."""
+    out = subprocess.run([sys.executable, "-m", "device_sdk.measure", "--mode", mode, "--bundle", str(bundle),
+                          "--repeats", str(repeats)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"measuring {mode} on {bundle} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m device_sdk.measure", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.repeats < 0:
+        parser.error("--repeats must be >= 0")
+    print(json.dumps(measure(str(args.bundle), args.mode, args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_main(main)
