@@ -49,7 +49,7 @@ def test_updates_are_stored_once_per_task(db_url):
     assert task.hparams == {"lr": 1.0}
     assert store.add_update(task, [(1, 0.5)], 1.0, 5, 1.0, 0.9, 3 * 2**30)  # peaks past 2^31 bytes fit
     assert not store.add_update(task, [(2, 0.5)], 1.0, 5, 1.0, 0.9, 100)  # duplicate
-    assert store.accepted(rnd.id)[0].pairs == [(1, 0.5)]
+    assert [AcceptedUpdate.from_row(u).pairs for u in store.updates(rnd.id)] == [[(1, 0.5)]]
     version = store.close_round(rnd, np.ones(16, np.float32), {"heldout_loss": 1.0})
     assert version == 1 and store.open_round(job.id) is None and store.closed_rounds(job.id) == 1
 

@@ -48,13 +48,16 @@ def test_distilbert_classifier_three_devices_three_rounds(tmp_path_factory, tmp_
 
 
 def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle):
-    """kill -9 the coordinator after round 1; a new one on the same database finishes the job
-    with the devices that reconnect, and no update is lost or counted twice."""
+    """kill -9 the coordinator after round 1; a new one on the same database, started without the
+    job's flags, finishes the job with the devices that reconnect, aggregating as the first did
+    (server lr and clip are the job's), and no update is lost or counted twice."""
+    from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
+    from coordinator.strategy import AcceptedUpdate, SeedFedAvg
 
     db, port = tmp_path / "job.db", free_port()
     job_args = ["--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "2",
-                "--local-steps", "20", "--round-deadline", "120"]
+                "--local-steps", "20", "--round-deadline", "120", "--server-lr", "0.5", "--clip", "0.002"]
     first = Coordinator(db, *job_args, port=port)
     devices = subprocess.Popen(
         [sys.executable, "-m", "device_sdk.emulate", "--mem", "1.5GB", "--coordinator", first.url, "--devices", "2",
@@ -84,9 +87,9 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
             updates = s.query(UpdateRow).filter(UpdateRow.round_id == r.id).all()
             assert sorted(u.device_id for u in updates) == ["emu-0", "emu-1"]
     # The same result as an uninterrupted run given the same updates: every version is exactly
-    # the aggregation of the previous one with its round's stored updates.
-    from coordinator.strategy import SeedFedAvg
-
+    # the aggregation of the previous one with its round's stored updates, by the job's own rule.
+    strategy = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
     versions = [np.frombuffer(v.vector, "<f4") for v in store.versions(job.id)]
     for r, before, after in zip(closed, versions, versions[1:]):
-        np.testing.assert_array_equal(SeedFedAvg().aggregate(before, store.accepted(r.id)), after)
+        updates = [AcceptedUpdate.from_row(u) for u in store.updates(r.id)]
+        np.testing.assert_array_equal(strategy.aggregate(before, updates), after)

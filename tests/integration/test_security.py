@@ -124,17 +124,22 @@ def test_limits_and_poisoned_updates_are_refused_with_their_reason(tmp_path, tin
         async with client("honest") as honest:
             task = await honest.recv()
             assert isinstance(task, protocol.Task)
-            # Poisoned answers: each refused with its reason, none stored.
-            poisoned = {
-                "too_many_pairs": honest.update(task, seeds=range(5), coefs=[1e-3] * 5),
-                "norm_bound": honest.update(task, seeds=range(4), coefs=[1.0] * 4),
-                "bad_scale": protocol.Update(**{**honest.update(task).__dict__, "scale": 0.0}),
-                "wrong_dimension": protocol.Update(**{**honest.update(task).__dict__, "dense": b"\0" * 12}),
-            }
-            for code, update in poisoned.items():
+            # Poisoned answers: each refused with its code leading the reason, none stored; the
+            # device keeps its task (a 3-byte dense part is not whole float32 values: still a refusal).
+            poisoned = [
+                ("too_many_pairs", honest.update(task, seeds=range(5), coefs=[1e-3] * 5)),
+                ("norm_bound", honest.update(task, seeds=range(4), coefs=[1.0] * 4)),
+                ("bad_scale", protocol.Update(**{**honest.update(task).__dict__, "scale": 0.0})),
+                ("wrong_dimension", protocol.Update(**{**honest.update(task).__dict__, "dense": b"\0" * 12})),
+                ("wrong_dimension", protocol.Update(**{**honest.update(task).__dict__, "dense": b"\0" * 3})),
+                ("non_finite", protocol.Update(**{**honest.update(task).__dict__,
+                                                 "dense": b"\xff" * (4 * manifest.adapter_dim)})),
+            ]
+            for code, update in poisoned:
                 await honest.send(update)
                 ack = await honest.recv()
                 assert isinstance(ack, protocol.Ack) and not ack.accepted, code
+                assert ack.reason.startswith(f"{code}: "), (code, ack.reason)
 
             # A device past its message rate is disconnected with the reason.
             async with client("flood") as flood:

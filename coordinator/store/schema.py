@@ -1,0 +1,141 @@
+"""The coordinator's tables: everything it knows about jobs, devices, rounds, tasks, updates,
+adapter versions, metrics, refusals and credentials.
+
+Nothing about a job lives only in memory: the job, its rounds, the tasks sent, every
+accepted update and every global adapter version are rows, so a restarted coordinator
+continues from the database.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 3  # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials
+UPGRADABLE = {"2"}  # versions whose upgrade only adds tables
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bundle: Mapped[str] = mapped_column(String(1024))
+    base_model_hash: Mapped[str] = mapped_column(String(64))
+    adapter_dim: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(32))
+    hparams: Mapped[dict] = mapped_column(JSON)  # sent to devices with every task
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # coordinator-side: lr strategy, blocks, variance
+    rounds: Mapped[int] = mapped_column(Integer)
+    devices_per_round: Mapped[int] = mapped_column(Integer)
+    min_devices: Mapped[int] = mapped_column(Integer)
+    round_deadline_s: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | finished
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    num_examples: Mapped[int] = mapped_column(Integer, default=0)
+    mem_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    first_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    last_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    status: Mapped[str] = mapped_column(String(16), default="online")  # online | gone
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("job_id", "number", "attempt"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    number: Mapped[int] = mapped_column(Integer)  # 1-based round of the job
+    attempt: Mapped[int] = mapped_column(Integer, default=1)  # a failed round is retried as a new attempt
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | closed | failed
+    base_version: Mapped[int] = mapped_column(Integer)
+    target: Mapped[int] = mapped_column(Integer, default=0)  # devices sampled (grows with --fraction)
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # FwdLLM: more perturbations asked while variance is high
+    wave_opened_at: Mapped[float] = mapped_column(Float, default=time.time)
+    block_start: Mapped[int | None] = mapped_column(Integer, nullable=True)  # block-cyclic: the slice perturbed
+    block_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    opened_at: Mapped[float] = mapped_column(Float, default=time.time)
+    closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("round_id", "device_id", "wave"),)
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    hparams: Mapped[dict] = mapped_column(JSON)  # as sent: a resent task is the same task
+    abandoned_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its device went away; reassigned
+    sent_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class UpdateRow(Base):
+    __tablename__ = "updates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)  # one update per task
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    pairs: Mapped[bytes] = mapped_column(LargeBinary)  # msgpack [[seed, coef], ...]
+    num_pairs: Mapped[int] = mapped_column(Integer)
+    scale: Mapped[float] = mapped_column(Float, default=1.0)
+    dense: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32, the backprop baseline
+    num_examples: Mapped[int] = mapped_column(Integer)
+    loss_before: Mapped[float] = mapped_column(Float)
+    loss_after: Mapped[float] = mapped_column(Float)
+    peak_rss_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class AdapterVersion(Base):
+    __tablename__ = "adapter_versions"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian
+    sha256: Mapped[str] = mapped_column(String(64))
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Refusal(Base):
+    """A refused update or connection: what, from whom, why."""
+    __tablename__ = "refusals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(128))
+    device_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(1024))
+    at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Credential(Base):
+    """A device's enrolment: the sha256 of its token (the token itself is never stored)."""
+    __tablename__ = "credentials"
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
