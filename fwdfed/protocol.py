@@ -4,7 +4,7 @@ Every message is a map with `type` (a string) and `v` (the protocol version, an 
 the fields of its type below. A frame that is not a map, has an unknown type or version,
 misses a field, has a field of the wrong type or out of range, or carries fields it should
 not, is refused with a `ProtocolError` naming the reason. docs/protocol.md documents the same
-table for client writers; `tests/coordinator/test_protocol.py` checks the two agree.
+table for client writers; `tests/fwdfed/test_protocol.py` checks the two agree.
 """
 
 from __future__ import annotations

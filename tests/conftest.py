@@ -16,6 +16,17 @@ TINYSTORIES = SHARED / "data" / "tinystories" / "train_head.txt"
 SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 
+# Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
+SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle"}
+SLOW_FOLDERS = {"integration", "android_demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or SLOW_FOLDERS & set(item.path.parts):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_command(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m ...` of this project as a user would, from the project root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

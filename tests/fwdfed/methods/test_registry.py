@@ -1,0 +1,52 @@
+"""The method registry: every method module found by name, and what each declares is what it does."""
+
+import numpy as np
+import pytest
+
+from fwdfed import methods
+from fwdfed.batch import Batch
+from fwdfed.methods.onesided import OneSided, OneSidedConfig
+
+
+def test_every_method_module_is_found_and_mezo_comes_first():
+    assert methods.names()[0] == "mezo"
+    assert {"mezo", "fwdgrad", "backprop", "onesided"} <= set(methods.names())
+    with pytest.raises(ValueError, match="unknown method 'sgd'; known methods: mezo"):
+        methods.get("sgd")
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_each_method_checks_its_task_hyperparameters(name):
+    method = methods.get(name)
+    good = {"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": method.default_directions,
+            "kind": method.default_kind} | {h.name: h.default for h in method.hparams}
+    method.config.from_hparams(good)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        method.config.from_hparams(good | {"lr": -1.0})
+    assert method.adapter_copies(4) >= 1
+    low, high = method.scale_range(good)
+    assert 0 <= low <= high <= 1
+
+
+class Quadratic:
+    """An engine whose loss is 0.5 ||w - target||^2 for every example: the estimators' ground truth."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def losses(self, batch, adapters):
+        adapters = np.atleast_2d(adapters).astype(np.float64)
+        loss = 0.5 * ((adapters - self.target) ** 2).sum(axis=1)
+        return np.repeat(loss[:, None], len(batch.weights), axis=1)
+
+
+def test_onesided_steps_downhill_and_its_pairs_replay_its_adapter():
+    d = 50
+    engine, batch = Quadratic(np.ones(d)), Batch(None, None, None, np.ones(2, np.float32))
+    start = np.zeros(d, np.float32)
+    optimizer = OneSided(engine, start, OneSidedConfig(lr=0.01, eps=1e-3, directions=4), np.random.default_rng(0))
+    run = optimizer.train([batch], steps=200)
+    before, after = engine.losses(batch, start)[0, 0], engine.losses(batch, optimizer.adapter)[0, 0]
+    assert after < 0.5 * before
+    assert len(run.pairs) == 800
+    np.testing.assert_allclose(run.update.apply(start, "rademacher"), optimizer.adapter, atol=1e-4)
