@@ -87,6 +87,9 @@ def parse_args(argv):
     security.add_argument("--dp-noise-multiplier", type=float,
                           help="differential privacy: Gaussian noise of this many times --dp-clip (see docs/privacy.md)")
     security.add_argument("--dp-delta", type=float, default=1e-5, help="differential privacy: the delta of (epsilon, delta)")
+    from device_sdk.data import add_data_arguments
+
+    add_data_arguments(s, "evaluation data: read as the devices read theirs")
     en = commands.add_parser("enrol", help="issue a credential (token) for each device; written to --out")
     en.add_argument("--db", required=True)
     en.add_argument("--device-id", nargs="+", required=True, help="device ids to enrol (re-enrolling replaces the token)")
@@ -170,6 +173,7 @@ def job_options(args) -> JobOptions:
 def serve(args) -> int:
     from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
     from coordinator.store import open_store
+    from device_sdk.data import data_spec
     from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
 
@@ -197,7 +201,10 @@ def serve(args) -> int:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
-    evaluate = Evaluator(bundle, args.eval_data, args.eval_examples) if args.eval_data else None
+    evaluate = None
+    if args.eval_data:
+        spec = data_spec(args, bundle.manifest.model.get("num_labels"))
+        evaluate = Evaluator(bundle, args.eval_data, args.eval_examples, spec=spec)
     blocks = options.blocks
     try:
         block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None

@@ -14,7 +14,7 @@ import logging
 import ssl
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from device_sdk.budget import BudgetGuard
-from device_sdk.data import encode, read_examples, shard, split
+from device_sdk.data import DataSpec, Partition, encode, partition, read_examples, split
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from fwdfed import protocol
@@ -56,6 +56,8 @@ class DeviceConfig:
     seed: int = 0
     token: str | None = None  # the credential from `python -m coordinator enrol`
     ca_file: str | None = None  # trust this CA (PEM) for wss:// besides the system's
+    data_spec: DataSpec | None = None  # how the file is read (None: defaults, with the bundle's classes)
+    partition: Partition = field(default_factory=Partition)  # how the training examples are dealt
 
 
 class Device:
@@ -63,7 +65,9 @@ class Device:
         self.config = config
         self.bundle = load_bundle(config.bundle)
         m = self.bundle.manifest
-        examples = shard(split(read_examples(config.data), "train"), config.shard_index, config.shard_count)
+        spec = replace(config.data_spec or DataSpec(), num_labels=m.model.get("num_labels"))
+        train = split(read_examples(config.data, spec), "train")
+        examples = partition(train, config.shard_count, config.partition)[config.shard_index]
         if not examples:
             raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
         self.num_examples = len(examples)

@@ -30,13 +30,18 @@ def parse_args(argv):
     parser.add_argument("--coordinator", required=True, help="ws://host:port of the coordinator")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
-    parser.add_argument("--data", type=Path, required=True, help="training data (.txt, .csv or .tsv); split into shards")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="training data (.txt, .csv, .tsv or .jsonl); shuffled, held-out slice left out, dealt to the devices")
     parser.add_argument("--device-prefix", default="emu", help="devices are named PREFIX-0, PREFIX-1, ...")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep trying to reach the coordinator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--credentials", type=Path,
                         help="JSON file of device id -> token (from `python -m coordinator enrol`)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate (PEM) that signed the coordinator's wss:// certificate")
+    from device_sdk.data import add_data_arguments, add_partition_arguments
+
+    add_data_arguments(parser, "training data")
+    add_partition_arguments(parser)
     args = parser.parse_args(argv)
     try:
         args.mem_bytes = parse_size(args.mem)
@@ -88,22 +93,37 @@ def read_credentials(path: Path, names: list[str]) -> dict[str, str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    from collections import Counter
+
     from device_sdk.client import DeviceConfig
-    from device_sdk.data import read_examples
+    from device_sdk.data import data_spec, partition, partition_of, read_examples, split
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.memory import format_size
 
     # Check everything the devices share before starting any of them.
     bundle = load_bundle(args.bundle)
-    examples = read_examples(args.data)
+    spec, how = data_spec(args, bundle.manifest.model.get("num_labels")), partition_of(args)
+    examples = read_examples(args.data, spec)
+    shards = partition(split(examples, "train"), args.devices, how)
+    if min(map(len, shards)) == 0:
+        raise UserError(f"{args.devices} devices are more than the {args.split} split of {args.data} can feed: "
+                        "a device would have no examples")
     print(f"emulating {args.devices} devices, budget {args.mem} ({format_size(args.mem_bytes)}) each, "
-          f"{len(examples)} examples in {args.data}, bundle {bundle.manifest.model['source']}", flush=True)
+          f"{len(examples)} examples in {args.data}, model {bundle.manifest.model['source']} (bundle {args.bundle})",
+          flush=True)
+    described = f"{how.how}" + (f", alpha {how.alpha:g}" if how.how == "dirichlet" else "") + \
+        (f", size skew {how.size_skew:g}" if how.size_skew else "") + f", data seed {spec.seed}"
+    print(f"split {described}: shard sizes {[len(s) for s in shards]}", flush=True)
+    if any(e.label is not None for e in examples):
+        for i, s in enumerate(shards[:8]):
+            counts = Counter(e.label for e in s)
+            print(f"  {args.device_prefix}-{i} classes {dict(sorted(counts.items()))}", flush=True)
     names = [f"{args.device_prefix}-{i}" for i in range(args.devices)]
     tokens = read_credentials(args.credentials, names) if args.credentials else {}
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
                             shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
                             connect_timeout_s=args.connect_timeout, seed=args.seed, token=tokens.get(name),
-                            ca_file=str(args.ca_file) if args.ca_file else None)
+                            ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how)
                for i, name in enumerate(names)]
     ctx = multiprocessing.get_context("spawn")
     processes = [ctx.Process(target=run_device, args=(c,), name=c.device_id) for c in configs]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from device_sdk.data import encode, read_examples, split
+from device_sdk.data import DataSpec, encode, read_examples, split
 from device_sdk.engine import ProgramEngine
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
@@ -22,9 +23,11 @@ def load_tokenizer(bundle: Bundle):
 class Evaluator:
     """Mean held-out loss (and accuracy, for classification) of any adapter vector."""
 
-    def __init__(self, bundle: Bundle, data: str | Path, max_examples: int, engine: ProgramEngine | None = None):
+    def __init__(self, bundle: Bundle, data: str | Path, max_examples: int, engine: ProgramEngine | None = None,
+                 spec: DataSpec | None = None):
         m = bundle.manifest
-        examples = split(read_examples(data), "heldout")[:max_examples]
+        spec = replace(spec or DataSpec(), num_labels=m.model.get("num_labels"))
+        examples = split(read_examples(data, spec), "heldout")[:max_examples]
         self.task = m.task
         self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
         self.engine = engine or ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
