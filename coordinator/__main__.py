@@ -102,7 +102,8 @@ def parse_args(argv):
     e = commands.add_parser("export-adapter", help="write a stored global adapter as a peft adapter folder")
     e.add_argument("--db", required=True, help="SQLite file path or SQLAlchemy database URL")
     e.add_argument("--job-id", help="default: the most recent job")
-    e.add_argument("--version", type=int, help="global adapter version (default: the latest)")
+    e.add_argument("--version", help="global adapter version: a number, 'best' (by held-out metric) or "
+                   "'latest' (the default)")
     e.add_argument("--out", type=Path, required=True, help="folder to write (adapter_config.json + weights)")
     st = commands.add_parser("status", help="jobs, rounds, devices, last metrics, refusals")
     st.add_argument("--db", required=True)
@@ -324,8 +325,23 @@ def export_adapter(args) -> int:
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.model.peft_adapter import save_peft_adapter
 
+    from coordinator.report import best_version
+
     store, job = existing_job(args)
-    row = store.latest_version(job.id) if args.version is None else store.version(job.id, args.version)
+    if args.version in (None, "latest"):
+        row = store.latest_version(job.id)
+    elif args.version == "best":
+        best = best_version(store, job)
+        if best is None:
+            raise UserError(f"job {job.id} has no held-out metrics to choose the best version by "
+                            "(serve it with --eval-data)")
+        row = store.version(job.id, best[0])
+        print(f"best version: {best[0]} ({best[1]} {best[2]:.4f})")
+    else:
+        try:
+            row = store.version(job.id, int(args.version))
+        except ValueError:
+            raise UserError(f"--version must be a number, 'best' or 'latest', not {args.version!r}") from None
     if row is None:
         raise UserError(f"job {job.id} has no adapter version {args.version}")
     bundle = load_bundle(job.bundle, check_program=False)

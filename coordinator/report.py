@@ -7,28 +7,59 @@ from collections import Counter
 from pathlib import Path
 
 from coordinator.store import Job, Store
+from fwdfed import methods
 
 
-def status_text(store: Store, job: Job) -> str:
-    lines = [f"job {job.id}: {job.status}, method {job.method}, {store.closed_rounds(job.id)}/{job.rounds} rounds, "
-             f"{job.devices_per_round} devices per round (min {job.min_devices}), bundle {job.bundle}"]
-    lines.append("rounds:")
-    for rnd in store.rounds(job.id):
-        updates = len(store.updates(rnd.id))
-        extra = f" ({rnd.reason})" if rnd.reason else ""
-        lines.append(f"  {rnd.number:>3} attempt {rnd.attempt}: {rnd.status:<6} from version {rnd.base_version}, "
-                     f"{updates} updates, {rnd.wave + 1} wave(s){extra}")
-    lines.append("devices:")
-    now = time.time()
-    for device in store.devices():
-        lines.append(f"  {device.id:<20} {device.status:<6} last seen {now - device.last_seen:7.0f} s ago, "
-                     f"{device.num_examples} examples")
+def metrics_by_version(store: Store, job: Job) -> dict[int, dict[str, float]]:
     by_version: dict[int, dict[str, float]] = {}
     for m in store.metrics(job.id):
         by_version.setdefault(m.version, {})[m.name] = m.value
-    if by_version:
-        last = max(by_version)
-        lines.append(f"metrics of version {last}: " + ", ".join(f"{k} {v:.4g}" for k, v in by_version[last].items()))
+    return by_version
+
+
+def best_version(store: Store, job: Job) -> tuple[int, str, float] | None:
+    """The version with the best held-out metric (accuracy when there is one, else loss), with it."""
+    by_version = metrics_by_version(store, job)
+    for name, better in (("heldout_accuracy", max), ("heldout_loss", min)):
+        scored = {v: m[name] for v, m in by_version.items() if name in m}
+        if scored:
+            version = better(scored, key=lambda v: (scored[v], -v) if better is max else (scored[v], v))
+            return version, name, scored[version]
+    return None
+
+
+def status_text(store: Store, job: Job) -> str:
+    method = methods.get(job.method) if job.method in methods.METHODS else None
+    lines = [f"job {job.id}: {job.status}, method {job.method}, {store.closed_rounds(job.id)}/{job.rounds} rounds, "
+             f"{job.devices_per_round} devices per round (min {job.min_devices}), bundle {job.bundle}"]
+    by_version = metrics_by_version(store, job)
+    shown = [n for n in ("heldout_loss", "heldout_accuracy") if any(n in m for m in by_version.values())]
+    lines.append("rounds:  round attempt status  version  updates waves  seconds  forward passes  peak MiB  "
+                 + "  ".join(n.removeprefix("heldout_") for n in shown))
+    if 0 in by_version:
+        lines.append(f"  {'start':>5} {'':>7} {'':<6} {0:>8} {'':>8} {'':>5} {'':>8} {'':>15} {'':>9} "
+                     + "  ".join(f"{by_version[0].get(n, float('nan')):.4f}" for n in shown))
+    for rnd in store.rounds(job.id):
+        updates = store.updates(rnd.id)
+        passes = sum(method.forward_passes(u.num_pairs, job.hparams) for u in updates) if method else 0
+        peak = max((u.peak_rss_bytes for u in updates), default=0) / 2**20
+        seconds = (rnd.closed_at or time.time()) - rnd.opened_at
+        version = rnd.base_version + 1 if rnd.status == "closed" else None
+        values = by_version.get(version, {}) if version is not None else {}
+        extra = f" ({rnd.reason})" if rnd.reason else ""
+        lines.append(f"  {rnd.number:>5} {rnd.attempt:>7} {rnd.status:<6} {version if version is not None else '-':>8} "
+                     f"{len(updates):>8} {rnd.wave + 1:>5} {seconds:>8.1f} {passes:>15,} {peak:>9.0f} "
+                     + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown) + extra)
+    best = best_version(store, job)
+    if best is not None:
+        lines.append(f"best version: {best[0]} ({best[1]} {best[2]:.4f}); "
+                     f"python -m coordinator export-adapter --version best writes it")
+    lines.append("devices:")
+    now = time.time()
+    for device in store.devices():
+        when = (f"connected, last hello {now - device.last_seen:.0f} s ago" if device.status == "online"
+                else f"away, last seen {now - device.last_seen:.0f} s ago")
+        lines.append(f"  {device.id:<20} {when}, {device.num_examples} examples")
     refused = Counter(r.code for r in store.refusals(job.id))
     lines.append("refused: " + (", ".join(f"{code} {n}" for code, n in sorted(refused.items())) or "none"))
     return "\n".join(lines)

@@ -67,10 +67,16 @@ class Method:
     # so the coordinator can measure the variance of the round's mean estimate and ask for more waves
     adapter_copies: Callable[[int], int] = one_master_and_three_per_direction  # adapter vectors a step holds
     scale_range: Callable[[dict], tuple[float, float]] = unit_scale  # of an honest update's `scale`
+    passes_per_pair: int = 2  # forward passes per direction (central differences: w + eps z and w - eps z)
+    passes_per_step: int = 0  # forward passes per local step besides those (onesided: the shared L(w))
 
     def allowed_pairs(self, hparams: dict) -> int:
         """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""
         return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
+
+    def forward_passes(self, num_pairs: int, hparams: dict) -> int:
+        """Forward passes (one batch, one adapter vector each) an update of `num_pairs` pairs took."""
+        return self.passes_per_pair * num_pairs + self.passes_per_step * int(hparams.get("local_steps", 1))
 
     def make_optimizer(self, engine, adapter: np.ndarray, config, rng: np.random.Generator,
                        reference: np.ndarray | None = None) -> Optimizer:

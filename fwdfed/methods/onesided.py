@@ -75,5 +75,7 @@ METHOD = Method(
     summary="MeZO with forward differences: n directions cost n + 1 forward passes (P = n + 1 per call)",
     config=OneSidedConfig,
     optimizer=OneSided,
+    passes_per_pair=1,
+    passes_per_step=1,
     adapter_copies=lambda n: 2 + 2 * max(1, n),  # the master, n directions, and the n + 1 vectors of the call
 )
