@@ -61,7 +61,10 @@ class DeviceConfig:
 
 
 class Device:
-    def __init__(self, config: DeviceConfig):
+    def __init__(self, config: DeviceConfig, engine: ProgramEngine | None = None,
+                 train_lock: asyncio.Lock | None = None):
+        """`engine` and `train_lock` may be shared by logical devices multiplexed in one process
+        (the emulator's --workers): one loaded program, one training step at a time."""
         self.config = config
         self.bundle = load_bundle(config.bundle)
         m = self.bundle.manifest
@@ -78,7 +81,8 @@ class Device:
                                     m.inputs["max_perturbations"] // 2)
             log.info("%s: %s", config.device_id, self.plan.describe())
         self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
-        self.engine = ProgramEngine.for_bundle(self.bundle)
+        self.engine = engine or ProgramEngine.for_bundle(self.bundle)
+        self.train_lock = train_lock
         self.tasks_done = 0
         self._eager = None  # built on the first backprop task
 
@@ -231,7 +235,11 @@ class Device:
                 log.info("%s: job %s done after %d tasks", self.config.device_id, message.job_id, self.tasks_done)
                 return True
             if isinstance(message, protocol.Task):
-                update = await asyncio.to_thread(self.train, message)
+                if self.train_lock is None:
+                    update = await asyncio.to_thread(self.train, message)
+                else:
+                    async with self.train_lock:
+                        update = await asyncio.to_thread(self.train, message)
                 await ws.send(update.to_wire())
             elif isinstance(message, protocol.Ack):
                 self.tasks_done += message.accepted

@@ -29,6 +29,8 @@ def parse_args(argv):
     parser.add_argument("--mem", required=True, help="memory budget per device, e.g. 1.5GB, 1500MB, 800MiB")
     parser.add_argument("--coordinator", required=True, help="ws://host:port of the coordinator")
     parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--workers", type=int, help="processes the devices are multiplexed over (default: one per "
+                        "device); a worker loads the program once and trains one device at a time")
     parser.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
     parser.add_argument("--data", type=Path, required=True,
                         help="training data (.txt, .csv, .tsv or .jsonl); shuffled, held-out slice left out, dealt to the devices")
@@ -49,6 +51,10 @@ def parse_args(argv):
         parser.error(f"--mem: {e}")
     if args.devices < 1:
         parser.error("--devices must be at least 1")
+    if args.workers is None:
+        args.workers = args.devices
+    if not 1 <= args.workers <= args.devices:
+        parser.error("--workers must be between 1 and --devices")
     if not args.coordinator.startswith(("ws://", "wss://")):
         parser.error(f"--coordinator must be a ws:// or wss:// URL, got {args.coordinator!r}")
     if args.connect_timeout <= 0:
@@ -56,19 +62,28 @@ def parse_args(argv):
     return args
 
 
-def run_device(config) -> None:
-    """Process entry: one device, start to finish. Exit status 2 with one line on a user error."""
+def run_devices(configs: list) -> None:
+    """Process entry: these logical devices, start to finish, sharing one loaded program and taking
+    turns to train (each keeps its own shard, token, seeds and connection). Exit status 2 with one
+    line on a user error."""
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     from device_sdk.client import Device
     from fwdfed.memory import format_size, peak_rss
 
+    async def run_all() -> list[int]:
+        lock, first = asyncio.Lock(), Device(configs[0])
+        devices = [first] + [Device(c, engine=first.engine, train_lock=lock) for c in configs[1:]]
+        first.train_lock = lock
+        return await asyncio.gather(*(d.run() for d in devices))
+
     def main(_argv):
-        device = Device(config)
-        tasks = asyncio.run(device.run())
-        budget = format_size(config.mem_budget_bytes) if config.mem_budget_bytes else "none"
-        print(f"device {config.device_id}: {tasks} updates accepted, peak RSS {format_size(peak_rss())} "
-              f"(budget {budget})", flush=True)
+        done = asyncio.run(run_all())
+        budget = format_size(configs[0].mem_budget_bytes) if configs[0].mem_budget_bytes else "none"
+        for config, tasks in zip(configs, done):
+            print(f"device {config.device_id}: {tasks} updates accepted", flush=True)
+        print(f"worker of {len(configs)} device(s): peak RSS {format_size(peak_rss())} (budget {budget} per process)",
+              flush=True)
         return 0
 
     run_main(main)
@@ -126,14 +141,15 @@ def main(argv=None) -> int:
                             ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how)
                for i, name in enumerate(names)]
     ctx = multiprocessing.get_context("spawn")
-    processes = [ctx.Process(target=run_device, args=(c,), name=c.device_id) for c in configs]
+    groups = [configs[w :: args.workers] for w in range(args.workers)]
+    processes = [ctx.Process(target=run_devices, args=(g,), name=",".join(c.device_id for c in g)) for g in groups]
     for p in processes:
         p.start()
     for p in processes:
         p.join()
-    failed = [p.name for p in processes if p.exitcode != 0]
+    failed = [c.device_id for p, g in zip(processes, groups) if p.exitcode != 0 for c in g]
     if failed:
-        print(f"error: {len(failed)} of {len(processes)} devices failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(configs)} devices failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
