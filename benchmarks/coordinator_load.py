@@ -26,6 +26,7 @@ from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the model-free protocol client lives with the tests (tests/support)
 
 
 async def fleet(url: str, n: int, manifest, pairs: int) -> int:
