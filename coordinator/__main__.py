@@ -42,8 +42,12 @@ def parse_args(argv):
                    "(at least --min-devices) instead of --devices-per-round")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
-    s.add_argument("--method", choices=methods.names(), default="mezo",
-                   help="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
+    s.add_argument("--method", choices=methods.names(selectable_only=True), default="mezo",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values() if m.selectable))
+    s.add_argument("--head-init", choices=("none", "lda"), default="none",
+                   help="lda: round 1 collects class statistics through the program's features method and sets "
+                        "the classifier to their linear discriminant (fwdfed/methods/class_stats.py); the training "
+                        "rounds follow")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--eps", type=float, default=1e-2, help="perturbation size (FwdLLM's h for fwdgrad)")
     s.add_argument("--local-steps", type=int, default=50, help="MeZO steps (fwdgrad: batches) per device per round")
@@ -165,7 +169,7 @@ def job_hparams(args) -> dict:
 
 
 def job_options(args) -> JobOptions:
-    return JobOptions(fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
+    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
                       blocks=args.blocks, variance_threshold=args.variance_threshold, max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
                       dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta)
@@ -186,7 +190,11 @@ def serve(args) -> int:
         if store.job(args.job_id) is not None:
             raise UserError(f"job {args.job_id} in {args.db} has already finished; pass another --job-id")
         bundle = load_bundle(args.bundle)
-        config = JobConfig(rounds=args.rounds, devices_per_round=args.devices_per_round, min_devices=args.min_devices,
+        if args.head_init == "lda":
+            check_head_init(bundle, args.lda_shrinkage)
+        head_rounds = 1 if args.head_init == "lda" else 0
+        config = JobConfig(rounds=args.rounds + head_rounds, devices_per_round=args.devices_per_round,
+                           min_devices=args.min_devices,
                            round_deadline_s=args.round_deadline, hparams=job_hparams(args), method=args.method,
                            options=job_options(args))
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
@@ -221,7 +229,7 @@ def serve(args) -> int:
               "pass --cert and --key", file=sys.stderr, flush=True)
     coordinator = Coordinator(store, job, strategy_for(job, options), evaluate, seed=args.seed,
                               max_attempts=args.max_attempts, blocks=block_bounds, device_timeout_s=args.device_timeout,
-                              limits=limits)
+                              limits=limits, layout=bundle.manifest.layout)
     tls = tls_context(args.cert, args.key) if args.cert else None
     ok = asyncio.run(serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat, tls=tls,
                                ready=lambda url: print(f"listening on {url}", flush=True)))
@@ -230,6 +238,18 @@ def serve(args) -> int:
         return 1
     print(f"job {job.id} finished", flush=True)
     return 0
+
+
+def check_head_init(bundle, shrinkage: float) -> None:
+    """--head-init lda needs a classifier whose head is in the adapter and a program with features."""
+    from fwdfed.methods.class_stats import round_hparams
+
+    if "features" not in bundle.manifest.program.get("methods", []):
+        raise UserError(f"--head-init lda: {bundle.folder} has no features method (export the classifier again)")
+    try:
+        round_hparams(bundle.manifest.layout, shrinkage)
+    except ValueError as e:
+        raise UserError(f"--head-init lda: {e}") from None
 
 
 def strategy_for(job, options: JobOptions):

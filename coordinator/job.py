@@ -17,6 +17,8 @@ ADDED_LATER = ("server_lr", "clip")
 
 @dataclass(frozen=True)
 class JobOptions:
+    head_init: str = "none"  # lda: round 1 sets the classifier from class statistics (fwdfed.methods.class_stats)
+    lda_shrinkage: float = 0.1
     fraction: float | None = None  # sample this share of the connected devices (at least min_devices)
     lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
     lr_delta: float | None = None  # their spread; None: half the job's lr

@@ -73,10 +73,12 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None
 
 
-def max_frame_bytes(job: Job) -> int:
-    """The largest frame a device needs to send for this job: an update with a dense part of the
-    adapter's size, or with every pair it may send (msgpack: at most 9 bytes a seed, 9 a coefficient)."""
-    return 4 * job.adapter_dim + 18 * methods.get(job.method).allowed_pairs(job.hparams) + 64 * 1024
+def max_frame_bytes(job: Job, dense_values: int | None = None) -> int:
+    """The largest frame a device needs to send for this job: an update with a dense part (the adapter's
+    size, or `dense_values` when a round's method sends more), or with every pair it may send
+    (msgpack: at most 9 bytes a seed, 9 a coefficient)."""
+    dense = max(job.adapter_dim, dense_values or 0)
+    return 4 * dense + 18 * methods.get(job.method).allowed_pairs(job.hparams) + 64 * 1024
 
 
 @dataclass
@@ -106,7 +108,7 @@ FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "rev
 class Coordinator:
     def __init__(self, store: Store, job: Job, strategy: Strategy, evaluate=None, seed: int = 0,
                  max_attempts: int = 3, blocks: list[tuple[int, int]] | None = None, device_timeout_s: float = 30.0,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, layout=None):
         self.store, self.job, self.strategy, self.evaluate = store, job, strategy, evaluate
         self.limits = limits or Limits()
         self.rate = RateLimiter(self.limits.messages_per_s, self.limits.burst)
@@ -114,6 +116,7 @@ class Coordinator:
         self.kind = str(job.hparams.get("kind", "rademacher"))
         self.method = methods.get(job.method)
         self.options = JobOptions.from_json(job.options)
+        self.layout = layout  # the bundle's adapter layout: a method that writes the adapter itself needs it
         self.max_attempts = max_attempts
         self.connections: dict[str, ServerConnection] = {}
         self.changed = asyncio.Event()  # a device came or went, or an update arrived
@@ -121,6 +124,26 @@ class Coordinator:
         self.device_timeout_s = device_timeout_s  # a tasked device away this long loses its task
         self.gone_since: dict[str, float] = {}
         self.finished = asyncio.Event()
+
+    def round_method(self, number: int) -> methods.Method:
+        """The method of round `number`: the job's, but for round 1 of a head-initialised job."""
+        if self.options.head_init == "lda" and number == 1:
+            return methods.get("class-stats")
+        return self.method
+
+    def scheduled_dense_values(self) -> int | None:
+        """The longest dense part a scheduled round's method sends (the class statistics), if any."""
+        hparams = self.round_hparams(1)
+        method = self.round_method(1)
+        return method.dense_length(hparams) if hparams is not None and method.dense_length else None
+
+    def round_hparams(self, number: int) -> dict | None:
+        """A scheduled method's task hyperparameters (None: the strategy configures the job's)."""
+        if self.round_method(number) is self.method:
+            return None
+        from fwdfed.methods.class_stats import round_hparams
+
+        return round_hparams(self.layout, self.options.lda_shrinkage)
 
     # ---- connections ----
     def check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -302,21 +325,22 @@ class Coordinator:
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")
-        return self._poisoning(update, task.hparams)
+        return self._poisoning(update, task.hparams, self.round_method(rnd.number))
 
-    def _poisoning(self, update: protocol.Update, hparams: dict) -> tuple[str, str] | None:
+    def _poisoning(self, update: protocol.Update, hparams: dict, method: methods.Method) -> tuple[str, str] | None:
         """(code, reason) for an update whose content would damage the model if aggregated."""
-        if len(update.seeds) > (allowed := self.method.allowed_pairs(hparams)):
+        if len(update.seeds) > (allowed := method.allowed_pairs(hparams)):
             return "too_many_pairs", f"{len(update.seeds)} pairs, the task allows {allowed} (local steps x directions)"
-        lowest, highest = self.method.scale_range(hparams)
+        lowest, highest = method.scale_range(hparams)
         if not lowest - SCALE_TOLERANCE <= update.scale <= highest + SCALE_TOLERANCE:
             return "bad_scale", f"scale {update.scale:.6g}: this task gives a scale in [{lowest:.6g}, {highest:.6g}]"
         dense = None
         if update.dense:
             # The length first: bytes that are not whole float32 values cannot even be read as an adapter.
-            if len(update.dense) != 4 * self.job.adapter_dim:
-                return "wrong_dimension", (f"dense part of {len(update.dense)} bytes, the adapter has "
-                                           f"{self.job.adapter_dim} float32 values ({4 * self.job.adapter_dim} bytes)")
+            length = method.dense_length(hparams) if method.dense_length else self.job.adapter_dim
+            if len(update.dense) != 4 * length:
+                return "wrong_dimension", (f"dense part of {len(update.dense)} bytes, this task's has {length} "
+                                           f"float32 values ({4 * length} bytes)")
             dense = np.frombuffer(update.dense, "<f4")
             if not np.all(np.isfinite(dense)):
                 return "non_finite", "the dense part holds non-finite values"
@@ -359,7 +383,8 @@ class Coordinator:
         deadline = max(0.0, rnd.wave_opened_at + self.job.round_deadline_s - time.time())
         message = protocol.Task(task_id=task.id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
                                 base_model_hash=self.job.base_model_hash, adapter=version.vector,
-                                adapter_sha256=version.sha256, method=self.job.method, hparams=task.hparams,
+                                adapter_sha256=version.sha256, method=self.round_method(rnd.number).name,
+                                hparams=task.hparams,
                                 deadline_s=deadline, reference=reference)
         ws = self.connections.get(task.device_id)
         if ws is not None:
@@ -425,7 +450,11 @@ class Coordinator:
         if not chosen:
             return
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        hparams = self.strategy.configure(rnd.wave, block, chosen, self._history, self.rng)
+        scheduled = self.round_hparams(rnd.number)
+        if scheduled is not None:
+            hparams = {device_id: dict(scheduled, wave=rnd.wave) for device_id in chosen}
+        else:
+            hparams = self.strategy.configure(rnd.wave, block, chosen, self._history, self.rng)
         tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
         for task in tasks:
@@ -463,6 +492,9 @@ class Coordinator:
             if len(accepted) < self.job.min_devices:
                 variance = None
                 break
+            if self.round_method(rnd.number) is not self.method:
+                variance = None
+                break
             more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
             if not more:
                 break
@@ -476,7 +508,12 @@ class Coordinator:
             log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
             return False
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        new = self.strategy.aggregate(base, accepted, block)
+        method = self.round_method(rnd.number)
+        if method.coordinator_aggregate is not None:
+            new = method.coordinator_aggregate(base, [u.change.dense for u in accepted], self.round_hparams(rnd.number),
+                                               self.layout)
+        else:
+            new = self.strategy.aggregate(base, accepted, block)
         metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
@@ -533,7 +570,7 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
     # the cap bounds what a flooding one makes the server hold. Reading pauses while the queue is
     # full, so closing such a connection cannot finish its handshake: close_timeout bounds that wait.
     async with serve(coordinator.handle, host, port, ssl=tls, process_request=coordinator.check_handshake,
-                     max_size=max_frame_bytes(job), max_queue=4, close_timeout=2,
+                     max_size=max_frame_bytes(job, coordinator.scheduled_dense_values()), max_queue=4, close_timeout=2,
                      ping_interval=heartbeat_s, ping_timeout=heartbeat_s) as server:
         bound = server.sockets[0].getsockname()[1]
         url = f"{'wss' if tls else 'ws'}://{host}:{bound}"

@@ -139,7 +139,10 @@ class Device:
         guard = BudgetGuard(self.config.mem_budget_bytes)
         optimizer = method.make_optimizer(self._engine_for(method), adapter, config, rng, reference)
         run = optimizer.train(batches, steps, guard)
-        loss_after = mean_loss(self.engine, probe, run.update.apply(adapter, config.kind, config.block))
+        if method.dense_length is None:
+            loss_after = mean_loss(self.engine, probe, run.update.apply(adapter, config.kind, config.block))
+        else:  # the dense part is the method's own payload (class statistics), not a change of the adapter
+            loss_after = loss_before
         guard()  # the probe evaluations count too
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],

@@ -22,7 +22,7 @@ class EagerEngine:
         # The math attention path: sdpa has no forward-mode AD rule, and both give the same values.
         base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model  # bitfit: no peft
         base.config._attn_implementation = "eager"
-        self.program, _ = build_programs(peft_model, bundle.manifest.layout, bundle.manifest.task)
+        self.program, _, _ = build_programs(peft_model, bundle.manifest.layout, bundle.manifest.task)
 
     def mean_loss(self, batch: Batch, adapter: torch.Tensor) -> torch.Tensor:
         losses = self.program(batch.input_ids, batch.attention_mask, batch.labels, adapter.reshape(1, -1))[0]

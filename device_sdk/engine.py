@@ -89,6 +89,9 @@ class ProgramEngine:
             self._program = runtime().load_program(self._source)
             self._forward = self._program.load_method("forward")
             self._predict = self._program.load_method("predict")
+            # Exported for classifiers since the features method was added; older bundles lack it.
+            self._features = (self._program.load_method("features")
+                              if "features" in self._program.method_names else None)
         except Exception as e:
             raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
@@ -138,6 +141,15 @@ class ProgramEngine:
             (loss,) = self._execute(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels, chunk])
             out.append(loss.numpy())
         return np.concatenate(out, axis=0)
+
+    def features(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
+        """What the classification head reads, [B, H], under `adapter`."""
+        if self._features is None:
+            raise EngineError("this program has no features method (a classifier exported before it was added, "
+                              "or not a classifier): export the bundle again")
+        vector = torch.from_numpy(np.ascontiguousarray(adapter, dtype=np.float32).reshape(1, -1))
+        (features,) = self._execute(self._features, "features", [batch.input_ids, batch.attention_mask, vector])
+        return features.numpy()
 
     def logits(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
         vector = torch.from_numpy(np.ascontiguousarray(adapter, dtype=np.float32).reshape(1, -1))

@@ -170,7 +170,7 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 
 
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
-          max_perturbations: int):
+          max_perturbations: int, features_program=None):
     """torch.export both methods and lower them to one XNNPACK-delegated ExecuTorch program."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -185,9 +185,13 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         strict=False,
     )
     ep_predict = export(predict_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]), strict=False)
+    methods = {"forward": ep_forward, "predict": ep_predict}
+    if features_program is not None:  # classifiers: the head's input, for statistics computed forward-only
+        methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
+                                     strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
     edge = to_edge_transform_and_lower(
-        {"forward": ep_forward, "predict": ep_predict},
+        methods,
         partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
     )
     # alloc_graph_input=False: the runtime reads inputs in place instead of copying the adapter batch.
@@ -240,7 +244,7 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
 
 
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
-           max_perturbations: int, tolerance: float) -> dict:
+           max_perturbations: int, tolerance: float, features_program=None) -> dict:
     """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
     from device_sdk.engine import ProgramEngine
     from fwdfed.batch import Batch
@@ -262,6 +266,12 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
         ).logits.numpy()
     logits_diff = float(np.max(np.abs(engine.logits(b, adapters[0]) - eager_logits)))
     result = {"loss_max_abs_diff": loss_diff, "logits_max_abs_diff": logits_diff, "tolerance": tolerance}
+    if features_program is not None:
+        with torch.no_grad():
+            eager_features = features_program(batch["input_ids"], batch["attention_mask"],
+                                              torch.from_numpy(adapters[:1])).numpy()
+        result["features_max_abs_diff"] = float(np.max(np.abs(engine.features(b, adapters[0]) - eager_features)))
+        logits_diff = max(logits_diff, result["features_max_abs_diff"])
     if not (loss_diff <= tolerance and logits_diff <= tolerance * 10):
         raise VerificationError(
             f".pte and eager PyTorch disagree: loss max |diff| {loss_diff:.3g}, logits max |diff| {logits_diff:.3g} "
@@ -310,7 +320,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     peft_model, layout, initial = attach_adapter(model, task, spec.adapter)
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
-    loss_program, predict_program = build_programs(peft_model, layout, task)
+    loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
     peft_config = (json.loads(json.dumps(spec.adapter.lora_config(task, model.config.model_type).to_dict(), default=list))
                    if spec.adapter.kind == "lora" else None)
 
@@ -321,11 +331,12 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         log(f"[3/5] lowering to ExecuTorch (batch {at.batch_size}, seq {at.seq_len}, "
             f"up to {at.max_perturbations} adapters per call)")
         batch = example_inputs(at, task, model.config.vocab_size, tokenizer.pad_token_id)
-        pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations)
+        pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program)
         log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
             f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
         log("[4/5] verifying .pte against eager peft")
-        verification = verify(pte, peft_model, layout, initial, batch, task, at.max_perturbations, at.tolerance)
+        verification = verify(pte, peft_model, layout, initial, batch, task, at.max_perturbations, at.tolerance,
+                              features_program)
         log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
             f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {at.tolerance:g})")
         manifest = Manifest(
@@ -343,7 +354,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             layout=layout,
             tokenizer=TOKENIZER_DIR,
             inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
-            program={"file": PROGRAM, "sha256": "", "methods": ["forward", "predict"], "planned_memory_bytes": planned,
+            program={"file": PROGRAM, "sha256": "", "methods": list(planned), "planned_memory_bytes": planned,
                      "bytes": len(pte), "mem_budget_bytes": spec.mem_budget},
             verification=verification,
         )

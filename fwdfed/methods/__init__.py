@@ -34,9 +34,9 @@ def _discover() -> dict[str, Method]:
 METHODS: dict[str, Method] = _discover()
 
 
-def names() -> list[str]:
-    """Method names, the default (mezo) first."""
-    return sorted(METHODS, key=lambda n: (n != "mezo", n))
+def names(selectable_only: bool = False) -> list[str]:
+    """Method names, the default (mezo) first; `selectable_only`: those a job may name as its method."""
+    return sorted((n for n, m in METHODS.items() if m.selectable or not selectable_only), key=lambda n: (n != "mezo", n))
 
 
 def get(name: str) -> Method:

@@ -69,6 +69,11 @@ class Method:
     scale_range: Callable[[dict], tuple[float, float]] = unit_scale  # of an honest update's `scale`
     passes_per_pair: int = 2  # forward passes per direction (central differences: w + eps z and w - eps z)
     passes_per_step: int = 0  # forward passes per local step besides those (onesided: the shared L(w))
+    # A method whose `dense` is not a change of the adapter says how long it is (from the task's
+    # hyperparameters) and how the coordinator turns the round's answers into the next adapter.
+    dense_length: Callable[[dict], int] | None = None
+    coordinator_aggregate: Callable | None = None  # (global, [dense], hparams, layout) -> next global
+    selectable: bool = True  # a job's --method; False: only the coordinator schedules it (class-stats)
 
     def allowed_pairs(self, hparams: dict) -> int:
         """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""

@@ -194,10 +194,47 @@ class PredictProgram(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def build_programs(peft_model: nn.Module, layout: AdapterLayout, task: str) -> tuple[LossProgram, PredictProgram]:
+class FeaturesProgram(nn.Module):
+    """features(input_ids[B,L], attention_mask[B,L], adapter[1,d]) -> [B, H]: what the classification
+    head reads (the input of the model's `classifier`), so that class statistics (the LDA head of
+    `fwdfed.methods.class_stats`) are computed with forward passes only.
+
+    The input is caught by a hook on the same network the other methods run (no second copy of
+    the weights in the program); the head's own matmul is left unused and pruned at export."""
+
+    def __init__(self, model: nn.Module, binding: AdapterBinding, head: nn.Module):
+        super().__init__()
+        self.model, self.binding = model, binding
+        self._capturing, self._captured = False, None
+        head.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        if self._capturing:
+            self._captured = args[0]
+
+    def forward(self, input_ids, attention_mask, adapter):
+        self.binding.adapters = adapter
+        self._capturing = True
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            self._capturing = False
+        return self._captured
+
+
+def classification_head(model: nn.Module) -> nn.Module | None:
+    """The model's final classifier (BERT's and DistilBERT's `classifier`), or None."""
+    found = [m for path, m in model.named_modules() if path.rsplit(".", 1)[-1] == "classifier"]
+    return found[-1] if found else None
+
+
+def build_programs(peft_model: nn.Module, layout: AdapterLayout, task: str):
+    """(LossProgram, PredictProgram, FeaturesProgram or None): one network, the adapter an input."""
     binding = AdapterBinding()
     model = batched_model(peft_model, layout, binding)
-    return LossProgram(model, binding, task), PredictProgram(model, binding)
+    head = classification_head(model) if task == SEQ_CLS else None
+    features = FeaturesProgram(model, binding, head) if head is not None else None
+    return LossProgram(model, binding, task), PredictProgram(model, binding), features
 
 
 def peft_reference_loss(peft_model: nn.Module, layout: AdapterLayout, adapter: torch.Tensor, batch: dict, task: str):

@@ -15,7 +15,7 @@ def test_every_method_module_is_found_and_mezo_comes_first():
         methods.get("sgd")
 
 
-@pytest.mark.parametrize("name", methods.names())
+@pytest.mark.parametrize("name", methods.names(selectable_only=True))
 def test_each_method_checks_its_task_hyperparameters(name):
     method = methods.get(name)
     good = {"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": method.default_directions,

@@ -1,0 +1,70 @@
+"""Class statistics and the LDA head: the device's sums, and the coordinator's closed form."""
+
+import numpy as np
+import pytest
+import torch
+
+from fwdfed.batch import Batch
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.methods import get
+from fwdfed.methods.class_stats import ClassStats, ClassStatsConfig, aggregate, lda_head, round_hparams, stats_length
+
+
+class FixedFeatures:
+    """An engine whose features are given: the statistics' ground truth."""
+
+    def __init__(self, features):
+        self.rows = iter(features)
+
+    def features(self, batch, adapter):
+        return next(self.rows)
+
+
+def test_a_device_sums_features_counts_and_outer_products_of_its_real_examples():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    batch = Batch(None, None, torch.tensor([0, 1, 1, 0]), np.array([1, 1, 1, 0], np.float32))  # the last is filler
+    run = ClassStats(FixedFeatures([x]), np.zeros(5), ClassStatsConfig(num_classes=2, feature_dim=3)).train([batch], 1)
+    sums, counts, outer = run.dense[:6].reshape(2, 3), run.dense[6:8], run.dense[8:].reshape(3, 3)
+    np.testing.assert_array_equal(sums, [x[0], x[1] + x[2]])
+    np.testing.assert_array_equal(counts, [1, 2])
+    np.testing.assert_array_equal(outer, x[:3].T @ x[:3])
+    assert len(run.dense) == stats_length({"num_classes": 2, "feature_dim": 3})
+
+
+def stats_of(x, y, c):
+    return np.concatenate([np.stack([x[y == k].sum(0) for k in range(c)]).ravel(),
+                           np.bincount(y, minlength=c).astype(float), (x.T @ x).ravel()])
+
+
+def test_the_lda_head_of_pooled_device_statistics_separates_gaussian_classes():
+    rng = np.random.default_rng(0)
+    c, h, n = 3, 5, 3000
+    means = rng.normal(0, 1.0, (c, h))
+    mix = rng.normal(0, 1, (h, h)) / np.sqrt(h)  # a shared, non-diagonal covariance
+    y = rng.integers(0, c, n)
+    x = means[y] + rng.normal(0, 1, (n, h)) @ mix
+    halves = [stats_of(x[:1000], y[:1000], c), stats_of(x[1000:], y[1000:], c)]  # two devices
+    w, b, seen = lda_head(halves, c, h, shrinkage=0.0)
+    assert seen.all()
+    accuracy = ((x @ w.T + b).argmax(1) == y).mean()
+    exact = np.linalg.solve(mix.T @ mix, means.T).T  # the Bayes direction for a shared covariance
+    cosine = (w * exact).sum(1) / np.linalg.norm(w, axis=1) / np.linalg.norm(exact, axis=1)
+    assert accuracy > 0.8 and cosine.min() > 0.97
+
+
+def test_the_head_is_written_into_the_classifier_only():
+    layout = AdapterLayout.from_shapes([("encoder.lora_A.weight", (2, 4)), ("classifier.weight", (2, 3)),
+                                        ("classifier.bias", (2,))])
+    hparams = round_hparams(layout, shrinkage=0.1)
+    assert (hparams["num_classes"], hparams["feature_dim"]) == (2, 3)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    start = np.full(layout.dim, 7.0, np.float32)
+    new = aggregate(start, [stats_of(x, y, 2).astype(np.float32)], hparams, layout)
+    assert (new[:8] == 7.0).all() and not np.allclose(new[8:], 7.0)
+    assert get("class-stats").dense_length(hparams) == 2 * 3 + 2 + 9
+
+
+def test_a_layout_without_a_classifier_is_refused():
+    with pytest.raises(ValueError, match="no trained classifier"):
+        round_hparams(AdapterLayout.from_shapes([("encoder.lora_A.weight", (2, 4))]), 0.1)
