@@ -61,3 +61,37 @@ def test_backprop_baseline_sends_dense_updates_through_the_same_rounds(tmp_path,
         assert [r.target for r in s.query(Round).order_by(Round.number)] == [2, 2]
     versions = store.versions(store.latest_job().id)
     assert len(versions) == 3 and versions[0].vector != versions[-1].vector
+
+
+def test_head_init_sets_the_classifier_from_the_devices_class_statistics(tmp_path, tmp_path_factory):
+    """--head-init lda: round 1's updates carry class statistics computed through the program's features
+    method; version 1 is exactly their LDA head written into the classifier (nothing else moves); the
+    job's method trains in round 2."""
+    import numpy as np
+
+    from coordinator.strategy import AcceptedUpdate
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.methods.class_stats import aggregate, classifier_tensors, round_hparams
+    from tests.conftest import SST2, export_bundle
+
+    bundle = export_bundle(tmp_path_factory.mktemp("bundles") / "distilbert", "--preset", "tiny-distilbert",
+                           "--num-labels", "2", "--seq-len", "32")
+    db, out = run_job(tmp_path, bundle, SST2, rounds=1, devices=2, eval_examples=64, hparams=[
+        "--head-init", "lda", "--lr", "1e-6", "--local-steps", "2", "--lda-shrinkage", "0.2"])
+    layout = load_bundle(bundle).manifest.layout
+    store = open_store(db)
+    job = store.latest_job()
+    with store.session() as s:
+        rounds = s.query(Round).filter(Round.status == "closed").order_by(Round.number).all()
+        tasks = {r.number: s.query(Task).filter(Task.round_id == r.id).all() for r in rounds}
+    assert [r.number for r in rounds] == [1, 2] and job.rounds == 2
+    hparams = round_hparams(layout, 0.2)
+    assert all(t.hparams["num_classes"] == 2 and t.hparams["shrinkage"] == 0.2 for t in tasks[1])
+    updates = [AcceptedUpdate.from_row(u) for u in store.updates(rounds[0].id)]
+    assert len(updates) == 2 and all(u.pairs == [] and u.change.dense.size == 2 * 64 + 2 + 64 * 64 for u in updates)
+    v0, v1, v2 = (np.frombuffer(v.vector, "<f4") for v in store.versions(job.id))
+    np.testing.assert_array_equal(aggregate(v0, [u.change.dense for u in updates], hparams, layout), v1)
+    weight, bias = classifier_tensors(layout)
+    changed = np.flatnonzero(v1 != v0)
+    assert changed.min() >= min(weight.offset, bias.offset) and changed.max() < max(weight.end, bias.end)
+    assert all(u.num_pairs == 2 for u in store.updates(rounds[1].id)) and not np.array_equal(v1, v2)
