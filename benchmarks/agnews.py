@@ -77,6 +77,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="a BERT-family folder (default: the installed all-MiniLM-L6-v2)")
+    parser.add_argument("--bundle", type=Path, help="use this exported bundle of the model instead of exporting one")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "ag_news" / "train_8000.csv")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--workers", type=int, help="processes for the devices (default: one per device)")
@@ -101,14 +102,15 @@ def main(argv=None) -> int:
         raise UserError(f"{args.data} does not exist (the shared data beside the checkout)")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    bundle, db, credentials = out / "bundle", out / "job.db", out / "tokens.json"
+    bundle, db, credentials = args.bundle or out / "bundle", out / "job.db", out / "tokens.json"
     for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         stale.unlink(missing_ok=True)  # a fresh job each time
     started = time.time()
     directions = min(args.directions, 16)
-    run(module("export", "--model", str(model), "--task", "seq-cls", "--num-labels", "4", "--out", str(bundle),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lora-rank",
-               str(args.lora_rank), "--max-perturbations", str(2 * directions)))
+    if args.bundle is None:
+        run(module("export", "--model", str(model), "--task", "seq-cls", "--num-labels", "4", "--out", str(bundle),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lora-rank",
+                   str(args.lora_rank), "--max-perturbations", str(2 * directions)))
     exported = time.time()
     names = [f"emu-{i}" for i in range(args.devices)]
     run(module("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(credentials)))
