@@ -48,7 +48,7 @@ def main(path: str) -> int:
             (loss,) = forward.execute([torch.from_numpy(ids.copy()), torch.from_numpy(mask.copy()),
                                        torch.from_numpy(labels.copy()), torch.from_numpy(adapters.copy())])
             body = struct.pack("<I", 0) + np.ascontiguousarray(loss.numpy(), dtype="<f4").tobytes()
-        except Exception as e:  # the runtime's error goes back to the Java side, which raises it
+        except Exception as e:  # noqa: BLE001 - the runtime's error goes back to the Java side, which raises it
             message = f"{type(e).__name__}: {e}".encode()[:4096]
             body = struct.pack("<II", 1, len(message)) + message
         stdout.write(body)

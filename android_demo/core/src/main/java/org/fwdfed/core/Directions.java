@@ -5,11 +5,13 @@ package org.fwdfed.core;
  *
  * word(seed, i) = mix64(seed + (i + 1) * GAMMA), the i-th SplitMix64 output, computed from the
  * counter alone. Java's long arithmetic wraps modulo 2^64 and >>> is the logical shift, so the
- * words are bit-identical to the Python implementation (device_sdk/directions.py).
+ * words are bit-identical to the Python implementation (fwdfed/directions.py).
  */
 public final class Directions {
     private static final long GAMMA = 0x9E3779B97F4A7C15L;
     private static final double TWO_POW_MINUS_53 = 0x1.0p-53;
+    public static final String RADEMACHER = "rademacher";
+    public static final String GAUSSIAN = "gaussian";
 
     private Directions() {}
 
@@ -47,6 +49,36 @@ public final class Directions {
             double t = 2.0 * Math.PI * u2;
             z[i - start] = (float) (i % 2 == 0 ? r * StrictMath.cos(t) : r * StrictMath.sin(t));
         }
+        return z;
+    }
+
+    /** word(seed, i) for i in [start, start + count): the keys of the documented data shuffle (docs/data.md). */
+    public static long[] words(long seed, long start, int count) {
+        long[] out = new long[count];
+        for (int i = 0; i < count; i++) {
+            out[i] = word(seed, start + i);
+        }
+        return out;
+    }
+
+    /** Elements [start, stop) of the direction of `kind` ("rademacher" or "gaussian"). */
+    public static float[] slice(long seed, int start, int stop, String kind) {
+        if (RADEMACHER.equals(kind)) {
+            return rademacher(seed, start, stop);
+        }
+        if (GAUSSIAN.equals(kind)) {
+            return gaussian(seed, start, stop);
+        }
+        throw new IllegalArgumentException("unknown direction kind " + kind + "; expected rademacher or gaussian");
+    }
+
+    /** The direction in R^dim restricted to `block` (zero outside it); the whole direction when block is null. */
+    public static float[] blockDirection(long seed, int dim, String kind, Block block) {
+        if (block == null) {
+            return slice(seed, 0, dim, kind);
+        }
+        float[] z = new float[dim];
+        System.arraycopy(slice(seed, block.start, block.end, kind), 0, z, block.start, block.end - block.start);
         return z;
     }
 

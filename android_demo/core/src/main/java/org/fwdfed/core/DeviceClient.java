@@ -1,0 +1,291 @@
+package org.fwdfed.core;
+
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicLong;
+
+import okhttp3.OkHttpClient;
+
+/**
+ * The device loop of docs/protocol.md, as device_sdk/client.py runs it: connect (with the
+ * credential), send `hello`, and answer every `task` with an `update` until `done`.
+ *
+ * - A lost connection is reconnected with backoff (0.2 s doubling to 2 s) until
+ *   `connectTimeoutMs` passes without success.
+ * - An update not yet acknowledged is kept; after a reconnect it is sent again (once per
+ *   connection), also when the coordinator sends its task again, without training twice. A
+ *   `duplicate` refusal of a resent update means the first copy was accepted.
+ * - An `error` from the coordinator (revoked, wrong model, ...), a refused credential, an
+ *   untrusted certificate, a frame that breaks the protocol or a task the device cannot use
+ *   stops the device with a {@link DeviceException} saying why; nothing is sent for such a task.
+ * - {@link #stop()} ends the loop between training steps (the user's switch, or the OS taking
+ *   the job's constraints away).
+ */
+public final class DeviceClient {
+    /** How to reach the coordinator and who this device is. */
+    public static final class Config {
+        public final String url;
+        public final String token;  // null: no credential (a coordinator run with --auth none)
+        public final byte[] caPem;  // null: the system's CAs only
+        public final String deviceId;
+        public final Long memBudgetBytes;
+        public final long connectTimeoutMs;
+
+        public Config(String url, String token, byte[] caPem, String deviceId, Long memBudgetBytes,
+                      long connectTimeoutMs) {
+            this.url = url;
+            this.token = token;
+            this.caPem = caPem;
+            this.deviceId = deviceId;
+            this.memBudgetBytes = memBudgetBytes;
+            this.connectTimeoutMs = connectTimeoutMs;
+        }
+    }
+
+    /** Sees every frame as it is sent or received (a test's record; an app's traffic log). */
+    public interface FrameRecorder {
+        void sent(byte[] frame);
+
+        void received(byte[] frame);
+
+        FrameRecorder NONE = new FrameRecorder() {
+            @Override public void sent(byte[] frame) { }
+            @Override public void received(byte[] frame) { }
+        };
+    }
+
+    /** Thrown out of a training step when the device is being stopped. */
+    private static final class Stopped extends RuntimeException {
+        private static final long serialVersionUID = 1L;
+    }
+
+    private static final long POLL_MS = 200;
+
+    private final Config config;
+    private final Manifest manifest;
+    private final TaskTrainer trainer;
+    private final DeviceStatus.Listener listener;
+    private final FrameRecorder recorder;
+    private final OkHttpClient http;
+    private final AtomicLong bytesSent = new AtomicLong();
+    private final AtomicLong bytesReceived = new AtomicLong();
+    private volatile boolean stopped;
+    private volatile CoordinatorConnection current;
+
+    private Message.Update pending;  // sent, not yet acknowledged
+    private int accepted;
+    private long round;
+    private double lossBefore = Double.NaN;
+    private double lossAfter = Double.NaN;
+
+    public DeviceClient(Config config, Manifest manifest, TaskTrainer trainer, DeviceStatus.Listener listener,
+                        FrameRecorder recorder) throws DeviceException {
+        this.config = config;
+        this.manifest = manifest;
+        this.trainer = trainer;
+        this.listener = listener;
+        this.recorder = recorder;
+        OkHttpClient.Builder builder = new OkHttpClient.Builder()
+                .connectTimeout(10, TimeUnit.SECONDS)
+                .readTimeout(0, TimeUnit.MILLISECONDS)  // a device may hear nothing for a long round
+                .writeTimeout(30, TimeUnit.SECONDS);
+        if (config.url.startsWith("wss://")) {
+            TlsTrust trust = TlsTrust.of(config.caPem);
+            builder.sslSocketFactory(trust.socketFactory, trust.trustManager);
+        }
+        this.http = builder.build();
+    }
+
+    /** Ask the loop to end; a training step in progress finishes first. Safe from any thread. */
+    public void stop() {
+        stopped = true;
+        CoordinatorConnection c = current;
+        if (c != null) {
+            c.close();
+        }
+    }
+
+    /** Serve tasks until the job is done (or {@link #stop()}); returns the updates accepted. */
+    public int run() throws DeviceException {
+        try {
+            while (!stopped) {
+                CoordinatorConnection connection = connect();
+                if (connection == null) {
+                    break;  // stopped while connecting
+                }
+                current = connection;
+                try {
+                    if (session(connection)) {
+                        report(DeviceStatus.State.DONE, "the job is done");
+                        return accepted;
+                    }
+                } finally {
+                    connection.close();
+                    current = null;
+                }
+                if (!stopped) {
+                    report(DeviceStatus.State.CONNECTING, "connection lost, reconnecting");
+                }
+            }
+        } catch (DeviceException e) {
+            report(DeviceStatus.State.FAILED, e.getMessage());
+            throw e;
+        } catch (Stopped e) {
+            // fall through: stopped between two steps, nothing of the task was sent
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        } finally {
+            http.dispatcher().executorService().shutdown();
+            http.connectionPool().evictAll();
+        }
+        report(DeviceStatus.State.STOPPED, "stopped");
+        return accepted;
+    }
+
+    /** An open connection, retrying with backoff; null when stopped; DeviceException for what retrying cannot fix. */
+    private CoordinatorConnection connect() throws DeviceException, InterruptedException {
+        long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(config.connectTimeoutMs);
+        long delayMs = 200;
+        String lastError = "no attempt";
+        report(DeviceStatus.State.CONNECTING, "connecting to " + config.url);
+        while (!stopped && System.nanoTime() < deadline) {
+            CoordinatorConnection c = CoordinatorConnection.open(http, config.url, config.token, bytesSent, bytesReceived);
+            CoordinatorConnection.Event e = null;
+            while (!stopped && e == null) {
+                e = c.next(POLL_MS);
+            }
+            if (e == null) {
+                c.cancel();
+                return null;
+            }
+            if (e.kind == CoordinatorConnection.Event.Kind.OPENED) {
+                return c;
+            }
+            if (e.httpStatus == 401 || e.httpStatus == 403) {
+                throw new DeviceException("the coordinator refused this device's credential: "
+                        + shorten(e.detail, 200));
+            }
+            if (e.error instanceof javax.net.ssl.SSLHandshakeException || e.error instanceof javax.net.ssl.SSLPeerUnverifiedException) {
+                throw new DeviceException("the coordinator's TLS certificate is not trusted: " + rootCause(e.error)
+                        + " (give the CA that signed it)");
+            }
+            lastError = e.httpStatus != 0 ? "HTTP " + e.httpStatus + " " + shorten(e.detail, 200) : String.valueOf(e.error);
+            Thread.sleep(delayMs);  // 503 (the coordinator is full for now), refused, reset: try again
+            delayMs = Math.min(delayMs * 2, 2000);
+        }
+        if (stopped) {
+            return null;
+        }
+        throw new DeviceException("cannot reach the coordinator at " + config.url + " within "
+                + config.connectTimeoutMs / 1000.0 + " s (" + lastError + ")");
+    }
+
+    /** One connection's life: true when the job is done, false when the connection was lost. */
+    private boolean session(CoordinatorConnection c) throws DeviceException, InterruptedException {
+        send(c, new Message.Hello(config.deviceId, manifest.baseModelHash, manifest.adapterDim, trainer.numExamples(),
+                config.memBudgetBytes));
+        boolean resent = false;
+        while (true) {
+            CoordinatorConnection.Event e = c.next(POLL_MS);
+            if (stopped) {
+                throw new Stopped();
+            }
+            if (e == null) {
+                continue;
+            }
+            switch (e.kind) {
+                case CLOSED:
+                case FAILED:
+                    return false;
+                case TEXT:
+                    throw new DeviceException("the coordinator sent a bad frame: frames must be binary msgpack, not text");
+                case OPENED:
+                    continue;
+                default:
+                    break;
+            }
+            recorder.received(e.frame);
+            Message message;
+            try {
+                message = Codec.decode(e.frame);
+            } catch (ProtocolException ex) {
+                throw new DeviceException("the coordinator sent a bad frame: " + ex.getMessage());
+            }
+            if (message instanceof Message.Welcome) {
+                report(DeviceStatus.State.CONNECTED, "enrolled in job " + ((Message.Welcome) message).jobId);
+                if (pending != null) {
+                    resent = send(c, pending);
+                }
+            } else if (message instanceof Message.Task) {
+                Message.Task task = (Message.Task) message;
+                if (pending != null && pending.taskId.equals(task.taskId)) {
+                    if (!resent) {  // the coordinator sent the task again: the answer is already made
+                        resent = send(c, pending);
+                    }
+                    continue;
+                }
+                round = task.round;
+                report(DeviceStatus.State.TRAINING, "round " + task.round + ": training");
+                Message.Update update;
+                try {
+                    update = trainer.train(task, () -> {
+                        if (stopped) {
+                            throw new Stopped();
+                        }
+                    });
+                } catch (ProgramException ex) {
+                    throw new DeviceException("task " + task.taskId + ": " + ex.getMessage());
+                }
+                lossBefore = update.lossBefore;
+                lossAfter = update.lossAfter;
+                pending = update;
+                resent = send(c, update);  // if the connection is gone, it goes again after the reconnect
+                report(DeviceStatus.State.CONNECTED, "round " + task.round + ": update sent");
+            } else if (message instanceof Message.Ack) {
+                Message.Ack ack = (Message.Ack) message;
+                if (pending != null && pending.taskId.equals(ack.taskId)) {
+                    boolean firstCopyAccepted = !ack.accepted && "duplicate".equals(ack.code());
+                    if (ack.accepted || firstCopyAccepted) {
+                        accepted++;
+                    }
+                    pending = null;
+                }
+                report(DeviceStatus.State.CONNECTED, "update " + ack.taskId + " "
+                        + (ack.accepted ? "accepted" : "refused: " + ack.reason));
+            } else if (message instanceof Message.Done) {
+                return true;
+            } else if (message instanceof Message.Error) {
+                Message.Error error = (Message.Error) message;
+                throw new DeviceException("the coordinator refused this device (" + error.code + "): " + error.message);
+            } else {
+                throw new DeviceException("the coordinator sent a bad frame: a " + message.type()
+                        + " message goes from devices to the coordinator");
+            }
+        }
+    }
+
+    private boolean send(CoordinatorConnection c, Message message) {
+        byte[] frame = Codec.encode(message);
+        boolean queued = c.send(frame);
+        if (queued) {
+            recorder.sent(frame);
+        }
+        return queued;
+    }
+
+    private void report(DeviceStatus.State state, String message) {
+        listener.onStatus(new DeviceStatus(state, round, lossBefore, lossAfter, ProcStatus.peakRss(), bytesSent.get(),
+                bytesReceived.get(), accepted, message));
+    }
+
+    /** The innermost cause's words: what a person can act on, without the wrappers' class names. */
+    private static String rootCause(Throwable t) {
+        while (t.getCause() != null && t.getCause() != t) {
+            t = t.getCause();
+        }
+        return t.getMessage() != null ? t.getMessage() : t.getClass().getSimpleName();
+    }
+
+    private static String shorten(String s, int n) {
+        return s == null ? "" : s.length() <= n ? s : s.substring(0, n);
+    }
+}

@@ -1,0 +1,192 @@
+package org.fwdfed.core;
+
+import java.util.Collections;
+import java.util.LinkedHashMap;
+import java.util.Map;
+
+/**
+ * The messages of docs/protocol.md (version 1), one nested class per type, with exactly the
+ * fields the document lists. Instances are immutable; {@link Codec} turns them into frames and
+ * back, checking every field as fwdfed/protocol.py does.
+ */
+public abstract class Message {
+    public static final int PROTOCOL_VERSION = 1;
+    public static final int MAX_FRAME_BYTES = 64 * 1024 * 1024;  // a task carries the adapter: 16M float32 at most
+    public static final int MAX_PAIRS = 1_000_000;  // (seed, coefficient) pairs in one update
+    public static final int MAX_TEXT = 1024;
+    public static final int MAX_ID = 128;
+
+    private Message() {}
+
+    /** The wire name of this message's type (`hello`, `task`, ...). */
+    public abstract String type();
+
+    /** device -> coordinator, first message: who I am and what model I hold. */
+    public static final class Hello extends Message {
+        public final String deviceId;
+        public final String baseModelHash;
+        public final long adapterDim;
+        public final long numExamples;
+        public final Long memBudgetBytes;  // null: no budget
+
+        public Hello(String deviceId, String baseModelHash, long adapterDim, long numExamples, Long memBudgetBytes) {
+            this.deviceId = deviceId;
+            this.baseModelHash = baseModelHash;
+            this.adapterDim = adapterDim;
+            this.numExamples = numExamples;
+            this.memBudgetBytes = memBudgetBytes;
+        }
+
+        @Override
+        public String type() {
+            return "hello";
+        }
+    }
+
+    /** coordinator -> device: enrolled in this job; tasks will follow. */
+    public static final class Welcome extends Message {
+        public final String jobId;
+        public final String deviceId;
+
+        public Welcome(String jobId, String deviceId) {
+            this.jobId = jobId;
+            this.deviceId = deviceId;
+        }
+
+        @Override
+        public String type() {
+            return "welcome";
+        }
+    }
+
+    /** coordinator -> device: train from this global adapter and answer with an Update. */
+    public static final class Task extends Message {
+        public final String taskId;
+        public final String jobId;
+        public final long round;
+        public final long globalVersion;
+        public final String baseModelHash;
+        public final byte[] adapter;  // float32 little-endian, adapter_dim values
+        public final String adapterSha256;
+        public final String method;
+        /** Values are Long, Double, String, or BigInteger (an integer past a long, still "a number"). */
+        public final Map<String, Object> hparams;
+        public final double deadlineS;
+        public final byte[] reference;  // the previous round's global update (float32), or empty
+
+        public Task(String taskId, String jobId, long round, long globalVersion, String baseModelHash, byte[] adapter,
+                    String adapterSha256, String method, Map<String, Object> hparams, double deadlineS,
+                    byte[] reference) {
+            this.taskId = taskId;
+            this.jobId = jobId;
+            this.round = round;
+            this.globalVersion = globalVersion;
+            this.baseModelHash = baseModelHash;
+            this.adapter = adapter;
+            this.adapterSha256 = adapterSha256;
+            this.method = method;
+            this.hparams = Collections.unmodifiableMap(new LinkedHashMap<>(hparams));
+            this.deadlineS = deadlineS;
+            this.reference = reference;
+        }
+
+        @Override
+        public String type() {
+            return "task";
+        }
+    }
+
+    /** device -> coordinator: the answer to one task, in seed form. */
+    public static final class Update extends Message {
+        public final String taskId;
+        public final String jobId;
+        public final long round;
+        public final long globalVersion;
+        public final long[] seeds;
+        public final double[] coefs;
+        public final double scale;  // the device's adapter is scale * global + sum coef * direction(seed) + dense
+        public final byte[] dense;  // a dense change (float32, d values), or empty
+        public final long numExamples;
+        public final double lossBefore;
+        public final double lossAfter;
+        public final long peakRssBytes;
+
+        public Update(String taskId, String jobId, long round, long globalVersion, long[] seeds, double[] coefs,
+                      double scale, byte[] dense, long numExamples, double lossBefore, double lossAfter,
+                      long peakRssBytes) {
+            this.taskId = taskId;
+            this.jobId = jobId;
+            this.round = round;
+            this.globalVersion = globalVersion;
+            this.seeds = seeds;
+            this.coefs = coefs;
+            this.scale = scale;
+            this.dense = dense;
+            this.numExamples = numExamples;
+            this.lossBefore = lossBefore;
+            this.lossAfter = lossAfter;
+            this.peakRssBytes = peakRssBytes;
+        }
+
+        @Override
+        public String type() {
+            return "update";
+        }
+    }
+
+    /** coordinator -> device: whether an update was accepted, and why not. */
+    public static final class Ack extends Message {
+        public final String taskId;
+        public final boolean accepted;
+        public final String reason;
+
+        public Ack(String taskId, boolean accepted, String reason) {
+            this.taskId = taskId;
+            this.accepted = accepted;
+            this.reason = reason;
+        }
+
+        /** The refusal's code: the part of `reason` before the first ": " (docs/protocol.md). */
+        public String code() {
+            int colon = reason.indexOf(": ");
+            return colon < 0 ? reason : reason.substring(0, colon);
+        }
+
+        @Override
+        public String type() {
+            return "ack";
+        }
+    }
+
+    /** coordinator -> device: the job has finished; disconnect. */
+    public static final class Done extends Message {
+        public final String jobId;
+        public final String reason;
+
+        public Done(String jobId, String reason) {
+            this.jobId = jobId;
+            this.reason = reason;
+        }
+
+        @Override
+        public String type() {
+            return "done";
+        }
+    }
+
+    /** either side: the last frame was refused; the sender closes the connection after it. */
+    public static final class Error extends Message {
+        public final String code;
+        public final String message;
+
+        public Error(String code, String message) {
+            this.code = code;
+            this.message = message;
+        }
+
+        @Override
+        public String type() {
+            return "error";
+        }
+    }
+}

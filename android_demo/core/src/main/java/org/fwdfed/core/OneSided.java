@@ -1,0 +1,105 @@
+package org.fwdfed.core;
+
+import java.util.List;
+
+/**
+ * One-sided MeZO (fwdfed/methods/onesided.py): forward differences against one shared
+ * evaluation of w, g_k = (L(w + eps z_k) - L(w)) / eps; w and the n perturbed copies in one call
+ * (P = n + 1); w <- w - lr sum_k g_k z_k / n. Uploads as MeZO.
+ */
+public final class OneSided implements Optimizer {
+    public static final class Config implements MethodConfig {
+        public final double lr;
+        public final double eps;
+        public final int directions;
+        public final String kind;
+        public final Block block;
+
+        public Config(double lr, double eps, int directions, String kind, Block block) {
+            Hparams.checkPositive("lr", lr);
+            Hparams.checkPositive("eps", eps);
+            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
+            Hparams.checkKind(kind);
+            this.lr = lr;
+            this.eps = eps;
+            this.directions = directions;
+            this.kind = kind;
+            this.block = block;
+        }
+
+        public static Config fromHparams(Hparams h) {
+            double lr = h.number("lr", null);
+            double eps = h.number("eps", null);
+            long directions = Hparams.checkCount("directions", h.integer("directions", 1L), Hparams.MAX_DIRECTIONS);
+            return new Config(lr, eps, (int) directions, h.text("kind", Directions.RADEMACHER), h.block());
+        }
+
+        @Override public int directions() { return directions; }
+        @Override public String kind() { return kind; }
+        @Override public Block block() { return block; }
+        @Override public int adapterCopies() { return 2 + 2 * Math.max(1, directions); }
+
+        @Override
+        public Optimizer optimizer(LossProgram program, float[] adapter, SeedSource seeds, float[] reference) {
+            return new OneSided(program, adapter, this, seeds);
+        }
+    }
+
+    private final LossProgram program;
+    private final Config config;
+    private final SeedSource seeds;
+    private float[] adapter;
+
+    public OneSided(LossProgram program, float[] adapter, Config config, SeedSource seeds) {
+        this.program = program;
+        this.config = config;
+        this.seeds = seeds;
+        this.adapter = adapter.clone();
+    }
+
+    @Override
+    public LocalRun train(List<Batch> batches, int steps, StepGuard guard) {
+        Config c = config;
+        LocalRun run = new LocalRun();
+        int n = c.directions;
+        int d = adapter.length;
+        float epsF = (float) c.eps;
+        float minusLr = (float) -c.lr;
+        for (int i = 0; i < steps; i++) {
+            Batch batch = batches.get(i % batches.size());
+            long[] stepSeeds = seeds.next(n);
+            float[][] z = new float[n][];
+            float[][] adapters = new float[n + 1][];
+            adapters[0] = adapter;
+            for (int k = 0; k < n; k++) {
+                z[k] = Directions.blockDirection(stepSeeds[k], d, c.kind, c.block);
+                adapters[k + 1] = new float[d];
+                for (int j = 0; j < d; j++) {
+                    adapters[k + 1][j] = adapter[j] + epsF * z[k][j];
+                }
+            }
+            float[] losses = Losses.weightedMean(Losses.perExample(program, batch, adapters), batch.weights);
+            float[] coefs = new float[n];
+            boolean finite = true;
+            for (int k = 0; k < n; k++) {
+                coefs[k] = minusLr * (losses[k + 1] - losses[0]) / epsF / (float) n;
+                finite &= Float.isFinite(coefs[k]);
+            }
+            if (finite) {
+                float[] next = new float[d];
+                for (int j = 0; j < d; j++) {
+                    float moved = coefs[0] * z[0][j];
+                    for (int k = 1; k < n; k++) {
+                        moved += coefs[k] * z[k][j];
+                    }
+                    next[j] = adapter[j] + moved;
+                }
+                adapter = next;
+                run.add(stepSeeds, coefs);
+                run.recordLoss(losses[0]);
+            }
+            guard.afterStep();
+        }
+        return run;
+    }
+}

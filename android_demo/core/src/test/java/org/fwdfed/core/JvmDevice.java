@@ -1,0 +1,170 @@
+package org.fwdfed.core;
+
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.nio.file.Paths;
+import java.nio.file.StandardCopyOption;
+import java.util.ArrayList;
+import java.util.Arrays;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.concurrent.atomic.AtomicInteger;
+
+/**
+ * Test tool: the Java device on the JVM, with the real `.pte` run by {@link PipeLossProgram}:
+ * everything else (protocol, transport, data, tokenizer, MeZO, budget) is the core an Android
+ * app runs. Like `python -m device_sdk.emulate` for one device:
+ *
+ *   JvmDevice --coordinator URL --device-id ID --bundle DIR --data FILE --shard-index I --shard-count N
+ *             --helper "PYTHON loss_helper.py" [--credentials FILE | --token T] [--ca-file PEM] [--mem 1.5GB]
+ *             [--seed S] [--connect-timeout SECONDS] [--record DIR]
+ *   JvmDevice --train-task T1.msgpack,T2.msgpack --out U1.msgpack,U2.msgpack (and the options above but the
+ *             coordinator's): train tasks offline and write their update frames
+ *
+ * --record DIR writes every frame sent and received, each file whole or not at all (written
+ * aside, then renamed). Errors: one `error:` line on stderr, exit status 1.
+ */
+public final class JvmDevice {
+    public static void main(String[] argv) {
+        try {
+            System.exit(run(argv));
+        } catch (DeviceException | BundleException | TrainingData.DataException | IllegalArgumentException e) {
+            System.err.println("error: " + e.getMessage());
+            System.exit(1);
+        } catch (Exception e) {
+            System.err.println("error: " + e);
+            e.printStackTrace();
+            System.exit(1);
+        }
+    }
+
+    static int run(String[] argv) throws Exception {
+        Map<String, String> a = options(argv);
+        String deviceId = a.getOrDefault("device-id", "java-0");
+        Manifest manifest = Manifest.load(Paths.get(need(a, "bundle")));
+        Long budget = a.containsKey("mem") ? MemorySize.parse(a.get("mem")) : null;
+        long runtime = ProcStatus.currentRss();
+        int shardIndex = Integer.parseInt(a.getOrDefault("shard-index", "0"));
+        int shardCount = Integer.parseInt(a.getOrDefault("shard-count", "1"));
+        List<String> texts = TrainingData.shard(Paths.get(need(a, "data")), Long.parseLong(a.getOrDefault("data-seed", "0")),
+                shardIndex, shardCount);
+        if (texts.isEmpty()) {
+            throw new DeviceException("device " + deviceId + ": its shard of " + a.get("data") + " is empty");
+        }
+        if (budget != null) {  // before the program is loaded: a budget that cannot hold a step is refused here
+            MemoryPlan plan;
+            try {
+                plan = MemoryPlan.plan(manifest, budget, texts.size(), manifest.maxPerturbations / 2,
+                        1 + 3 * Math.max(1, manifest.maxPerturbations / 2), runtime);
+            } catch (BudgetException e) {
+                throw new DeviceException(e.getMessage());
+            }
+            System.err.println(deviceId + ": " + plan.describe());
+        }
+        Tokenizer tokenizer = Tokenizer.load(manifest.tokenizerPath());
+        List<Batch> batches = BatchEncoder.encode(tokenizer, texts, null, manifest.task, manifest.batchSize, manifest.seqLen);
+        long seed = Long.parseLong(a.getOrDefault("seed", "0"));
+        List<String> helper = Arrays.asList(need(a, "helper").trim().split("\\s+"));
+        try (PipeLossProgram program = new PipeLossProgram(helper, manifest.programPath().toString(),
+                manifest.maxPerturbations, Manifest.SEQ_CLS.equals(manifest.task))) {
+            TaskTrainer trainer = new TaskTrainer(manifest, program, batches, texts.size(), budget, runtime,
+                    (round, wave) -> new SeedStream(seed, round, wave, deviceId), ProcStatus::peakRss);
+            if (a.containsKey("train-task")) {  // comma-separated task files, answered into the --out files
+                String[] tasks = a.get("train-task").split(",");
+                String[] outs = need(a, "out").split(",");
+                for (int i = 0; i < tasks.length; i++) {
+                    Message message = Codec.decode(Files.readAllBytes(Paths.get(tasks[i])));
+                    Message.Update update = trainer.train((Message.Task) message, StepGuard.NONE);
+                    writeWhole(Paths.get(outs[i]), Codec.encode(update));
+                }
+                return 0;
+            }
+            byte[] ca = a.containsKey("ca-file") ? Files.readAllBytes(Paths.get(a.get("ca-file"))) : null;
+            DeviceClient.Config config = new DeviceClient.Config(need(a, "coordinator"), token(a, deviceId), ca, deviceId,
+                    budget, (long) (Double.parseDouble(a.getOrDefault("connect-timeout", "30")) * 1000));
+            DeviceClient.FrameRecorder recorder = a.containsKey("record")
+                    ? new DirectoryRecorder(Paths.get(a.get("record"))) : DeviceClient.FrameRecorder.NONE;
+            DeviceClient client = new DeviceClient(config, manifest, trainer,
+                    s -> System.err.println(deviceId + ": " + s.state + " round " + s.round + " accepted "
+                            + s.updatesAccepted + " sent " + s.bytesSent + " B received " + s.bytesReceived
+                            + " B peak " + MemorySize.format(s.peakRssBytes) + ": " + s.message),
+                    recorder);
+            Runtime.getRuntime().addShutdownHook(new Thread(client::stop));
+            int accepted = client.run();
+            System.out.println("device " + deviceId + ": " + accepted + " updates accepted");
+            System.out.println("device " + deviceId + ": program calls " + program.calls() + ", peak RSS "
+                    + MemorySize.format(ProcStatus.peakRss()));
+            return 0;
+        }
+    }
+
+    private static String token(Map<String, String> a, String deviceId) throws Exception {
+        if (a.containsKey("token")) {
+            return a.get("token");
+        }
+        if (!a.containsKey("credentials")) {
+            return null;
+        }
+        Map<String, Object> tokens = Json.object(Json.parse(Files.readString(Paths.get(a.get("credentials")),
+                StandardCharsets.UTF_8)), "credentials");
+        if (!(tokens.get(deviceId) instanceof String)) {
+            throw new DeviceException(a.get("credentials") + " has no credential for " + deviceId + ": enrol it first");
+        }
+        return (String) tokens.get(deviceId);
+    }
+
+    private static Map<String, String> options(String[] argv) {
+        Map<String, String> out = new HashMap<>();
+        for (int i = 0; i < argv.length; i++) {
+            if (!argv[i].startsWith("--") || i + 1 >= argv.length) {
+                throw new IllegalArgumentException("expected --option value, got " + argv[i]);
+            }
+            out.put(argv[i].substring(2), argv[++i]);
+        }
+        return out;
+    }
+
+    private static String need(Map<String, String> a, String name) {
+        if (!a.containsKey(name)) {
+            throw new IllegalArgumentException("--" + name + " is required");
+        }
+        return a.get(name);
+    }
+
+    /** Write a file whole or not at all: aside first, then renamed over the name (atomic on one filesystem). */
+    static void writeWhole(Path path, byte[] bytes) throws java.io.IOException {
+        Path aside = path.resolveSibling(path.getFileName() + ".partial");
+        Files.write(aside, bytes);
+        Files.move(aside, path, StandardCopyOption.ATOMIC_MOVE, StandardCopyOption.REPLACE_EXISTING);
+    }
+
+    /** Every frame as DIR/NNNN-sent-TYPE.msgpack or DIR/NNNN-received-TYPE.msgpack. */
+    static final class DirectoryRecorder implements DeviceClient.FrameRecorder {
+        private final Path dir;
+        private final AtomicInteger count = new AtomicInteger();
+        private final List<String> failures = new ArrayList<>();
+
+        DirectoryRecorder(Path dir) throws java.io.IOException {
+            this.dir = Files.createDirectories(dir);
+        }
+
+        private void write(String way, byte[] frame) {
+            String type;
+            try {
+                type = Codec.decode(frame).type();
+            } catch (ProtocolException e) {
+                type = "bad";
+            }
+            try {
+                writeWhole(dir.resolve(String.format("%04d-%s-%s.msgpack", count.incrementAndGet(), way, type)), frame);
+            } catch (java.io.IOException e) {
+                failures.add(e.toString());
+            }
+        }
+
+        @Override public void sent(byte[] frame) { write("sent", frame); }
+        @Override public void received(byte[] frame) { write("received", frame); }
+    }
+}
