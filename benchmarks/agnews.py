@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.demo import serve_in_background
 from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,18 +121,8 @@ def main(argv=None) -> int:
                    str(args.devices), "--method", args.method, "--local-steps", str(args.local_steps), "--lr",
                    str(args.lr), "--eps", str(args.eps), "--directions", str(directions), "--head-init",
                    args.head_init, "--round-deadline", "3600", *data_flags)
-    print("$ " + shlex.join(serve), flush=True)
-    log = (out / "coordinator.log").open("w")
-    coordinator = subprocess.Popen(serve, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    coordinator, url = serve_in_background(serve, out / "coordinator.log")
     try:
-        url = None
-        for line in coordinator.stdout:
-            print("  coordinator | " + line, end="", flush=True)
-            if line.startswith("listening on "):
-                url = line.split()[-1]
-                break
-        if url is None:
-            raise UserError(f"the coordinator did not start; see {out / 'coordinator.log'}")
         emulate = module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url, "--devices",
                          str(args.devices), "--bundle", str(bundle), "--data", str(args.data), "--credentials",
                          str(credentials), "--split", args.split, "--alpha", str(args.alpha), *data_flags,

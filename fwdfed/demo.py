@@ -35,6 +35,19 @@ def run(cmd: list[str]) -> None:
         raise UserError(f"step failed: {shlex.join(cmd[2:4])}")
 
 
+def serve_in_background(serve: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python -m coordinator serve ...` (its log in `log_path`, its output echoed); returns
+    the process and the URL it printed once it listens. The caller kills the process when done."""
+    print("$ " + shlex.join(serve), flush=True)
+    coordinator = subprocess.Popen(serve, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
+    for line in coordinator.stdout:
+        print("  coordinator | " + line, end="", flush=True)
+        if line.startswith("listening on "):
+            return coordinator, line.split()[-1]
+    coordinator.kill()
+    raise UserError(f"the coordinator did not start; see {log_path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fwdfed.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,18 +76,8 @@ def main(argv=None) -> int:
                           "--eval-data", str(args.data), "--eval-examples", "128", "--rounds", str(args.rounds),
                           "--devices-per-round", str(args.devices), "--local-steps", str(args.local_steps),
                           "--lr", "1e-3", "--eps", "1e-2")
-    print("$ " + shlex.join(serve), flush=True)
-    log = (args.workdir / "coordinator.log").open("w")
-    coordinator = subprocess.Popen(serve, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    coordinator, url = serve_in_background(serve, args.workdir / "coordinator.log")
     try:
-        url = None
-        for line in coordinator.stdout:
-            print("  coordinator | " + line, end="", flush=True)
-            if line.startswith("listening on "):
-                url = line.split()[-1]
-                break
-        if url is None:
-            raise UserError(f"the coordinator did not start; see {args.workdir / 'coordinator.log'}")
         emulate = python_module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url, "--devices",
                                 str(args.devices), "--bundle", str(bundle), "--data", str(args.data),
                                 "--credentials", str(credentials))

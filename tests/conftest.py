@@ -75,3 +75,16 @@ def stories_bundle(tmp_path_factory) -> Path:
 def tiny_llama_bundle(tmp_path_factory) -> Path:
     return export_bundle(tmp_path_factory.mktemp("bundles") / "tiny-llama", "--preset", "tiny-llama",
                          "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4")
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A private CA and a certificate for 127.0.0.1 that it signed, as PEM files: (cert, key, ca)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "cert.pem").write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    return tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"

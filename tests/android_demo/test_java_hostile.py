@@ -15,7 +15,6 @@ import subprocess
 import msgpack
 import numpy as np
 import pytest
-import trustme
 
 from fwdfed import protocol
 from tests.android_demo.scripted_coordinator import ScriptedCoordinator
@@ -158,17 +157,6 @@ def test_a_lost_connection_is_retried_and_the_unanswered_update_sent_again_witho
     assert "program calls 10," in out, out
     kinds = [decode(f).__class__.__name__ for f in coordinator.received]
     assert kinds == ["Hello", "Update", "Hello", "Update"], kinds
-
-
-@pytest.fixture
-def tls_files(tmp_path):
-    """A private CA and a certificate for 127.0.0.1 that it signed, as PEM files."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "cert.pem").write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
 
 
 def test_untrusted_certificate_revoked_token_and_revocation_while_connected(tmp_path, stories_bundle, java_core,

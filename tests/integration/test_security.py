@@ -8,7 +8,6 @@ import asyncio
 import ssl
 
 import pytest
-import trustme
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -18,17 +17,6 @@ from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import TINYSTORIES, run_command
 from tests.support.fleet import Coordinator, emulate, enrol
 from tests.support.protocol_client import ProtocolClient
-
-
-@pytest.fixture
-def tls_files(tmp_path):
-    """A private CA and a certificate for 127.0.0.1 that it signed, as PEM files."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "cert.pem").write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
 
 
 def handshake_status(url: str, headers=None, tls=None) -> int | None:
