@@ -1,0 +1,172 @@
+"""One federated job, end to end, with real parts, and the figures it leaves behind.
+
+Enrol the devices, start the coordinator (websockets + SQLite) and the emulated devices as
+their own processes over loopback, wait for the job to end, write the best and the final
+global adapters as peft folders, and read back from the job's database what every benchmark
+reports: held-out metric per version, wall time, forward passes, bytes on the wire per device
+and peak memory per round. Every command is printed, so each step can be repeated by hand.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fwdfed.demo import serve_in_background
+from fwdfed.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def module(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print("$ " + shlex.join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        raise UserError(f"step failed ({result.returncode}): {shlex.join(cmd[2:4])}")
+    return result
+
+
+def export_bundle(out: Path, *flags: str) -> Path:
+    run(module("export", "--out", str(out), *flags))
+    return out
+
+
+@dataclass
+class JobSpec:
+    bundle: Path
+    data: Path
+    rounds: int
+    training: list[str]  # serve's flags for the method: --method, --lr, --local-steps, ...
+    data_flags: list[str] = field(default_factory=lambda: ["--data-seed", "0"])  # for serve and the devices
+    devices: int = 3
+    workers: int | None = None
+    split: str = "iid"
+    alpha: float = 0.5
+    eval_examples: int = 800
+    mem: str = "1.5GB"
+
+
+def run_job(spec: JobSpec, out: Path) -> dict:
+    """Run the job in `out` (a fresh database each time); returns the figures (`job_figures`)
+    with the wall time, and leaves `out/adapter` (best version) and `out/final_adapter`."""
+    out.mkdir(parents=True, exist_ok=True)
+    db, credentials = out / "job.db", out / "tokens.json"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    started = time.time()
+    names = [f"emu-{i}" for i in range(spec.devices)]
+    run(module("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(credentials)),
+        stdout=subprocess.DEVNULL)
+    serve = module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(spec.bundle),
+                   "--eval-data", str(spec.data), "--eval-examples", str(spec.eval_examples), "--rounds",
+                   str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
+                   *spec.training, *spec.data_flags)
+    coordinator, url = serve_in_background(serve, out / "coordinator.log")
+    try:
+        emulate = module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
+                         str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data), "--credentials",
+                         str(credentials), "--split", spec.split, "--alpha", str(spec.alpha), *spec.data_flags,
+                         *(["--workers", str(spec.workers)] if spec.workers else []))
+        print("$ " + shlex.join(emulate), flush=True)
+        with (out / "devices.log").open("w") as device_log:
+            devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)
+            for line in coordinator.stdout:
+                print("  coordinator | " + line, end="", flush=True)
+            device_lines = devices.communicate()[0]
+        print("".join("  devices | " + line for line in device_lines.splitlines(keepends=True)), end="")
+        if coordinator.wait() != 0 or devices.returncode != 0:
+            raise UserError(f"the job failed; see {out}/coordinator.log and devices.log")
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+    seconds = time.time() - started
+    for version, folder in (("best", "adapter"), ("latest", "final_adapter")):
+        run(module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out", str(out / folder)),
+            stdout=subprocess.DEVNULL)
+    status = run(module("coordinator", "status", "--db", str(db)), capture_output=True, text=True).stdout
+    (out / "status.txt").write_text(status)
+    print(status)
+    return job_figures(db) | {"job_seconds": seconds}
+
+
+def job_figures(db: Path) -> dict:
+    """What the job's database says: per round, the held-out metrics of the version it made, its
+    wall time, forward passes, peak memory of the devices, and the bytes each device received
+    (the task) and sent (its update), as the msgpack frames on the wire, rebuilt from what the
+    coordinator stored."""
+    from coordinator.report import best_version, metrics_by_version
+    from coordinator.store import open_store
+    from fwdfed import methods
+    from fwdfed.bundle.manifest import load_bundle
+
+    store = open_store(db)
+    job = store.latest_job()
+    by_version = metrics_by_version(store, job)
+    batch_size = load_bundle(job.bundle, check_program=False).manifest.inputs["batch_size"]
+    rounds = []
+    for rnd in store.rounds(job.id):
+        if rnd.status != "closed":
+            continue
+        # Round 1 of a head-initialised job gathers class statistics (the coordinator's round_method).
+        head_round = rnd.number == 1 and (job.options or {}).get("head_init") == "lda"
+        method = methods.get("class-stats" if head_round else job.method)
+        tasks, updates = store.tasks(rnd.id), store.updates(rnd.id)
+        sent = [update_frame_bytes(u) for u in updates]
+        received = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)
+        rounds.append({"round": rnd.number, "version": rnd.base_version + 1, "seconds": rnd.closed_at - rnd.opened_at,
+                       "updates": len(updates),
+                       "method": method.name,
+                       "forward_passes": sum(forward_passes(method, u, tasks[0].hparams, batch_size) for u in updates),
+                       "sent_bytes_per_device": max(sent, default=0), "received_bytes_per_device": received,
+                       "peak_rss_bytes": max((u.peak_rss_bytes for u in updates), default=0),
+                       **by_version.get(rnd.base_version + 1, {})})
+    best = best_version(store, job)
+    return {"method": job.method, "hparams": job.hparams, "adapter_dim": job.adapter_dim,
+            "start": by_version.get(0, {}), "rounds": rounds, "best_version": best[0] if best else None}
+
+
+def forward_passes(method, row, hparams: dict, batch_size: int) -> int:
+    """Forward passes (one batch, one adapter vector each) behind an update. The class statistics
+    send no pairs: they are one pass over each of the device's batches."""
+    if method.name == "class-stats":
+        return -(-row.num_examples // batch_size)
+    return method.forward_passes(row.num_pairs, hparams)
+
+
+def update_frame_bytes(row) -> int:
+    """The size of the device's update message as it went on the wire."""
+    import msgpack
+
+    from fwdfed import protocol
+
+    pairs = msgpack.unpackb(row.pairs)
+    message = protocol.Update(task_id="t" * 36, job_id=row.device_id, round=1, global_version=1,
+                              seeds=[int(s) for s, _ in pairs], coefs=[float(c) for _, c in pairs], scale=1.0,
+                              dense=row.dense or b"", num_examples=1, loss_before=0.0, loss_after=0.0,
+                              peak_rss_bytes=int(row.peak_rss_bytes))
+    return len(message.to_wire())
+
+
+def task_frame_bytes(job, rnd, method, hparams: dict) -> int:
+    """The size of a task message of this round: the global adapter (d float32), the hyperparameters
+    and, for a method that uses it, the previous round's update."""
+    from fwdfed import protocol
+
+    d = job.adapter_dim
+    reference = b"\0" * (4 * d) if method.uses_reference and rnd.base_version > 0 else b""
+    message = protocol.Task(task_id="t" * 36, job_id=job.id, round=rnd.number, global_version=rnd.base_version,
+                            base_model_hash=job.base_model_hash, adapter=np.zeros(d, "<f4").tobytes(),
+                            adapter_sha256="0" * 64, method=method.name, hparams=hparams, deadline_s=3600.0,
+                            reference=reference)
+    return len(message.to_wire())

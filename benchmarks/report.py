@@ -1,0 +1,197 @@
+"""python -m benchmarks.report: the benchmark runs' figures as tables and plots in docs/BENCHMARKS.md.
+
+    python -m benchmarks.report --compare runs/agnews runs/sst2 runs/tinystories \\
+        --headline runs/headline-iid runs/headline-dirichlet --profile runs/profile-minilm --docs docs
+
+reads each comparison's results.json (`python -m benchmarks.compare`), each headline's
+report.json (`python -m benchmarks.agnews`) and a profile's report.json (`python -m
+device_sdk.profile`), copies them to docs/benchmarks/ (the figures behind every number), draws
+the plots there, and rewrites the part of docs/BENCHMARKS.md between the `generated` markers;
+the text around them is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from fwdfed.cli import run_main
+from fwdfed.errors import UserError
+
+START, END = "<!-- generated: python -m benchmarks.report -->", "<!-- end of generated -->"
+MiB = 2**20
+
+
+def read_json(folder: Path, name: str) -> dict | list:
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: run the benchmark into {folder} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not JSON ({e})") from None
+
+
+def metric_of(rounds_or_start: dict) -> tuple[str, float | None]:
+    for name in ("heldout_accuracy", "heldout_loss"):
+        if name in rounds_or_start:
+            return name, rounds_or_start[name]
+    return "heldout_loss", None
+
+
+def series(arm: dict) -> dict[str, list[float]]:
+    """Per point (the start, then each round): the metric, cumulative forward passes, wall seconds
+    and bytes per device."""
+    name, start = metric_of(arm["start"])
+    points = {"round": [0], "metric": [start], "passes": [0], "seconds": [0.0]}
+    for r in arm["rounds"]:
+        points["round"].append(r["round"])
+        points["metric"].append(r.get(name))
+        points["passes"].append(points["passes"][-1] + r["forward_passes"])
+        points["seconds"].append(points["seconds"][-1] + r["seconds"])
+    return points
+
+
+def plot_comparison(name: str, results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    arms = results["arms"]
+    metric = metric_of(next(iter(arms.values()))["start"])[0]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for arm, figures in arms.items():
+        s = series(figures)
+        for ax, x in zip(axes[:3], ("round", "passes", "seconds")):
+            ax.plot(s[x], s["metric"], marker="o", label=arm)
+    labels = ("round", "forward passes (all devices, cumulative)", "wall seconds (cumulative)")
+    for ax, label in zip(axes[:3], labels):
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=8)
+    names = list(arms)
+    sent = [max(r["sent_bytes_per_device"] for r in arms[a]["rounds"][-1:]) for a in names]
+    received = [max(r["received_bytes_per_device"] for r in arms[a]["rounds"][-1:]) for a in names]
+    xs = range(len(names))
+    axes[3].bar([x - 0.2 for x in xs], sent, width=0.4, label="sent (update)")
+    axes[3].bar([x + 0.2 for x in xs], received, width=0.4, label="received (task)")
+    axes[3].set_yscale("log")
+    axes[3].set_xticks(list(xs), names, rotation=20, fontsize=8)
+    axes[3].set_ylabel("bytes per device, last round")
+    axes[3].legend(fontsize=8)
+    fig.suptitle(f"{name}: {results['devices']} devices, split {results['split']}"
+                 + (f" (alpha {results['alpha']})" if results["split"] == "dirichlet" else ""))
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def comparison_table(results: dict) -> str:
+    arms = results["arms"]
+    metric = metric_of(next(iter(arms.values()))["start"])[0]
+    accuracy = metric == "heldout_accuracy"
+    head = ["arm", "start", "best", "last"] + (["test acc. (peft)"] if accuracy else ["best perplexity"]) + [
+        "forward passes", "wall min", "sent B/device/round", "received B/device/round", "device peak MiB"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, f in arms.items():
+        values = [r[metric] for r in f["rounds"] if metric in r]
+        start = f["start"].get(metric)
+        best = (max if accuracy else min)(values + [start])
+        training = [r for r in f["rounds"] if r["method"] != "class-stats"] or f["rounds"]
+        if accuracy:
+            extra = f"{f['test_accuracy']:.4f} ({f['test_rows']} rows)" if "test_accuracy" in f else "-"
+        else:
+            import math
+
+            extra = f"{math.exp(best):.3f}"
+        rows.append("| " + " | ".join([
+            arm, f"{start:.4f}", f"{best:.4f}", f"{values[-1]:.4f}", extra,
+            f"{sum(r['forward_passes'] for r in f['rounds']):,}", f"{f['job_seconds'] / 60:.1f}",
+            f"{max(r['sent_bytes_per_device'] for r in training):,}",
+            f"{max(r['received_bytes_per_device'] for r in training):,}",
+            f"{max(r['peak_rss_bytes'] for r in f['rounds']) / MiB:.0f}"]) + " |")
+    flags = "\n".join(f"- `{arm}`: `{' '.join(f['flags'])}`" for arm, f in arms.items())
+    return "\n".join(rows) + "\n\nTraining flags of each arm (`coordinator serve`):\n\n" + flags
+
+
+def headline_table(reports: list[tuple[str, dict]]) -> str:
+    rows = ["| run | held-out acc. (coordinator, 800 rows) | best version | peft held-out acc. | export min | job min "
+            "| total min | command |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in reports:
+        best = max((x.get("heldout_accuracy", 0) for x in r["rounds"]), default=0)
+        s = r["seconds"]
+        rows.append(f"| {name} | {r['start'].get('heldout_accuracy', 0):.4f} → {best:.4f} | {r['best_version']} | "
+                    f"{r['peft_heldout_accuracy']:.4f} ({r['peft_heldout_rows']} rows) | {s['export'] / 60:.1f} | "
+                    f"{s['job'] / 60:.1f} | {s['total'] / 60:.1f} | `{r['command']}` |")
+    return "\n".join(rows)
+
+
+def memory_table(profile: list[dict]) -> str:
+    by_mode = {r["mode"]: r for r in profile}
+    backprop = by_mode.get("backprop")
+    rows = ["| mode | peak MiB | interpreter + libraries MiB | program / model load MiB | step MiB | "
+            "peak without the interpreter MiB | ÷ backprop (whole) | ÷ backprop (without the interpreter) | s/step |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for mode, r in by_mode.items():
+        own = r["peak_bytes"] - r["runtime_bytes"]
+        ratio = (f"{r['peak_bytes'] / backprop['peak_bytes']:.2f}" if backprop else "-")
+        own_ratio = (f"{own / (backprop['peak_bytes'] - backprop['runtime_bytes']):.2f}" if backprop else "-")
+        rows.append(f"| {mode} | {r['peak_bytes'] / MiB:.0f} | {r['runtime_bytes'] / MiB:.0f} | "
+                    f"{r['weights_bytes'] / MiB:.0f} | {r['work_bytes'] / MiB:.0f} | {own / MiB:.0f} | {ratio} | "
+                    f"{own_ratio} | {r['step_seconds']:.2f} |")
+    first = profile[0]
+    return (f"{first['architecture']}, {first['base_parameters']:,} parameters, adapter {first['adapter_dim']:,}, "
+            f"batch {first['batch'][0]} × {first['batch'][1]}:\n\n" + "\n".join(rows))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="folders of benchmarks.compare runs")
+    parser.add_argument("--headline", type=Path, nargs="*", default=[], help="folders of benchmarks.agnews runs")
+    parser.add_argument("--profile", type=Path, help="folder of a device_sdk.profile run")
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    doc = args.docs / "BENCHMARKS.md"
+    figures = args.docs / "benchmarks"
+    figures.mkdir(parents=True, exist_ok=True)
+    parts = []
+    if args.headline:
+        reports = []
+        for folder in args.headline:
+            reports.append((folder.name, read_json(folder, "report.json")))
+            shutil.copyfile(folder / "report.json", figures / f"headline-{folder.name}.json")
+        parts.append("### The headline job (`python -m benchmarks.agnews`)\n\n" + headline_table(reports))
+    for folder in args.compare:
+        results = read_json(folder, "results.json")
+        name = folder.name
+        shutil.copyfile(folder / "results.json", figures / f"{name}.json")
+        plot = plot_comparison(name, results, figures)
+        parts.append(f"### {name}: {results['task']}, {results['devices']} devices, split {results['split']}\n\n"
+                     + comparison_table(results) + f"\n\n![{name}](benchmarks/{plot.name})\n\nCommands: "
+                     + "; ".join(f"`{c}`" for c in results.get("commands", [results.get("command")])))
+    if args.profile:
+        profile = read_json(args.profile, "report.json")
+        shutil.copyfile(args.profile / "report.json", figures / "profile.json")
+        parts.append("### Peak memory per method (`python -m device_sdk.profile`)\n\n" + memory_table(profile))
+    generated = START + "\n" + "\n\n".join(parts) + "\n" + END
+    text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise UserError(f"{doc} has no generated block ({START} ... {END}) to rewrite")
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    doc.write_text(before + generated + after)
+    print(f"wrote {doc} and {figures}/")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,40 @@
+"""One real job through the benchmark runner: the figures it reads back from the job's database."""
+
+from __future__ import annotations
+
+import msgpack
+
+from benchmarks.job import JobSpec, run_job, update_frame_bytes
+from tests.conftest import TINYSTORIES
+
+
+def test_a_job_on_stories_reports_what_its_database_holds(stories_bundle, tmp_path):
+    spec = JobSpec(bundle=stories_bundle, data=TINYSTORIES, rounds=2, devices=2, eval_examples=32,
+                   training=["--method", "mezo", "--lr", "1e-3", "--eps", "1e-2", "--local-steps", "3",
+                             "--directions", "2"])
+    figures = run_job(spec, tmp_path)
+
+    assert [r["round"] for r in figures["rounds"]] == [1, 2]
+    for r in figures["rounds"]:
+        assert r["updates"] == 2 and r["method"] == "mezo"
+        assert r["forward_passes"] == 2 * (2 * 3 * 2)  # devices x (+/- x steps x directions)
+        # seed form: a few dozen bytes a pair up, the whole adapter (4 bytes a value) down
+        assert 18 * 6 < r["sent_bytes_per_device"] < 18 * 6 + 400
+        assert r["received_bytes_per_device"] > 4 * figures["adapter_dim"]
+        assert r["peak_rss_bytes"] > 0 and r["seconds"] > 0 and "heldout_loss" in r
+    assert "heldout_loss" in figures["start"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "final_adapter" / "adapter_config.json").is_file()
+    assert "best version" in (tmp_path / "status.txt").read_text()
+
+
+def test_an_update_frame_is_measured_as_it_goes_on_the_wire():
+    class Row:
+        device_id, peak_rss_bytes, dense = "emu-0", 1 << 20, b""
+        pairs = msgpack.packb([[i, 0.5] for i in range(20)])
+
+    twenty = update_frame_bytes(Row)
+    Row.pairs = msgpack.packb([[i, 0.5] for i in range(30)])
+    assert update_frame_bytes(Row) - twenty == 10 * (1 + 9)  # a seed below 128 is 1 byte, a float64 9
+    Row.dense = b"\0" * 4000
+    assert update_frame_bytes(Row) > 4000
