@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=("agnews", "sst2", "tinystories"), default="agnews")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), help="default: every arm the task has")
-    parser.add_argument("--bundle", type=Path, help="an exported bundle of the task's model to use instead of exporting")
+    parser.add_argument("--bundle", type=Path, help="an exported bundle of the task's model (default: export one)")
     parser.add_argument("--rounds", type=int, help="training rounds per arm (default: the task's)")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1,
@@ -124,13 +124,14 @@ def main(argv=None) -> int:
     results_path = out / "results.json"
     # Arms run by an earlier call in the same folder are kept: a comparison can be completed arm by arm.
     earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"task": args.task, "split": args.split, "alpha": args.alpha, "devices": args.devices,
-               "workers": args.workers,
-               "export_seconds": time.time() - started, "arms": earlier.get("arms", {}),
-               "commands": [*earlier.get("commands", []), "python -m benchmarks.compare " + " ".join(argv or sys.argv[1:])]}
+               "workers": args.workers, "export_seconds": time.time() - started, "arms": earlier.get("arms", {}),
+               "commands": [*earlier.get("commands", []), command]}
     for arm in args.arms or task.arms:
         spec = JobSpec(bundle=bundle, data=task.data, rounds=args.rounds or task.rounds, training=arm_flags(task, arm),
-                       data_flags=task.data_flags, devices=args.devices, workers=args.workers, split=args.split, alpha=args.alpha)
+                       data_flags=task.data_flags, devices=args.devices, workers=args.workers, split=args.split,
+                       alpha=args.alpha)
         figures = run_job(spec, out / arm)
         figures["flags"] = spec.training
         if task.num_labels:

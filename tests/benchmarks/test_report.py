@@ -23,7 +23,8 @@ def arm(accuracies, method="mezo", sent=2000):
 def runs(tmp_path):
     folder = tmp_path / "agnews"
     folder.mkdir()
-    results = {"task": "agnews", "split": "iid", "alpha": 0.5, "devices": 3, "commands": ["python -m benchmarks.compare"],
+    results = {"task": "agnews", "split": "iid", "alpha": 0.5, "devices": 3,
+               "commands": ["python -m benchmarks.compare"],
                "arms": {"mezo": arm([0.86, 0.87]), "backprop": arm([0.86, 0.89], "backprop", sent=301_100)}}
     (folder / "results.json").write_text(json.dumps(results))
     docs = tmp_path / "docs"
