@@ -105,43 +105,33 @@ def job_figures(db: Path) -> dict:
     wall time, forward passes, peak memory of the devices, and the bytes each device received
     (the task) and sent (its update), as the msgpack frames on the wire, rebuilt from what the
     coordinator stored."""
-    from coordinator.report import best_version, metrics_by_version
+    from coordinator.job import JobOptions, round_method_name
+    from coordinator.report import batch_size_of, best_version, metrics_by_version
     from coordinator.store import open_store
     from fwdfed import methods
-    from fwdfed.bundle.manifest import load_bundle
 
     store = open_store(db)
     job = store.latest_job()
     by_version = metrics_by_version(store, job)
-    batch_size = load_bundle(job.bundle, check_program=False).manifest.inputs["batch_size"]
+    batch_size = batch_size_of(job)
     rounds = []
     for rnd in store.rounds(job.id):
         if rnd.status != "closed":
             continue
-        # Round 1 of a head-initialised job gathers class statistics (the coordinator's round_method).
-        head_round = rnd.number == 1 and (job.options or {}).get("head_init") == "lda"
-        method = methods.get("class-stats" if head_round else job.method)
+        method = methods.get(round_method_name(job.method, JobOptions.from_json(job.options), rnd.number))
         tasks, updates = store.tasks(rnd.id), store.updates(rnd.id)
         sent = [update_frame_bytes(u) for u in updates]
         received = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)
         rounds.append({"round": rnd.number, "version": rnd.base_version + 1, "seconds": rnd.closed_at - rnd.opened_at,
-                       "updates": len(updates),
-                       "method": method.name,
-                       "forward_passes": sum(forward_passes(method, u, tasks[0].hparams, batch_size) for u in updates),
+                       "updates": len(updates), "method": method.name,
+                       "forward_passes": sum(method.forward_passes(u.num_pairs, tasks[0].hparams, u.num_examples,
+                                                                   batch_size) for u in updates),
                        "sent_bytes_per_device": max(sent, default=0), "received_bytes_per_device": received,
                        "peak_rss_bytes": max((u.peak_rss_bytes for u in updates), default=0),
                        **by_version.get(rnd.base_version + 1, {})})
     best = best_version(store, job)
     return {"method": job.method, "hparams": job.hparams, "adapter_dim": job.adapter_dim,
             "start": by_version.get(0, {}), "rounds": rounds, "best_version": best[0] if best else None}
-
-
-def forward_passes(method, row, hparams: dict, batch_size: int) -> int:
-    """Forward passes (one batch, one adapter vector each) behind an update. The class statistics
-    send no pairs: they are one pass over each of the device's batches."""
-    if method.name == "class-stats":
-        return -(-row.num_examples // batch_size)
-    return method.forward_passes(row.num_pairs, hparams)
 
 
 def update_frame_bytes(row) -> int:

@@ -54,3 +54,9 @@ def resumed_options(stored: dict, flags: dict) -> tuple[JobOptions, list[str]]:
         elif name in stored and stored[name] != value:
             warnings.append(f"ignoring --{name.replace('_', '-')} {value:g}: job was created with {stored[name]}")
     return JobOptions.from_json(stored), warnings
+
+
+def round_method_name(job_method: str, options: JobOptions, number: int) -> str:
+    """The method of round `number`: the job's, but for round 1 of a head-initialised job, which
+    gathers the class statistics of the LDA head."""
+    return "class-stats" if options.head_init == "lda" and number == 1 else job_method

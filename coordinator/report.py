@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
 
+from coordinator.job import JobOptions, round_method_name
 from coordinator.store import Job, Store
 from fwdfed import methods
 
@@ -28,8 +30,17 @@ def best_version(store: Store, job: Job) -> tuple[int, str, float] | None:
     return None
 
 
+def batch_size_of(job: Job) -> int:
+    """The bundle's batch size (forward passes over a device's data count its batches), 1 when unreadable."""
+    try:
+        manifest = json.loads((Path(job.bundle) / "manifest.json").read_text())
+        return int(manifest["inputs"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def status_text(store: Store, job: Job) -> str:
-    method = methods.get(job.method) if job.method in methods.METHODS else None
+    options, batch_size = JobOptions.from_json(job.options), batch_size_of(job)
     lines = [f"job {job.id}: {job.status}, method {job.method}, {store.closed_rounds(job.id)}/{job.rounds} rounds, "
              f"{job.devices_per_round} devices per round (min {job.min_devices}), bundle {job.bundle}"]
     by_version = metrics_by_version(store, job)
@@ -41,7 +52,11 @@ def status_text(store: Store, job: Job) -> str:
                      + "  ".join(f"{by_version[0].get(n, float('nan')):.4f}" for n in shown))
     for rnd in store.rounds(job.id):
         updates = store.updates(rnd.id)
-        passes = sum(method.forward_passes(u.num_pairs, job.hparams) for u in updates) if method else 0
+        name = round_method_name(job.method, options, rnd.number)
+        method = methods.get(name) if name in methods.METHODS else None
+        hparams = store.tasks(rnd.id)[0].hparams if updates else job.hparams  # as sent: class-stats rounds differ
+        passes = sum(method.forward_passes(u.num_pairs, hparams, u.num_examples, batch_size) for u in updates) \
+            if method else 0
         peak = max((u.peak_rss_bytes for u in updates), default=0) / 2**20
         seconds = (rnd.closed_at or time.time()) - rnd.opened_at
         version = rnd.base_version + 1 if rnd.status == "closed" else None

@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from coordinator.job import JobOptions
+from coordinator.job import JobOptions, round_method_name
 from coordinator.privacy import gaussian_epsilon
 from coordinator.store import Job, Round, Store
 from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
@@ -126,10 +126,9 @@ class Coordinator:
         self.finished = asyncio.Event()
 
     def round_method(self, number: int) -> methods.Method:
-        """The method of round `number`: the job's, but for round 1 of a head-initialised job."""
-        if self.options.head_init == "lda" and number == 1:
-            return methods.get("class-stats")
-        return self.method
+        """The method of round `number` (`round_method_name`)."""
+        name = round_method_name(self.method.name, self.options, number)
+        return self.method if name == self.method.name else methods.get(name)
 
     def scheduled_dense_values(self) -> int | None:
         """The longest dense part a scheduled round's method sends (the class statistics), if any."""

@@ -69,6 +69,7 @@ class Method:
     scale_range: Callable[[dict], tuple[float, float]] = unit_scale  # of an honest update's `scale`
     passes_per_pair: int = 2  # forward passes per direction (central differences: w + eps z and w - eps z)
     passes_per_step: int = 0  # forward passes per local step besides those (onesided: the shared L(w))
+    passes_per_batch: int = 0  # forward passes per batch of the device's data (class statistics: one)
     # A method whose `dense` is not a change of the adapter says how long it is (from the task's
     # hyperparameters) and how the coordinator turns the round's answers into the next adapter.
     dense_length: Callable[[dict], int] | None = None
@@ -79,9 +80,11 @@ class Method:
         """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""
         return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
 
-    def forward_passes(self, num_pairs: int, hparams: dict) -> int:
-        """Forward passes (one batch, one adapter vector each) an update of `num_pairs` pairs took."""
-        return self.passes_per_pair * num_pairs + self.passes_per_step * int(hparams.get("local_steps", 1))
+    def forward_passes(self, num_pairs: int, hparams: dict, num_examples: int = 0, batch_size: int = 1) -> int:
+        """Forward passes (one batch, one adapter vector each) an update of `num_pairs` pairs took, on a
+        device of `num_examples` examples in batches of `batch_size`."""
+        return (self.passes_per_pair * num_pairs + self.passes_per_step * int(hparams.get("local_steps", 1))
+                + self.passes_per_batch * -(-num_examples // max(batch_size, 1)))
 
     def make_optimizer(self, engine, adapter: np.ndarray, config, rng: np.random.Generator,
                        reference: np.ndarray | None = None) -> Optimizer:

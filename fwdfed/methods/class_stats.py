@@ -144,7 +144,7 @@ METHOD = Method(
                                                   "of the identity by this much, in [0, 1]"),),
     adapter_copies=lambda directions: 1,
     passes_per_pair=0,
-    passes_per_step=0,
+    passes_per_batch=1,
     dense_length=stats_length,
     coordinator_aggregate=aggregate,
     selectable=False,

@@ -68,3 +68,11 @@ def test_the_head_is_written_into_the_classifier_only():
 def test_a_layout_without_a_classifier_is_refused():
     with pytest.raises(ValueError, match="no trained classifier"):
         round_hparams(AdapterLayout.from_shapes([("encoder.lora_A.weight", (2, 4))]), 0.1)
+
+
+def test_its_forward_passes_are_one_per_batch_of_the_devices_data():
+    from fwdfed import methods
+
+    stats, mezo = methods.get("class-stats"), methods.get("mezo")
+    assert stats.forward_passes(0, {"local_steps": 1}, num_examples=100, batch_size=16) == 7
+    assert mezo.forward_passes(40, {"local_steps": 20}, num_examples=100, batch_size=16) == 80  # pairs only
