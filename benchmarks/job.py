@@ -59,7 +59,8 @@ class JobSpec:
 
 def run_job(spec: JobSpec, out: Path) -> dict:
     """Run the job in `out` (a fresh database each time); returns the figures (`job_figures`)
-    with the wall time, and leaves `out/adapter` (best version) and `out/final_adapter`."""
+    with the wall time, and leaves the final global adapter in `out/adapter` and the best by the
+    coordinator's held-out metric in `out/best_adapter`, as peft folders."""
     out.mkdir(parents=True, exist_ok=True)
     db, credentials = out / "job.db", out / "tokens.json"
     for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
@@ -91,7 +92,7 @@ def run_job(spec: JobSpec, out: Path) -> dict:
         if coordinator.poll() is None:
             coordinator.kill()
     seconds = time.time() - started
-    for version, folder in (("best", "adapter"), ("latest", "final_adapter")):
+    for version, folder in (("latest", "adapter"), ("best", "best_adapter")):
         run(module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out", str(out / folder)),
             stdout=subprocess.DEVNULL)
     status = run(module("coordinator", "status", "--db", str(db)), capture_output=True, text=True).stdout

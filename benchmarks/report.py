@@ -123,14 +123,15 @@ def comparison_table(results: dict) -> str:
 
 
 def headline_table(reports: list[tuple[str, dict]]) -> str:
-    rows = ["| run | held-out acc. (coordinator, 800 rows) | best version | peft held-out acc. | export min | job min "
-            "| total min | command |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | held-out acc. per version (coordinator, 800 rows) | final adapter, peft | best version, peft "
+            "| export min | job min | total min | command |", "|---|---|---|---|---|---|---|---|"]
     for name, r in reports:
-        best = max((x.get("heldout_accuracy", 0) for x in r["rounds"]), default=0)
+        path = " → ".join(f"{x:.4f}" for x in [r["start"].get("heldout_accuracy", 0)]
+                          + [x["heldout_accuracy"] for x in r["rounds"] if "heldout_accuracy" in x])
         s = r["seconds"]
-        rows.append(f"| {name} | {r['start'].get('heldout_accuracy', 0):.4f} → {best:.4f} | {r['best_version']} | "
-                    f"{r['peft_heldout_accuracy']:.4f} ({r['peft_heldout_rows']} rows) | {s['export'] / 60:.1f} | "
-                    f"{s['job'] / 60:.1f} | {s['total'] / 60:.1f} | `{r['command']}` |")
+        rows.append(f"| {name} | {path} | {r['peft_heldout_accuracy']:.4f} ({r['peft_heldout_rows']} rows) | "
+                    f"{r['best_version_peft_heldout_accuracy']:.4f} (version {r['best_version']}) | "
+                    f"{s['export'] / 60:.1f} | {s['job'] / 60:.1f} | {s['total'] / 60:.1f} | `{r['command']}` |")
     return "\n".join(rows)
 
 

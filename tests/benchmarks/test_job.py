@@ -24,7 +24,7 @@ def test_a_job_on_stories_reports_what_its_database_holds(stories_bundle, tmp_pa
         assert r["peak_rss_bytes"] > 0 and r["seconds"] > 0 and "heldout_loss" in r
     assert "heldout_loss" in figures["start"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "final_adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "best_adapter" / "adapter_config.json").is_file()
     assert "best version" in (tmp_path / "status.txt").read_text()
 
 
