@@ -163,9 +163,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def labels_for(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """The labels of every position the logits cover. Prompt tuning and P-tuning prepend virtual tokens
     to a causal LM's input; peft labels them ignored, so the last virtual token predicts the first real one."""
-    extra = logits.shape[1] - labels.shape[1]
-    if task == SEQ_CLS or extra == 0:
+    if task == SEQ_CLS or logits.shape[1] == labels.shape[1]:
         return labels
+    extra = logits.shape[1] - labels.shape[1]
     return torch.cat((torch.full_like(labels[:, :1], IGNORE_INDEX).expand(-1, extra), labels), dim=1)
 
 
