@@ -276,7 +276,7 @@ def fit_memory(spec: ExportSpec, build_at, log):
         if fixed >= spec.mem_budget:
             raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
                                  f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
-                                 "budget: use a smaller or quantized model, or a lower LoRA rank")
+                                 "budget: use a smaller or quantized model, or a smaller adapter")
         smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
         if smaller is None:
             break
