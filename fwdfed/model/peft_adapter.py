@@ -25,7 +25,8 @@ def peft_config(manifest_config: dict, base: Path) -> PeftConfig:
     tokenizer. The text's embeddings themselves are overwritten by the adapter vector."""
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[manifest_config["peft_type"]]
     known = {f.name for f in dataclasses.fields(config_class) if f.init}
-    fields = {k: v for k, v in manifest_config.items() if k in known}
+    # The base model's path is peft's to fill in from the model it wraps (the export's may be a scratch folder).
+    fields = {k: v for k, v in manifest_config.items() if k in known and k != "base_model_name_or_path"}
     if fields.get("tokenizer_name_or_path"):
         fields["tokenizer_name_or_path"] = str(base)
     return config_class(**fields)
