@@ -34,7 +34,7 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES))
 def prompt_learning_bundle(request, tmp_path_factory):
     source, adapter, lr, directions = CASES[request.param]
-    if not STORIES.is_dir():
+    if str(STORIES) in source and not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
     out = export_bundle(tmp_path_factory.mktemp("bundles") / request.param, *source, *adapter, *SMALL)
     return out, (lr, directions)
