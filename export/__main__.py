@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--adapter", default="lora",
                         help="lora (peft), bitfit (biases + classification head), or peft's prompt learning: "
                              "prompt-tuning (virtual token embeddings), p-tuning (an MLP prompt encoder), "
-                             "prefix-tuning (per-layer key/value prefixes; causal LMs)")
+                             "prefix-tuning (per-layer key/value prefixes; models that take past keys and values)")
     parser.add_argument("--lora-bias", choices=("none", "all", "lora_only"), default="none",
                         help="peft LoRA's bias option: also train biases")
     parser.add_argument("--lora-rank", type=int, default=8)
