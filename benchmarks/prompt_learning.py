@@ -19,7 +19,8 @@ import numpy as np
 from fwdfed.cli import quiet_libraries, run_main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_DATA = {"causal-lm": SHARED_DATA / "tinystories" / "train_head.txt", "seq-cls": SHARED_DATA / "sst2" / "train.tsv"}
+DEFAULT_DATA = {"causal-lm": SHARED_DATA / "tinystories" / "train_head.txt",
+                "seq-cls": SHARED_DATA / "sst2" / "train.tsv"}
 
 
 def mezo_against_chance(bundle_dir: Path, data: Path | None = None, steps: int = 60, lr: float = 1e-3,
@@ -49,7 +50,8 @@ def mezo_against_chance(bundle_dir: Path, data: Path | None = None, steps: int =
     chance = []
     for k in range(controls):
         z = direction(10_000 + k, start.shape[0])
-        chance.append(start_loss - evaluate((start + length * z / np.linalg.norm(z)).astype(np.float32))["heldout_loss"])
+        control = (start + length * z / np.linalg.norm(z)).astype(np.float32)
+        chance.append(start_loss - evaluate(control)["heldout_loss"])
     return {"start": start_loss, "final": final_loss, "gain": start_loss - final_loss, "chance": chance,
             "step_length": length}
 

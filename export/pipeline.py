@@ -191,13 +191,15 @@ def takes_past_key_values(model) -> bool:
 def attach_adapter(model, task: str, adapter: AdapterSpec, folder: Path | None = None):
     """The peft model, its layout and initial adapter; `folder` holds the tokenizer a prompt
     initialised from text is read with."""
-    torch.manual_seed(adapter.seed)  # peft's LoRA A init and prompt tables are random; the initial adapter is reproducible
+    # peft's LoRA A init and prompt tables are random; the initial adapter is reproducible.
+    torch.manual_seed(adapter.seed)
     if adapter.kind == "bitfit":
         peft_model = mark_bitfit(model, task)
     elif adapter.kind in PROMPT_LEARNING_ADAPTERS:
         if adapter.kind == "prefix-tuning" and not takes_past_key_values(model):
             raise NotImplementedError(f"prefix tuning needs a model that takes past keys and values; "
-                                      f"{type(model).__name__} does not (peft refuses it too): use prompt-tuning or p-tuning")
+                                      f"{type(model).__name__} does not (peft refuses it too): "
+                                      "use prompt-tuning or p-tuning")
         peft_model = get_peft_model(model, adapter.prompt_learning_config(task, model.config, folder)).eval()
     else:
         peft_model = get_peft_model(model, adapter.lora_config(task, model.config.model_type)).eval()

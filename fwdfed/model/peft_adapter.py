@@ -55,8 +55,8 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
 
 
 def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Path:
-    """A peft folder (LoRA, prompt tuning, P-tuning, prefix tuning). peft has no BitFit type: a bitfit adapter is written as
-    `bitfit.safetensors` (the trained tensors by parameter name), which
+    """A peft folder (LoRA, prompt tuning, P-tuning, prefix tuning). peft has no BitFit type: a bitfit
+    adapter is written as `bitfit.safetensors` (the trained tensors by parameter name), which
     `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` applies.
 
     The files are written in a scratch folder beside `out` and moved into place once all are
