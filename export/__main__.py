@@ -1,4 +1,4 @@
-"""python -m export: lower a Hugging Face model with a LoRA adapter to an ExecuTorch bundle.
+"""python -m export: lower a Hugging Face model with a peft adapter to an ExecuTorch bundle.
 
     python -m export --model ../shared/models/stories260K --out bundles/stories
     python -m export --preset tiny-distilbert --num-labels 2 --out bundles/tiny-distilbert
@@ -27,12 +27,24 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture")
     parser.add_argument("--num-labels", type=int, default=2, help="classes, for seq-cls (default 2)")
-    parser.add_argument("--adapter", default="lora", help="lora (peft) or bitfit (biases + classification head)")
+    parser.add_argument("--adapter", default="lora",
+                        help="lora (peft), bitfit (biases + classification head), or peft's prompt learning: "
+                             "prompt-tuning (virtual token embeddings), p-tuning (an MLP prompt encoder), "
+                             "prefix-tuning (per-layer key/value prefixes; models that take past keys and values)")
     parser.add_argument("--lora-bias", choices=("none", "all", "lora_only"), default="none",
                         help="peft LoRA's bias option: also train biases")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--target-modules", help="comma-separated module names (default: peft's for the architecture)")
+    parser.add_argument("--num-virtual-tokens", type=int, default=8,
+                        help="prompt learning: virtual tokens prepended (or the prefix's length); default 8")
+    parser.add_argument("--prompt-init", default="random",
+                        help="prompt-tuning: random (default), or text: the embeddings of --prompt-init-text's tokens")
+    parser.add_argument("--prompt-init-text", help="prompt-tuning with --prompt-init text: the text (repeated or cut "
+                                                   "to --num-virtual-tokens tokens, as peft does)")
+    parser.add_argument("--prompt-encoder", default="mlp", help="p-tuning's prompt encoder: mlp (lstm is refused)")
+    parser.add_argument("--encoder-hidden-size", type=int,
+                        help="p-tuning: the MLP encoder's width (default: the model's hidden size, as peft)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial adapter (and preset weights)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per program call")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per example")
@@ -50,13 +62,15 @@ def parse_args(argv):
         args.runtime_bytes = parse_size(args.device_runtime)
     except ValueError as e:
         parser.error(f"--mem / --device-runtime: {e}")
-    for name in ("num_labels", "lora_rank", "batch_size", "max_perturbations"):
+    for name in ("num_labels", "lora_rank", "batch_size", "max_perturbations", "num_virtual_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.seq_len < 2:
         parser.error("--seq-len must be at least 2")
     if args.lora_alpha <= 0 or args.tolerance <= 0:
         parser.error("--lora-alpha and --tolerance must be positive")
+    if args.encoder_hidden_size is not None and args.encoder_hidden_size < 1:
+        parser.error("--encoder-hidden-size must be at least 1")
     return args
 
 
@@ -72,7 +86,9 @@ def main(argv=None) -> int:
         task=args.task,
         num_labels=args.num_labels,
         adapter=AdapterSpec(kind=args.adapter, rank=args.lora_rank, alpha=args.lora_alpha, target_modules=targets,
-                            bias=args.lora_bias, seed=args.seed),
+                            bias=args.lora_bias, seed=args.seed, num_virtual_tokens=args.num_virtual_tokens,
+                            prompt_init=args.prompt_init, prompt_init_text=args.prompt_init_text,
+                            encoder=args.prompt_encoder, encoder_hidden_size=args.encoder_hidden_size),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         max_perturbations=args.max_perturbations,

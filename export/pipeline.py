@@ -14,6 +14,7 @@ plan (with what the backend was measured to hold beyond the plan) fits the budge
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, Bundle,
@@ -44,26 +45,33 @@ class VerificationError(UserError):
     """The `.pte` and eager PyTorch disagree past the tolerance."""
 
 
-ADAPTERS = ("lora", "bitfit")
-# What the export path cannot take, and why: the adapter must be a flat input the program adds or
-# multiplies into fixed-shape weights.
+# Prompt learning (fwdfed.model.virtual_tokens): the virtual tokens, P-tuning's prompt encoder or the
+# prefix keys and values are the adapter vector.
+PROMPT_LEARNING_ADAPTERS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+ADAPTERS = ("lora", "bitfit", *PROMPT_LEARNING_ADAPTERS)
+# What the export path cannot take, and why.
 UNSUPPORTED_ADAPTERS = {
-    "prompt-tuning": "it prepends virtual tokens, changing the program's sequence length",
-    "prefix-tuning": "it injects per-layer key/value prefixes through the cache interface",
-    "p-tuning": "it prepends virtual tokens from a prompt encoder, changing the sequence length",
     "ia3": "its scaling vectors would need their own batched path (not written yet)",
 }
+PROMPT_INITS = ("random", "text")
+P_TUNING_ENCODERS = ("mlp", "lstm")
 HEAD_MODULES = ("classifier", "score")  # trained whole for classification, as peft's modules_to_save
 
 
 @dataclass
 class AdapterSpec:
-    kind: str = "lora"  # lora (peft) or bitfit (all biases + the classification head)
+    kind: str = "lora"  # lora (peft), bitfit (all biases + the classification head), or prompt learning
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] | None = None  # None: peft's default for the architecture
     bias: str = "none"  # peft LoRA's bias option: none, all, lora_only
     seed: int = 0
+    # prompt learning
+    num_virtual_tokens: int = 8
+    prompt_init: str = "random"  # prompt tuning: random, or the embeddings of prompt_init_text's tokens
+    prompt_init_text: str | None = None
+    encoder: str = "mlp"  # P-tuning's prompt encoder: mlp (lstm is refused: it does not lower)
+    encoder_hidden_size: int | None = None  # P-tuning's MLP width; None: the model's hidden size, as peft
 
     def __post_init__(self):
         if self.kind in UNSUPPORTED_ADAPTERS:
@@ -71,11 +79,41 @@ class AdapterSpec:
                                       f"{UNSUPPORTED_ADAPTERS[self.kind]}; supported: {', '.join(ADAPTERS)}")
         if self.kind not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.kind!r}; supported: {', '.join(ADAPTERS)}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError("the number of virtual tokens must be at least 1")
+        if self.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"unknown prompt init {self.prompt_init!r}; supported: {', '.join(PROMPT_INITS)}")
+        if self.prompt_init == "text" and self.kind != "prompt-tuning":
+            raise ValueError("a prompt initialised from text is for --adapter prompt-tuning only")
+        if (self.prompt_init == "text") != bool(self.prompt_init_text):
+            raise ValueError("--prompt-init text needs --prompt-init-text, and --prompt-init-text needs "
+                             "--prompt-init text")
+        if self.encoder not in P_TUNING_ENCODERS:
+            raise ValueError(f"unknown prompt encoder {self.encoder!r}; supported: {', '.join(P_TUNING_ENCODERS)}")
+        if self.encoder == "lstm":
+            raise NotImplementedError("P-tuning's LSTM prompt encoder is not supported by the export path: its "
+                                      "weights are adapter inputs, and no batched LSTM is written for them; use mlp")
 
     def lora_config(self, task: str, model_type: str) -> LoraConfig:
         targets = self.target_modules or EXTRA_DEFAULT_TARGETS.get(model_type)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, bias=self.bias,
                           lora_dropout=0.0, task_type=PEFT_TASK_TYPES[task])
+
+    def prompt_learning_config(self, task: str, model_config, tokenizer_folder: Path) -> PeftConfig:
+        # The model's shape is passed explicitly: peft reads it from config.to_dict(), where some
+        # architectures (DistilBERT: dim, n_layers, n_heads) have other names.
+        shape = dict(num_virtual_tokens=self.num_virtual_tokens, task_type=PEFT_TASK_TYPES[task],
+                     token_dim=model_config.hidden_size, num_layers=model_config.num_hidden_layers,
+                     num_attention_heads=model_config.num_attention_heads)
+        if self.kind == "prompt-tuning":
+            text = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=self.prompt_init_text,
+                        tokenizer_name_or_path=str(tokenizer_folder)) if self.prompt_init == "text" else {}
+            return PromptTuningConfig(**shape, **text)
+        if self.kind == "p-tuning":
+            return PromptEncoderConfig(**shape, encoder_reparameterization_type=self.encoder.upper(),
+                                       encoder_hidden_size=self.encoder_hidden_size or model_config.hidden_size)
+        # peft sizes the prefix of a grouped-query model by its key/value heads.
+        return PrefixTuningConfig(**shape)
 
 
 @dataclass
@@ -143,15 +181,39 @@ def mark_bitfit(model, task: str):
     return model.eval()
 
 
-def attach_adapter(model, task: str, adapter: AdapterSpec):
-    torch.manual_seed(adapter.seed)  # peft's LoRA A init is random; the initial adapter is reproducible
+def takes_past_key_values(model) -> bool:
+    """Whether prefix tuning can feed this model its prefix: peft's test (the model's forward, or its
+    backbone's for a classifier, takes past_key_values)."""
+    backbone = getattr(model, model.base_model_prefix, model)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
+
+
+def attach_adapter(model, task: str, adapter: AdapterSpec, folder: Path | None = None):
+    """The peft model, its layout and initial adapter; `folder` holds the tokenizer a prompt
+    initialised from text is read with."""
+    # peft's LoRA A init and prompt tables are random; the initial adapter is reproducible.
+    torch.manual_seed(adapter.seed)
     if adapter.kind == "bitfit":
         peft_model = mark_bitfit(model, task)
+    elif adapter.kind in PROMPT_LEARNING_ADAPTERS:
+        if adapter.kind == "prefix-tuning" and not takes_past_key_values(model):
+            raise NotImplementedError(f"prefix tuning needs a model that takes past keys and values; "
+                                      f"{type(model).__name__} does not (peft refuses it too): "
+                                      "use prompt-tuning or p-tuning")
+        peft_model = get_peft_model(model, adapter.prompt_learning_config(task, model.config, folder)).eval()
     else:
         peft_model = get_peft_model(model, adapter.lora_config(task, model.config.model_type)).eval()
     layout = trainable_layout(peft_model)
     initial = layout.flatten({n: p.detach().numpy() for n, p in peft_model.named_parameters() if p.requires_grad})
     return peft_model, layout, initial
+
+
+def check_positions(model_config, positions: int) -> None:
+    """Virtual tokens (and a prefix) take positions of the model's context."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and positions > limit:
+        raise ValueError(f"--seq-len plus --num-virtual-tokens is {positions}, past the model's "
+                         f"{limit} positions")
 
 
 def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, seed: int = 0):
@@ -216,7 +278,7 @@ def fit_memory(spec: ExportSpec, build_at, log):
         if fixed >= spec.mem_budget:
             raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
                                  f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
-                                 "budget: use a smaller or quantized model, or a lower LoRA rank")
+                                 "budget: use a smaller or quantized model, or a smaller adapter")
         smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
         if smaller is None:
             break
@@ -317,12 +379,14 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     if task == SEQ_CLS:
         spec.num_labels = model.config.num_labels
     log(f"[2/5] attaching the {spec.adapter.kind} adapter")
-    peft_model, layout, initial = attach_adapter(model, task, spec.adapter)
+    if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
+        check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)
+    peft_model, layout, initial = attach_adapter(model, task, spec.adapter, folder)
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
-    peft_config = (json.loads(json.dumps(spec.adapter.lora_config(task, model.config.model_type).to_dict(), default=list))
-                   if spec.adapter.kind == "lora" else None)
+    peft_config = (json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=list))
+                   if spec.adapter.kind != "bitfit" else None)
 
     def build_at(shapes: Shapes):
         """Lower, verify, write and measure the program at these shapes."""

@@ -68,8 +68,8 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
     )
     if plan.total > budget:
         over = plan.total - budget
-        hints = ["a smaller base model", "a lower LoRA rank", "a smaller --batch-size or --seq-len at export",
-                 "a quantized export"]
+        hints = ["a smaller base model", "a smaller adapter (a lower LoRA rank, fewer virtual tokens)",
+                 "a smaller --batch-size or --seq-len at export", "a quantized export"]
         if plan.runtime > budget:
             hints = [f"nothing: the runtime alone (Python, torch, ExecuTorch) needs {format_size(plan.runtime)}"]
         elif plan.runtime + plan.weights > budget:

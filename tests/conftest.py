@@ -17,7 +17,7 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
-SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle"}
+SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "prompt_learning_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 

@@ -10,15 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from fwdfed.bundle.manifest import Bundle, BundleError
 from fwdfed.model.base_model import load_model, model_hash
 
 
-def lora_config(manifest_config: dict) -> LoraConfig:
-    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    return LoraConfig(**{k: v for k, v in manifest_config.items() if k in known})
+def peft_config(manifest_config: dict, base: Path) -> PeftConfig:
+    """The peft config the manifest records (LoRA, prompt tuning, P-tuning, prefix tuning).
+
+    A prompt initialised from text names the tokenizer it was read with; the export's folder may be
+    gone (a preset's scratch folder), so it is pointed at the base model's, which has the same
+    tokenizer. The text's embeddings themselves are overwritten by the adapter vector."""
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[manifest_config["peft_type"]]
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    # The base model's path is peft's to fill in from the model it wraps (the export's may be a scratch folder).
+    fields = {k: v for k, v in manifest_config.items() if k in known and k != "base_model_name_or_path"}
+    if fields.get("tokenizer_name_or_path"):
+        fields["tokenizer_name_or_path"] = str(base)
+    return config_class(**fields)
 
 
 def peft_model_with(bundle: Bundle, vector: np.ndarray):
@@ -28,8 +39,8 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
     if model_hash(base) != m.base_model_hash:
         raise BundleError(f"the base model in {base} is not the one this bundle was exported from (hash differs)")
     model, _ = load_model(base, m.task, m.model.get("num_labels") or 2)
-    if m.adapter["kind"] == "lora":
-        peft_model = get_peft_model(model, lora_config(m.adapter["peft_config"])).eval()
+    if m.adapter["peft_config"] is not None:
+        peft_model = get_peft_model(model, peft_config(m.adapter["peft_config"], base)).eval()
     else:
         peft_model = model  # bitfit: the layout names the model's own parameters
     tensors = m.layout.unflatten(np.asarray(vector, dtype=np.float32))
@@ -44,8 +55,8 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
 
 
 def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Path:
-    """A peft folder for LoRA. peft has no BitFit type: a bitfit adapter is written as
-    `bitfit.safetensors` (the trained tensors by parameter name), which
+    """A peft folder (LoRA, prompt tuning, P-tuning, prefix tuning). peft has no BitFit type: a bitfit
+    adapter is written as `bitfit.safetensors` (the trained tensors by parameter name), which
     `model.load_state_dict(safetensors.torch.load_file(path), strict=False)` applies.
 
     The files are written in a scratch folder beside `out` and moved into place once all are
@@ -57,7 +68,7 @@ def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if m.adapter["kind"] == "lora":
+        if m.adapter["peft_config"] is not None:
             peft_model_with(bundle, vector).save_pretrained(scratch)
         else:
             from safetensors.numpy import save_file

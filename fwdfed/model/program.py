@@ -17,8 +17,7 @@ from torch import nn
 
 from fwdfed.bundle.layout import AdapterLayout, AdapterTensor
 from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
-
-PEFT_ADAPTER_NAME = "default"
+from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME, prompt_learning_config, prompt_learning_model
 
 
 class AdapterBinding:
@@ -96,6 +95,8 @@ def _adapter_param(layout: AdapterLayout, module_path: str, suffix: str) -> Adap
 def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: AdapterBinding) -> nn.Module:
     """A copy of the peft model's network whose adapter layers read from `binding`."""
     model = copy.deepcopy(peft_model)
+    # A prompt encoder's linear layers (P-tuning's MLP, prefix tuning's projection) are replaced by
+    # the loop below like any trained linear layer; its table and the prompt itself are wired after.
     replacements: list[tuple[str, nn.Module]] = []
     covered: set[str] = set()
     for path, module in model.named_modules():
@@ -138,6 +139,9 @@ def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: Adapter
                                           "by the export path; only nn.Linear and nn.LayerNorm biases are")
             model.set_submodule(path, BatchedBiasShift(module, t, binding))
             covered.add(t.name)
+    if prompt_learning_config(model) is not None:
+        model, table = prompt_learning_model(model, layout, binding)
+        covered.add(table)
     uncovered = [t.name for t in layout.tensors if t.name not in covered]
     if uncovered:
         raise NotImplementedError(f"the export path cannot feed these adapter tensors as inputs: {uncovered[:3]}")
@@ -154,6 +158,15 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     safe = targets.clamp(min=0).unsqueeze(-1)
     return -torch.log_softmax(logits, dim=-1).gather(-1, safe).squeeze(-1)
+
+
+def labels_for(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """The labels of every position the logits cover. Prompt tuning and P-tuning prepend virtual tokens
+    to a causal LM's input; peft labels them ignored, so the last virtual token predicts the first real one."""
+    if task == SEQ_CLS or logits.shape[1] == labels.shape[1]:
+        return labels
+    extra = logits.shape[1] - labels.shape[1]
+    return torch.cat((torch.full_like(labels[:, :1], IGNORE_INDEX).expand(-1, extra), labels), dim=1)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -179,7 +192,7 @@ class LossProgram(nn.Module):
         self.binding.adapters = adapters
         logits = self.model(input_ids=input_ids.repeat(p, 1), attention_mask=attention_mask.repeat(p, 1)).logits
         repeated_labels = labels.repeat(p) if self.task == SEQ_CLS else labels.repeat(p, 1)
-        return per_example_loss(logits, repeated_labels, self.task).reshape(p, b)
+        return per_example_loss(logits, labels_for(logits, repeated_labels, self.task), self.task).reshape(p, b)
 
 
 class PredictProgram(nn.Module):
@@ -244,4 +257,4 @@ def peft_reference_loss(peft_model: nn.Module, layout: AdapterLayout, adapter: t
         out = torch.func.functional_call(
             peft_model, params, (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False
         )
-    return per_example_loss(out.logits, batch["labels"], task)
+    return per_example_loss(out.logits, labels_for(out.logits, batch["labels"], task), task)

@@ -54,7 +54,7 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.tasks import CAUSAL_LM
-    from fwdfed.model.program import per_example_loss
+    from fwdfed.model.program import labels_for, per_example_loss
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
@@ -63,7 +63,7 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     else:
         base = AutoModelForSequenceClassification.from_pretrained(bundle.base_model_path, num_labels=m.model["num_labels"])
         data = SST2
-    if m.adapter["kind"] == "lora":
+    if m.adapter["peft_config"] is not None:  # LoRA, prompt learning
         model = PeftModel.from_pretrained(base, peft_folder).eval()
     else:
         missing, unexpected = base.load_state_dict(load_file(peft_folder / "bitfit.safetensors"), strict=False)
@@ -73,6 +73,6 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
                    m.inputs["seq_len"])[0]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    eager = per_example_loss(logits, batch.labels, m.task).numpy()
+    eager = per_example_loss(logits, labels_for(logits, batch.labels, m.task), m.task).numpy()
     program = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]).losses(batch, vector)[0]
     np.testing.assert_allclose(program, eager, rtol=1e-4, atol=1e-5)
