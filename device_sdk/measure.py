@@ -2,9 +2,10 @@
 
     python -m device_sdk.measure --bundle B --mode batched [--repeats 3]
 
-prints one JSON line: resident memory after the imports (the runtime), after loading the
-program (or, for a method that needs autograd, the eager model), the step's peak (the kernel's
-VmHWM, reset before the step) and the median time per step. Modes: inference (P = 1), every
+prints one JSON line: resident memory after the imports of Python and torch (the runtime), what
+the mode's libraries add (the ExecuTorch runtime; transformers + peft for a method that needs
+autograd), what loading the program (or the eager model) adds, libraries included, the step's
+peak (the kernel's VmHWM, reset before the step) and the median time per step. Modes: inference (P = 1), every
 method of `fwdfed.methods` at its default directions, and batched (MeZO at the program's
 largest P). The profiler (`device_sdk.profile`) and the exporter's memory fit
 (`python -m export --mem`) run it in fresh processes, so no mode's memory leaks into another's.
@@ -53,6 +54,16 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     from fwdfed.memory import status_field
 
     runtime = status_field("VmRSS")
+    method = methods.get("mezo" if mode in ("inference", "batched") else mode)
+    # The mode's own libraries (the ExecuTorch runtime, or transformers + peft for autograd) are
+    # imported before the model, so that what they take is told apart from what the model takes.
+    if method.needs_autograd:
+        import device_sdk.eager  # noqa: F401
+    else:
+        from device_sdk.engine import runtime as executorch_runtime
+
+        executorch_runtime()
+    libraries = status_field("VmRSS") - runtime
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     b, length = m.inputs["batch_size"], m.inputs["seq_len"]
@@ -62,7 +73,6 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
     w = bundle.initial_adapter()
     n = directions_of(mode, m.inputs["max_perturbations"])
-    method = methods.get("mezo" if mode in ("inference", "batched") else mode)
     if method.needs_autograd:
         from device_sdk.eager import EagerEngine
 
@@ -89,7 +99,8 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     copies = 1 if mode == "inference" else method.adapter_copies(n)
     return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
-            "batch": [b, length], "runtime_bytes": runtime, "weights_bytes": loaded - runtime,
+            "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
+            "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
             "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
             "adapter_copies_bytes": 4 * m.adapter_dim * copies,

@@ -32,10 +32,12 @@ from device_sdk.measure import MODES, run_fresh
 def breakdown(r: dict) -> dict[str, int]:
     """A record's peak split into parts. ExecuTorch allocates a method's planned buffers when it
     loads the method, so the program load holds them: load - plan is the weights and backend."""
-    planned = 0 if r["mode"] == "backprop" else min(r["planned_arena_bytes"], r["weights_bytes"])
+    libraries = r.get("libraries_bytes", 0)  # not in reports made before it was measured
+    planned = 0 if r["mode"] == "backprop" else min(r["planned_arena_bytes"], r["weights_bytes"] - libraries)
     copies = min(r["adapter_copies_bytes"], r["work_bytes"])
-    return {"runtime (Python, torch, ExecuTorch)": r["runtime_bytes"],
-            "weights and backend": r["weights_bytes"] - planned,
+    return {"runtime (Python, torch)": r["runtime_bytes"],
+            "libraries (ExecuTorch; backprop: transformers, peft)": libraries,
+            "weights and backend": r["weights_bytes"] - libraries - planned,
             "planned buffers (memory plan)": planned,
             "adapter copies": copies,
             "other step memory (activations, optimizer)": r["work_bytes"] - copies}

@@ -12,6 +12,8 @@ def test_profile_measures_each_mode_in_a_fresh_process_and_writes_the_report(tmp
     assert set(rows) == {"inference", "mezo"}
     for r in rows.values():
         assert r["peak_bytes"] >= r["runtime_bytes"] + r["weights_bytes"] > 100 * 2**20 and r["step_seconds"] > 0
+        # the ExecuTorch runtime library is told apart from the program it loads
+        assert 10 * 2**20 < r["libraries_bytes"] < r["weights_bytes"]
     assert rows["mezo"]["peak_bytes"] < 1.1 * rows["inference"]["peak_bytes"]  # the same program's memory
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and "peak / inference" in html
