@@ -98,7 +98,7 @@ def comparison_table(results: dict) -> str:
     arms = results["arms"]
     metric = metric_of(next(iter(arms.values()))["start"])[0]
     accuracy = metric == "heldout_accuracy"
-    head = ["arm", "start", "best", "last"] + (["test acc. (peft)"] if accuracy else ["best perplexity"]) + [
+    head = ["arm", "start", "best", "last"] + (["final adapter, peft"] if accuracy else ["best perplexity"]) + [
         "forward passes", "wall min", "sent B/device/round", "received B/device/round", "device peak MiB"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, f in arms.items():
@@ -176,14 +176,16 @@ def main(argv=None) -> int:
         reports = []
         for folder in args.headline:
             reports.append((folder.name, read_json(folder, "report.json")))
-            shutil.copyfile(folder / "report.json", figures / f"headline-{folder.name}.json")
+            name = folder.name if folder.name.startswith("headline") else f"headline-{folder.name}"
+            shutil.copyfile(folder / "report.json", figures / f"{name}.json")
         parts.append("### The headline job (`python -m benchmarks.agnews`)\n\n" + headline_table(reports))
     for folder in args.compare:
         results = read_json(folder, "results.json")
         name = folder.name
         shutil.copyfile(folder / "results.json", figures / f"{name}.json")
         plot = plot_comparison(name, results, figures)
-        parts.append(f"### {name}: {results['task']}, {results['devices']} devices, split {results['split']}\n\n"
+        title = name if name == results["task"] else f"{name} ({results['task']})"
+        parts.append(f"### {title}: {results['devices']} devices, split {results['split']}\n\n"
                      + comparison_table(results) + f"\n\n![{name}](benchmarks/{plot.name})\n\nCommands: "
                      + "; ".join(f"`{c}`" for c in results.get("commands", [results.get("command")])))
     if args.profile:
