@@ -177,11 +177,15 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     from executorch.exir.passes import MemoryPlanningPass
     from torch.export import Dim, export
 
+    from export.loss_chunks import LossChunkPartitioner, run_each_node_late
+
+    loss_program.max_perturbations = max_perturbations  # the loss's chunks are sized for it
     adapters = torch.zeros(2, adapter_dim)
-    perturbations = Dim("perturbations", min=1, max=max_perturbations)
+    # P is dynamic, 1..max; torch.export takes no range of one value, so P = 1 is a static shape.
+    perturbations = {0: Dim("perturbations", min=1, max=max_perturbations)} if max_perturbations > 1 else None
     ep_forward = export(
-        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters),
-        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": {0: perturbations}},
+        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
+        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": perturbations},
         strict=False,
     )
     ep_predict = export(predict_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]), strict=False)
@@ -190,10 +194,11 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
+    # The causal-LM loss's chunks go first, each to a delegate of its own, run in turn (export.loss_chunks).
+    options = {"force_non_static_weights_for_f32_linear": True}
     edge = to_edge_transform_and_lower(
-        methods,
-        partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
-    )
+        methods, partitioner=[LossChunkPartitioner(**options), XnnpackPartitioner(**options)],
+    ).transform([run_each_node_late])
     # alloc_graph_input=False: the runtime reads inputs in place instead of copying the adapter batch.
     et = edge.to_executorch(ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
     planned = {plan.name: int(sum(plan.non_const_buffer_sizes)) for plan in et.executorch_program.execution_plan}
