@@ -12,10 +12,11 @@ chunk's log-softmax (a portable op) has run: the memory the chunking is there to
 partitioner runs first and gives each chunk's call its own partition; the ordinary partitioner
 then lowers the rest, where the already lowered chunks are opaque calls it leaves alone.
 
-Order (`run_each_node_late`). Lowering sorts the graph breadth-first (torch.fx's
+Order (`order_depth_first`). Lowering sorts the graph breadth-first (torch.fx's
 `legalize_graph`), which lines up all the chunks' heads, then all their log-softmaxes, then
-all their gathers: every chunk's logits alive at once again. Placing each node just before its
-first reader gives back one chunk after another, and elsewhere only shortens lifetimes.
+all their gathers: every chunk's logits alive at once again. Ordering it depth-first from the
+output, which reads the chunks' results in turn, gives back one chunk after another; elsewhere
+it computes each value just before it is needed, which only shortens lifetimes.
 """
 
 from __future__ import annotations
@@ -59,17 +60,34 @@ class LossChunkPartitioner(XnnpackPartitioner):
         return partitions
 
 
-def run_each_node_late(graph_module: torch.fx.GraphModule) -> PassResult:
-    """Move every computing node to just before its first reader (an edge-program pass)."""
+def order_depth_first(graph_module: torch.fx.GraphModule) -> PassResult:
+    """Order the graph's nodes depth-first from its outputs (an edge-program pass): each node comes
+    right after the last of what it reads, and the readers of a node, in the order of their
+    arguments, each with all of its own inputs before the next one starts."""
     graph = graph_module.graph
-    for node in reversed(list(graph.nodes)):
-        # Readers are visited first and only ever move later, so the node stays after its inputs.
-        if node.op != "call_function" or not node.users:
+    nodes = list(graph.nodes)
+    # Placeholders first, as they were; then everything each root (a node nothing reads: the
+    # output, checks on sizes) reads, depth-first.
+    roots = [n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n.op != "placeholder" and not n.users]
+    order: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    for root in roots:
+        if root in seen:
             continue
-        position = {n: i for i, n in enumerate(graph.nodes)}
-        first_reader = min(node.users, key=position.__getitem__)
-        if position[first_reader] != position[node] + 1:
-            first_reader.prepend(node)
+        seen.add(root)
+        stack = [(root, iter(root.all_input_nodes))]
+        while stack:  # a loop, not recursion: a decoder's graph is thousands of nodes deep
+            node, inputs = stack[-1]
+            for i in inputs:
+                if i not in seen:
+                    seen.add(i)
+                    stack.append((i, iter(i.all_input_nodes)))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    for before, node in zip(order, order[1:]):
+        before.append(node)
     graph.lint()
     graph_module.recompile()
     return PassResult(graph_module, True)

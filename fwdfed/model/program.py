@@ -3,7 +3,9 @@
 `LossProgram.forward(input_ids, attention_mask, labels, adapters[P, d]) -> loss[P, B]` runs
 the batch once per adapter vector in a single call, so one call evaluates both signs of
 several perturbations while the frozen weights are read once. The adapter math is written
-as explicit batched matmuls (bmm): XNNPACK rejects a `linear` whose weight is 3-D.
+as explicit batched matmuls (bmm): XNNPACK rejects a `linear` whose weight is 3-D. A causal
+LM's loss is taken over chunks of positions (`fwdfed.model.loss`), so that P adapter copies do
+not hold P batches' vocabulary-wide logits at once.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class LossProgram(nn.Module):
         self.max_perturbations = 1
         backbone, head = decoder_and_head(model) if task == CAUSAL_LM else (None, None)
         self.backbone = backbone
+        # Named as fwdfed.model.loss.CHUNK_MODULE_PATH says: the exporter finds the chunks by it.
         self.chunked_loss = ChunkedCausalLoss(head) if head is not None else None
 
     def forward(self, input_ids, attention_mask, labels, adapters):
