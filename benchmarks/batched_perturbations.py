@@ -75,7 +75,7 @@ def reference_mezo_ms(bundle, batch, repeats: int) -> float:
     import torch
 
     from fwdfed.model.peft_adapter import peft_model_with
-    from fwdfed.model.program import per_example_loss
+    from fwdfed.model.loss import per_example_loss
 
     model = peft_model_with(bundle, bundle.initial_adapter())
     params = [p for p in model.parameters() if p.requires_grad]

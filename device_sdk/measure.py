@@ -52,6 +52,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     from fwdfed.batch import Batch
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.memory import status_field
+    from fwdfed.memory_plan import planned_arena
 
     runtime = status_field("VmRSS")
     method = methods.get("mezo" if mode in ("inference", "batched") else mode)
@@ -102,7 +103,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
-            "planned_arena_bytes": m.program["planned_memory_bytes"]["forward"],
+            "planned_arena_bytes": planned_arena(m.program),
             "adapter_copies_bytes": 4 * m.adapter_dim * copies,
             "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
 

@@ -31,7 +31,7 @@ from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, P
                                     Manifest, sha256_file)
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
-from fwdfed.memory_plan import plan_memory
+from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
 from fwdfed.model.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
 
@@ -239,11 +239,15 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     from executorch.exir.passes import MemoryPlanningPass
     from torch.export import Dim, export
 
+    from export.loss_chunks import LossChunkPartitioner, order_depth_first
+
+    loss_program.max_perturbations = max_perturbations  # the loss's chunks are sized for it
     adapters = torch.zeros(2, adapter_dim)
-    perturbations = Dim("perturbations", min=1, max=max_perturbations)
+    # P is dynamic, 1..max; torch.export takes no range of one value, so P = 1 is a static shape.
+    perturbations = {0: Dim("perturbations", min=1, max=max_perturbations)} if max_perturbations > 1 else None
     ep_forward = export(
-        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters),
-        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": {0: perturbations}},
+        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
+        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": perturbations},
         strict=False,
     )
     ep_predict = export(predict_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]), strict=False)
@@ -252,10 +256,11 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
+    # The causal-LM loss's chunks go first, each to a delegate of its own, run in turn (export.loss_chunks).
+    options = {"force_non_static_weights_for_f32_linear": True}
     edge = to_edge_transform_and_lower(
-        methods,
-        partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
-    )
+        methods, partitioner=[LossChunkPartitioner(**options), XnnpackPartitioner(**options)],
+    ).transform([order_depth_first])
     # alloc_graph_input=False: the runtime reads inputs in place instead of copying the adapter batch.
     et = edge.to_executorch(ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
     planned = {plan.name: int(sum(plan.non_const_buffer_sizes)) for plan in et.executorch_program.execution_plan}
@@ -299,8 +304,7 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
 
     measured = run_fresh(folder, "batched", 0)
     program = manifest.program
-    known = (measured["runtime_bytes"] + program["bytes"] + sum(program["planned_memory_bytes"].values())
-             + measured["adapter_copies_bytes"])
+    known = measured["runtime_bytes"] + program["bytes"] + planned_arena(program) + measured["adapter_copies_bytes"]
     return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
             "workspace_bytes": max(0, measured["peak_bytes"] - known)}
 

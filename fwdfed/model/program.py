@@ -3,7 +3,9 @@
 `LossProgram.forward(input_ids, attention_mask, labels, adapters[P, d]) -> loss[P, B]` runs
 the batch once per adapter vector in a single call, so one call evaluates both signs of
 several perturbations while the frozen weights are read once. The adapter math is written
-as explicit batched matmuls (bmm): XNNPACK rejects a `linear` whose weight is 3-D.
+as explicit batched matmuls (bmm): XNNPACK rejects a `linear` whose weight is 3-D. A causal
+LM's loss is taken over chunks of positions (`fwdfed.model.loss`), so that P adapter copies do
+not hold P batches' vocabulary-wide logits at once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from fwdfed.bundle.layout import AdapterLayout, AdapterTensor
-from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
-from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME, prompt_learning_config, prompt_learning_model
+from fwdfed.bundle.tasks import CAUSAL_LM, SEQ_CLS
+from fwdfed.model.loss import ChunkedCausalLoss, labels_for, per_example_loss, positions_per_chunk
+from fwdfed.model.virtual_tokens import (PEFT_ADAPTER_NAME, PrefixedModel, PromptedModel, prompt_learning_config,
+                                         prompt_learning_model)
+
+PROMPT_LEARNING_MODELS = (PromptedModel, PrefixedModel)
 
 
 class AdapterBinding:
@@ -150,49 +156,51 @@ def batched_model(peft_model: nn.Module, layout: AdapterLayout, binding: Adapter
     return model.eval()
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log p(target) for every position; ignored targets get a harmless index (masked later).
-
-    Written with log_softmax + gather rather than F.cross_entropy(reduction="none"), whose
-    decomposition mis-shapes its output under a dynamic batch in torch.export.
-    """
-    safe = targets.clamp(min=0).unsqueeze(-1)
-    return -torch.log_softmax(logits, dim=-1).gather(-1, safe).squeeze(-1)
-
-
-def labels_for(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """The labels of every position the logits cover. Prompt tuning and P-tuning prepend virtual tokens
-    to a causal LM's input; peft labels them ignored, so the last virtual token predicts the first real one."""
-    if task == SEQ_CLS or logits.shape[1] == labels.shape[1]:
-        return labels
-    extra = logits.shape[1] - labels.shape[1]
-    return torch.cat((torch.full_like(labels[:, :1], IGNORE_INDEX).expand(-1, extra), labels), dim=1)
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean cross-entropy per example: over its real next tokens (causal LM) or its label."""
-    if task == SEQ_CLS:
-        return token_nll(logits, labels)
-    targets = labels[:, 1:]
-    nll = token_nll(logits[:, :-1], targets)
-    valid = (targets != IGNORE_INDEX).to(nll.dtype)
-    # A row with no real token (batch filler) gets loss 0, not 0/0.
-    return (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
-
-
 class LossProgram(nn.Module):
-    """forward(input_ids[B,L], attention_mask[B,L], labels, adapters[P,d]) -> loss[P,B]."""
+    """forward(input_ids[B,L], attention_mask[B,L], labels, adapters[P,d]) -> loss[P,B].
+
+    A causal LM with a separable head (the decoder's final hidden states, then a linear head)
+    takes its loss over chunks of positions (`ChunkedCausalLoss`), so that its planned memory
+    does not grow with P by the vocabulary; the chunks are sized for `max_perturbations`, the
+    largest P the program is called with, which the exporter sets before tracing.
+    """
 
     def __init__(self, model: nn.Module, binding: AdapterBinding, task: str):
         super().__init__()
         self.model, self.binding, self.task = model, binding, task
+        self.max_perturbations = 1
+        # A prompt-learning model (virtual_tokens.PromptedModel, PrefixedModel) feeds its decoder
+        # embeddings or a cache of its own: it keeps the whole-logits loss.
+        separable = task == CAUSAL_LM and not isinstance(model, PROMPT_LEARNING_MODELS)
+        backbone, head = decoder_and_head(model) if separable else (None, None)
+        self.backbone = backbone
+        # Named as fwdfed.model.loss.CHUNK_MODULE_PATH says: the exporter finds the chunks by it.
+        self.chunked_loss = ChunkedCausalLoss(head) if head is not None else None
 
     def forward(self, input_ids, attention_mask, labels, adapters):
         p, b = adapters.shape[0], input_ids.shape[0]
         self.binding.adapters = adapters
-        logits = self.model(input_ids=input_ids.repeat(p, 1), attention_mask=attention_mask.repeat(p, 1)).logits
+        ids, mask = input_ids.repeat(p, 1), attention_mask.repeat(p, 1)
+        if self.chunked_loss is not None:
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            chunk = positions_per_chunk(labels.shape[1] - 1, self.max_perturbations)
+            return self.chunked_loss(hidden, labels.repeat(p, 1), chunk).reshape(p, b)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
         repeated_labels = labels.repeat(p) if self.task == SEQ_CLS else labels.repeat(p, 1)
         return per_example_loss(logits, labels_for(logits, repeated_labels, self.task), self.task).reshape(p, b)
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """A causal LM's decoder (final hidden states) and its LM head, or (None, None) when the model
+    is not split that way. The head may carry a LoRA (a BatchedLoraLinear): it is called as is.
+    An architecture whose logits are more than head(final hidden state) (a soft cap, a scale) would
+    disagree with the unmodified peft model, and export's verification refuses it."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # bitfit: no peft wrapper
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    backbone = getattr(hf, "base_model", hf)  # Hugging Face: the model without its head
+    if head is None or backbone is hf:
+        return None, None
+    return backbone, head
 
 
 class PredictProgram(nn.Module):

@@ -8,7 +8,7 @@ mirrors peft's `PeftModelForCausalLM.forward` / `PeftModelForSequenceClassificat
 
 - prompt tuning and P-tuning prepend the encoder's [n, hidden] output to the input embeddings and
   ones to the attention mask; for a causal LM the logits then carry n more positions, whose labels
-  peft sets to ignored (`program.labels_for`);
+  peft sets to ignored (`fwdfed.model.loss.labels_for`);
 - prefix tuning feeds the encoder's [n, layers x 2 x kv-hidden] output as every layer's past keys
   and values (a `DynamicCache`, as peft builds it) and prepends ones to the mask; the logits keep
   the input's length.

@@ -54,7 +54,7 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.tasks import CAUSAL_LM
-    from fwdfed.model.program import labels_for, per_example_loss
+    from fwdfed.model.loss import labels_for, per_example_loss
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
