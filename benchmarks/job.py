@@ -74,6 +74,7 @@ def run_job(spec: JobSpec, out: Path) -> dict:
                    str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
                    *spec.training, *spec.data_flags)
     coordinator, url = serve_in_background(serve, out / "coordinator.log")
+    devices = None
     try:
         emulate = module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
                          str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data), "--credentials",
@@ -89,8 +90,9 @@ def run_job(spec: JobSpec, out: Path) -> dict:
         if coordinator.wait() != 0 or devices.returncode != 0:
             raise UserError(f"the job failed; see {out}/coordinator.log and devices.log")
     finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
+        for process in (coordinator, devices):
+            if process is not None and process.poll() is None:
+                process.kill()
     seconds = time.time() - started
     for version, folder in (("latest", "adapter"), ("best", "best_adapter")):
         run(module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out", str(out / folder)),
