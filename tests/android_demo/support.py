@@ -135,7 +135,10 @@ def assert_same_update(java: protocol.Update, python: protocol.Update) -> int:
     losses; returns how many coefficients were bit-identical."""
     assert java.task_id == python.task_id
     assert java.seeds == python.seeds, "the replay draws the Java device's seeds: they must be the same"
-    np.testing.assert_allclose(java.coefs, python.coefs, rtol=1e-5, atol=1e-12)
+    # A coefficient is a difference of two losses over 2 eps: the float noise of a program called with
+    # different numbers of adapter copies (the Java device asks for one direction a call, the Python
+    # device for all at once) is magnified by 1/eps. The chunked causal-LM loss gave 4.5e-5 relative.
+    np.testing.assert_allclose(java.coefs, python.coefs, rtol=1e-4, atol=1e-12)
     assert java.scale == pytest_approx(python.scale)
     assert java.num_examples == python.num_examples
     assert java.loss_before == pytest_approx(python.loss_before)
