@@ -11,34 +11,21 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fwdfed.demo import serve_in_background
+from fwdfed.demo import python_module, run, serve_in_background
 from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def module(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    print("$ " + shlex.join(cmd), flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, **kwargs)
-    if result.returncode != 0:
-        raise UserError(f"step failed ({result.returncode}): {shlex.join(cmd[2:4])}")
-    return result
-
-
 def export_bundle(out: Path, *flags: str) -> Path:
-    run(module("export", "--out", str(out), *flags))
+    run(python_module("export", "--out", str(out), *flags))
     return out
 
 
@@ -67,19 +54,19 @@ def run_job(spec: JobSpec, out: Path) -> dict:
         stale.unlink(missing_ok=True)
     started = time.time()
     names = [f"emu-{i}" for i in range(spec.devices)]
-    run(module("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(credentials)),
+    run(python_module("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(credentials)),
         stdout=subprocess.DEVNULL)
-    serve = module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(spec.bundle),
-                   "--eval-data", str(spec.data), "--eval-examples", str(spec.eval_examples), "--rounds",
-                   str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
-                   *spec.training, *spec.data_flags)
+    serve = python_module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(spec.bundle),
+                          "--eval-data", str(spec.data), "--eval-examples", str(spec.eval_examples), "--rounds",
+                          str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
+                          *spec.training, *spec.data_flags)
     coordinator, url = serve_in_background(serve, out / "coordinator.log")
     devices = None
     try:
-        emulate = module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
-                         str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data), "--credentials",
-                         str(credentials), "--split", spec.split, "--alpha", str(spec.alpha), *spec.data_flags,
-                         *(["--workers", str(spec.workers)] if spec.workers else []))
+        emulate = python_module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
+                                str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data),
+                                "--credentials", str(credentials), "--split", spec.split, "--alpha", str(spec.alpha),
+                                *spec.data_flags, *(["--workers", str(spec.workers)] if spec.workers else []))
         print("$ " + shlex.join(emulate), flush=True)
         with (out / "devices.log").open("w") as device_log:
             devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)
@@ -95,9 +82,9 @@ def run_job(spec: JobSpec, out: Path) -> dict:
                 process.kill()
     seconds = time.time() - started
     for version, folder in (("latest", "adapter"), ("best", "best_adapter")):
-        run(module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out", str(out / folder)),
-            stdout=subprocess.DEVNULL)
-    status = run(module("coordinator", "status", "--db", str(db)), capture_output=True, text=True).stdout
+        run(python_module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out",
+                          str(out / folder)), stdout=subprocess.DEVNULL)
+    status = run(python_module("coordinator", "status", "--db", str(db)), capture_output=True, text=True).stdout
     (out / "status.txt").write_text(status)
     print(status)
     return job_figures(db) | {"job_seconds": seconds}
@@ -116,12 +103,12 @@ def job_figures(db: Path) -> dict:
     store = open_store(db)
     job = store.latest_job()
     by_version = metrics_by_version(store, job)
-    batch_size = batch_size_of(job)
+    batch_size, options = batch_size_of(job), JobOptions.from_json(job.options)
     rounds = []
     for rnd in store.rounds(job.id):
         if rnd.status != "closed":
             continue
-        method = methods.get(round_method_name(job.method, JobOptions.from_json(job.options), rnd.number))
+        method = methods.get(round_method_name(job.method, options, rnd.number))
         tasks, updates = store.tasks(rnd.id), store.updates(rnd.id)
         sent = [update_frame_bytes(u) for u in updates]
         received = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def plot_comparison(name: str, results: dict, out: Path) -> Path:
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     names = list(arms)
-    sent = [max(r["sent_bytes_per_device"] for r in arms[a]["rounds"][-1:]) for a in names]
-    received = [max(r["received_bytes_per_device"] for r in arms[a]["rounds"][-1:]) for a in names]
+    sent = [arms[a]["rounds"][-1]["sent_bytes_per_device"] for a in names]
+    received = [arms[a]["rounds"][-1]["received_bytes_per_device"] for a in names]
     xs = range(len(names))
     axes[3].bar([x - 0.2 for x in xs], sent, width=0.4, label="sent (update)")
     axes[3].bar([x + 0.2 for x in xs], received, width=0.4, label="received (task)")
@@ -109,8 +110,6 @@ def comparison_table(results: dict) -> str:
         if accuracy:
             extra = f"{f['test_accuracy']:.4f} ({f['test_rows']} rows)" if "test_accuracy" in f else "-"
         else:
-            import math
-
             extra = f"{math.exp(best):.3f}"
         rows.append("| " + " | ".join([
             arm, f"{start:.4f}", f"{best:.4f}", f"{values[-1]:.4f}", extra,

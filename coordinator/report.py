@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from coordinator.job import JobOptions, round_method_name
 from coordinator.store import Job, Store
 from fwdfed import methods
+from fwdfed.bundle.manifest import MANIFEST, BundleError, Manifest
 
 
 def metrics_by_version(store: Store, job: Job) -> dict[int, dict[str, float]]:
@@ -31,11 +31,11 @@ def best_version(store: Store, job: Job) -> tuple[int, str, float] | None:
 
 
 def batch_size_of(job: Job) -> int:
-    """The bundle's batch size (forward passes over a device's data count its batches), 1 when unreadable."""
+    """The bundle's batch size (forward passes over a device's data count its batches), 1 when its
+    manifest cannot be read (the status still shows the rest)."""
     try:
-        manifest = json.loads((Path(job.bundle) / "manifest.json").read_text())
-        return int(manifest["inputs"]["batch_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(Manifest.from_json((Path(job.bundle) / MANIFEST).read_text()).inputs["batch_size"])
+    except (OSError, BundleError, ValueError, KeyError, TypeError):
         return 1
 
 

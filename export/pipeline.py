@@ -34,6 +34,7 @@ from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
 from fwdfed.model.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
+from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
 # Architectures for which peft ships no default LoRA targets: the attention query and value,
@@ -389,7 +390,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
-    peft_config = (json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=list))
+    peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
                    if spec.adapter.kind != "bitfit" else None)
 
     def build_at(shapes: Shapes):

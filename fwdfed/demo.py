@@ -29,10 +29,14 @@ def python_module(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run one step from the project root, printed first so it can be repeated by hand; a failed step
+    is a UserError naming it. `kwargs` go to subprocess.run (capture_output=True, ...)."""
     print("$ " + shlex.join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise UserError(f"step failed: {shlex.join(cmd[2:4])}")
+    result = subprocess.run(cmd, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        raise UserError(f"step failed ({result.returncode}): {shlex.join(cmd[2:4])}")
+    return result
 
 
 def serve_in_background(serve: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
