@@ -48,6 +48,9 @@ def parse_args(argv):
                    help="lda: round 1 collects class statistics through the program's features method and sets "
                         "the classifier to their linear discriminant (fwdfed/methods/class_stats.py); the training "
                         "rounds follow")
+    s.add_argument("--teacher-bundle", type=Path,
+                   help="methods that distil (fedkd): the teacher's inference-only bundle; tasks name its program by "
+                        "sha256, and a device holding another teacher refuses them")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--eps", type=float, default=1e-2, help="perturbation size (FwdLLM's h for fwdgrad)")
     s.add_argument("--local-steps", type=int, default=50, help="MeZO steps (fwdgrad: batches) per device per round")
@@ -153,6 +156,17 @@ def parse_args(argv):
         for message, ok in checks.items():
             if not ok:
                 parser.error(message)
+        if method.needs_teacher != (args.teacher_bundle is not None):
+            parser.error(f"--method {method.name} needs --teacher-bundle" if method.needs_teacher else
+                         f"--teacher-bundle is for a method that distils (fedkd), not {method.name}")
+        args.teacher_sha256 = None
+        if args.teacher_bundle is not None:
+            from fwdfed.bundle.manifest import load_bundle
+
+            try:
+                args.teacher_sha256 = load_bundle(args.teacher_bundle).manifest.program["sha256"]
+            except UserError as e:
+                parser.error(f"--teacher-bundle: {e}")
         try:  # the method's own checks, the ones every device applies to a task
             method.config.from_hparams(job_hparams(args))
         except ValueError as e:
@@ -165,6 +179,8 @@ def job_hparams(args) -> dict:
     method = methods.get(args.method)
     hparams = {"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps, "directions": args.directions,
                "kind": args.kind}
+    if getattr(args, "teacher_sha256", None):
+        hparams["teacher_sha256"] = args.teacher_sha256
     return hparams | {h.name: getattr(args, h.name) for h in method.hparams}
 
 
@@ -173,6 +189,16 @@ def job_options(args) -> JobOptions:
                       blocks=args.blocks, variance_threshold=args.variance_threshold, max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
                       dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta)
+
+
+def check_distillation(student, teacher) -> None:
+    """The student can take a distillation loss (its logits method) and the teacher labels its classes."""
+    from device_sdk.teacher import check_teacher
+
+    if "logits" not in student.manifest.program.get("methods", []):
+        raise UserError(f"{student.folder} has no logits method to distil into: export the student with "
+                        "`python -m export ... --distillation`")
+    check_teacher(teacher, student)
 
 
 def serve(args) -> int:
@@ -192,6 +218,8 @@ def serve(args) -> int:
         bundle = load_bundle(args.bundle)
         if args.head_init == "lda":
             check_head_init(bundle, args.lda_shrinkage)
+        if args.teacher_bundle is not None:
+            check_distillation(bundle, load_bundle(args.teacher_bundle))
         head_rounds = 1 if args.head_init == "lda" else 0
         config = JobConfig(rounds=args.rounds + head_rounds, devices_per_round=args.devices_per_round,
                            min_devices=args.min_devices,

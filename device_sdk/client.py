@@ -26,10 +26,11 @@ from device_sdk.data import DataSpec, Partition, encode, partition, read_example
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from fwdfed import protocol
-from fwdfed.bundle.manifest import load_bundle
+from device_sdk.teacher import TeacherError, check_teacher, label
+from fwdfed.bundle.manifest import Bundle, load_bundle
 from fwdfed.errors import UserError
-from fwdfed.memory import peak_rss
-from fwdfed.memory_plan import plan_memory
+from fwdfed.memory import format_size, peak_rss
+from fwdfed.memory_plan import plan_memory, plan_teacher_then_student
 from fwdfed import methods
 from fwdfed.methods.estimate import hparam, mean_loss, parse_steps
 from fwdfed.net import is_loopback
@@ -58,13 +59,15 @@ class DeviceConfig:
     ca_file: str | None = None  # trust this CA (PEM) for wss:// besides the system's
     data_spec: DataSpec | None = None  # how the file is read (None: defaults, with the bundle's classes)
     partition: Partition = field(default_factory=Partition)  # how the training examples are dealt
+    teacher_bundle: str | None = None  # fedkd: an inference-only teacher that labels the shard before training
 
 
 class Device:
     def __init__(self, config: DeviceConfig, engine: ProgramEngine | None = None,
-                 train_lock: asyncio.Lock | None = None):
+                 train_lock: asyncio.Lock | None = None, load_program: bool = True):
         """`engine` and `train_lock` may be shared by logical devices multiplexed in one process
-        (the emulator's --workers): one loaded program, one training step at a time."""
+        (the emulator's --workers): one loaded program, one training step at a time. `load_program`
+        False leaves `engine` for the caller to set (after every device's teacher has been freed)."""
         self.config = config
         self.bundle = load_bundle(config.bundle)
         m = self.bundle.manifest
@@ -75,16 +78,54 @@ class Device:
             raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
         self.num_examples = len(examples)
         self.plan = None
+        teacher = self._teacher_bundle()
         if config.mem_budget_bytes is not None:
             # Before the program is loaded: a budget that cannot hold a step is refused here.
-            self.plan = plan_memory(self.bundle, config.mem_budget_bytes, len(examples),
-                                    m.inputs["max_perturbations"] // 2)
-            log.info("%s: %s", config.device_id, self.plan.describe())
+            directions = m.inputs["max_perturbations"] // 2
+            if teacher is None:
+                self.plan = plan_memory(self.bundle, config.mem_budget_bytes, len(examples), directions)
+                log.info("%s: %s", config.device_id, self.plan.describe())
+            else:  # the teacher's phase and the student's, one after the other: the larger must fit
+                phased = plan_teacher_then_student(teacher, self.bundle, config.mem_budget_bytes, len(examples),
+                                                   directions)
+                self.plan = phased.phases[-1]
+                log.info("%s: %s", config.device_id, phased.describe())
         self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
-        self.engine = engine or ProgramEngine.for_bundle(self.bundle)
+        self.labelling = None
+        if teacher is not None:
+            self.labelling = label(teacher, examples)  # the teacher is freed before the student is loaded
+            self._attach_teacher_logits(self.labelling.logits)
+            log.info("%s: teacher %s labelled %d examples in %.1f s, peak %s; resident %s before, %s after "
+                     "freeing it", config.device_id, self.labelling.sha256[:12], len(examples),
+                     self.labelling.seconds, format_size(self.labelling.peak_bytes),
+                     format_size(self.labelling.rss_before_bytes), format_size(self.labelling.rss_after_bytes))
+        self.engine = engine or (ProgramEngine.for_bundle(self.bundle) if load_program else None)
         self.train_lock = train_lock
         self.tasks_done = 0
         self._eager = None  # built on the first backprop task
+
+    def _teacher_bundle(self) -> Bundle | None:
+        """The teacher bundle this device was given, checked against the student's, or None."""
+        if self.config.teacher_bundle is None:
+            return None
+        teacher = load_bundle(self.config.teacher_bundle)
+        try:
+            check_teacher(teacher, self.bundle)
+        except TeacherError as e:
+            raise DeviceError(f"device {self.config.device_id}: teacher {self.config.teacher_bundle}: {e}") from None
+        if "logits" not in self.bundle.manifest.program.get("methods", []):
+            raise DeviceError(f"device {self.config.device_id}: the student bundle {self.config.bundle} has no logits "
+                              "method to distil into: export it with `python -m export ... --distillation`")
+        return teacher
+
+    def _attach_teacher_logits(self, logits: np.ndarray) -> None:
+        """Each batch gets its examples' rows of the teacher's logits (zeros for filler rows, weight 0)."""
+        size = self.bundle.manifest.inputs["batch_size"]
+        for i, batch in enumerate(self.batches):
+            rows = np.zeros((size, logits.shape[1]), np.float32)
+            part = logits[i * size : (i + 1) * size]
+            rows[: len(part)] = part
+            batch.teacher_logits = rows
 
     # ---- training ----
     def check_task(self, task: protocol.Task) -> np.ndarray:
@@ -99,6 +140,14 @@ class Device:
         if task.method not in methods.METHODS:
             raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs "
                               f"{methods.names()}")
+        if methods.get(task.method).needs_teacher:
+            wanted = str(task.hparams.get("teacher_sha256", ""))
+            if self.labelling is None:
+                raise DeviceError(f"task {task.task_id} asks for teacher {wanted[:12]} ({task.method}); this device "
+                                  "was given no teacher bundle")
+            if wanted != self.labelling.sha256:
+                raise DeviceError(f"task {task.task_id} is for teacher {wanted[:12]}, this device holds teacher "
+                                  f"{self.labelling.sha256[:12]}")
         if len(task.reference) not in (0, 4 * m.adapter_dim):
             raise DeviceError(f"task {task.task_id} carries a reference of {len(task.reference)} bytes")
         adapter = np.frombuffer(task.adapter, dtype="<f4").copy()

@@ -34,6 +34,9 @@ def parse_args(argv):
     parser.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
     parser.add_argument("--data", type=Path, required=True,
                         help="training data (.txt, .csv, .tsv or .jsonl); shuffled, held-out slice left out, dealt to the devices")
+    parser.add_argument("--teacher-bundle", type=Path,
+                        help="fedkd: the teacher's inference-only bundle; each device labels its shard with it and "
+                             "frees it before loading the student")
     parser.add_argument("--device-prefix", default="emu", help="devices are named PREFIX-0, PREFIX-1, ...")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep trying to reach the coordinator")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,12 +72,17 @@ def run_devices(configs: list) -> None:
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     from device_sdk.client import Device
+    from device_sdk.engine import ProgramEngine
     from fwdfed.memory import format_size, peak_rss
 
     async def run_all() -> list[int]:
-        lock, first = asyncio.Lock(), Device(configs[0])
-        devices = [first] + [Device(c, engine=first.engine, train_lock=lock) for c in configs[1:]]
-        first.train_lock = lock
+        lock = asyncio.Lock()
+        # Every device labels its shard with its teacher (if given) before the shared student program is
+        # loaded, so that no teacher is resident beside the student.
+        devices = [Device(c, train_lock=lock, load_program=False) for c in configs]
+        engine = ProgramEngine.for_bundle(devices[0].bundle)
+        for d in devices:
+            d.engine = engine
         return await asyncio.gather(*(d.run() for d in devices))
 
     def main(_argv):
@@ -117,6 +125,10 @@ def main(argv=None) -> int:
 
     # Check everything the devices share before starting any of them.
     bundle = load_bundle(args.bundle)
+    if args.teacher_bundle is not None:
+        from device_sdk.teacher import check_teacher
+
+        check_teacher(load_bundle(args.teacher_bundle), bundle)
     spec, how = data_spec(args, bundle.manifest.model.get("num_labels")), partition_of(args)
     examples = read_examples(args.data, spec)
     shards = partition(split(examples, "train"), args.devices, how)
@@ -138,7 +150,8 @@ def main(argv=None) -> int:
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
                             shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
                             connect_timeout_s=args.connect_timeout, seed=args.seed, token=tokens.get(name),
-                            ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how)
+                            ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how,
+                            teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None)
                for i, name in enumerate(names)]
     ctx = multiprocessing.get_context("spawn")
     groups = [configs[w :: args.workers] for w in range(args.workers)]

@@ -87,14 +87,34 @@ class ProgramEngine:
         self._source = program if isinstance(program, bytes) else str(program)
         try:
             self._program = runtime().load_program(self._source)
-            self._forward = self._program.load_method("forward")
+            names = self._program.method_names
+            # An inference-only program (a fedkd teacher) has predict alone.
+            self._forward = self._program.load_method("forward") if "forward" in names else None
             self._predict = self._program.load_method("predict")
             # Exported for classifiers since the features method was added; older bundles lack it.
-            self._features = (self._program.load_method("features")
-                              if "features" in self._program.method_names else None)
+            self._features = self._program.load_method("features") if "features" in names else None
+            # `python -m export --distillation`: the P adapter vectors' logits of a classifier.
+            self._logits = self._program.load_method("logits") if "logits" in names else None
         except Exception as e:
             raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
+
+    @property
+    def has_forward(self) -> bool:
+        return self._forward is not None
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
+
+    @property
+    def has_batched_logits(self) -> bool:
+        return self._logits is not None
+
+    def release(self) -> None:
+        """Drop the program and its methods (their planned buffers and the backend's state go with them)."""
+        self._forward = self._predict = self._features = self._logits = self._program = None
+        self._source = None
 
     @classmethod
     def for_bundle(cls, bundle: Bundle) -> "ProgramEngine":
@@ -110,12 +130,17 @@ class ProgramEngine:
         d = manifest.adapter_dim
         tokens = ((b, l), INT64, "batch_size x seq_len")
         labels = ((b,), INT64, "batch_size") if manifest.task == SEQ_CLS else tokens
+        adapters = ((p, d), FLOAT32, "max_perturbations x adapter_dim")
         expected = {
-            "forward": {"input_ids": tokens, "attention_mask": tokens, "labels": labels,
-                        "adapters": ((p, d), FLOAT32, "max_perturbations x adapter_dim")},
+            "forward": {"input_ids": tokens, "attention_mask": tokens, "labels": labels, "adapters": adapters},
             "predict": {"input_ids": tokens, "attention_mask": tokens, "adapter": ((1, d), FLOAT32, "1 x adapter_dim")},
+            "logits": {"input_ids": tokens, "attention_mask": tokens, "adapters": adapters},
         }
-        for name, method in (("forward", self._forward), ("predict", self._predict)):
+        if self._forward is None and "forward" in manifest.program.get("methods", ["forward"]):
+            raise EngineError("the program does not match its manifest: it has no forward method")
+        for name, method in (("forward", self._forward), ("predict", self._predict), ("logits", self._logits)):
+            if method is None:
+                continue
             meta, inputs = method.metadata, expected[name]
             if meta.num_inputs() != len(inputs):
                 raise EngineError(f"the program does not match its manifest: its {name} takes {meta.num_inputs()} "
@@ -134,12 +159,27 @@ class ProgramEngine:
 
     def losses(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
         """Per-example loss [P, B] of `batch` under each of the P adapter vectors."""
+        if self._forward is None:
+            raise EngineError("this program is inference-only (a teacher's): it has no forward method to train with")
         adapters = np.ascontiguousarray(np.atleast_2d(adapters), dtype=np.float32)
         out = []
         for start in range(0, adapters.shape[0], self.max_perturbations):
             chunk = torch.from_numpy(adapters[start : start + self.max_perturbations])
             (loss,) = self._execute(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels, chunk])
             out.append(loss.numpy())
+        return np.concatenate(out, axis=0)
+
+    def batched_logits(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
+        """A classifier's logits [P, B, C] of `batch` under each of the P adapter vectors."""
+        if self._logits is None:
+            raise EngineError("this program has no logits method, which distillation (fedkd) trains with: export "
+                              "the student with `python -m export ... --distillation`")
+        adapters = np.ascontiguousarray(np.atleast_2d(adapters), dtype=np.float32)
+        out = []
+        for start in range(0, adapters.shape[0], self.max_perturbations):
+            chunk = torch.from_numpy(adapters[start : start + self.max_perturbations])
+            (logits,) = self._execute(self._logits, "logits", [batch.input_ids, batch.attention_mask, chunk])
+            out.append(logits.numpy())
         return np.concatenate(out, axis=0)
 
     def features(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from fwdfed import methods
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 
-MODES = ("inference", *methods.names(), "batched")
+MODES = ("inference", "labelling", *methods.names(), "batched")
+# labelling: a teacher's predict over one batch (P = 1), the phase a fedkd device runs before training
 
 
 def reset_peak() -> None:
@@ -36,7 +37,7 @@ def reset_peak() -> None:
 
 def directions_of(mode: str, max_perturbations: int) -> int:
     """Directions per step in `mode`: none for inference, the program's largest call for batched."""
-    if mode == "inference":
+    if mode in ("inference", "labelling"):
         return 0
     if mode == "batched":
         return max(1, max_perturbations // 2)
@@ -55,7 +56,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     from fwdfed.memory_plan import planned_arena
 
     runtime = status_field("VmRSS")
-    method = methods.get("mezo" if mode in ("inference", "batched") else mode)
+    method = methods.get("mezo" if mode in ("inference", "labelling", "batched") else mode)
     # The mode's own libraries (the ExecuTorch runtime, or transformers + peft for autograd) are
     # imported before the model, so that what they take is told apart from what the model takes.
     if method.needs_autograd:
@@ -72,6 +73,10 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     ids = torch.randint(4, m.model["vocab_size"], (b, length), generator=g)
     labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
     batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
+    hparams = {"lr": 1e-6, "eps": 1e-2, "local_steps": 1}
+    if method.needs_teacher:  # a teacher's logits of the batch (their values do not change memory or time)
+        batch.teacher_logits = np.zeros((b, m.model["num_labels"]), np.float32)
+        hparams["teacher_sha256"] = "0" * 64
     w = bundle.initial_adapter()
     n = directions_of(mode, m.inputs["max_perturbations"])
     if method.needs_autograd:
@@ -84,9 +89,11 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
     if mode == "inference":
         step = lambda: engine.losses(batch, w)  # noqa: E731
+    elif mode == "labelling":
+        step = lambda: engine.logits(batch, w)  # noqa: E731
     else:
         # A tiny lr: memory and time do not depend on it, and every repeat starts near the same point.
-        config = method.config.from_hparams({"lr": 1e-6, "eps": 1e-2, "directions": n, "local_steps": 1})
+        config = method.config.from_hparams(hparams | {"directions": n})
         optimizer = method.make_optimizer(engine, w, config, np.random.default_rng(0))
         step = lambda: optimizer.train([batch], 1)  # noqa: E731
     loaded = status_field("VmRSS")
@@ -97,7 +104,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         step()
         times.append(time.perf_counter() - t)
     peak = status_field("VmHWM")
-    copies = 1 if mode == "inference" else method.adapter_copies(n)
+    copies = 1 if mode in ("inference", "labelling") else method.adapter_copies(n)
     return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,

@@ -14,6 +14,11 @@ one step of every training method in `fwdfed.methods` at its default directions 
 direction, P = 2; fwdgrad: 4 directions, P = 8; backprop: peft LoRA with AdamW in eager
 PyTorch, the baseline), and batched (MeZO at the program's largest P). It writes report.json
 and a self-contained report.html with the plots.
+
+With `--teacher T` (fedkd), the teacher's labelling phase (its predict over a batch, P = 1) is
+measured too, in a fresh process of its own, beside each bundle's fedkd step: a distilling
+device runs one and then the other, so its peak is the larger of the two, which distillation.json
+records with both phases.
 """
 
 from __future__ import annotations
@@ -106,6 +111,25 @@ outside the plan, optimizer state, allocator slack). Backprop runs in eager PyTo
     return path
 
 
+def teacher_phases(teacher: Path, results: list[dict], repeats: int) -> dict:
+    """The teacher's labelling peak against each student's fedkd step peak: a device's peak is the larger."""
+    labelling = run_fresh(teacher, "labelling", repeats)
+    mib = 2**20
+    print(f"teacher {labelling['model']:<28} labelling peak {labelling['peak_bytes'] / mib:7.0f} MiB "
+          f"{labelling['step_seconds'] * 1e3:8.1f} ms per batch", flush=True)
+    students = []
+    for r in results:
+        if r["mode"] != "fedkd":
+            continue
+        device_peak = max(labelling["peak_bytes"], r["peak_bytes"])
+        students.append({"bundle": r["bundle"], "student_training_peak_bytes": r["peak_bytes"],
+                         "device_peak_bytes": device_peak,
+                         "sum_of_phases_bytes": labelling["peak_bytes"] + r["peak_bytes"]})
+        print(f"student {r['model']:<28} fedkd step peak {r['peak_bytes'] / mib:7.0f} MiB: the device peaks at "
+              f"max(teacher, student) = {device_peak / mib:.0f} MiB", flush=True)
+    return {"teacher": labelling, "teacher_labelling_peak_bytes": labelling["peak_bytes"], "students": students}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m device_sdk.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="report folder (report.html, report.json)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--teacher", type=Path, help="fedkd: a teacher's inference-only bundle; its labelling phase "
+                        "is measured and compared with the student's fedkd step")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out is required")
@@ -120,17 +146,26 @@ def main(argv=None) -> int:
         parser.error("--modes must include inference: every ratio is to its peak")
     from fwdfed.bundle.manifest import load_bundle
 
-    for bundle in args.bundle:
-        load_bundle(bundle)  # a bad bundle is refused before anything runs
+    bundles = {bundle: load_bundle(bundle) for bundle in args.bundle}  # a bad bundle is refused before anything runs
+    if args.teacher is not None:
+        load_bundle(args.teacher)
     results = []
     for bundle in args.bundle:
+        has_logits = "logits" in bundles[bundle].manifest.program.get("methods", [])
         for mode in args.modes:
+            if mode == "fedkd" and not has_logits:  # a bundle exported without --distillation cannot run it
+                print(f"{bundle}: no logits method (export --distillation): fedkd not measured", flush=True)
+                continue
             r = run_fresh(bundle, mode, args.repeats)
             results.append(r)
             print(f"{r['model']:<28} {mode:<10} peak {r['peak_bytes'] / 2**20:7.0f} MiB "
                   f"(runtime {r['runtime_bytes'] / 2**20:.0f}, load {r['weights_bytes'] / 2**20:.0f}, "
                   f"step {r['work_bytes'] / 2**20:.0f})  {r['step_seconds'] * 1e3:8.1f} ms", flush=True)
     print(f"wrote {write_report(results, args.out)}")
+    if args.teacher is not None:
+        distillation = teacher_phases(args.teacher, results, args.repeats)
+        (args.out / "distillation.json").write_text(json.dumps(distillation, indent=2))
+        print(f"wrote {args.out / 'distillation.json'}")
     return 0
 
 

@@ -49,6 +49,11 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=4, help="examples per program call")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per example")
     parser.add_argument("--max-perturbations", type=int, default=8, help="adapter vectors per call")
+    parser.add_argument("--distillation", action="store_true",
+                        help="classifiers: also export the logits method (logits of P adapter vectors in one call), "
+                             "which the fedkd method's distillation loss is taken from")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="export predict alone (a fedkd teacher's program: devices run it, never train it)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss diff| .pte vs eager")
     parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
                                       "batch, then sequence length until a training step's plan fits")
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
         tolerance=args.tolerance,
         mem_budget=args.mem_bytes,
         device_runtime=args.runtime_bytes,
+        distillation=args.distillation,
+        inference_only=args.inference_only,
     )
     manifest = run_export(spec)
     print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "

@@ -33,7 +33,8 @@ from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
-from fwdfed.model.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
+from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
+                                  trainable_layout)
 from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
@@ -130,6 +131,17 @@ class ExportSpec:
     tolerance: float = 1e-4
     mem_budget: int | None = None  # bytes a device may use: shrink P, then batch, then length to fit
     device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
+    # A classifier's logits for P adapter vectors in one call (the `logits` method), for a loss the device
+    # takes itself: the distillation loss of fwdfed.methods.fedkd.
+    distillation: bool = False
+    # predict only (a teacher's program: fedkd's devices run it for inference, never train it)
+    inference_only: bool = False
+
+    def __post_init__(self):
+        if self.distillation and self.inference_only:
+            raise ValueError("--distillation adds a training method; --inference-only exports predict alone")
+        if self.inference_only:
+            self.max_perturbations = 1  # predict takes one adapter vector
 
 
 class MemoryFitError(UserError):
@@ -233,8 +245,10 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 
 
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
-          max_perturbations: int, features_program=None):
-    """torch.export both methods and lower them to one XNNPACK-delegated ExecuTorch program."""
+          max_perturbations: int, features_program=None, logits_program: LogitsProgram | None = None,
+          inference_only: bool = False):
+    """torch.export the methods and lower them to one XNNPACK-delegated ExecuTorch program: forward and
+    predict, features for a classifier, logits when asked; predict alone when `inference_only`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -246,14 +260,19 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     adapters = torch.zeros(2, adapter_dim)
     # P is dynamic, 1..max; torch.export takes no range of one value, so P = 1 is a static shape.
     perturbations = {0: Dim("perturbations", min=1, max=max_perturbations)} if max_perturbations > 1 else None
-    ep_forward = export(
-        loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
-        dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": perturbations},
-        strict=False,
-    )
     ep_predict = export(predict_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]), strict=False)
-    methods = {"forward": ep_forward, "predict": ep_predict}
-    if features_program is not None:  # classifiers: the head's input, for statistics computed forward-only
+    methods = {"predict": ep_predict}
+    if not inference_only:
+        methods["forward"] = export(
+            loss_program, (batch["input_ids"], batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
+            dynamic_shapes={"input_ids": None, "attention_mask": None, "labels": None, "adapters": perturbations},
+            strict=False,
+        )
+    if logits_program is not None:  # the P vectors' logits, for a loss taken on the device (distillation)
+        methods["logits"] = export(
+            logits_program, (batch["input_ids"], batch["attention_mask"], adapters[:max_perturbations]),
+            dynamic_shapes={"input_ids": None, "attention_mask": None, "adapters": perturbations}, strict=False)
+    if features_program is not None and not inference_only:  # classifiers: the head's input, for statistics computed forward-only
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
@@ -303,7 +322,8 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
     see), its thread pool and packed weights, and the first run's lazily built state."""
     from device_sdk.measure import run_fresh
 
-    measured = run_fresh(folder, "batched", 0)
+    # An inference-only program (a teacher) has no training step: its largest step is labelling a batch.
+    measured = run_fresh(folder, "batched" if "forward" in manifest.program["methods"] else "labelling", 0)
     program = manifest.program
     known = measured["runtime_bytes"] + program["bytes"] + planned_arena(program) + measured["adapter_copies_bytes"]
     return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
@@ -312,7 +332,8 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
 
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
            max_perturbations: int, tolerance: float, features_program=None) -> dict:
-    """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
+    """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`. Each method the
+    program has is checked: forward's losses, predict's logits, features, and the batched logits."""
     from device_sdk.engine import ProgramEngine
     from fwdfed.batch import Batch
 
@@ -321,19 +342,29 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
     adapters = (initial[None, :] + 0.05 * g.standard_normal((2, layout.dim))).astype(np.float32)
     engine = ProgramEngine(pte, max_perturbations)
     b = Batch(batch["input_ids"], batch["attention_mask"], batch["labels"], np.ones(len(batch["input_ids"]), np.float32))
-    pte_losses = engine.losses(b, adapters)
-    eager_losses = np.stack([peft_reference_loss(peft_model, layout, torch.from_numpy(a), batch, task).numpy()
-                             for a in adapters])
-    loss_diff = float(np.max(np.abs(pte_losses - eager_losses)))
-    with torch.no_grad():
-        params = layout.unflatten(adapters[0])
-        eager_logits = torch.func.functional_call(
-            peft_model, {k: torch.from_numpy(v) for k, v in params.items()}, (),
-            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False,
-        ).logits.numpy()
-    logits_diff = float(np.max(np.abs(engine.logits(b, adapters[0]) - eager_logits)))
+    loss_diff = 0.0
+    if engine.has_forward:
+        pte_losses = engine.losses(b, adapters)
+        eager_losses = np.stack([peft_reference_loss(peft_model, layout, torch.from_numpy(a), batch, task).numpy()
+                                 for a in adapters])
+        loss_diff = float(np.max(np.abs(pte_losses - eager_losses)))
+
+    def eager_logits(adapter: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            params = layout.unflatten(adapter)
+            return torch.func.functional_call(
+                peft_model, {k: torch.from_numpy(v) for k, v in params.items()}, (),
+                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False,
+            ).logits.numpy()
+
+    logits_diff = float(np.max(np.abs(engine.logits(b, adapters[0]) - eager_logits(adapters[0]))))
     result = {"loss_max_abs_diff": loss_diff, "logits_max_abs_diff": logits_diff, "tolerance": tolerance}
-    if features_program is not None:
+    if engine.has_batched_logits:
+        batched = engine.batched_logits(b, adapters)
+        result["batched_logits_max_abs_diff"] = float(max(np.max(np.abs(batched[i] - eager_logits(a)))
+                                                          for i, a in enumerate(adapters)))
+        logits_diff = max(logits_diff, result["batched_logits_max_abs_diff"])
+    if features_program is not None and engine.has_features:
         with torch.no_grad():
             eager_features = features_program(batch["input_ids"], batch["attention_mask"],
                                               torch.from_numpy(adapters[:1])).numpy()
@@ -390,6 +421,9 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
+    if spec.distillation and task != SEQ_CLS:
+        raise ValueError("--distillation adds the batched logits of a classifier: export with --task seq-cls")
+    logits_program = LogitsProgram(loss_program.model, loss_program.binding) if spec.distillation else None
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
                    if spec.adapter.kind != "bitfit" else None)
 
@@ -400,7 +434,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         log(f"[3/5] lowering to ExecuTorch (batch {at.batch_size}, seq {at.seq_len}, "
             f"up to {at.max_perturbations} adapters per call)")
         batch = example_inputs(at, task, model.config.vocab_size, tokenizer.pad_token_id)
-        pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program)
+        pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program,
+                             logits_program, spec.inference_only)
         log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
             f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
         log("[4/5] verifying .pte against eager peft")
@@ -431,7 +466,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         manifest.program |= measure_step(spec.out, manifest)
         # The device's own plan (with the directions of one full call), so export and device agree.
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
-                           directions=shapes.max_perturbations // 2, runtime=spec.device_runtime)
+                           directions=shapes.max_perturbations // 2, runtime=spec.device_runtime,
+                           method=None if spec.inference_only else "mezo")
         manifest.program["device_plan_bytes"] = plan.total
         log(f"      measured step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")

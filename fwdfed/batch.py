@@ -17,6 +17,8 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L] int64
     labels: torch.Tensor  # [B, L] int64 (causal LM, -100 = ignored) or [B] int64 (classification)
     weights: np.ndarray  # [B] float32: 1 for a real example, 0 for filler that pads the batch
+    # [B, C] float32: a teacher's logits of these examples (fwdfed.methods.fedkd), when a teacher labelled them
+    teacher_logits: np.ndarray | None = None
 
     @property
     def num_examples(self) -> int:

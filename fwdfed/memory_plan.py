@@ -34,6 +34,7 @@ class MemoryPlan:
     adapters: int
     data: int
     directions: int  # n per step: 2n perturbed copies, evaluated P at a time
+    phase: str = "training"  # or "teacher labelling" (fedkd): what the program loaded does
 
     @property
     def total(self) -> int:
@@ -43,8 +44,9 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
             ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
             ("backend beyond the plan", self.workspace), ("adapters", self.adapters), ("data", self.data)))
+        what = f"{self.directions} direction(s) per step" if self.phase == "training" else self.phase
         return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
-                f"({self.directions} direction(s) per step)")
+                f"({what})")
 
 
 def planned_arena(program: dict) -> int:
@@ -56,10 +58,11 @@ def planned_arena(program: dict) -> int:
 
 
 def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
-                runtime: int | None = None, method: str = "mezo") -> MemoryPlan:
+                runtime: int | None = None, method: str | None = "mezo", phase: str = "training") -> MemoryPlan:
     """The plan for `directions` per step of `method`, or BudgetError. A step holds all its
     directions and perturbed copies at once (the method says how many adapter copies that is),
-    however many program calls (of at most P vectors) it takes.
+    however many program calls (of at most P vectors) it takes. `method` None: inference (one
+    adapter vector), as a teacher's labelling is.
     `runtime`: the baseline measured before anything was loaded (default: measured now)."""
     m = bundle.manifest
     d = m.adapter_dim
@@ -70,9 +73,10 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
         weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
         activations=planned_arena(m.program),
         workspace=int(m.program.get("workspace_bytes", 0)),
-        adapters=methods.get(method).adapter_copies(n) * d * 4,
+        adapters=(1 if method is None else methods.get(method).adapter_copies(n)) * d * 4,
         data=num_examples * m.inputs["seq_len"] * 8 * 3,
         directions=n,
+        phase=phase,
     )
     if plan.total > budget:
         over = plan.total - budget
@@ -85,3 +89,35 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
                      f"{format_size(plan.runtime + plan.weights)}"]
         raise BudgetError(f"{plan.describe()}: {format_size(over)} over. Would fit: {'; or '.join(hints)}")
     return plan
+
+
+@dataclass(frozen=True)
+class PhasedPlan:
+    """A device that runs two programs one after the other (fedkd: the teacher labels the data and is
+    freed, then the student trains) holds one of them at a time: its peak is the larger phase's, not
+    the sum. Each phase is a plan of its own, checked against the whole budget."""
+    phases: tuple[MemoryPlan, ...]
+
+    @property
+    def total(self) -> int:
+        return max(p.total for p in self.phases)
+
+    def describe(self) -> str:
+        larger = max(self.phases, key=lambda p: p.total)
+        return (f"peak = max({', '.join(f'{p.phase} {format_size(p.total)}' for p in self.phases)}) = "
+                f"{format_size(self.total)}, the {larger.phase} phase; " +
+                "; ".join(f"{p.phase}: {p.describe()}" for p in self.phases))
+
+
+def plan_teacher_then_student(teacher: Bundle, student: Bundle, budget: int, num_examples: int, directions: int,
+                              runtime: int | None = None, method: str = "fedkd") -> PhasedPlan:
+    """The plan of a distilling device: teacher inference over its shard, then student training; each
+    phase must fit the budget on its own (BudgetError names the phase that does not)."""
+    runtime = current_rss() if runtime is None else runtime
+    phases = []
+    for bundle, phase, m in ((teacher, "teacher labelling", None), (student, "student training", method)):
+        try:
+            phases.append(plan_memory(bundle, budget, num_examples, directions, runtime=runtime, method=m, phase=phase))
+        except BudgetError as e:
+            raise BudgetError(f"{phase}: {e}") from None
+    return PhasedPlan(tuple(phases))

@@ -75,6 +75,9 @@ class Method:
     dense_length: Callable[[dict], int] | None = None
     coordinator_aggregate: Callable | None = None  # (global, [dense], hparams, layout) -> next global
     selectable: bool = True  # a job's --method; False: only the coordinator schedules it (class-stats)
+    # The device labels its data with a teacher program first (fedkd): the job names the teacher by its
+    # program's sha256 (`coordinator serve --teacher-bundle`), the task carries it as `teacher_sha256`.
+    needs_teacher: bool = False
 
     def allowed_pairs(self, hparams: dict) -> int:
         """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""

@@ -215,6 +215,23 @@ class PredictProgram(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class LogitsProgram(nn.Module):
+    """logits(input_ids[B,L], attention_mask[B,L], adapters[P,d]) -> logits[P,B,C] of a classifier: the
+    batch once per adapter vector in one call, as forward does, for a loss the device takes itself
+    (fwdfed.methods.fedkd's distillation loss). The same network as the other methods: no second copy
+    of the weights in the program."""
+
+    def __init__(self, model: nn.Module, binding: AdapterBinding):
+        super().__init__()
+        self.model, self.binding = model, binding
+
+    def forward(self, input_ids, attention_mask, adapters):
+        p, b = adapters.shape[0], input_ids.shape[0]
+        self.binding.adapters = adapters
+        logits = self.model(input_ids=input_ids.repeat(p, 1), attention_mask=attention_mask.repeat(p, 1)).logits
+        return logits.reshape(p, b, logits.shape[-1])
+
+
 class FeaturesProgram(nn.Module):
     """features(input_ids[B,L], attention_mask[B,L], adapter[1,d]) -> [B, H]: what the classification
     head reads (the input of the model's `classifier`), so that class statistics (the LDA head of
