@@ -42,6 +42,7 @@ class JobSpec:
     alpha: float = 0.5
     eval_examples: int = 800
     mem: str = "1.5GB"
+    device_flags: list[str] = field(default_factory=list)  # the emulator's own, e.g. --teacher-bundle
 
 
 def run_job(spec: JobSpec, out: Path) -> dict:
@@ -66,7 +67,8 @@ def run_job(spec: JobSpec, out: Path) -> dict:
         emulate = python_module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
                                 str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data),
                                 "--credentials", str(credentials), "--split", spec.split, "--alpha", str(spec.alpha),
-                                *spec.data_flags, *(["--workers", str(spec.workers)] if spec.workers else []))
+                                *spec.data_flags, *(["--workers", str(spec.workers)] if spec.workers else []),
+                                *spec.device_flags)
         print("$ " + shlex.join(emulate), flush=True)
         with (out / "devices.log").open("w") as device_log:
             devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)

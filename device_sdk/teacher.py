@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_sdk.data import Example, encode
-from device_sdk.engine import ProgramEngine
+from device_sdk.engine import ProgramEngine, runtime
 from device_sdk.evaluate import load_tokenizer
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
@@ -73,6 +73,7 @@ def label(teacher: Bundle, examples: list[Example]) -> Labelling:
 
     m = teacher.manifest
     started = time.perf_counter()
+    runtime()  # the ExecuTorch libraries stay loaded for the student: not the teacher's to free
     before = current_rss()
     reset_peak()
     batches = encode(load_tokenizer(teacher), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])

@@ -64,8 +64,9 @@ def enrol(db: Path, out: Path, names: list[str]) -> dict[str, str]:
     return json.loads(out.read_text())
 
 
-def run_job(tmp_path, bundle, data, rounds, hparams, eval_examples=128, devices=3):
-    """A whole job as an operator runs it: enrol the devices, serve, emulate them with their tokens."""
+def run_job(tmp_path, bundle, data, rounds, hparams, eval_examples=128, devices=3, emulate_args=()):
+    """A whole job as an operator runs it: enrol the devices, serve, emulate them with their tokens
+    (and `emulate_args`, e.g. a teacher bundle)."""
     db = tmp_path / "job.db"
     credentials = tmp_path / "tokens.json"
     enrol(db, credentials, [f"emu-{i}" for i in range(devices)])  # the emulator names its devices emu-0, emu-1, ...
@@ -73,7 +74,7 @@ def run_job(tmp_path, bundle, data, rounds, hparams, eval_examples=128, devices=
                               "--eval-examples", str(eval_examples), "--rounds", str(rounds), "--devices-per-round",
                               str(devices), "--round-deadline", "300", *hparams)
     try:
-        devices_run = emulate(coordinator.url, bundle, data, devices, "--credentials", str(credentials))
+        devices_run = emulate(coordinator.url, bundle, data, devices, "--credentials", str(credentials), *emulate_args)
         code, out, err = coordinator.wait()
     finally:
         coordinator.kill()

@@ -20,6 +20,8 @@ def test_each_method_checks_its_task_hyperparameters(name):
     method = methods.get(name)
     good = {"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": method.default_directions,
             "kind": method.default_kind} | {h.name: h.default for h in method.hparams}
+    if method.needs_teacher:  # the job names its teacher's program (coordinator serve --teacher-bundle)
+        good["teacher_sha256"] = "0" * 64
     method.config.from_hparams(good)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         method.config.from_hparams(good | {"lr": -1.0})

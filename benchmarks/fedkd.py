@@ -1,0 +1,153 @@
+"""python -m benchmarks.fedkd --out DIR: the student with distillation against the same student without.
+
+SST-2 with the real all-MiniLM-L6-v2 encoder. GLUE's train split is shuffled once (seed 0): the
+first --device-rows rows are the devices' (dealt IID, every 10th held out by the coordinator), the
+next --public-rows rows are the public slice the teacher is trained on, disjoint from them;
+GLUE's dev split (872 rows, never trained or selected on) is the test set.
+
+1. the teacher: `python -m export.teacher`, MiniLM fine-tuned whole with AdamW on the public
+   slice, exported as an inference-only bundle;
+2. the student: MiniLM with a LoRA adapter and its head, exported with `--distillation`;
+3. the profiler on both: the teacher's labelling peak against the student's fedkd step peak;
+4. two federated jobs with the same student, data, head round (--head-init lda), rounds,
+   steps, directions and learning rate, so the same forward-pass budget: `mezo` (plain MeZO on
+   the labels) and `fedkd` (MeZO on (1 - a) CE + a T^2 KL to the teacher, which labels each
+   device's shard once before training: one extra inference pass per batch of the shard);
+5. each arm's final adapter, and the teacher, scored on GLUE's dev split with transformers + peft.
+
+DIR/results.json holds the figures; `python -m benchmarks.report --fedkd DIR` puts them in
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.agnews import minilm_folder, score_peft_folder
+from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.demo import python_module, run
+from fwdfed.errors import UserError
+
+STUDENT_EXPORT = ["--task", "seq-cls", "--num-labels", "2", "--batch-size", "16", "--seq-len", "64",
+                  "--max-perturbations", "2", "--distillation"]
+
+
+def cut_rows(source: Path, out: Path, device_rows: int, public_rows: int, seed: int = 0) -> tuple[Path, Path]:
+    """The devices' rows and the public rows, disjoint, from one seeded shuffle of `source`."""
+    import random
+
+    header, *body = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    if device_rows + public_rows > len(body):
+        raise UserError(f"{source} has {len(body)} rows, fewer than {device_rows} + {public_rows}")
+    random.Random(seed).shuffle(body)
+    out.mkdir(parents=True, exist_ok=True)
+    devices, public = out / "sst2_devices.tsv", out / "sst2_public.tsv"
+    devices.write_text(header + "".join(body[:device_rows]), encoding="utf-8")
+    public.write_text(header + "".join(body[device_rows : device_rows + public_rows]), encoding="utf-8")
+    return devices, public
+
+
+def score_model_folder(model: Path, data: Path, num_labels: int, seq_len: int) -> tuple[float, int]:
+    """Accuracy of a whole fine-tuned classifier (the teacher) on every row of `data`, as transformers loads it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from device_sdk.data import DataSpec, read_examples
+
+    examples = read_examples(data, DataSpec(num_labels=num_labels))
+    net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 64):
+            chunk = examples[i : i + 64]
+            enc = tokenizer([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True,
+                            return_tensors="pt")
+            correct += int((net(**enc).logits.argmax(-1) == torch.tensor([e.label for e in chunk])).sum())
+    return correct / len(examples), len(examples)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fedkd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arms", nargs="+", choices=("mezo", "fedkd"), default=["mezo", "fedkd"])
+    parser.add_argument("--device-rows", type=int, default=1200)
+    parser.add_argument("--public-rows", type=int, default=2000)
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="training rounds after the head round")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--directions", type=int, default=4)
+    parser.add_argument("--kd-weight", type=float, default=0.5)
+    parser.add_argument("--kd-temperature", type=float, default=2.0)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--teacher", type=Path, help="a folder `python -m export.teacher` wrote (default: train one)")
+    parser.add_argument("--student", type=Path, help="an exported student bundle (default: export one)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    out = args.out.resolve()
+    model, dev = minilm_folder(), SHARED / "data" / "sst2" / "dev.tsv"
+    if not dev.is_file():
+        raise UserError(f"{dev} does not exist (the shared data beside the checkout)")
+    started = time.time()
+    devices_data, public = cut_rows(SHARED / "data" / "sst2" / "train.tsv", out, args.device_rows, args.public_rows)
+    teacher = args.teacher or out / "teacher"
+    if args.teacher is None:
+        run(python_module("export.teacher", "--model", str(model), "--data", str(public), "--out", str(teacher),
+                          "--num-labels", "2", "--epochs", str(args.teacher_epochs), "--batch-size", "16",
+                          "--seq-len", "64"))
+    student = args.student or export_bundle(out / "student", "--model", str(model), *STUDENT_EXPORT,
+                                            "--lora-rank", str(args.lora_rank))
+    prepared = time.time()
+    results_path = out / "results.json"
+    earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    command = "python -m benchmarks.fedkd " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = {"device_rows": args.device_rows, "public_rows": args.public_rows, "devices": args.devices,
+               "commands": [*earlier.get("commands", []), command], "arms": earlier.get("arms", {})}
+    teacher_record = json.loads((teacher / "teacher.json").read_text())
+    accuracy, rows = score_model_folder(teacher / "model", dev, 2, 64)
+    results["teacher"] = teacher_record | {"test_accuracy": accuracy, "test_rows": rows}
+    print(f"teacher: {accuracy:.4f} on {rows} GLUE dev rows", flush=True)
+    run(python_module("device_sdk.profile", "--bundle", str(student), "--modes", "inference", "mezo", "fedkd",
+                      "--teacher", str(teacher / "bundle"), "--repeats", "1", "--out", str(out / "profile")))
+    results["memory"] = json.loads((out / "profile" / "distillation.json").read_text())
+    results["memory"]["modes"] = json.loads((out / "profile" / "report.json").read_text())
+    common = ["--lr", str(args.lr), "--eps", str(args.eps), "--local-steps", str(args.local_steps),
+              "--directions", str(args.directions), "--head-init", "lda"]
+    for arm in args.arms:
+        training, device_flags = ["--method", "mezo", *common], []
+        if arm == "fedkd":
+            training = ["--method", "fedkd", "--teacher-bundle", str(teacher / "bundle"), "--kd-weight",
+                        str(args.kd_weight), "--kd-temperature", str(args.kd_temperature), *common]
+            device_flags = ["--teacher-bundle", str(teacher / "bundle")]
+        spec = JobSpec(bundle=student, data=devices_data, rounds=args.rounds, training=training, devices=args.devices,
+                       workers=1, device_flags=device_flags)
+        figures = run_job(spec, out / arm)
+        figures["flags"] = training
+        figures["test_accuracy"], figures["test_rows"] = score_peft_folder(model, out / arm / "adapter", dev,
+                                                                           num_labels=2, seq_len=64, rows="all")
+        if arm == "fedkd":  # the teacher's passes: one per batch of each device's shard, once
+            shard = -(-args.device_rows * 9 // 10 // args.devices)
+            figures["teacher_passes"] = args.devices * -(-shard // 16)
+            figures["device_log"] = [line.strip() for line in (out / arm / "devices.log").read_text().splitlines()
+                                     if "labelled" in line or "peak = max" in line]
+        results["arms"][arm] = figures
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        print(f"{arm}: GLUE dev accuracy {figures['test_accuracy']:.4f} ({figures['test_rows']} rows), "
+              f"{figures['job_seconds'] / 60:.1f} min", flush=True)
+    results["seconds"] = {"prepare": prepared - started, "total": time.time() - started}
+    results_path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"figures in {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
