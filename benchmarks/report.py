@@ -1,7 +1,8 @@
 """python -m benchmarks.report: the benchmark runs' figures as tables and plots in docs/BENCHMARKS.md.
 
     python -m benchmarks.report --compare runs/agnews runs/sst2 runs/tinystories \\
-        --headline runs/headline-iid runs/headline-dirichlet --profile runs/profile-minilm --docs docs
+        --headline runs/headline-iid runs/headline-dirichlet --profile runs/profile-minilm --fedkd runs/fedkd \\
+        --docs docs
 
 reads each comparison's results.json (`python -m benchmarks.compare`), each headline's
 report.json (`python -m benchmarks.agnews`) and a profile's report.json (`python -m
@@ -159,12 +160,36 @@ def memory_table(profile: list[dict]) -> str:
             f"batch {first['batch'][0]} × {first['batch'][1]}:\n\n" + "\n".join(rows))
 
 
+def fedkd_section(results: dict) -> str:
+    """The student with and without distillation (benchmarks.fedkd), the teacher, and the device's two phases."""
+    t, memory = results["teacher"], results["memory"]
+    teacher = (f"Teacher: all-MiniLM-L6-v2 fine-tuned whole with AdamW on {t['rows']:,} public rows "
+               f"({t['epochs']} epoch(s), lr {t['lr']:g}, {t['train_seconds'] / 60:.1f} min), "
+               f"{t['test_accuracy']:.4f} on GLUE dev ({t['test_rows']} rows); the devices hold "
+               f"{results['device_rows']:,} other rows.")
+    rows = ["| phase (fresh process each) | peak MiB | s per batch |", "|---|---|---|",
+            f"| teacher labelling (predict, P = 1) | {memory['teacher_labelling_peak_bytes'] / MiB:.0f} | "
+            f"{memory['teacher']['step_seconds']:.2f} |"]
+    for mode in memory.get("modes", []):
+        rows.append(f"| student {mode['mode']} | {mode['peak_bytes'] / MiB:.0f} | {mode['step_seconds']:.2f} |")
+    for student in memory["students"]:
+        rows.append(f"| **device with distillation: max(teacher, student fedkd step)** | "
+                    f"**{student['device_peak_bytes'] / MiB:.0f}** (the sum would be "
+                    f"{student['sum_of_phases_bytes'] / MiB:.0f}) | |")
+    passes = [f"`{arm}` {f['teacher_passes']:,} teacher passes (once)" for arm, f in results["arms"].items()
+              if "teacher_passes" in f]
+    return (teacher + "\n\n" + comparison_table(results) + "\n\n" + ("Besides the forward passes above: "
+            + "; ".join(passes) + ".\n\n" if passes else "") + "\n".join(rows) + "\n\nCommands: "
+            + "; ".join(f"`{c}`" for c in results["commands"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="folders of benchmarks.compare runs")
     parser.add_argument("--headline", type=Path, nargs="*", default=[], help="folders of benchmarks.agnews runs")
     parser.add_argument("--profile", type=Path, help="folder of a device_sdk.profile run")
+    parser.add_argument("--fedkd", type=Path, help="folder of a benchmarks.fedkd run")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     doc = args.docs / "BENCHMARKS.md"
@@ -191,6 +216,11 @@ def main(argv=None) -> int:
         profile = read_json(args.profile, "report.json")
         shutil.copyfile(args.profile / "report.json", figures / "profile.json")
         parts.append("### Peak memory per method (`python -m device_sdk.profile`)\n\n" + memory_table(profile))
+    if args.fedkd:
+        results = read_json(args.fedkd, "results.json")
+        shutil.copyfile(args.fedkd / "results.json", figures / "fedkd.json")
+        parts.append("### FedKD on SST-2: the student with and without distillation (`python -m benchmarks.fedkd`)\n\n"
+                     + fedkd_section(results))
     generated = START + "\n" + "\n\n".join(parts) + "\n" + END
     text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text or END not in text:

@@ -62,3 +62,26 @@ def test_a_sample_keeps_the_header_and_whole_lines(tmp_path):
     assert lines[0] == "label\tsentence" and len(lines) == 11
     assert set(lines[1:]) <= set(source.read_text().splitlines()[1:])
     assert sample_rows(source, tmp_path / "again.tsv", 10, seed=3).read_text() == sample.read_text()
+
+
+def test_the_fedkd_run_gets_its_arms_teacher_and_both_memory_phases(runs, tmp_path):
+    _, docs = runs
+    folder = tmp_path / "fedkd"
+    folder.mkdir()
+    mib = 2**20
+    fedkd = arm([0.80, 0.81], "fedkd") | {"teacher_passes": 69}
+    results = {"device_rows": 1200, "devices": 3, "commands": ["python -m benchmarks.fedkd --out X"],
+               "teacher": {"rows": 2000, "epochs": 1, "lr": 5e-5, "train_seconds": 120.0, "test_accuracy": 0.84,
+                           "test_rows": 872},
+               "memory": {"teacher": {"step_seconds": 0.2}, "teacher_labelling_peak_bytes": 500 * mib,
+                          "students": [{"student_training_peak_bytes": 600 * mib, "device_peak_bytes": 600 * mib,
+                                        "sum_of_phases_bytes": 1100 * mib}],
+                          "modes": [{"mode": "fedkd", "peak_bytes": 600 * mib, "step_seconds": 1.5}]},
+               "arms": {"mezo": arm([0.80, 0.80]), "fedkd": fedkd}}
+    (folder / "results.json").write_text(json.dumps(results))
+    assert main(["--fedkd", str(folder), "--docs", str(docs)]) == 0
+    text = (docs / "BENCHMARKS.md").read_text()
+    assert "0.8400 on GLUE dev (872 rows)" in text and "`fedkd` 69 teacher passes" in text
+    assert "| teacher labelling (predict, P = 1) | 500 | 0.20 |" in text
+    assert "**600** (the sum would be 1100)" in text
+    assert next(line for line in text.splitlines() if line.startswith("| fedkd |")).count("0.8100") == 2
