@@ -118,9 +118,9 @@ def test_serve_refuses_a_bad_distillation_job(tmp_path, bundles, flags, message)
 def test_a_device_holding_another_teacher_refuses_the_task(tmp_path, bundles):
     student, teacher, data = bundles
     coordinator = Coordinator(tmp_path / "job.db", "--bundle", str(student), "--rounds", "1", "--devices-per-round",
-                              "1", "--round-deadline", "5", "--max-attempts", "1", "--method", "fedkd",
+                              "1", "--round-deadline", "300", "--method", "fedkd",
                               "--teacher-bundle", str(teacher), "--local-steps", "1")
-    try:
+    try:  # the round waits for the devices, who refuse its task; the coordinator is stopped after
         # The student's own program as the teacher: a classifier of the same classes, but not the job's teacher.
         devices = emulate(coordinator.url, student, data, 1, "--teacher-bundle", str(student))
         assert devices.returncode == 1
