@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="folders of benchmarks.compare runs")
     parser.add_argument("--headline", type=Path, nargs="*", default=[], help="folders of benchmarks.agnews runs")
     parser.add_argument("--profile", type=Path, help="folder of a device_sdk.profile run")
-    parser.add_argument("--fedkd", type=Path, help="folder of a benchmarks.fedkd run")
+    parser.add_argument("--fedkd", type=Path, nargs="*", default=[], help="folders of benchmarks.fedkd runs")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     doc = args.docs / "BENCHMARKS.md"
@@ -216,11 +216,11 @@ def main(argv=None) -> int:
         profile = read_json(args.profile, "report.json")
         shutil.copyfile(args.profile / "report.json", figures / "profile.json")
         parts.append("### Peak memory per method (`python -m device_sdk.profile`)\n\n" + memory_table(profile))
-    if args.fedkd:
-        results = read_json(args.fedkd, "results.json")
-        shutil.copyfile(args.fedkd / "results.json", figures / "fedkd.json")
-        parts.append("### FedKD on SST-2: the student with and without distillation (`python -m benchmarks.fedkd`)\n\n"
-                     + fedkd_section(results))
+    for folder in args.fedkd:
+        results = read_json(folder, "results.json")
+        shutil.copyfile(folder / "results.json", figures / f"fedkd-{folder.name}.json")
+        parts.append(f"### FedKD on SST-2 ({folder.name}): the student with and without distillation "
+                     "(`python -m benchmarks.fedkd`)\n\n" + fedkd_section(results))
     generated = START + "\n" + "\n\n".join(parts) + "\n" + END
     text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text or END not in text:
