@@ -270,11 +270,14 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
 
 def fit_memory(spec: ExportSpec, build_at, log):
     """Build at the asked shapes; with a budget, build again at smaller ones until the plan fits.
-    `build_at(shapes)` returns (result, device plan bytes, bytes that do not shrink with the shapes);
-    what does shrink is taken to scale with P x batch x length, which picks each next try."""
+    `build_at(shapes)` returns (result, device plan bytes, planned arena bytes, bytes that cannot shrink).
+    The next try's shapes take the arena to scale with P x batch x length and the rest of what was
+    measured (the backend's workspace included) to stay: an estimate too hopeful costs one more try,
+    never a program over budget, as every try is measured; taking the workspace to shrink too would
+    step P down one at a time, a whole lowering and measurement per step."""
     shapes = Shapes(spec.batch_size, spec.seq_len, spec.max_perturbations)
     for _ in range(6):
-        result, total, fixed = build_at(shapes)
+        result, total, arena, fixed = build_at(shapes)
         if spec.mem_budget is None:
             return result
         log(f"      device plan at batch {shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}: "
@@ -285,7 +288,7 @@ def fit_memory(spec: ExportSpec, build_at, log):
             raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
                                  f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
                                  "budget: use a smaller or quantized model, or a smaller adapter")
-        smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
+        smaller = shapes.smaller(0.9 * max(0, spec.mem_budget - (total - arena)) / max(arena, 1))
         if smaller is None:
             break
         log(f"      over budget: building again at batch {smaller.batch_size}, seq {smaller.seq_len}, "
@@ -437,6 +440,6 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
-        return manifest, manifest.program["device_plan_bytes"], fixed
+        return manifest, manifest.program["device_plan_bytes"], planned_arena(manifest.program), fixed
 
     return fit_memory(spec, build_at, log)
