@@ -302,7 +302,8 @@ def fit_memory(spec: ExportSpec, build_at, log):
         if fixed >= spec.mem_budget:
             raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
                                  f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
-                                 "budget: use a smaller or quantized model, or a smaller adapter")
+                                 "budget: use a smaller model, a smaller adapter"
+                                 + ("" if spec.quantize else ", or --quantize 8da4w"))
         smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
         if smaller is None:
             break
@@ -368,8 +369,8 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
         result["features_max_abs_diff"] = float(np.max(np.abs(engine.features(b, adapters[0]) - eager_features)))
         logits_diff = max(logits_diff, result["features_max_abs_diff"])
     if not (loss_diff <= tolerance and logits_diff <= tolerance * 10):
-        versus = (f"; the quantization itself moved the loss by up to {result['quantized_vs_fp32_loss_max_abs_diff']:.3g}"
-                  if fp32_model is not None else "")
+        versus = ("; the quantization itself moved the loss by up to "
+                  f"{result['quantized_vs_fp32_loss_max_abs_diff']:.3g}" if fp32_model is not None else "")
         raise VerificationError(
             f".pte and eager PyTorch{' (quantized)' if fp32_model is not None else ''} disagree: loss max |diff| "
             f"{loss_diff:.3g}, logits max |diff| {logits_diff:.3g} (tolerance {tolerance:g}){versus}"
@@ -417,6 +418,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
         check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)
     peft_model, layout, initial = attach_adapter(model, task, spec.adapter, folder)
+    # Counted before quantizing: a tied LM head gets a quantized copy of its own, not more parameters.
+    base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     fp32_model, quantization = None, None
     if spec.quantize:
         # After the adapter is attached, so that peft wraps fp32 layers; the fp32 copy is the loss's yardstick.
@@ -425,7 +428,6 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         check_adapter_fp32(peft_model, layout.names)
         quantization = report.to_manifest()
         log(f"      quantized the frozen base: {report.describe()}")
-    base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))

@@ -10,9 +10,9 @@ Schemes are those that lower to XNNPACK and run correctly in the ExecuTorch runt
 Weight-only int4/int8 linears are deliberately absent: XNNPACK lowers them silently wrong.
 
 A linear layer is quantized when it is frozen base weight: an fp32 `nn.Linear` whose weight does
-not train (`requires_grad` off, as peft leaves the base) and which is not one of peft's adapter modules (LoRA A/B, a trained head copy, a prompt
-encoder). Its bias, trained or not, stays fp32 (BitFit and LoRA's `bias="all"` shift it from
-outside). With 8da4w a layer whose input width the group size does not divide is left fp32,
+not train (`requires_grad` off, as peft leaves the base) and which is not one of peft's adapter
+modules (LoRA A/B, a trained head copy, a prompt encoder). Its bias, trained or not, stays fp32
+(BitFit and LoRA's `bias="all"` shift it from outside). With 8da4w a layer whose input width the group size does not divide is left fp32,
 and the report says which: torchao cannot group it.
 
 The function takes any module subtree (a whole peft model, or one decoder block), and the
@@ -60,7 +60,8 @@ class QuantizationReport:
                 "weight_bytes_quantized": self.weight_bytes_after}
 
     def describe(self) -> str:
-        kept = f"; left fp32: {', '.join(f'{p} ({why})' for p, why in self.left_fp32.items())}" if self.left_fp32 else ""
+        kept = ", ".join(f"{p} ({why})" for p, why in self.left_fp32.items())
+        kept = f"; left fp32: {kept}" if kept else ""
         group = f", group size {self.group_size}" if self.group_size else ", per channel"
         return (f"{self.scheme}{group}: {len(self.quantized)} linear layers quantized, their weights "
                 f"{self.weight_bytes_before / 2**20:.1f} MiB -> {self.weight_bytes_after / 2**20:.1f} MiB{kept}")
