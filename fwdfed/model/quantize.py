@@ -12,8 +12,10 @@ Weight-only int4/int8 linears are deliberately absent: XNNPACK lowers them silen
 A linear layer is quantized when it is frozen base weight: an fp32 `nn.Linear` whose weight does
 not train (`requires_grad` off, as peft leaves the base) and which is not one of peft's adapter
 modules (LoRA A/B, a trained head copy, a prompt encoder). Its bias, trained or not, stays fp32
-(BitFit and LoRA's `bias="all"` shift it from outside). With 8da4w a layer whose input width the group size does not divide is left fp32,
-and the report says which: torchao cannot group it.
+(BitFit and LoRA's `bias="all"` shift it from outside). With 8da4w a layer whose input width the
+group size does not divide is left fp32, and the report says which: it cannot be grouped (and
+XNNPACK takes only groups of a multiple of 32, so stories260K's down_proj, 172 wide, stays fp32;
+8da8w, per channel, takes every width).
 
 The function takes any module subtree (a whole peft model, or one decoder block), and the
 rebuild of a bundle's eager model passes the manifest's list of modules (`only`), so that
