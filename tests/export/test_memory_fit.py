@@ -55,7 +55,7 @@ def test_a_workspace_that_does_not_shrink_costs_no_extra_tries():
 
 def test_a_budget_the_fixed_part_alone_passes_is_refused_with_what_would_fit():
     build_at, _ = linear_build(150 * MiB, 10_000)
-    with pytest.raises(MemoryFitError, match="smaller or quantized model"):
+    with pytest.raises(MemoryFitError, match="use a smaller model, a smaller adapter, or --quantize 8da4w"):
         fit_memory(spec(120 * MiB, batch_size=4, seq_len=128, max_perturbations=8), build_at, print)
 
 
