@@ -174,8 +174,8 @@ def fedkd_section(results: dict) -> str:
         rows.append(f"| student {mode['mode']} | {mode['peak_bytes'] / MiB:.0f} | {mode['step_seconds']:.2f} |")
     for student in memory["students"]:
         rows.append(f"| **device with distillation: max(teacher, student fedkd step)** | "
-                    f"**{student['device_peak_bytes'] / MiB:.0f}** (the sum would be "
-                    f"{student['sum_of_phases_bytes'] / MiB:.0f}) | |")
+                    f"**{student['device_peak_bytes'] / MiB:.0f}** (the two peaks added: "
+                    f"{student['sum_of_phases_bytes'] / MiB:.0f}, the interpreter counted twice) | |")
     passes = [f"`{arm}` {f['teacher_passes']:,} teacher passes (once)" for arm, f in results["arms"].items()
               if "teacher_passes" in f]
     return (teacher + "\n\n" + comparison_table(results) + "\n\n" + ("Besides the forward passes above: "

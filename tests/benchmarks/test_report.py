@@ -83,5 +83,5 @@ def test_the_fedkd_run_gets_its_arms_teacher_and_both_memory_phases(runs, tmp_pa
     text = (docs / "BENCHMARKS.md").read_text()
     assert "0.8400 on GLUE dev (872 rows)" in text and "`fedkd` 69 teacher passes" in text
     assert "| teacher labelling (predict, P = 1) | 500 | 0.20 |" in text
-    assert "**600** (the sum would be 1100)" in text and (docs / "benchmarks" / "fedkd-fedkd.json").is_file()
+    assert "**600** (the two peaks added: 1100" in text and (docs / "benchmarks" / "fedkd-fedkd.json").is_file()
     assert next(line for line in text.splitlines() if line.startswith("| fedkd |")).count("0.8100") == 2
