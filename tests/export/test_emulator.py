@@ -45,8 +45,8 @@ def test_emulator_program_is_the_full_model_without_its_dropped_blocks(offsite_b
     setattr(hf.get_submodule(parent), name, torch.nn.ModuleList([blocks[i] for i in (0, 2, 4)]))
     hf.config.num_hidden_layers = 3
     batch = batches[0]
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with torch.no_grad():  # no cache: the kept blocks keep their full-model indices
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     eager = per_example_loss(logits, labels_for(logits, batch.labels, emulator.manifest.task), emulator.manifest.task)
     program = engine.losses(batch, vector)[0]
     np.testing.assert_allclose(program, eager.numpy(), rtol=1e-4, atol=1e-5)
