@@ -400,7 +400,7 @@ def run_emulator_export(spec: ExportSpec, plan: DropLayers, full_out: Path, log=
     full_adapter = replace(spec.adapter, layers=plan.adapter_layers(num_layers))
     full = run_export(replace(spec, out=Path(full_out), adapter=full_adapter), log)
     full_bundle = load_bundle(full_out)
-    identity = {"path": str(Path(full_out).resolve()), "base_model_hash": full.base_model_hash,
+    identity = {"path": str(Path(full_out).resolve()), "source": full.model["source"], "base_model_hash": full.base_model_hash,
                 "program_sha256": full.program["sha256"], "layout_sha256": layout_sha256(full.layout)}
     # The emulator's own block numbers: its first blocks, and its last ones.
     emulator_layers = [*range(plan.keep_first), *range(len(kept) - plan.keep_last, len(kept))]
@@ -470,7 +470,9 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         manifest = Manifest(
             task=task,
             model={
-                "source": spec.source,
+                "source": spec.source if emulator is None else
+                f"{spec.full_bundle['source']} emulator (blocks {', '.join(map(str, emulator.kept_layers))} "
+                f"of {emulator.full_layers})",
                 "folder": recorded_folder,
                 "hash": model_hash(folder),
                 "architecture": type(model).__name__,
