@@ -59,8 +59,8 @@ def away_from_init(bundle, seed: int = 0):
     return (bundle.initial_adapter() + noise).astype(np.float32)
 
 
-def export_bundle(out: Path, *args: str) -> Path:
-    run_command("export", "--out", str(out), *args, check=True)
+def export_bundle(out: Path, *args: str, timeout: float = 600) -> Path:
+    run_command("export", "--out", str(out), *args, check=True, timeout=timeout)
     return out
 
 
@@ -86,7 +86,7 @@ def offsite_bundles(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("offsite")
     export_bundle(folder / "emulator", "--model", str(STORIES), "--emulator", "drop-layers", "--keep-first", "1",
                   "--keep-last", "1", "--drop-fraction", "0.5", "--full-out", str(folder / "full"),
-                  "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2")
+                  "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2", timeout=1200)  # two exports
     return folder / "emulator", folder / "full"
 
 
