@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-perturbations", default="8")
     parser.add_argument("--arms", nargs="*", choices=ARMS, default=list(ARMS),
                         help="emulator: devices train on the emulator; full: on the full model (the reference); "
-                             "none: memory and time only")
+                             "--arms with no value: memory and time only")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--training", default="--method mezo --lr 1e-3 --eps 1e-2 --local-steps 100",
