@@ -132,8 +132,8 @@ def main(argv=None) -> int:
 def print_summary(results: dict) -> None:
     mib = 2**20
     record = results["emulator"]
-    print(f"\nemulator: blocks {record['kept_layers']} of {record['full_layers']} (dropped {record['dropped_layers']}), "
-          f"adapter on {record['adapter_layers']}")
+    print(f"\nemulator: blocks {record['kept_layers']} of {record['full_layers']} "
+          f"(dropped {record['dropped_layers']}), adapter on {record['adapter_layers']}")
     profiles = [("model", results["profile"])]
     if "memory_preset" in results:
         profiles.append((results["memory_preset"]["preset"], results["memory_preset"]["profile"]))
