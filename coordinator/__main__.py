@@ -35,6 +35,9 @@ def parse_args(argv):
     s.add_argument("--job-id", default="job-1")
     s.add_argument("--eval-data", type=Path, help="data file whose held-out split is evaluated every round")
     s.add_argument("--eval-examples", type=int, default=256)
+    s.add_argument("--eval-bundle", type=Path,
+                   help="offsite tuning: evaluate (and export) on this bundle, the full model, while the devices "
+                        "train on --bundle, its emulator (python -m export --emulator; docs/offsite.md)")
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--devices-per-round", type=int, default=3)
     s.add_argument("--min-devices", type=int, help="fewest updates that close a round (default: devices per round)")
@@ -112,6 +115,9 @@ def parse_args(argv):
     e.add_argument("--version", help="global adapter version: a number, 'best' (by held-out metric) or "
                    "'latest' (the default)")
     e.add_argument("--out", type=Path, required=True, help="folder to write (adapter_config.json + weights)")
+    e.add_argument("--on", choices=("full", "emulator"),
+                   help="offsite tuning: the adapter for the full model (the default for a job served with "
+                        "--eval-bundle) or for the emulator the devices trained on")
     st = commands.add_parser("status", help="jobs, rounds, devices, last metrics, refusals")
     st.add_argument("--db", required=True)
     st.add_argument("--job-id", help="default: the most recent job")
@@ -188,7 +194,8 @@ def job_options(args) -> JobOptions:
     return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
                       blocks=args.blocks, variance_threshold=args.variance_threshold, max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
-                      dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta)
+                      dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
+                      eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None)
 
 
 def check_distillation(student, teacher) -> None:
@@ -216,6 +223,8 @@ def serve(args) -> int:
         if store.job(args.job_id) is not None:
             raise UserError(f"job {args.job_id} in {args.db} has already finished; pass another --job-id")
         bundle = load_bundle(args.bundle)
+        if args.eval_bundle is not None:
+            full_bundle(bundle, args.eval_bundle)  # a pair that does not belong together is refused before the job
         if args.head_init == "lda":
             check_head_init(bundle, args.lda_shrinkage)
         if args.teacher_bundle is not None:
@@ -235,13 +244,21 @@ def serve(args) -> int:
         options, warnings = resumed_options(job.options, {"server_lr": args.server_lr, "clip": args.clip})
         if options.to_json() != job.options:
             job = store.set_job_options(job.id, options.to_json())
+        if args.eval_bundle is not None and str(args.eval_bundle.resolve()) != options.eval_bundle:
+            warnings.append(f"ignoring --eval-bundle {args.eval_bundle}: job was created with {options.eval_bundle}")
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
+    evaluated = bundle
+    if options.eval_bundle is not None:
+        evaluated = full_bundle(bundle, options.eval_bundle)
+        record = bundle.manifest.emulator
+        print(f"offsite tuning: devices train on the emulator (blocks {record['kept_layers']} of "
+              f"{record['full_layers']}); held-out metrics on the full model {options.eval_bundle}", flush=True)
     evaluate = None
     if args.eval_data:
-        spec = data_spec(args, bundle.manifest.model.get("num_labels"))
-        evaluate = Evaluator(bundle, args.eval_data, args.eval_examples, spec=spec)
+        spec = data_spec(args, evaluated.manifest.model.get("num_labels"))
+        evaluate = Evaluator(evaluated, args.eval_data, args.eval_examples, spec=spec)
     blocks = options.blocks
     try:
         block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
@@ -266,6 +283,16 @@ def serve(args) -> int:
         return 1
     print(f"job {job.id} finished", flush=True)
     return 0
+
+
+def full_bundle(emulator, path, check_program: bool = True):
+    """The full model's bundle of an offsite-tuning job, checked against the emulator the devices train on."""
+    from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.model.emulator import check_pair
+
+    full = load_bundle(path, check_program=check_program)
+    check_pair(emulator.manifest, full.manifest, path)
+    return full
 
 
 def check_head_init(bundle, shrinkage: float) -> None:
@@ -393,8 +420,14 @@ def export_adapter(args) -> int:
     if row is None:
         raise UserError(f"job {job.id} has no adapter version {args.version}")
     bundle = load_bundle(job.bundle, check_program=False)
+    eval_bundle = JobOptions.from_json(job.options).eval_bundle
+    if args.on == "full" and eval_bundle is None:
+        raise UserError(f"--on full: job {job.id} trained on {job.bundle} with no full model (serve --eval-bundle)")
+    if eval_bundle is not None and args.on != "emulator":
+        bundle = full_bundle(bundle, eval_bundle, check_program=False)
     save_peft_adapter(bundle, np.frombuffer(row.vector, dtype="<f4"), args.out)
-    print(f"wrote job {job.id} adapter version {row.version} to {args.out}")
+    print(f"wrote job {job.id} adapter version {row.version} to {args.out}"
+          + (f" (for the full model, {bundle.folder})" if bundle.folder != Path(job.bundle) else ""))
     return 0
 
 

@@ -30,6 +30,9 @@ class JobOptions:
     dp_clip: float | None = None  # differential privacy (coordinator.privacy)
     dp_noise_multiplier: float | None = None
     dp_delta: float = 1e-5
+    # Offsite tuning: devices train on the job's bundle, an emulator; held-out evaluation and the exported
+    # adapter use this bundle, the full model with the same adapter layout (fwdfed.model.emulator).
+    eval_bundle: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

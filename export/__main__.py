@@ -2,6 +2,12 @@
 
     python -m export --model ../shared/models/stories260K --out bundles/stories
     python -m export --preset tiny-distilbert --num-labels 2 --out bundles/tiny-distilbert
+
+Offsite tuning (docs/offsite.md): devices train on an emulator with a share of the middle blocks
+dropped, the server evaluates and exports on the full model; both bundles, one adapter layout:
+
+    python -m export --model ../shared/models/stories260K --out bundles/stories-emu \
+        --emulator drop-layers --keep-first 1 --keep-last 1 --drop-fraction 0.5 --full-out bundles/stories-full
 """
 
 from __future__ import annotations
@@ -68,6 +74,17 @@ def parse_args(argv):
                                       "batch, then sequence length until a training step's plan fits")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
+    offsite = parser.add_argument_group("offsite tuning (docs/offsite.md)")
+    offsite.add_argument("--emulator", choices=("drop-layers",),
+                         help="write --out as an emulator of the model for the devices to train on (the first and "
+                              "last blocks kept, carrying the LoRA adapter; a share of the middle ones dropped), and "
+                              "the full model's bundle, with the same adapter layout, to --full-out")
+    offsite.add_argument("--keep-first", type=int, help="blocks kept at the start, with the adapter (default 1)")
+    offsite.add_argument("--keep-last", type=int, help="blocks kept at the end, with the adapter (default 1)")
+    offsite.add_argument("--drop-fraction", type=float,
+                         help="share of the middle blocks dropped, in [0, 1); the rest kept evenly spread "
+                              "(default 0.5)")
+    offsite.add_argument("--full-out", type=Path, help="the full model's bundle (default: --out with -full appended)")
     args = parser.parse_args(argv)
     from fwdfed.memory import parse_size
 
@@ -85,6 +102,22 @@ def parse_args(argv):
         parser.error("--lora-alpha and --tolerance must be positive")
     if args.encoder_hidden_size is not None and args.encoder_hidden_size < 1:
         parser.error("--encoder-hidden-size must be at least 1")
+    emulator_flags = {"--keep-first": args.keep_first, "--keep-last": args.keep_last,
+                      "--drop-fraction": args.drop_fraction, "--full-out": args.full_out}
+    if args.emulator is None:
+        given = [flag for flag, value in emulator_flags.items() if value is not None]
+        if given:
+            parser.error(f"{given[0]} needs --emulator drop-layers")
+    else:
+        from fwdfed.model.emulator import DropLayers, EmulatorError
+
+        try:
+            args.drop_layers = DropLayers(1 if args.keep_first is None else args.keep_first,
+                                          1 if args.keep_last is None else args.keep_last,
+                                          0.5 if args.drop_fraction is None else args.drop_fraction)
+        except EmulatorError as e:
+            parser.error(str(e))
+        args.full_out = args.full_out or args.out.with_name(args.out.name + "-full")
     return args
 
 
@@ -114,7 +147,16 @@ def main(argv=None) -> int:
         distillation=args.distillation,
         inference_only=args.inference_only,
     )
-    manifest = run_export(spec)
+    if args.emulator:
+        from export.pipeline import run_emulator_export
+
+        full, manifest = run_emulator_export(spec, args.drop_layers, args.full_out)
+        print(f"full model's bundle written: {args.full_out} (base {full.model['hash'][:12]}, "
+              f"{full.model['base_parameters']:,} base parameters)")
+        print(f"emulator: blocks {manifest.emulator['kept_layers']} of {manifest.emulator['full_layers']}, "
+              f"{manifest.model['base_parameters']:,} base parameters")
+    else:
+        manifest = run_export(spec)
     print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "
           f"batch {manifest.inputs['batch_size']}, seq {manifest.inputs['seq_len']}, "
           f"P {manifest.inputs['max_perturbations']}"

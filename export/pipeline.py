@@ -35,7 +35,9 @@ from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, P
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
-from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
+from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, read_config, write_preset
+from fwdfed.model.emulator import (DropLayers, EmulatorError, EmulatorRecord, layout_sha256, num_layers_of,
+                                   write_emulator_model)
 from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
                                   trainable_layout)
@@ -78,6 +80,7 @@ class AdapterSpec:
     prompt_init_text: str | None = None
     encoder: str = "mlp"  # P-tuning's prompt encoder: mlp (lstm is refused: it does not lower)
     encoder_hidden_size: int | None = None  # P-tuning's MLP width; None: the model's hidden size, as peft
+    layers: list[int] | None = None  # LoRA on these blocks only (peft's layers_to_transform); None: every block
 
     def __post_init__(self):
         if self.kind in UNSUPPORTED_ADAPTERS:
@@ -103,7 +106,7 @@ class AdapterSpec:
     def lora_config(self, task: str, model_type: str) -> LoraConfig:
         targets = self.target_modules or EXTRA_DEFAULT_TARGETS.get(model_type)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets, bias=self.bias,
-                          lora_dropout=0.0, task_type=PEFT_TASK_TYPES[task])
+                          lora_dropout=0.0, task_type=PEFT_TASK_TYPES[task], layers_to_transform=self.layers)
 
     def prompt_learning_config(self, task: str, model_config, tokenizer_folder: Path) -> PeftConfig:
         # The model's shape is passed explicitly: peft reads it from config.to_dict(), where some
@@ -142,6 +145,10 @@ class ExportSpec:
     distillation: bool = False
     # predict only (a teacher's program: fedkd's devices run it for inference, never train it)
     inference_only: bool = False
+    # Offsite tuning: the program is the emulator made from `source` (the full model's folder) by dropping
+    # blocks; `full_bundle` is the identity of the full model's bundle, exported first (run_emulator_export).
+    emulator: DropLayers | None = None
+    full_bundle: dict | None = None
 
     def __post_init__(self):
         if self.distillation and self.inference_only:
@@ -418,6 +425,53 @@ def write_bundle(out: Path, pte: bytes, manifest: Manifest, initial: np.ndarray,
     (out / MANIFEST).write_text(manifest.to_json())
 
 
+def derive_emulator(spec: ExportSpec, full_folder: Path, task: str) -> EmulatorRecord:
+    """Write the emulator's model into the bundle (its base model) and say what it kept."""
+    plan = spec.emulator
+    blocks, full_layers = write_emulator_model(full_folder, spec.out / BASE_MODEL_DIR, task, spec.num_labels, plan)
+    kept = plan.kept_layers(full_layers)
+    return EmulatorRecord(kind="drop-layers", keep_first=plan.keep_first, keep_last=plan.keep_last,
+                          drop_fraction=plan.drop_fraction, blocks=blocks, full_layers=full_layers, kept_layers=kept,
+                          dropped_layers=[i for i in range(full_layers) if i not in kept],
+                          adapter_layers=plan.adapter_layers(full_layers), full_bundle=spec.full_bundle)
+
+
+def run_emulator_export(spec: ExportSpec, plan: DropLayers, full_out: Path, log=print) -> tuple[Manifest, Manifest]:
+    """Offsite tuning's pair: the full model's bundle at `full_out`, then the emulator's at `spec.out`,
+    both with LoRA on the full model's kept first and last blocks only, so their layouts agree
+    (fwdfed.model.emulator). Each `.pte` is verified against eager peft of its own model."""
+    from fwdfed.bundle.manifest import load_bundle
+
+    if spec.adapter.kind != "lora":
+        raise EmulatorError(f"--emulator drop-layers takes --adapter lora only, not {spec.adapter.kind}: bitfit and "
+                            "prefix tuning train tensors in every block, which the emulator drops, and prompt "
+                            "learning is not wired to it")
+    if Path(full_out).resolve() == Path(spec.out).resolve():
+        raise EmulatorError("--full-out must be another folder than --out")
+    if spec.source.startswith("preset:"):
+        name = spec.source.removeprefix("preset:")
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        config = PRESETS[name].config
+    else:
+        config = read_config(Path(spec.source))
+    num_layers = num_layers_of(config)
+    kept = plan.kept_layers(num_layers)  # refuses counts the model cannot meet, before anything is exported
+    log(f"offsite tuning: the full model ({num_layers} blocks) to {full_out}, then the emulator "
+        f"(blocks {kept}) to {spec.out}")
+    full_adapter = replace(spec.adapter, layers=plan.adapter_layers(num_layers))
+    full = run_export(replace(spec, out=Path(full_out), adapter=full_adapter), log)
+    full_bundle = load_bundle(full_out)
+    identity = {"path": str(Path(full_out).resolve()), "source": full.model["source"],
+                "base_model_hash": full.base_model_hash,
+                "program_sha256": full.program["sha256"], "layout_sha256": layout_sha256(full.layout)}
+    # The emulator's own block numbers: its first blocks, and its last ones.
+    emulator_layers = [*range(plan.keep_first), *range(len(kept) - plan.keep_last, len(kept))]
+    emulator = run_export(replace(spec, source=str(full_bundle.base_model_path.resolve()), emulator=plan,
+                                  full_bundle=identity, adapter=replace(spec.adapter, layers=emulator_layers)), log)
+    return full, emulator
+
+
 # ---- the whole pipeline -----------------------------------------------------------------
 
 def run_export(spec: ExportSpec, log=print) -> Manifest:
@@ -441,6 +495,12 @@ def run_export(spec: ExportSpec, log=print) -> Manifest:
 
 def _export_into(spec: ExportSpec, log) -> Manifest:
     folder, task, recorded_folder = resolve_base(spec)
+    emulator = None
+    if spec.emulator is not None:
+        emulator = derive_emulator(spec, folder, task)
+        folder, recorded_folder = spec.out / BASE_MODEL_DIR, BASE_MODEL_DIR
+        log(f"      emulator: blocks {emulator.kept_layers} of the full model's {emulator.full_layers} "
+            f"(dropped {emulator.dropped_layers}); the adapter on {emulator.adapter_layers}")
     log(f"[1/5] loading {spec.source} ({task})")
     model, tokenizer = load_model(folder, task, spec.num_labels)
     if task == SEQ_CLS:
@@ -491,7 +551,9 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         manifest = Manifest(
             task=task,
             model={
-                "source": spec.source,
+                "source": spec.source if emulator is None else
+                f"{spec.full_bundle['source']} emulator (blocks {', '.join(map(str, emulator.kept_layers))} "
+                f"of {emulator.full_layers})",
                 "folder": recorded_folder,
                 "hash": model_hash(folder),
                 "architecture": type(model).__name__,
@@ -507,6 +569,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             program={"file": PROGRAM, "sha256": "", "methods": list(planned), "planned_memory_bytes": planned,
                      "bytes": len(pte), "mem_budget_bytes": spec.mem_budget},
             verification=verification,
+            emulator=emulator.to_json() if emulator else None,
         )
         write_bundle(spec.out, pte, manifest, initial, tokenizer)
         manifest.program |= measure_step(spec.out, manifest)

@@ -17,7 +17,8 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
-SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle"}
+SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle",
+                 "offsite_bundles"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -59,8 +60,8 @@ def away_from_init(bundle, seed: int = 0):
     return (bundle.initial_adapter() + noise).astype(np.float32)
 
 
-def export_bundle(out: Path, *args: str) -> Path:
-    run_command("export", "--out", str(out), *args, check=True)
+def export_bundle(out: Path, *args: str, timeout: float = 600) -> Path:
+    run_command("export", "--out", str(out), *args, check=True, timeout=timeout)
     return out
 
 
@@ -89,6 +90,19 @@ def stories_prompt_bundle(tmp_path_factory) -> Path:
 def tiny_llama_bundle(tmp_path_factory) -> Path:
     return export_bundle(tmp_path_factory.mktemp("bundles") / "tiny-llama", "--preset", "tiny-llama",
                          "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4")
+
+
+@pytest.fixture(scope="session")
+def offsite_bundles(tmp_path_factory) -> tuple[Path, Path]:
+    """Offsite tuning's pair from stories260K (5 blocks): the emulator keeping blocks 0, 2 and 4, and the
+    full model, both with LoRA on blocks 0 and 4; small shapes, exported once. (emulator, full)."""
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is not here")
+    folder = tmp_path_factory.mktemp("offsite")
+    export_bundle(folder / "emulator", "--model", str(STORIES), "--emulator", "drop-layers", "--keep-first", "1",
+                  "--keep-last", "1", "--drop-fraction", "0.5", "--full-out", str(folder / "full"),
+                  "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2", timeout=1200)  # two exports
+    return folder / "emulator", folder / "full"
 
 
 @pytest.fixture

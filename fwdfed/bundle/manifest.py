@@ -39,6 +39,8 @@ class Manifest:
     inputs: dict  # batch_size, seq_len, max_perturbations
     program: dict  # file, sha256, methods, planned_memory_bytes
     verification: dict = field(default_factory=dict)
+    # Offsite tuning: an emulator's blocks and the full bundle it stands for (fwdfed.model.emulator); None otherwise.
+    emulator: dict | None = None
     format_version: int = FORMAT_VERSION
 
     @property
