@@ -35,8 +35,9 @@ from fwdfed.errors import UserError
 SCHEMES = ("8da4w", "8da8w")
 DEFAULT_GROUP_SIZE = 32
 # The export's default max |loss diff| between the quantized `.pte` and the eager quantized model: XNNPACK
-# quantizes the activations itself, and a value on a rounding boundary may land one int8 step apart.
-QUANTIZED_TOLERANCE = 5e-2
+# quantizes the activations itself at run time, where a value on a rounding boundary may land one int8 step
+# from torchao's, so it is looser than fp32's 1e-4.
+QUANTIZED_TOLERANCE = 1e-3
 # peft's adapter modules: what lives under these path parts is the adapter (or its frozen twin, a
 # trained head's original), never base weight to quantize.
 ADAPTER_PATH_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -98,7 +99,11 @@ def _config(scheme: str, group_size: int | None):
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
 
     if scheme == "8da4w":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+        # XNNPACK's blockwise int4 kernels hold each group's scale as bfloat16: scales made bfloat16 here already,
+        # the eager model computes what the program does (fp32 scales: the .pte's losses drifted up to 0.09 from
+        # the eager model's on stories260K; bfloat16: 3e-7 on an MLP).
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size),
+                                                     weight_scale_dtype=torch.bfloat16)
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
 
 

@@ -24,7 +24,7 @@ def test_the_manifest_records_the_quantization_and_its_verification(quantized_bu
     assert len(q["modules"]) == 2 * 7 + 1 and "base_model.model.lm_head" in q["modules"]
     assert not any("lora_" in path for path in q["modules"])
     v = m.verification
-    assert v["reference"] == "eager quantized peft model" and v["tolerance"] == 5e-2
+    assert v["reference"] == "eager quantized peft model" and v["tolerance"] == 1e-3
     assert v["loss_max_abs_diff"] <= v["tolerance"]
     # The quantization itself changed the losses (it was not a no-op), and the report says by how much.
     assert v["quantized_vs_fp32_loss_max_abs_diff"] > 0 and v["fp32_mean_loss"] != v["quantized_mean_loss"]
