@@ -36,8 +36,9 @@ SCHEMES = ("8da4w", "8da8w")
 DEFAULT_GROUP_SIZE = 32
 # The export's default max |loss diff| between the quantized `.pte` and the eager quantized model: XNNPACK
 # quantizes the activations itself at run time, where a value on a rounding boundary may land one int8 step
-# from torchao's, so it is looser than fp32's 1e-4.
-QUANTIZED_TOLERANCE = 1e-3
+# from torchao's, and such steps add up over the layers: on stories260K (5 layers) the export's batch gave
+# 4.8e-3 (mean loss 17.2964 against 17.2969), against 0.40 between the quantized and the fp32 model.
+QUANTIZED_TOLERANCE = 1e-2
 # peft's adapter modules: what lives under these path parts is the adapter (or its frozen twin, a
 # trained head's original), never base weight to quantize.
 ADAPTER_PATH_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
