@@ -45,6 +45,10 @@ ADAPTER_PATH_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"
                       "modules_to_save", "original_module", "prompt_encoder")
 
 
+# What each scheme's weight scales are stored as (8da4w: bfloat16, as XNNPACK's int4 kernels hold them).
+SCALE_DTYPES = {"8da4w": "bfloat16", "8da8w": "float32"}
+
+
 class QuantizationError(UserError):
     """A quantization that cannot be done as asked; the message says why."""
 
@@ -59,7 +63,8 @@ class QuantizationReport:
     weight_bytes_after: int = 0  # their quantized bytes (values + scales + zero points)
 
     def to_manifest(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size, "modules": list(self.quantized),
+        return {"scheme": self.scheme, "group_size": self.group_size,
+                "weight_scale_dtype": SCALE_DTYPES[self.scheme], "modules": list(self.quantized),
                 "left_fp32": dict(self.left_fp32), "weight_bytes_fp32": self.weight_bytes_before,
                 "weight_bytes_quantized": self.weight_bytes_after}
 
