@@ -76,12 +76,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "tinystories" / "train_head.txt")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--losses-only", action="store_true", help="only step 1: no federated job")
     args = parser.parse_args(argv)
     quiet_libraries()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     figures = {"losses": loss_comparison(args.bundle, args.fp32_bundle, args.data, args.eval_examples)}
     print(json.dumps(figures["losses"], indent=2), flush=True)
+    if args.losses_only:
+        (out / "quantized.json").write_text(json.dumps(figures, indent=2, default=str))
+        return 0
     spec = JobSpec(bundle=args.bundle.resolve(), data=args.data, rounds=args.rounds, training=TRAINING,
                    eval_examples=args.eval_examples)
     figures["job"] = run_job(spec, out / "job")

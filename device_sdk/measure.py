@@ -105,7 +105,11 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = status_field("VmHWM")
     copies = 1 if mode in ("inference", "labelling") else method.adapter_copies(n)
-    return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
+    quantization = (m.model.get("quantization") or {}).get("scheme")
+    # A quantized bundle is its own model in the report: its rows are not the fp32 program's.
+    return {"bundle": str(bundle_dir), "model": m.model["source"] + (f" ({quantization})" if quantization else ""),
+            "architecture": m.model["architecture"], "quantization": quantization,
+            "program_bytes": int(m.program["bytes"]),
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,

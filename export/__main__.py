@@ -63,7 +63,7 @@ def parse_args(argv):
                         help="export predict alone (a fedkd teacher's program: devices run it, never train it)")
     parser.add_argument("--tolerance", type=float,
                         help="max |loss diff| .pte vs eager (the eager quantized model with --quantize; logits "
-                             "within 10x); default 1e-4, or 5e-2 with --quantize")
+                             "within 10x); default 1e-4, or 1e-2 with --quantize")
     parser.add_argument("--quantize", choices=SCHEMES,
                         help="quantize the frozen base model's linear layers (never the adapter): 8da4w (int8 "
                              "dynamic activations, int4 weights in groups) or 8da8w (int8 weights per channel)")
