@@ -81,7 +81,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     else:
         from device_sdk.engine import ProgramEngine
 
-        engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+        engine = ProgramEngine.for_bundle(bundle)
     if mode == "inference":
         step = lambda: engine.losses(batch, w)  # noqa: E731
     else:

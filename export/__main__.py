@@ -52,6 +52,12 @@ def parse_args(argv):
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss diff| .pte vs eager")
     parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
                                       "batch, then sequence length until a training step's plan fits")
+    parser.add_argument("--stream", action="store_true",
+                        help="one program per stage (embedding, each decoder block, head), run one at a time on the "
+                             "device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset llama-7b)")
+    parser.add_argument("--quantize", choices=("8da4w",),
+                        help="with --stream: the frozen base's linears in int4 weights, int8 dynamic activations "
+                             "(torchao); the adapter stays fp32")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)
@@ -69,6 +75,8 @@ def parse_args(argv):
         parser.error("--seq-len must be at least 2")
     if args.lora_alpha <= 0 or args.tolerance <= 0:
         parser.error("--lora-alpha and --tolerance must be positive")
+    if args.quantize and not args.stream:
+        parser.error("--quantize takes --stream")
     if args.encoder_hidden_size is not None and args.encoder_hidden_size < 1:
         parser.error("--encoder-hidden-size must be at least 1")
     return args
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
         tolerance=args.tolerance,
         mem_budget=args.mem_bytes,
         device_runtime=args.runtime_bytes,
+        stream=args.stream,
+        quantize=args.quantize,
     )
     manifest = run_export(spec)
     print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "

@@ -130,6 +130,8 @@ class ExportSpec:
     tolerance: float = 1e-4
     mem_budget: int | None = None  # bytes a device may use: shrink P, then batch, then length to fit
     device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
+    stream: bool = False  # one program per stage (export.stream), run one at a time on the device
+    quantize: str | None = None  # the frozen base's quantization (export.stream.quantize_stage); None: fp32
 
 
 class MemoryFitError(UserError):
@@ -365,7 +367,12 @@ def run_export(spec: ExportSpec, log=print) -> Manifest:
     final_out.parent.mkdir(parents=True, exist_ok=True)
     spec.out = Path(tempfile.mkdtemp(prefix=f".{final_out.name}.partial-", dir=final_out.parent))
     try:
-        manifest = _export_into(spec, log)
+        if spec.stream:
+            from export.stream import export_streamed
+
+            manifest = export_streamed(spec, log)
+        else:
+            manifest = _export_into(spec, log)
         if final_out.exists():
             shutil.rmtree(final_out)
         os.replace(spec.out, final_out)
