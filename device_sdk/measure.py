@@ -98,14 +98,28 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = status_field("VmHWM")
     copies = 1 if mode == "inference" else method.adapter_copies(n)
-    return {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
+    record = {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
             "planned_arena_bytes": planned_arena(m.program),
             "adapter_copies_bytes": 4 * m.adapter_dim * copies,
-            "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
+            "step_seconds": statistics.median(times[1:]) if repeats else times[0],
+            "directions": n, "program_bytes": int(m.program["bytes"])}
+    if n:
+        record["direction_seconds"] = record["step_seconds"] / n
+    if m.streamed:  # what each stage held while loaded, and what was left once it was released
+        trace = engine.trace
+        record["streamed"] = {
+            "stages": len(m.program["stages"]), "largest_stage_bytes": m.program["largest_stage_bytes"],
+            "quantization": m.program.get("quantization"),
+            "max_rss_stage_loaded_bytes": max(r.rss_loaded for r in trace),
+            "max_rss_stage_released_bytes": max(r.rss_released for r in trace),
+            "max_file_rss_stage_loaded_bytes": max(r.file_rss_loaded for r in trace),
+            "max_file_rss_stage_released_bytes": max(r.file_rss_released for r in trace),
+            "max_live_programs": engine.max_live_programs}
+    return record
 
 
 def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
