@@ -55,9 +55,9 @@ def parse_args(argv):
     parser.add_argument("--stream", action="store_true",
                         help="one program per stage (embedding, each decoder block, head), run one at a time on the "
                              "device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset llama-7b)")
-    parser.add_argument("--quantize", choices=("8da4w",),
-                        help="with --stream: the frozen base's linears in int4 weights, int8 dynamic activations "
-                             "(torchao); the adapter stays fp32")
+    parser.add_argument("--quantize", choices=("8da4w", "8da8w"),
+                        help="with --stream: the frozen base linears quantized by torchao (8da4w: int4 weights, "
+                             "8da8w: int8; int8 dynamic activations); the adapter stays fp32")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)

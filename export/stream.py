@@ -60,22 +60,24 @@ class StageBuild:
     kind: str  # embed, block, head
     module: nn.Module
     copies: list[tuple[str, tuple[int, int]]]
+    quantized: dict | None = None  # what `quantize_stage` quantized in it
 
 
 # ---- quantization: one place, so that every stage goes through the same scheme --------------------
 
-QUANTIZATIONS = ("8da4w",)
-
-
-def quantize_stage(module: nn.Module, scheme: str | None) -> nn.Module:
-    """The stage with its frozen base quantized (`scheme`), its adapter left fp32 and an input."""
-    if scheme is None:
-        return module
+def quantize_stage(module: nn.Module, scheme: str | None) -> dict | None:
+    """Quantize the stage's frozen base linears in place (`scheme`; None: keep fp32), the adapter left
+    fp32 and an input; returns what was quantized, for the manifest. An embedding stage has no
+    linear layer: it stays fp32 (an int8 table would need the quantized kernels the wheel lacks)."""
+    if scheme is None or not any(isinstance(m, nn.Linear) for m in module.modules()):
+        return None
     try:
-        from export.quantize import quantize_base
+        from fwdfed.model.quantize import quantize_base
     except ImportError:
-        raise StreamError(f"--quantize {scheme}: export.quantize is not in this tree yet") from None
-    return quantize_base(module, scheme)
+        raise StreamError(f"--quantize {scheme}: fwdfed.model.quantize is not in this tree yet") from None
+    for p in module.parameters():
+        p.requires_grad_(False)  # the base is frozen: what the quantizer takes as base weight
+    return quantize_base(module, scheme).to_manifest()
 
 
 # ---- stage sources ------------------------------------------------------------------------------
@@ -89,8 +91,9 @@ def whole_model_stages(spec: ExportSpec):
     peft_model, layout, initial = attach_adapter(model, task, spec.adapter, folder)
     model = batched_model(peft_model, layout, SliceBinding(0, 0))
     stages = split_into_stages(model, layout, spec.max_perturbations)
+    # Quantized once here: a fit to a budget builds the stages again at smaller shapes from these modules.
     builds = [StageBuild(EMBED if s.name == EMBED else HEAD if s.name == HEAD else "block", s.module,
-                         [(s.name, s.adapter)]) for s in stages]
+                         [(s.name, s.adapter)], quantize_stage(s.module, spec.quantize)) for s in stages]
     identity = {"source": spec.source, "folder": recorded, "hash": model_hash(folder),
                 "architecture": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
                 "vocab_size": int(peft_model.config.vocab_size),
@@ -174,11 +177,13 @@ def blockwise_preset_stages(spec: ExportSpec, name: str):
         binding = SliceBinding(0, per_layer)
         block = BlockStage(batched_model(layer, local_layout, binding), rotary, config, binding)
         del layer
-        yield StageBuild("block", block, [(block_name(k), slices[k]) for k in range(n_layers)])
+        yield StageBuild("block", block, [(block_name(k), slices[k]) for k in range(n_layers)],
+                         quantize_stage(block, spec.quantize))
         del block
         norm, lm_head = LlamaRMSNorm(h, eps=config.rms_norm_eps), nn.Linear(h, v, bias=False)
         _init_normal(lm_head, config.initializer_range)
-        yield StageBuild(HEAD, HeadStage(norm, lm_head, spec.max_perturbations), [(HEAD, (0, 0))])
+        head = HeadStage(norm, lm_head, spec.max_perturbations)
+        yield StageBuild(HEAD, head, [(HEAD, (0, 0))], quantize_stage(head, spec.quantize))
 
     base_params = v * h * 2 + h + n_layers * (4 * h * h + 3 * h * config.intermediate_size + 2 * h)
     identity = {"source": spec.source, "architecture": "LlamaForCausalLM", "vocab_size": int(v),
@@ -223,7 +228,7 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
     records, hidden, eager_losses = [], None, None
     p = spec.max_perturbations
     for build in builds:
-        module = quantize_stage(build.module, spec.quantize)
+        module = build.module
         names, perturbed = STAGE_INPUTS[build.kind]
         with torch.no_grad():
             if build.kind == EMBED:
@@ -247,7 +252,8 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
             path = stage_dir / f"{name}.pte"
             path.write_bytes(pte)
             records.append({"name": name, "file": path.name, "sha256": digest, "bytes": len(pte),
-                            "adapter": list(adapter_slice), "planned_memory_bytes": planned})
+                            "adapter": list(adapter_slice), "planned_memory_bytes": planned,
+                            "quantized": build.quantized})
         del pte, module, build
     if not torch.isfinite(eager_losses).all():
         raise VerificationError("the eager stages give a non-finite loss: the weights or inputs are broken")
@@ -293,7 +299,8 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
         else:
             # The head's chunks are sized for P: a new P needs a head built for it.
             builds = [b if b.kind != HEAD else StageBuild(HEAD, HeadStage(b.module.norm, b.module.chunked_loss.chunk_nll
-                                                                          .head, at.max_perturbations), b.copies)
+                                                                          .head, at.max_perturbations), b.copies,
+                                                     b.quantized)
                       for b in builds0]
             layout, initial, identity = layout0, initial0, identity0
             vocab, pad = identity["vocab_size"], tokenizer.pad_token_id
