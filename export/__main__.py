@@ -15,6 +15,7 @@ from fwdfed.cli import quiet_libraries, run_main
 def parse_args(argv):
     from fwdfed.bundle.tasks import TASKS
     from fwdfed.model.base_model import PRESETS
+    from fwdfed.model.quantize import SCHEMES
 
     presets = "\n".join(f"  {name:18} {p.description}" for name, p in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -49,7 +50,15 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=4, help="examples per program call")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per example")
     parser.add_argument("--max-perturbations", type=int, default=8, help="adapter vectors per call")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |loss diff| .pte vs eager")
+    parser.add_argument("--tolerance", type=float,
+                        help="max |loss diff| .pte vs eager (the eager quantized model with --quantize; logits "
+                             "within 10x); default 1e-4, or 5e-2 with --quantize")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="quantize the frozen base model's linear layers (never the adapter): 8da4w (int8 "
+                             "dynamic activations, int4 weights in groups) or 8da8w (int8 weights per channel)")
+    parser.add_argument("--group-size", type=int,
+                        help="8da4w: input features per int4 group, a multiple of 32 (default 32); a layer it "
+                             "does not divide stays fp32, and the log and manifest say so")
     parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
                                       "batch, then sequence length until a training step's plan fits")
     parser.add_argument("--stream", action="store_true",
@@ -73,7 +82,7 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.seq_len < 2:
         parser.error("--seq-len must be at least 2")
-    if args.lora_alpha <= 0 or args.tolerance <= 0:
+    if args.lora_alpha <= 0 or (args.tolerance is not None and args.tolerance <= 0):
         parser.error("--lora-alpha and --tolerance must be positive")
     if args.quantize and not args.stream:
         parser.error("--quantize takes --stream")
@@ -101,6 +110,8 @@ def main(argv=None) -> int:
         seq_len=args.seq_len,
         max_perturbations=args.max_perturbations,
         tolerance=args.tolerance,
+        quantize=args.quantize,
+        group_size=args.group_size,
         mem_budget=args.mem_bytes,
         device_runtime=args.runtime_bytes,
         stream=args.stream,
@@ -109,7 +120,9 @@ def main(argv=None) -> int:
     manifest = run_export(spec)
     print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "
           f"batch {manifest.inputs['batch_size']}, seq {manifest.inputs['seq_len']}, "
-          f"P {manifest.inputs['max_perturbations']})")
+          f"P {manifest.inputs['max_perturbations']}"
+          + (f", {manifest.model['quantization']['scheme']} base" if manifest.model.get("quantization") else "")
+          + ")")
     return 0
 
 

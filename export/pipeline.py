@@ -4,7 +4,9 @@
     attach_adapter  HF model + AdapterSpec      -> peft model, adapter layout, initial adapter
     build_programs  peft model                  -> LossProgram, PredictProgram (adapter as input)
     lower           eager programs              -> ExecuTorch program bytes, planned memory
-    verify          .pte vs eager peft          -> max abs difference (fails past a tolerance)
+    quantize        peft model                  -> its frozen base linears quantized (--quantize), report
+    verify          .pte vs eager peft          -> max abs difference (fails past a tolerance); quantized:
+                                                   against the eager quantized model, and its loss vs fp32
     write_bundle    everything above            -> model.pte, manifest.json, adapter, tokenizer
     measure_step    the bundle                  -> a training step's measured peak, in a fresh process
 
@@ -14,6 +16,7 @@ plan (with what the backend was measured to hold beyond the plan) fits the budge
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -33,6 +36,7 @@ from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
+from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import LossProgram, PredictProgram, build_programs, peft_reference_loss, trainable_layout
 from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME
 
@@ -127,11 +131,25 @@ class ExportSpec:
     batch_size: int = 4
     seq_len: int = 64
     max_perturbations: int = 8
-    tolerance: float = 1e-4
+    tolerance: float | None = None  # None: 1e-4 for fp32, QUANTIZED_TOLERANCE for a quantized base
+    quantize: str | None = None  # a fwdfed.model.quantize scheme for the frozen base linears (8da4w, 8da8w)
+    group_size: int | None = None  # 8da4w's group of input features (default 32)
     mem_budget: int | None = None  # bytes a device may use: shrink P, then batch, then length to fit
     device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
     stream: bool = False  # one program per stage (export.stream), run one at a time on the device
     quantize: str | None = None  # the frozen base's quantization (export.stream.quantize_stage); None: fp32
+
+
+    def __post_init__(self):
+        if self.quantize is not None:
+            self.group_size = check_options(self.quantize, self.group_size)
+        elif self.group_size is not None:
+            raise ValueError("--group-size is for --quantize 8da4w")
+        if self.tolerance is None:
+            self.tolerance = FP32_TOLERANCE if self.quantize is None else QUANTIZED_TOLERANCE
+
+
+FP32_TOLERANCE = 1e-4
 
 
 class MemoryFitError(UserError):
@@ -272,11 +290,14 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
 
 def fit_memory(spec: ExportSpec, build_at, log):
     """Build at the asked shapes; with a budget, build again at smaller ones until the plan fits.
-    `build_at(shapes)` returns (result, device plan bytes, bytes that do not shrink with the shapes);
-    what does shrink is taken to scale with P x batch x length, which picks each next try."""
+    `build_at(shapes)` returns (result, device plan bytes, planned arena bytes, bytes that cannot shrink).
+    The next try's shapes take the arena to scale with P x batch x length and the rest of what was
+    measured (the backend's workspace included) to stay: an estimate too hopeful costs one more try,
+    never a program over budget, as every try is measured; taking the workspace to shrink too would
+    step P down one at a time, a whole lowering and measurement per step."""
     shapes = Shapes(spec.batch_size, spec.seq_len, spec.max_perturbations)
     for _ in range(6):
-        result, total, fixed = build_at(shapes)
+        result, total, arena, fixed = build_at(shapes)
         if spec.mem_budget is None:
             return result
         log(f"      device plan at batch {shapes.batch_size}, seq {shapes.seq_len}, P {shapes.max_perturbations}: "
@@ -286,8 +307,9 @@ def fit_memory(spec: ExportSpec, build_at, log):
         if fixed >= spec.mem_budget:
             raise MemoryFitError(f"the runtime ({spec.device_runtime / 2**20:.0f} MiB), the weights and the adapter "
                                  f"copies alone ({fixed / 2**20:.0f} MiB) pass the {spec.mem_budget / 2**20:.0f} MiB "
-                                 "budget: use a smaller or quantized model, or a smaller adapter")
-        smaller = shapes.smaller(0.9 * (spec.mem_budget - fixed) / (total - fixed))
+                                 "budget: use a smaller model, a smaller adapter"
+                                 + ("" if spec.quantize else ", or --quantize 8da4w"))
+        smaller = shapes.smaller(0.9 * max(0, spec.mem_budget - (total - arena)) / max(arena, 1))
         if smaller is None:
             break
         log(f"      over budget: building again at batch {smaller.batch_size}, seq {smaller.seq_len}, "
@@ -313,8 +335,11 @@ def measure_step(folder: Path, manifest: Manifest) -> dict:
 
 
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,
-           max_perturbations: int, tolerance: float, features_program=None) -> dict:
-    """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`."""
+           max_perturbations: int, tolerance: float, features_program=None, fp32_model=None) -> dict:
+    """Run the `.pte` and the eager peft model on the same inputs; fail past `tolerance`. With a quantized
+    base, `peft_model` is the eager quantized model the `.pte` must match, and `fp32_model` the model before
+    quantization, whose losses on the same inputs say what the quantization itself changed (reported,
+    not checked: that is the scheme's cost, not an export error)."""
     from device_sdk.engine import ProgramEngine
     from fwdfed.batch import Batch
 
@@ -335,6 +360,13 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
         ).logits.numpy()
     logits_diff = float(np.max(np.abs(engine.logits(b, adapters[0]) - eager_logits)))
     result = {"loss_max_abs_diff": loss_diff, "logits_max_abs_diff": logits_diff, "tolerance": tolerance}
+    if fp32_model is not None:
+        fp32_losses = np.stack([peft_reference_loss(fp32_model, layout, torch.from_numpy(a), batch, task).numpy()
+                                for a in adapters])
+        result |= {"reference": "eager quantized peft model",
+                   "quantized_vs_fp32_loss_max_abs_diff": float(np.max(np.abs(eager_losses - fp32_losses))),
+                   "fp32_mean_loss": float(fp32_losses.mean()), "quantized_mean_loss": float(eager_losses.mean()),
+                   "pte_mean_loss": float(pte_losses.mean())}
     if features_program is not None:
         with torch.no_grad():
             eager_features = features_program(batch["input_ids"], batch["attention_mask"],
@@ -342,9 +374,11 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
         result["features_max_abs_diff"] = float(np.max(np.abs(engine.features(b, adapters[0]) - eager_features)))
         logits_diff = max(logits_diff, result["features_max_abs_diff"])
     if not (loss_diff <= tolerance and logits_diff <= tolerance * 10):
+        versus = ("; the quantization itself moved the loss by up to "
+                  f"{result['quantized_vs_fp32_loss_max_abs_diff']:.3g}" if fp32_model is not None else "")
         raise VerificationError(
-            f".pte and eager PyTorch disagree: loss max |diff| {loss_diff:.3g}, logits max |diff| {logits_diff:.3g} "
-            f"(tolerance {tolerance:g})"
+            f".pte and eager PyTorch{' (quantized)' if fp32_model is not None else ''} disagree: loss max |diff| "
+            f"{loss_diff:.3g}, logits max |diff| {logits_diff:.3g} (tolerance {tolerance:g}){versus}"
         )
     return result
 
@@ -394,7 +428,16 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
         check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)
     peft_model, layout, initial = attach_adapter(model, task, spec.adapter, folder)
+    # Counted before quantizing: a tied LM head gets a quantized copy of its own, not more parameters.
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
+    fp32_model, quantization = None, None
+    if spec.quantize:
+        # After the adapter is attached, so that peft wraps fp32 layers; the fp32 copy is the loss's yardstick.
+        fp32_model = copy.deepcopy(peft_model)
+        report = quantize_base(peft_model, spec.quantize, spec.group_size)
+        check_adapter_fp32(peft_model, layout.names)
+        quantization = report.to_manifest()
+        log(f"      quantized the frozen base: {report.describe()}")
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
@@ -410,11 +453,16 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
         pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program)
         log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
             f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
-        log("[4/5] verifying .pte against eager peft")
+        log(f"[4/5] verifying .pte against eager peft{' (quantized)' if quantization else ''}")
         verification = verify(pte, peft_model, layout, initial, batch, task, at.max_perturbations, at.tolerance,
-                              features_program)
+                              features_program, fp32_model)
         log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
             f"max |logits diff| {verification['logits_max_abs_diff']:.2e} (tolerance {at.tolerance:g})")
+        if quantization:
+            log(f"      quantized vs fp32 eager: max |loss diff| "
+                f"{verification['quantized_vs_fp32_loss_max_abs_diff']:.2e} (mean loss "
+                f"{verification['fp32_mean_loss']:.4f} fp32, {verification['quantized_mean_loss']:.4f} quantized, "
+                f"{verification['pte_mean_loss']:.4f} .pte)")
         manifest = Manifest(
             task=task,
             model={
@@ -425,6 +473,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
                 "num_labels": spec.num_labels if task == SEQ_CLS else None,
                 "vocab_size": int(model.config.vocab_size),
                 "base_parameters": int(base_params),
+                "quantization": quantization,
             },
             adapter={"kind": spec.adapter.kind, "dim": layout.dim, "initial": INITIAL_ADAPTER, "peft_config": peft_config},
             layout=layout,
@@ -444,6 +493,6 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
-        return manifest, manifest.program["device_plan_bytes"], fixed
+        return manifest, manifest.program["device_plan_bytes"], planned_arena(manifest.program), fixed
 
     return fit_memory(spec, build_at, log)

@@ -1,7 +1,9 @@
 """The memory plan: what a training step holds, added up before anything is loaded.
 
 The plan adds up what a training step holds: the runtime as measured now (interpreter,
-torch, ExecuTorch; before any model), the program's weights, its planned activation arena
+torch, ExecuTorch; before any model), the program's weights (the `.pte`'s bytes: a quantized
+base's int4/int8 weights as stored; what XNNPACK's packing of them takes beyond that at load is
+in the measured workspace below), its planned activation arena
 (ExecuTorch's memory plan at the program's largest P, one arena its methods share), what the
 backend holds beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
 (the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
@@ -90,12 +92,14 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
     )
     if plan.total > budget:
         over = plan.total - budget
+        quantized = bool(m.model.get("quantization"))
+        quantize_hint = [] if quantized else ["a quantized base (export --quantize 8da4w)"]
         hints = ["a smaller base model", "a smaller adapter (a lower LoRA rank, fewer virtual tokens)",
-                 "a smaller --batch-size or --seq-len at export", "a quantized export"]
+                 "a smaller --batch-size or --seq-len at export", *quantize_hint]
         if plan.runtime > budget:
             hints = [f"nothing: the runtime alone (Python, torch, ExecuTorch) needs {format_size(plan.runtime)}"]
         elif plan.runtime + plan.weights > budget:
-            hints = ["a smaller or quantized base model: the runtime and weights alone need "
-                     f"{format_size(plan.runtime + plan.weights)}"]
+            hints = [f"a smaller{'' if quantized else ' or quantized'} base model: the runtime and weights alone "
+                     f"need {format_size(plan.runtime + plan.weights)}"]
         raise BudgetError(f"{plan.describe()}: {format_size(over)} over. Would fit: {'; or '.join(hints)}")
     return plan

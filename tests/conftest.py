@@ -17,7 +17,7 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
-SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "prompt_learning_bundle"}
+SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -69,6 +69,20 @@ def stories_bundle(tmp_path_factory) -> Path:
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
     return export_bundle(tmp_path_factory.mktemp("bundles") / "stories", "--model", str(STORIES))
+
+
+# Prompt tuning on stories260K initialised from text, small shapes: the prompt-learning export tests and
+# the federated prompt-tuning job share one export.
+STORIES_PROMPT_FLAGS = ("--adapter", "prompt-tuning", "--prompt-init", "text", "--prompt-init-text", "Once upon a time",
+                        "--num-virtual-tokens", "4", "--batch-size", "2", "--seq-len", "32", "--max-perturbations", "2")
+
+
+@pytest.fixture(scope="session")
+def stories_prompt_bundle(tmp_path_factory) -> Path:
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is not here")
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "stories-prompt", "--model", str(STORIES),
+                         *STORIES_PROMPT_FLAGS)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from fwdfed.bundle.manifest import Bundle, BundleError
 from fwdfed.model.base_model import load_model, model_hash
+from fwdfed.model.quantize import QuantizationError, check_adapter_fp32, quantize_like
 
 
 def peft_config(manifest_config: dict, base: Path) -> PeftConfig:
@@ -32,8 +33,11 @@ def peft_config(manifest_config: dict, base: Path) -> PeftConfig:
     return config_class(**fields)
 
 
-def peft_model_with(bundle: Bundle, vector: np.ndarray):
-    """The bundle's base model with its peft adapter set to `vector`."""
+def peft_model_with(bundle: Bundle, vector: np.ndarray, quantized: bool = True):
+    """The bundle's base model with its peft adapter set to `vector`. With `quantized` (the default),
+    the base's linear layers are quantized as the manifest records (`model.quantization`), so that the
+    eager model is the one the bundle's program was verified against; without, the fp32 base (the
+    adapter itself is fp32 either way, and a saved peft adapter loads on the fp32 base)."""
     m = bundle.manifest
     base = bundle.base_model_path
     if model_hash(base) != m.base_model_hash:
@@ -43,6 +47,13 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray):
         peft_model = get_peft_model(model, peft_config(m.adapter["peft_config"], base)).eval()
     else:
         peft_model = model  # bitfit: the layout names the model's own parameters
+    if quantized and m.model.get("quantization"):
+        # After peft attached the adapter, as at export: peft wraps fp32 layers, then their base is quantized.
+        try:
+            quantize_like(peft_model, m.model["quantization"])
+            check_adapter_fp32(peft_model, m.layout.names)
+        except (QuantizationError, KeyError, TypeError) as e:
+            raise BundleError(f"the bundle's recorded quantization cannot be applied: {e}") from None
     tensors = m.layout.unflatten(np.asarray(vector, dtype=np.float32))
     params = dict(peft_model.named_parameters())
     missing = [name for name in tensors if name not in params]
@@ -69,7 +80,8 @@ def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Pa
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         if m.adapter["peft_config"] is not None:
-            peft_model_with(bundle, vector).save_pretrained(scratch)
+            # The fp32 base: the adapter does not depend on how the program held the base.
+            peft_model_with(bundle, vector, quantized=False).save_pretrained(scratch)
         else:
             from safetensors.numpy import save_file
 

@@ -13,14 +13,15 @@ from tests.conftest import export_bundle
 MiB = 2**20
 
 
-def linear_build(fixed: int, bytes_per_position: int):
-    """A stand-in for the lower..measure passes whose plan grows with P x batch x length, as a real one's does."""
+def linear_build(fixed: int, bytes_per_position: int, workspace: int = 0):
+    """A stand-in for the lower..measure passes whose plan grows with P x batch x length, as a real one's
+    does, beside a measured workspace that does not (XNNPACK's thread pool and packed weights)."""
     tried = []
 
     def build_at(shapes: Shapes):
         tried.append(shapes)
-        total = fixed + bytes_per_position * shapes.max_perturbations * shapes.batch_size * shapes.seq_len
-        return shapes, total, fixed
+        arena = bytes_per_position * shapes.max_perturbations * shapes.batch_size * shapes.seq_len
+        return shapes, fixed + workspace + arena, arena, fixed
 
     return build_at, tried
 
@@ -46,9 +47,15 @@ def test_p_shrinks_first_then_batch_then_length_until_the_plan_fits():
     assert all(a.max_perturbations >= b.max_perturbations for a, b in zip(tried, tried[1:]))
 
 
+def test_a_workspace_that_does_not_shrink_costs_no_extra_tries():
+    build_at, tried = linear_build(100 * MiB, 10_000, workspace=140 * MiB)  # a 39 MiB arena at P 8 x batch 4 x 128
+    shapes = fit_memory(spec(260 * MiB, batch_size=4, seq_len=128, max_perturbations=8), build_at, print)
+    assert len(tried) == 2 and 2 < shapes.max_perturbations < 8
+
+
 def test_a_budget_the_fixed_part_alone_passes_is_refused_with_what_would_fit():
     build_at, _ = linear_build(150 * MiB, 10_000)
-    with pytest.raises(MemoryFitError, match="smaller or quantized model"):
+    with pytest.raises(MemoryFitError, match="use a smaller model, a smaller adapter, or --quantize 8da4w"):
         fit_memory(spec(120 * MiB, batch_size=4, seq_len=128, max_perturbations=8), build_at, print)
 
 

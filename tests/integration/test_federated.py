@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from coordinator.store import open_store
-from tests.conftest import ROOT, SST2, STORIES, TINYSTORIES, export_bundle, run_command
+from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command
 from tests.support.checks import assert_beats_chance, assert_peft_folder_matches_program
 from tests.support.fleet import Coordinator, free_port, run_job
 
@@ -48,15 +47,10 @@ def test_distilbert_classifier_three_devices_three_rounds(tmp_path_factory, tmp_
     assert_beats_chance(bundle, db, SST2, 256)
 
 
-def test_prompt_tuning_through_the_coordinator_and_devices(tmp_path_factory, tmp_path):
+def test_prompt_tuning_through_the_coordinator_and_devices(tmp_path, stories_prompt_bundle):
     """A prompt-learning bundle runs through the same coordinator and devices as LoRA's (to them the
     adapter is a flat vector), learns, and comes back as a peft folder."""
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} is not here")
-    bundle = export_bundle(tmp_path_factory.mktemp("bundles") / "prompt", "--model", str(STORIES),
-                           "--adapter", "prompt-tuning", "--num-virtual-tokens", "4", "--prompt-init", "text",
-                           "--prompt-init-text", "Once upon a time", "--batch-size", "2", "--seq-len", "32",
-                           "--max-perturbations", "2")
+    bundle = stories_prompt_bundle
     db, out = run_job(tmp_path, bundle, TINYSTORIES, rounds=2,
                       hparams=["--lr", "1e-2", "--eps", "1e-2", "--local-steps", "30"], eval_examples=32)
     assert "round 2/2: 3 updates" in out
