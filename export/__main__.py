@@ -64,9 +64,6 @@ def parse_args(argv):
     parser.add_argument("--stream", action="store_true",
                         help="one program per stage (embedding, each decoder block, head), run one at a time on the "
                              "device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset llama-7b)")
-    parser.add_argument("--quantize", choices=("8da4w", "8da8w"),
-                        help="with --stream: the frozen base linears quantized by torchao (8da4w: int4 weights, "
-                             "8da8w: int8; int8 dynamic activations); the adapter stays fp32")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)
@@ -84,8 +81,6 @@ def parse_args(argv):
         parser.error("--seq-len must be at least 2")
     if args.lora_alpha <= 0 or (args.tolerance is not None and args.tolerance <= 0):
         parser.error("--lora-alpha and --tolerance must be positive")
-    if args.quantize and not args.stream:
-        parser.error("--quantize takes --stream")
     if args.encoder_hidden_size is not None and args.encoder_hidden_size < 1:
         parser.error("--encoder-hidden-size must be at least 1")
     return args
@@ -115,7 +110,6 @@ def main(argv=None) -> int:
         mem_budget=args.mem_bytes,
         device_runtime=args.runtime_bytes,
         stream=args.stream,
-        quantize=args.quantize,
     )
     manifest = run_export(spec)
     print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "

@@ -137,8 +137,6 @@ class ExportSpec:
     mem_budget: int | None = None  # bytes a device may use: shrink P, then batch, then length to fit
     device_runtime: int = 256 * 2**20  # what the device's runtime holds before any model (Python SDK here)
     stream: bool = False  # one program per stage (export.stream), run one at a time on the device
-    quantize: str | None = None  # the frozen base's quantization (export.stream.quantize_stage); None: fp32
-
 
     def __post_init__(self):
         if self.quantize is not None:

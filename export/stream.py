@@ -65,19 +65,17 @@ class StageBuild:
 
 # ---- quantization: one place, so that every stage goes through the same scheme --------------------
 
-def quantize_stage(module: nn.Module, scheme: str | None) -> dict | None:
+def quantize_stage(module: nn.Module, scheme: str | None, group_size: int | None = None) -> dict | None:
     """Quantize the stage's frozen base linears in place (`scheme`; None: keep fp32), the adapter left
     fp32 and an input; returns what was quantized, for the manifest. An embedding stage has no
     linear layer: it stays fp32 (an int8 table would need the quantized kernels the wheel lacks)."""
     if scheme is None or not any(isinstance(m, nn.Linear) for m in module.modules()):
         return None
-    try:
-        from fwdfed.model.quantize import quantize_base
-    except ImportError:
-        raise StreamError(f"--quantize {scheme}: fwdfed.model.quantize is not in this tree yet") from None
+    from fwdfed.model.quantize import quantize_base
+
     for p in module.parameters():
         p.requires_grad_(False)  # the base is frozen: what the quantizer takes as base weight
-    return quantize_base(module, scheme).to_manifest()
+    return quantize_base(module, scheme, group_size).to_manifest()
 
 
 # ---- stage sources ------------------------------------------------------------------------------
@@ -93,7 +91,7 @@ def whole_model_stages(spec: ExportSpec):
     stages = split_into_stages(model, layout, spec.max_perturbations)
     # Quantized once here: a fit to a budget builds the stages again at smaller shapes from these modules.
     builds = [StageBuild(EMBED if s.name == EMBED else HEAD if s.name == HEAD else "block", s.module,
-                         [(s.name, s.adapter)], quantize_stage(s.module, spec.quantize)) for s in stages]
+                         [(s.name, s.adapter)], quantize_stage(s.module, spec.quantize, spec.group_size)) for s in stages]
     identity = {"source": spec.source, "folder": recorded, "hash": model_hash(folder),
                 "architecture": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
                 "vocab_size": int(peft_model.config.vocab_size),
@@ -178,12 +176,12 @@ def blockwise_preset_stages(spec: ExportSpec, name: str):
         block = BlockStage(batched_model(layer, local_layout, binding), rotary, config, binding)
         del layer
         yield StageBuild("block", block, [(block_name(k), slices[k]) for k in range(n_layers)],
-                         quantize_stage(block, spec.quantize))
+                         quantize_stage(block, spec.quantize, spec.group_size))
         del block
         norm, lm_head = LlamaRMSNorm(h, eps=config.rms_norm_eps), nn.Linear(h, v, bias=False)
         _init_normal(lm_head, config.initializer_range)
         head = HeadStage(norm, lm_head, spec.max_perturbations)
-        yield StageBuild(HEAD, head, [(HEAD, (0, 0))], quantize_stage(head, spec.quantize))
+        yield StageBuild(HEAD, head, [(HEAD, (0, 0))], quantize_stage(head, spec.quantize, spec.group_size))
 
     base_params = v * h * 2 + h + n_layers * (4 * h * h + 3 * h * config.intermediate_size + 2 * h)
     identity = {"source": spec.source, "architecture": "LlamaForCausalLM", "vocab_size": int(v),
