@@ -62,8 +62,9 @@ def parse_args(argv):
     parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
                                       "batch, then sequence length until a training step's plan fits")
     parser.add_argument("--stream", action="store_true",
-                        help="one program per stage (embedding, each decoder block, head), run one at a time on the "
-                             "device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset llama-7b)")
+                        help="one program per stage (embedding, each decoder block, head), run one at a time on "
+                             "the device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset "
+                             "llama-7b)")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     args = parser.parse_args(argv)

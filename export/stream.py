@@ -90,8 +90,9 @@ def whole_model_stages(spec: ExportSpec):
     model = batched_model(peft_model, layout, SliceBinding(0, 0))
     stages = split_into_stages(model, layout, spec.max_perturbations)
     # Quantized once here: a fit to a budget builds the stages again at smaller shapes from these modules.
-    builds = [StageBuild(EMBED if s.name == EMBED else HEAD if s.name == HEAD else "block", s.module,
-                         [(s.name, s.adapter)], quantize_stage(s.module, spec.quantize, spec.group_size)) for s in stages]
+    kinds = {EMBED: EMBED, HEAD: HEAD}
+    builds = [StageBuild(kinds.get(s.name, "block"), s.module, [(s.name, s.adapter)],
+                         quantize_stage(s.module, spec.quantize, spec.group_size)) for s in stages]
     identity = {"source": spec.source, "folder": recorded, "hash": model_hash(folder),
                 "architecture": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
                 "vocab_size": int(peft_model.config.vocab_size),
@@ -214,11 +215,13 @@ def lower_stage(module: nn.Module, args: tuple, names: tuple[str, ...], perturbe
     return et.buffer, int(sum(et.executorch_program.execution_plan[0].non_const_buffer_sizes))
 
 
-STAGE_INPUTS = {EMBED: (("input_ids",), ()), "block": (("hidden", "attention_mask", "adapters"), ("hidden", "adapters")),
+STAGE_INPUTS = {EMBED: (("input_ids",), ()),
+                "block": (("hidden", "attention_mask", "adapters"), ("hidden", "adapters")),
                 HEAD: (("hidden", "labels"), ("hidden",))}
 
 
-def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, out: Path, log) -> tuple[list, torch.Tensor]:
+def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, out: Path,
+                 log) -> tuple[list, torch.Tensor]:
     """Run, lower and write each stage in turn. `adapters` [2, d]: the verification's vectors, whose
     eager hidden states flow from stage to stage; returns the stage records and the eager losses [2, B]."""
     stage_dir = out / STAGES_DIR
@@ -362,7 +365,8 @@ def verify_streamed(bundle: Bundle, batch: dict, adapters: np.ndarray, eager_los
     from fwdfed.batch import Batch
 
     engine = StreamedEngine.for_bundle(bundle)
-    b = Batch(batch["input_ids"], batch["attention_mask"], batch["labels"], np.ones(len(batch["input_ids"]), np.float32))
+    b = Batch(batch["input_ids"], batch["attention_mask"], batch["labels"],
+              np.ones(len(batch["input_ids"]), np.float32))
     streamed = engine.losses(b, adapters)
     result = {"loss_max_abs_diff": float(np.max(np.abs(streamed - eager_losses.numpy()))), "tolerance": tolerance,
               "reference": "the eager stages"}

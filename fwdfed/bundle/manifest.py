@@ -135,7 +135,8 @@ def check_stages(bundle: Bundle, manifest_path: Path) -> None:
         if not path.is_file():
             raise BundleError(f"bundle stage program {path} is missing")
         if path.stat().st_size != stage["bytes"] or sha256_file(path) != stage["sha256"]:
-            raise BundleError(f"{path} does not match the manifest's sha256: the file is corrupt or from another export")
+            raise BundleError(f"{path} does not match the manifest's sha256: the file is corrupt or from another "
+                              "export")
     if expected != bundle.manifest.adapter_dim:
         raise BundleError(f"{manifest_path}: the stages' adapter slices cover {expected} of the adapter's "
                           f"{bundle.manifest.adapter_dim} entries")
