@@ -98,7 +98,10 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = status_field("VmHWM")
     copies = 1 if mode == "inference" else method.adapter_copies(n)
-    record = {"bundle": str(bundle_dir), "model": m.model["source"], "architecture": m.model["architecture"],
+    # Reports group rows by model: a quantized or streamed bundle of the same model is its own group.
+    scheme = (m.model.get("quantization") or {}).get("scheme") or m.program.get("quantization")
+    label = m.model["source"] + (f" {scheme}" if scheme else "") + (" streamed" if m.streamed else "")
+    record = {"bundle": str(bundle_dir), "model": label, "architecture": m.model["architecture"],
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,
