@@ -353,7 +353,7 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
             f"{manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + program["largest_stage_bytes"] + 4 * layout.dim * 4
-        return manifest, plan.total, fixed
+        return manifest, plan.total, plan.activations, fixed
 
     return fit_memory(spec, build_at, log)
 
