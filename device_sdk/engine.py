@@ -117,8 +117,13 @@ class ProgramEngine:
         self._source = None
 
     @classmethod
-    def for_bundle(cls, bundle: Bundle) -> "ProgramEngine":
-        """The bundle's program, refused at load when it does not take the inputs its manifest describes."""
+    def for_bundle(cls, bundle: Bundle):
+        """The bundle's program, refused at load when it does not take the inputs its manifest describes;
+        for a streamed bundle, the engine that runs its stages one at a time (`device_sdk.stream`)."""
+        if bundle.manifest.streamed:
+            from device_sdk.stream import StreamedEngine
+
+            return StreamedEngine.for_bundle(bundle)
         engine = cls(bundle.program_path, bundle.manifest.inputs["max_perturbations"])
         engine.check_signature(bundle.manifest)
         return engine

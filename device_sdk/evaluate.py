@@ -30,7 +30,7 @@ class Evaluator:
         examples = split(read_examples(data, spec), "heldout")[:max_examples]
         self.task = m.task
         self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
-        self.engine = engine or ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+        self.engine = engine or ProgramEngine.for_bundle(bundle)
         self.num_examples = len(examples)
 
     def __call__(self, adapter: np.ndarray) -> dict[str, float]:

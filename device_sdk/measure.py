@@ -86,7 +86,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     else:
         from device_sdk.engine import ProgramEngine
 
-        engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+        engine = ProgramEngine.for_bundle(bundle)
     if mode == "inference":
         step = lambda: engine.losses(batch, w)  # noqa: E731
     elif mode == "labelling":
@@ -105,18 +105,32 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = status_field("VmHWM")
     copies = 1 if mode in ("inference", "labelling") else method.adapter_copies(n)
-    quantization = (m.model.get("quantization") or {}).get("scheme")
-    # A quantized bundle is its own model in the report: its rows are not the fp32 program's.
-    return {"bundle": str(bundle_dir), "model": m.model["source"] + (f" ({quantization})" if quantization else ""),
-            "architecture": m.model["architecture"], "quantization": quantization,
-            "program_bytes": int(m.program["bytes"]),
+    # Reports group rows by model: a quantized or streamed bundle of the same model is its own group.
+    scheme = (m.model.get("quantization") or {}).get("scheme") or m.program.get("quantization")
+    label = m.model["source"] + (f" {scheme}" if scheme else "") + (" streamed" if m.streamed else "")
+    record = {"bundle": str(bundle_dir), "model": label, "architecture": m.model["architecture"],
+              "quantization": scheme,
             "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
             "planned_arena_bytes": planned_arena(m.program),
             "adapter_copies_bytes": 4 * m.adapter_dim * copies,
-            "step_seconds": statistics.median(times[1:]) if repeats else times[0]}
+            "step_seconds": statistics.median(times[1:]) if repeats else times[0],
+            "directions": n, "program_bytes": int(m.program["bytes"])}
+    if n:
+        record["direction_seconds"] = record["step_seconds"] / n
+    if m.streamed:  # what each stage held while loaded, and what was left once it was released
+        trace = engine.trace
+        record["streamed"] = {
+            "stages": len(m.program["stages"]), "largest_stage_bytes": m.program["largest_stage_bytes"],
+            "quantization": m.program.get("quantization"),
+            "max_rss_stage_loaded_bytes": max(r.rss_loaded for r in trace),
+            "max_rss_stage_released_bytes": max(r.rss_released for r in trace),
+            "max_file_rss_stage_loaded_bytes": max(r.file_rss_loaded for r in trace),
+            "max_file_rss_stage_released_bytes": max(r.file_rss_released for r in trace),
+            "max_live_programs": engine.max_live_programs}
+    return record
 
 
 def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:

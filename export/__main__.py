@@ -72,6 +72,10 @@ def parse_args(argv):
                              "does not divide stays fp32, and the log and manifest say so")
     parser.add_argument("--mem", help="memory budget of a device (e.g. 1.5GB): lower again at a smaller P, then "
                                       "batch, then sequence length until a training step's plan fits")
+    parser.add_argument("--stream", action="store_true",
+                        help="one program per stage (embedding, each decoder block, head), run one at a time on "
+                             "the device; LLaMA-family causal LMs with LoRA inside the blocks (needed for --preset "
+                             "llama-7b)")
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     offsite = parser.add_argument_group("offsite tuning (docs/offsite.md)")
@@ -146,6 +150,7 @@ def main(argv=None) -> int:
         device_runtime=args.runtime_bytes,
         distillation=args.distillation,
         inference_only=args.inference_only,
+        stream=args.stream,
     )
     if args.emulator:
         from export.pipeline import run_emulator_export

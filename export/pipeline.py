@@ -149,12 +149,17 @@ class ExportSpec:
     # blocks; `full_bundle` is the identity of the full model's bundle, exported first (run_emulator_export).
     emulator: DropLayers | None = None
     full_bundle: dict | None = None
+    stream: bool = False  # one program per stage (export.stream), run one at a time on the device
 
     def __post_init__(self):
         if self.distillation and self.inference_only:
             raise ValueError("--distillation adds a training method; --inference-only exports predict alone")
         if self.inference_only:
             self.max_perturbations = 1  # predict takes one adapter vector
+        if self.stream and (self.distillation or self.inference_only or self.emulator is not None):
+            # A streamed bundle's stages compute the loss only: no logits, predict or emulator path.
+            raise ValueError("--stream computes the loss only: it does not combine with --distillation, "
+                             "--inference-only or --emulator")
         if self.quantize is not None:
             self.group_size = check_options(self.quantize, self.group_size)
         elif self.group_size is not None:
@@ -481,7 +486,12 @@ def run_export(spec: ExportSpec, log=print) -> Manifest:
     final_out.parent.mkdir(parents=True, exist_ok=True)
     spec.out = Path(tempfile.mkdtemp(prefix=f".{final_out.name}.partial-", dir=final_out.parent))
     try:
-        manifest = _export_into(spec, log)
+        if spec.stream:
+            from export.stream import export_streamed
+
+            manifest = export_streamed(spec, log)
+        else:
+            manifest = _export_into(spec, log)
         if final_out.exists():
             shutil.rmtree(final_out)
         os.replace(spec.out, final_out)

@@ -8,7 +8,9 @@ in the measured workspace below), its planned activation arena
 backend holds beyond that plan (measured by the exporter on a real step), the adapter copies the method needs
 (the fp32 master, 2n perturbed copies and n directions), and the tokenized data. When that
 is over the budget the device refuses before loading the program, saying what would fit.
-The exporter plans with the same function (`python -m export --mem`), so both agree; the
+A streamed bundle (`fwdfed.model.stages`) holds one stage at a time: its weights are the
+largest stage's, its activations the largest stage's arena plus the hidden states carried
+between stages. The exporter plans with the same function (`python -m export --mem`), so both agree; the
 device enforces the budget while training with `device_sdk.budget.BudgetGuard`.
 """
 
@@ -59,6 +61,13 @@ def planned_arena(program: dict) -> int:
     return int(max(program["planned_memory_bytes"].values()))
 
 
+def streamed_activations(program: dict) -> int:
+    """A streamed program's activations: the largest stage's planned arena (one stage is loaded at a
+    time) and the hidden states the engine carries between stages, a block's input and output both
+    alive, for each of its calls (`device_sdk.stream`)."""
+    return int(max(s["planned_memory_bytes"] for s in program["stages"]) + 2 * program["hidden_bytes"])
+
+
 def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
                 runtime: int | None = None, method: str | None = "mezo", phase: str = "training") -> MemoryPlan:
     """The plan for `directions` per step of `method`, or BudgetError. A step holds all its
@@ -69,11 +78,16 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
     m = bundle.manifest
     d = m.adapter_dim
     n = max(1, directions)
+    if m.streamed:  # one stage's weights at a time: the largest stage's file
+        weights, activations = int(m.program["largest_stage_bytes"]), streamed_activations(m.program)
+    else:
+        weights = int(m.program.get("bytes") or bundle.program_path.stat().st_size)
+        activations = planned_arena(m.program)
     plan = MemoryPlan(
         budget=budget,
         runtime=current_rss() if runtime is None else runtime,
-        weights=int(m.program.get("bytes") or bundle.program_path.stat().st_size),
-        activations=planned_arena(m.program),
+        weights=weights,
+        activations=activations,
         workspace=int(m.program.get("workspace_bytes", 0)),
         adapters=(1 if method is None else methods.get(method).adapter_copies(n)) * d * 4,
         data=num_examples * m.inputs["seq_len"] * 8 * 3,

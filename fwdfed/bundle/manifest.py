@@ -20,6 +20,7 @@ from fwdfed.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRAM = "model.pte"
+STAGES_DIR = "stages"  # a streamed bundle's programs, one per stage (fwdfed.model.stages)
 INITIAL_ADAPTER = "adapter_init.f32"
 TOKENIZER_DIR = "tokenizer"
 BASE_MODEL_DIR = "base_model"
@@ -50,6 +51,11 @@ class Manifest:
     @property
     def base_model_hash(self) -> str:
         return self.model["hash"]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the program is a sequence of stage programs run one at a time (`program["stages"]`)."""
+        return bool(self.program.get("streamed"))
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -114,6 +120,30 @@ def check_inputs(manifest: Manifest, path: Path) -> None:
             raise BundleError(f"{path}: inputs.{name} must be an integer in [1, {limit}], got {value!r}")
 
 
+def check_stages(bundle: Bundle, manifest_path: Path) -> None:
+    """Every stage program of a streamed bundle is present and intact, and the blocks' adapter slices
+    tile the adapter vector in order."""
+    stages = bundle.manifest.program.get("stages")
+    if not isinstance(stages, list) or len(stages) < 3:
+        raise BundleError(f"{manifest_path}: a streamed program needs its stages (embedding, blocks, head)")
+    expected = 0
+    for stage in stages:
+        start, stop = stage["adapter"]
+        if start != stop and start != expected:
+            raise BundleError(f"{manifest_path}: stage {stage['name']}'s adapter slice [{start}, {stop}) does not "
+                              "follow the previous stage's")
+        expected = max(expected, stop)
+        path = bundle.program_path / stage["file"]
+        if not path.is_file():
+            raise BundleError(f"bundle stage program {path} is missing")
+        if path.stat().st_size != stage["bytes"] or sha256_file(path) != stage["sha256"]:
+            raise BundleError(f"{path} does not match the manifest's sha256: the file is corrupt or from another "
+                              "export")
+    if expected != bundle.manifest.adapter_dim:
+        raise BundleError(f"{manifest_path}: the stages' adapter slices cover {expected} of the adapter's "
+                          f"{bundle.manifest.adapter_dim} entries")
+
+
 def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
     """Read and check a bundle folder; raises BundleError with a one-line reason."""
     folder = Path(folder)
@@ -132,7 +162,12 @@ def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
     check_inputs(manifest, manifest_path)
     if manifest.adapter.get("dim") != manifest.adapter_dim:
         raise BundleError(f"{manifest_path}: adapter dim {manifest.adapter.get('dim')} disagrees with its layout")
-    if check_program:
+    if check_program and manifest.streamed:
+        try:
+            check_stages(bundle, manifest_path)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{manifest_path}: a stage of the streamed program is malformed ({e!r})") from None
+    elif check_program:
         program = bundle.program_path
         if not program.is_file():
             raise BundleError(f"bundle program {program} is missing")

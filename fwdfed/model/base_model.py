@@ -29,6 +29,7 @@ class Preset:
     task: str
     config: dict
     description: str
+    whole: bool = True  # False: too big to build whole here; only the streamed export builds it, block by block
 
 
 # LLaMA presets follow llama2.c's shapes; DistilBERT presets follow distilbert-base's layout.
@@ -55,6 +56,14 @@ PRESETS: dict[str, Preset] = {
         dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024, vocab_size=32000),
         "LLaMA decoder shaped like stories110M: 12 layers, hidden 768, 32,000-row vocabulary, 110M (benchmarks)",
+    ),
+    "llama-7b": Preset(
+        CAUSAL_LM,
+        dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, vocab_size=32000),
+        "LLaMA-7B shape: 32 layers, hidden 4096, 32 heads, 11008 MLP, 32,000 vocabulary; seeded random weights, "
+        "built block by block (--stream only: the fp32 model is 27 GB)",
+        whole=False,
     ),
     "distilbert-base": Preset(
         SEQ_CLS,
@@ -84,11 +93,27 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def preset_config(name: str) -> LlamaConfig:
+    """A LLaMA preset's config as `write_preset` builds it (the byte-level tokenizer's special tokens),
+    without weights."""
+    if name not in PRESETS or PRESETS[name].config["model_type"] != "llama":
+        raise ModelLoadError(f"{name!r} is not a LLaMA preset; LLaMA presets: "
+                             f"{', '.join(n for n, p in PRESETS.items() if p.config['model_type'] == 'llama')}")
+    tokenizer = byte_level_tokenizer()
+    fields = {k: v for k, v in PRESETS[name].config.items() if k != "model_type"}
+    fields["vocab_size"] = max(len(tokenizer), fields.get("vocab_size", 0))
+    return LlamaConfig(**fields, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+
+
 def write_preset(name: str, folder: Path, num_labels: int, seed: int = 0) -> None:
     """Write preset `name` with seeded random weights as a Hugging Face folder."""
     if name not in PRESETS:
         raise ModelLoadError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     preset = PRESETS[name]
+    if not preset.whole:
+        raise ModelLoadError(f"preset {name} is not built whole (its fp32 weights would not fit in memory): "
+                             "export it with --stream, which builds it block by block")
     tokenizer = byte_level_tokenizer()
     fields = dict(preset.config)
     model_type = fields.pop("model_type")
