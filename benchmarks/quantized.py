@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.job import SHARED, JobSpec, run_job
+from benchmarks.job import SHARED, JobSpec, chance_bar, chance_gains, run_job
 from fwdfed.cli import quiet_libraries, run_main
 
 TRAINING = ["--method", "mezo", "--lr", "1e-3", "--eps", "1e-2", "--local-steps", "100"]
@@ -49,7 +49,6 @@ def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, c
     from coordinator.store import open_store
     from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
-    from fwdfed.directions import direction
 
     store = open_store(db)
     versions = store.versions(store.latest_job().id)
@@ -57,12 +56,9 @@ def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, c
     evaluate = Evaluator(load_bundle(bundle_dir), data, examples)
     start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
     step = float(np.linalg.norm(final - start))
-    chance = []
-    for k in range(controls):
-        z = direction(10_000 + k, start.shape[0])
-        chance.append(start_loss - evaluate(start + step * z / np.linalg.norm(z))["heldout_loss"])
+    chance = chance_gains(evaluate, start, step, controls)
     gain = start_loss - final_loss
-    bar = max(max(chance), float(np.mean(chance) + 3 * np.std(chance)), 0.0)
+    bar = chance_bar(chance)
     return {"heldout_loss_start": start_loss, "heldout_loss_final": final_loss, "gain": gain,
             "random_step_gains": chance, "chance_bar": bar, "beats_chance": bool(gain > bar), "step_norm": step}
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.job import chance_bar, chance_gains
 from coordinator.store import open_store
 from device_sdk.evaluate import Evaluator
 from fwdfed.bundle.manifest import load_bundle
-from fwdfed.directions import direction
 from tests.conftest import SST2, TINYSTORIES
 
 
@@ -27,12 +27,9 @@ def assert_beats_chance(bundle_dir: Path, db: Path, data: Path, eval_examples: i
     evaluate = Evaluator(bundle, data, eval_examples)
     start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
     step = np.linalg.norm(final - start)
-    chance = []
-    for k in range(controls):
-        z = direction(10_000 + k, start.shape[0])
-        chance.append(start_loss - evaluate(start + step * z / np.linalg.norm(z))["heldout_loss"])
+    chance = chance_gains(evaluate, start, step, controls)
     gain = start_loss - final_loss
-    bar = max(max(chance), float(np.mean(chance) + 3 * np.std(chance)), 0.0)
+    bar = chance_bar(chance)
     print(f"held-out loss {start_loss:.4f} -> {final_loss:.4f} (gain {gain:.4f}); "
           f"random steps of the same length: gains {np.round(chance, 4).tolist()}")
     assert gain > bar, f"gain {gain:.4f} is within chance (bar {bar:.4f})"
