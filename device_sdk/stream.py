@@ -91,8 +91,9 @@ class StreamedEngine:
         hiddens = [hidden.unsqueeze(0).expand(len(adapters[g]), *hidden.shape).contiguous() for g in groups]
         for stage in blocks:
             start, stop = stage["adapter"]
+            # A copy of the block's slice (small): torch warns on read-only arrays, and the caller's may be one.
             hiddens = self._run_stage(stage, [[h, batch.attention_mask, torch.from_numpy(
-                np.ascontiguousarray(adapters[g, start:stop]))] for h, g in zip(hiddens, groups)])
+                np.array(adapters[g, start:stop]))] for h, g in zip(hiddens, groups)])
         losses = self._run_stage(head, [[h, batch.labels] for h in hiddens])
         return np.concatenate([loss.numpy() for loss in losses], axis=0)
 
