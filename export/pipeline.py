@@ -299,7 +299,8 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         methods["logits"] = export(
             logits_program, (batch["input_ids"], batch["attention_mask"], adapters[:max_perturbations]),
             dynamic_shapes={"input_ids": None, "attention_mask": None, "adapters": perturbations}, strict=False)
-    if features_program is not None and not inference_only:  # classifiers: the head's input, for statistics computed forward-only
+    # Classifiers: the head's input, for statistics computed forward-only.
+    if features_program is not None and not inference_only:
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.

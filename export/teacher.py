@@ -56,7 +56,8 @@ def train_teacher(model: Path, data: Path, out: Path, num_labels: int, epochs: i
             optimizer.step()
             losses.append(float(loss))
             if len(losses) % 50 == 0:
-                log(f"      epoch {epoch + 1} step {len(losses)}: mean loss of the last 50 {sum(losses[-50:]) / 50:.4f}")
+                log(f"      epoch {epoch + 1} step {len(losses)}: "
+                    f"mean loss of the last 50 {sum(losses[-50:]) / 50:.4f}")
     net.eval()
     out.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out)
