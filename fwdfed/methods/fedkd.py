@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import KINDS
 from fwdfed.methods.base import Hparam, Method
-from fwdfed.methods.estimate import MAX_DIRECTIONS, LocalRun, check_count, check_positive, hparam, parse_block
+from fwdfed.methods.estimate import LocalRun, hparam, parse_block
 from fwdfed.methods.mezo import Mezo, MezoConfig
 
 MAX_TEMPERATURE = 100.0  # softmax(z / T) is uniform to float precision well before this
@@ -82,14 +81,14 @@ class FedKDConfig:
     block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        check_positive("lr", self.lr)
-        check_positive("eps", self.eps)
-        check_count("directions", self.directions, MAX_DIRECTIONS)
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
+        self.mezo_config()  # the step's own values, checked as MeZO checks them
         check_weight(self.kd_weight)
         check_temperature(self.kd_temperature)
         check_teacher_hash(self.teacher_sha256)
+
+    def mezo_config(self) -> MezoConfig:
+        """The MeZO step this method takes on the distillation objective."""
+        return MezoConfig(lr=self.lr, eps=self.eps, directions=self.directions, kind=self.kind, block=self.block)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FedKDConfig":
@@ -119,8 +118,7 @@ class FedKD:
     def __init__(self, engine, adapter: np.ndarray, config: FedKDConfig, rng: np.random.Generator, reference=None):
         self.config = config
         objective = DistillationObjective(engine, config.kd_weight, config.kd_temperature)
-        self.mezo = Mezo(objective, adapter, MezoConfig(lr=config.lr, eps=config.eps, directions=config.directions,
-                                                        kind=config.kind, block=config.block), rng)
+        self.mezo = Mezo(objective, adapter, config.mezo_config(), rng)
 
     @property
     def adapter(self) -> np.ndarray:
