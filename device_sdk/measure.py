@@ -29,12 +29,6 @@ MODES = ("inference", "labelling", *methods.names(), "batched")
 # labelling: a teacher's predict over one batch (P = 1), the phase a fedkd device runs before training
 
 
-def reset_peak() -> None:
-    """Make VmHWM restart from the current RSS (Linux: clear_refs 5), so a phase's peak is its own."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def directions_of(mode: str, max_perturbations: int) -> int:
     """Directions per step in `mode`: none for inference, the program's largest call for batched."""
     if mode in ("inference", "labelling"):
@@ -52,7 +46,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
 
     from fwdfed.batch import Batch
     from fwdfed.bundle.manifest import load_bundle
-    from fwdfed.memory import status_field
+    from fwdfed.memory import reset_peak, status_field
     from fwdfed.memory_plan import planned_arena
 
     runtime = status_field("VmRSS")
