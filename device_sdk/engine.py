@@ -166,25 +166,24 @@ class ProgramEngine:
         """Per-example loss [P, B] of `batch` under each of the P adapter vectors."""
         if self._forward is None:
             raise EngineError("this program is inference-only (a teacher's): it has no forward method to train with")
-        adapters = np.ascontiguousarray(np.atleast_2d(adapters), dtype=np.float32)
-        out = []
-        for start in range(0, adapters.shape[0], self.max_perturbations):
-            chunk = torch.from_numpy(adapters[start : start + self.max_perturbations])
-            (loss,) = self._execute(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels, chunk])
-            out.append(loss.numpy())
-        return np.concatenate(out, axis=0)
+        return self._over_adapters(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels],
+                                   adapters)
 
     def batched_logits(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
         """A classifier's logits [P, B, C] of `batch` under each of the P adapter vectors."""
         if self._logits is None:
             raise EngineError("this program has no logits method, which distillation (fedkd) trains with: export "
                               "the student with `python -m export ... --distillation`")
+        return self._over_adapters(self._logits, "logits", [batch.input_ids, batch.attention_mask], adapters)
+
+    def _over_adapters(self, method, name: str, inputs: list, adapters: np.ndarray) -> np.ndarray:
+        """`method` on `inputs` and the adapter vectors, at most the program's P of them per call."""
         adapters = np.ascontiguousarray(np.atleast_2d(adapters), dtype=np.float32)
         out = []
         for start in range(0, adapters.shape[0], self.max_perturbations):
             chunk = torch.from_numpy(adapters[start : start + self.max_perturbations])
-            (logits,) = self._execute(self._logits, "logits", [batch.input_ids, batch.attention_mask, chunk])
-            out.append(logits.numpy())
+            (result,) = self._execute(method, name, [*inputs, chunk])
+            out.append(result.numpy())
         return np.concatenate(out, axis=0)
 
     def features(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
