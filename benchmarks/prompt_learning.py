@@ -1,17 +1,20 @@
-"""Does MeZO through a prompt-learning bundle learn? Held-out loss after MeZO steps on real data,
-against random steps of the same length from the same start (what chance alone moves it by).
+"""python -m benchmarks.prompt_learning --out DIR: does federated MeZO through a prompt-learning bundle learn?
 
-    python benchmarks/prompt_learning.py --bundle B [--data ../shared/data/tinystories/train_head.txt]
-        [--steps 60] [--lr 1e-3] [--eps 1e-2] [--directions 1]
+For each adapter type (prompt tuning initialised from text, P-tuning, prefix tuning) on the real
+stories260K and TinyStories: export the bundle (the `.pte` checked against eager peft), run a
+federated job (the real coordinator and emulated devices over loopback), and score the final
+adapter on the held-out stories against random steps of the same length from the same start (what
+chance alone moves the loss by); the final adapter is loaded back with `PeftModel.from_pretrained`.
 
-B: a bundle exported with `python -m export --adapter prompt-tuning|p-tuning|prefix-tuning ...`; the
-data default to TinyStories for a causal LM and SST-2 for a classifier. One process, one device:
-the steps are those a device runs for its update, through the bundle's `.pte`.
+DIR/results.json holds the figures; `python -m benchmarks.report --prompt-learning DIR` puts them in
+docs/BENCHMARKS.md. `mezo_against_chance` is the one-device version the tests run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,24 +59,88 @@ def mezo_against_chance(bundle_dir: Path, data: Path | None = None, steps: int =
             "step_length": length}
 
 
+# (adapter flags, serve's training flags): one learning rate per adapter type, tuned on the first
+# rounds of TinyStories' training stories (the scores are on held-out stories).
+CASES = {
+    "prompt-tuning": (["--adapter", "prompt-tuning", "--prompt-init", "text", "--prompt-init-text", "Once upon a time",
+                       "--num-virtual-tokens", "8"], ["--lr", "1e-2"]),
+    "p-tuning": (["--adapter", "p-tuning", "--num-virtual-tokens", "8", "--encoder-hidden-size", "32"],
+                 ["--lr", "3e-3"]),
+    "prefix-tuning": (["--adapter", "prefix-tuning", "--num-virtual-tokens", "8"], ["--lr", "1e-2"]),
+}
+
+
+def score_job(db: Path, bundle: Path, data: Path, eval_examples: int, controls: int) -> dict:
+    """The job's start and final adapters on the held-out stories, and random steps of the same length."""
+    from benchmarks.job import chance_bar, chance_gains
+    from coordinator.store import open_store
+    from device_sdk.evaluate import Evaluator
+    from fwdfed.bundle.manifest import load_bundle
+
+    store = open_store(db)
+    versions = store.versions(store.latest_job().id)
+    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
+    evaluate = Evaluator(load_bundle(bundle), data, eval_examples)
+    length = float(np.linalg.norm(final - start))
+    chance = chance_gains(evaluate, start, length, controls)
+    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
+    return {"start": start_loss, "final": final_loss, "gain": start_loss - final_loss, "step_length": length,
+            "chance_gains": chance, "chance_bar": chance_bar(chance)}
+
+
+def peft_loads(model: Path, adapter: Path) -> str:
+    """The peft adapter type `PeftModel.from_pretrained` reads from the job's exported folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), adapter)
+    return str(loaded.peft_config["default"].peft_type.value)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--data", type=Path, help="default: TinyStories (causal LM) or SST-2 (classifier)")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eps", type=float, default=1e-2)
-    parser.add_argument("--directions", type=int, default=1)
-    parser.add_argument("--train-examples", type=int, default=64)
-    parser.add_argument("--heldout-examples", type=int, default=32)
+    from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.prompt_learning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "stories260K")
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "tinystories" / "train_head.txt")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--directions", type=int, default=4)
+    parser.add_argument("--eval-examples", type=int, default=128)
+    parser.add_argument("--controls", type=int, default=8, help="random steps of the same length (chance)")
     args = parser.parse_args(argv)
-    quiet_libraries()
-    r = mezo_against_chance(args.bundle, args.data, args.steps, args.lr, args.eps, args.directions,
-                            args.train_examples, args.heldout_examples)
-    print(f"held-out loss {r['start']:.4f} -> {r['final']:.4f} (gain {r['gain']:.4f}, step length "
-          f"{r['step_length']:.3f}); random steps of the same length: gains {np.round(r['chance'], 4).tolist()}")
+    out = args.out.resolve()
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"cases": {}, "commands": []}
+    results["commands"].append("python -m benchmarks.prompt_learning " + " ".join(sys.argv[1:] if argv is None
+                                                                                   else argv))
+    shape = ["--batch-size", "4", "--seq-len", "64", "--max-perturbations", "8"]
+    for case in args.cases:
+        adapter_flags, lr = CASES[case]
+        bundle = export_bundle(out / case / "bundle", "--model", str(args.model), *adapter_flags, *shape)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        training = ["--method", "mezo", *lr, "--eps", "1e-2", "--local-steps", str(args.local_steps),
+                    "--directions", str(args.directions)]
+        figures = run_job(JobSpec(bundle=bundle, data=args.data, rounds=args.rounds, training=training,
+                                  devices=args.devices, eval_examples=args.eval_examples), out / case / "job")
+        scores = score_job(out / case / "job" / "job.db", bundle, args.data, args.eval_examples, args.controls)
+        results["cases"][case] = {"adapter_flags": adapter_flags, "training": training, "shape": shape,
+                                  "adapter_dim": figures["adapter_dim"],
+                                  "verification": manifest["verification"], "figures": figures, "scores": scores,
+                                  "peft_type": peft_loads(args.model, out / case / "job" / "adapter")}
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        s = scores
+        print(f"{case}: held-out loss {s['start']:.4f} -> {s['final']:.4f} (gain {s['gain']:.4f}; random steps of "
+              f"the same length {min(s['chance_gains']):.4f} .. {max(s['chance_gains']):.4f}, bar "
+              f"{s['chance_bar']:.4f}); loads in peft as {results['cases'][case]['peft_type']}", flush=True)
+    print(f"figures in {results_path}")
     return 0
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     run_main(main)

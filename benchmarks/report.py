@@ -2,7 +2,7 @@
 
     python -m benchmarks.report --compare runs/agnews runs/sst2 runs/tinystories \\
         --headline runs/headline-iid runs/headline-dirichlet --profile runs/profile-minilm --fedkd runs/fedkd \\
-        --docs docs
+        --prompt-learning runs/prompt-learning --docs docs
 
 reads each comparison's results.json (`python -m benchmarks.compare`), each headline's
 report.json (`python -m benchmarks.agnews`) and a profile's report.json (`python -m
@@ -183,6 +183,25 @@ def fedkd_section(results: dict) -> str:
             + "; ".join(f"`{c}`" for c in results["commands"]))
 
 
+def prompt_learning_section(results: dict) -> str:
+    """Federated MeZO through each prompt-learning adapter (benchmarks.prompt_learning) against chance."""
+    rows = ["| adapter | d | `.pte` vs eager peft, max \\|loss diff\\| | held-out loss start → final | gain | "
+            "random steps of the same length: gains | bar | rounds × devices × steps | job min | loads in peft as |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, c in results["cases"].items():
+        s, f = c["scores"], c["figures"]
+        steps = dict(zip(c["training"][::2], c["training"][1::2]))["--local-steps"]
+        rows.append(f"| {case} | {c['adapter_dim']:,} | {c['verification'].get('loss_max_abs_diff', float('nan')):.1e} | "
+                    f"{s['start']:.4f} → {s['final']:.4f} | **{s['gain']:+.4f}** | "
+                    f"{min(s['chance_gains']):+.4f} … {max(s['chance_gains']):+.4f} | {s['chance_bar']:.4f} | "
+                    f"{len(f['rounds'])} × {f['rounds'][0]['updates'] if f['rounds'] else 0} × {steps} | "
+                    f"{f['job_seconds'] / 60:.1f} | {c['peft_type']} |")
+    flags = "; ".join(f"{case}: `{' '.join(c['adapter_flags'] + c['shape'])}`, serve `{' '.join(c['training'])}`"
+                      for case, c in results["cases"].items())
+    return ("\n".join(rows) + "\n\nExport and training flags: " + flags + "\n\nCommands: "
+            + "; ".join(f"`{c}`" for c in results["commands"]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--headline", type=Path, nargs="*", default=[], help="folders of benchmarks.agnews runs")
     parser.add_argument("--profile", type=Path, help="folder of a device_sdk.profile run")
     parser.add_argument("--fedkd", type=Path, nargs="*", default=[], help="folders of benchmarks.fedkd runs")
+    parser.add_argument("--prompt-learning", type=Path, help="folder of a benchmarks.prompt_learning run")
     parser.add_argument("--docs", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     doc = args.docs / "BENCHMARKS.md"
@@ -221,6 +241,11 @@ def main(argv=None) -> int:
         shutil.copyfile(folder / "results.json", figures / f"fedkd-{folder.name}.json")
         parts.append(f"### FedKD on SST-2 ({folder.name}): the student with and without distillation "
                      "(`python -m benchmarks.fedkd`)\n\n" + fedkd_section(results))
+    if args.prompt_learning:
+        results = read_json(args.prompt_learning, "results.json")
+        shutil.copyfile(args.prompt_learning / "results.json", figures / "prompt-learning.json")
+        parts.append("### Prompt learning on TinyStories (stories260K): federated MeZO against chance "
+                     "(`python -m benchmarks.prompt_learning`)\n\n" + prompt_learning_section(results))
     generated = START + "\n" + "\n\n".join(parts) + "\n" + END
     text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text or END not in text:

@@ -85,3 +85,20 @@ def test_the_fedkd_run_gets_its_arms_teacher_and_both_memory_phases(runs, tmp_pa
     assert "| teacher labelling (predict, P = 1) | 500 | 0.20 |" in text
     assert "**600** (the two peaks added: 1100" in text and (docs / "benchmarks" / "fedkd-fedkd.json").is_file()
     assert next(line for line in text.splitlines() if line.startswith("| fedkd |")).count("0.8100") == 2
+
+
+def test_the_prompt_learning_run_gets_a_row_per_adapter_against_chance(runs, tmp_path):
+    _, docs = runs
+    folder = tmp_path / "prompt-learning"
+    folder.mkdir()
+    training = ["--method", "mezo", "--lr", "1e-2", "--eps", "1e-2", "--local-steps", "20", "--directions", "4"]
+    case = {"adapter_flags": ["--adapter", "prefix-tuning"], "training": training, "shape": ["--batch-size", "4"],
+            "adapter_dim": 640, "verification": {"loss_max_abs_diff": 2e-6}, "peft_type": "PREFIX_TUNING",
+            "figures": arm([0.8, 0.8]) | {"job_seconds": 90.0},
+            "scores": {"start": 2.0, "final": 1.95, "gain": 0.05, "step_length": 0.3,
+                       "chance_gains": [-0.01, 0.002], "chance_bar": 0.02}}
+    (folder / "results.json").write_text(json.dumps({"cases": {"prefix-tuning": case}, "commands": ["python -m x"]}))
+    assert main(["--prompt-learning", str(folder), "--docs", str(docs)]) == 0
+    row = next(line for line in (docs / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| prefix"))
+    assert "2.0000 → 1.9500 | **+0.0500** | -0.0100 … +0.0020 | 0.0200 | 2 × 3 × 20 | 1.5 | PREFIX_TUNING |" in row
+    assert (docs / "benchmarks" / "prompt-learning.json").is_file()
