@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -185,19 +186,21 @@ def fedkd_section(results: dict) -> str:
 
 def prompt_learning_section(results: dict) -> str:
     """Federated MeZO through each prompt-learning adapter (benchmarks.prompt_learning) against chance."""
-    rows = ["| adapter | d | `.pte` vs eager peft, max \\|loss diff\\| | held-out loss start → final | gain | "
-            "random steps of the same length: gains | bar | rounds × devices × steps | job min | loads in peft as |",
+    rows = ["| adapter | d | `.pte` vs eager peft, max \\|diff\\| loss, logits | held-out loss start → final | "
+            "gain | random steps of the same length: gains | bar | rounds × devices × steps | job min | "
+            "loads in peft as |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for case, c in results["cases"].items():
         s, f = c["scores"], c["figures"]
         steps = dict(zip(c["training"][::2], c["training"][1::2]))["--local-steps"]
-        rows.append(f"| {case} | {c['adapter_dim']:,} | {c['verification'].get('loss_max_abs_diff', float('nan')):.1e} | "
+        rows.append(f"| {case} | {c['adapter_dim']:,} | {c['verification']['loss_max_abs_diff']:.1e}, "
+                    f"{c['verification']['logits_max_abs_diff']:.1e} | "
                     f"{s['start']:.4f} → {s['final']:.4f} | **{s['gain']:+.4f}** | "
                     f"{min(s['chance_gains']):+.4f} … {max(s['chance_gains']):+.4f} | {s['chance_bar']:.4f} | "
                     f"{len(f['rounds'])} × {f['rounds'][0]['updates'] if f['rounds'] else 0} × {steps} | "
                     f"{f['job_seconds'] / 60:.1f} | {c['peft_type']} |")
-    flags = "; ".join(f"{case}: `{' '.join(c['adapter_flags'] + c['shape'])}`, serve `{' '.join(c['training'])}`"
-                      for case, c in results["cases"].items())
+    flags = "; ".join(f"{case}: `{shlex.join(c['adapter_flags'] + c['shape'])}`, "
+                      f"serve `{shlex.join(c['training'])}`" for case, c in results["cases"].items())
     return ("\n".join(rows) + "\n\nExport and training flags: " + flags + "\n\nCommands: "
             + "; ".join(f"`{c}`" for c in results["commands"]))
 

@@ -93,7 +93,8 @@ def test_the_prompt_learning_run_gets_a_row_per_adapter_against_chance(runs, tmp
     folder.mkdir()
     training = ["--method", "mezo", "--lr", "1e-2", "--eps", "1e-2", "--local-steps", "20", "--directions", "4"]
     case = {"adapter_flags": ["--adapter", "prefix-tuning"], "training": training, "shape": ["--batch-size", "4"],
-            "adapter_dim": 640, "verification": {"loss_max_abs_diff": 2e-6}, "peft_type": "PREFIX_TUNING",
+            "adapter_dim": 640, "verification": {"loss_max_abs_diff": 2e-6, "logits_max_abs_diff": 3e-5},
+            "peft_type": "PREFIX_TUNING",
             "figures": arm([0.8, 0.8]) | {"job_seconds": 90.0},
             "scores": {"start": 2.0, "final": 1.95, "gain": 0.05, "step_length": 0.3,
                        "chance_gains": [-0.01, 0.002], "chance_bar": 0.02}}
