@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--directions", type=int, default=4)
+    parser.add_argument("--perturb-only", help="serve's --perturb-only for both arms (e.g. classifier: the head alone)")
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--kd-temperature", type=float, default=2.0)
     parser.add_argument("--lora-rank", type=int, default=2, help="a small adapter: MeZO's steps gain as the trained "
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     results["memory"] = json.loads((out / "profile" / "distillation.json").read_text())
     results["memory"]["modes"] = json.loads((out / "profile" / "report.json").read_text())
     common = ["--lr", str(args.lr), "--eps", str(args.eps), "--local-steps", str(args.local_steps),
-              "--directions", str(args.directions), "--head-init", "lda"]
+              "--directions", str(args.directions), "--head-init", "lda",
+              *(["--perturb-only", args.perturb_only] if args.perturb_only else [])]
     for arm in args.arms:
         training, device_flags = ["--method", "mezo", *common], []
         if arm == "fedkd":

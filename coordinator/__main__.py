@@ -74,6 +74,9 @@ def parse_args(argv):
                    default="frozen", help="FedMeZO client learning rates")
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
     s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
+    s.add_argument("--perturb-only", metavar="NAME",
+                   help="every round perturbs and updates only the adapter tensors whose names contain NAME (e.g. "
+                        "classifier: the head alone, whose loss curvature differs most from the LoRA tensors')")
     s.add_argument("--server-lr", type=float, help="the aggregate moves the adapter by this times the weighted mean "
                    "change (default 1; stored with the job)")
     s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
@@ -146,6 +149,7 @@ def parse_args(argv):
             "--clip, --heartbeat and --device-timeout must be positive":
                 (args.clip is None or args.clip > 0) and args.heartbeat > 0 and args.device_timeout > 0,
             "--max-waves and --blocks must be at least 1": min(args.max_waves, args.blocks) >= 1,
+            "--perturb-only and --blocks go one at a time": args.perturb_only is None or args.blocks == 1,
             # Devices refuse tasks past this bound (a task is untrusted input to them).
             f"--local-steps can be at most {MAX_LOCAL_STEPS}": args.local_steps <= MAX_LOCAL_STEPS,
             "--variance-threshold and --lr-delta must be positive":
@@ -190,9 +194,20 @@ def job_hparams(args) -> dict:
     return hparams | {h.name: getattr(args, h.name) for h in method.hparams}
 
 
+def round_blocks(layout, options: JobOptions) -> list[tuple[int, int]] | None:
+    """The blocks the rounds perturb in turn: one fixed block (--perturb-only), the block-cyclic split, or none."""
+    try:
+        if options.perturb_only:
+            return [layout.span(options.perturb_only)]
+        return layout.blocks(options.blocks) if options.blocks > 1 else None
+    except ValueError as e:
+        raise UserError(f"--{'perturb-only' if options.perturb_only else 'blocks'}: {e}") from None
+
+
 def job_options(args) -> JobOptions:
     return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
-                      blocks=args.blocks, variance_threshold=args.variance_threshold, max_waves=args.max_waves,
+                      blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
+                      max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
                       dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
                       eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None)
@@ -234,6 +249,7 @@ def serve(args) -> int:
                            min_devices=args.min_devices,
                            round_deadline_s=args.round_deadline, hparams=job_hparams(args), method=args.method,
                            options=job_options(args))
+        block_bounds = round_blocks(bundle.manifest.layout, config.options)  # refused before the job is stored
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
                                bundle.initial_adapter())
         options = config.options
@@ -249,6 +265,11 @@ def serve(args) -> int:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
+        block_bounds = round_blocks(bundle.manifest.layout, options)
+    if options.perturb_only:
+        start, end = block_bounds[0]
+        print(f"every round perturbs only the adapter tensors named *{options.perturb_only}*: [{start}, {end}) of "
+              f"{bundle.manifest.adapter_dim}", flush=True)
     evaluated = bundle
     if options.eval_bundle is not None:
         evaluated = full_bundle(bundle, options.eval_bundle)
@@ -259,11 +280,6 @@ def serve(args) -> int:
     if args.eval_data:
         spec = data_spec(args, evaluated.manifest.model.get("num_labels"))
         evaluate = Evaluator(evaluated, args.eval_data, args.eval_examples, spec=spec)
-    blocks = options.blocks
-    try:
-        block_bounds = bundle.manifest.layout.blocks(blocks) if blocks > 1 else None
-    except ValueError as e:
-        raise UserError(f"--blocks: {e}") from None
     limits = Limits(require_credentials=args.auth == "token", max_connections=args.max_connections,
                     messages_per_s=args.max_messages_per_s, max_update_rms=args.max_update_rms)
     if limits.require_credentials and not store.credentials():

@@ -23,6 +23,7 @@ class JobOptions:
     lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
     lr_delta: float | None = None  # their spread; None: half the job's lr
     blocks: int = 1  # block-cyclic: round r perturbs block (r - 1) mod blocks of the adapter
+    perturb_only: str | None = None  # every round perturbs only the adapter tensors whose names contain this
     variance_threshold: float | None = None  # ask for more waves while the estimate variance is above it
     max_waves: int = 3
     server_lr: float = 1.0  # the aggregate moves the adapter by server_lr x the weighted mean change

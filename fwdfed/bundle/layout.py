@@ -56,6 +56,17 @@ class AdapterLayout:
                 return t
         raise KeyError(name)
 
+    def span(self, part: str) -> tuple[int, int]:
+        """The [start, stop) block of the tensors whose names contain `part` (e.g. "classifier"), which
+        must sit side by side in the vector; ValueError otherwise."""
+        chosen = [i for i, t in enumerate(self.tensors) if part in t.name]
+        if not chosen:
+            raise ValueError(f"no adapter tensor's name contains {part!r} (the first: "
+                             f"{', '.join(t.name for t in self.tensors[:3])})")
+        if chosen != list(range(chosen[0], chosen[-1] + 1)):
+            raise ValueError(f"the adapter tensors whose names contain {part!r} are not side by side in the vector")
+        return self.tensors[chosen[0]].offset, self.tensors[chosen[-1]].end
+
     def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         """Views of `vector` shaped as each named tensor."""
         if vector.shape != (self.dim,):

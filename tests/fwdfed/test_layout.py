@@ -35,3 +35,14 @@ def test_blocks_are_contiguous_whole_tensors_covering_the_vector():
         assert all(s in edges and e in edges for s, e in blocks)
     with pytest.raises(ValueError):
         layout.blocks(11)
+
+
+def test_a_span_is_the_block_of_the_named_tensors_side_by_side():
+    layout = AdapterLayout.from_shapes([("l0.lora_A", (2, 4)), ("l0.lora_B", (4, 2)), ("l1.lora_A", (2, 4)),
+                                        ("classifier.weight", (2, 4)), ("classifier.bias", (2,))])
+    assert layout.span("classifier") == (24, 34)
+    assert layout.span("l0.") == (0, 16)
+    with pytest.raises(ValueError, match="not side by side"):
+        layout.span("lora_A")
+    with pytest.raises(ValueError, match="no adapter tensor's name contains 'head'"):
+        layout.span("head")

@@ -127,3 +127,13 @@ def test_a_budget_too_small_for_the_model_is_refused_before_training(tiny_llama_
     refusal = next(line for line in result.stderr.splitlines() if line.startswith("error: memory plan"))
     assert "runtime" in refusal and "over. Would fit:" in refusal and "budget" in refusal
     assert "cannot reach the coordinator" not in result.stderr  # refused before connecting or loading
+
+
+@pytest.mark.parametrize("flags, message", [(["--perturb-only", "classifier"], "no adapter tensor's name contains"),
+                                            (["--perturb-only", "lora_A", "--blocks", "2"], "one at a time")])
+def test_serve_refuses_a_block_the_adapter_does_not_have_and_stores_no_job(tmp_path, tiny_llama_bundle, flags,
+                                                                           message):
+    db = tmp_path / "job.db"
+    assert_one_line_error(run_command("coordinator", "serve", "--db", str(db), "--bundle", str(tiny_llama_bundle),
+                                      *flags), message)
+    assert not db.exists() or open_store(db).running_job() is None

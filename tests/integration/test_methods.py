@@ -48,6 +48,23 @@ def test_fwdgrad_variance_waves_block_cyclic_and_client_lrs(tmp_path, tiny_llama
         assert len(set(second)) == 2 and max(second) == pytest.approx(0.075)  # round-wise: eta0 +- delta
 
 
+def test_perturb_only_moves_the_named_tensors_and_nothing_else(tmp_path, tiny_llama_bundle):
+    import numpy as np
+
+    from fwdfed.bundle.manifest import load_bundle
+
+    db, out = run_job(tmp_path, tiny_llama_bundle, TINYSTORIES, rounds=1, devices=2, eval_examples=16, hparams=[
+        "--method", "mezo", "--lr", "1e-2", "--local-steps", "3", "--perturb-only", "layers.0."])
+    start, end = load_bundle(tiny_llama_bundle).manifest.layout.span("layers.0.")
+    assert 0 < end - start < load_bundle(tiny_llama_bundle).manifest.adapter_dim
+    store = open_store(db)
+    with store.session() as s:
+        assert [(r.block_start, r.block_end) for r in s.query(Round)] == [(start, end)]
+    first, last = (np.frombuffer(v.vector, "<f4") for v in (store.versions(store.latest_job().id)[i] for i in (0, -1)))
+    moved = np.flatnonzero(first != last)
+    assert moved.size and start <= moved.min() and moved.max() < end
+
+
 def test_backprop_baseline_sends_dense_updates_through_the_same_rounds(tmp_path, tiny_llama_bundle):
     """Dense AdamW updates from eager PyTorch, sampled by fraction: all connected devices (at
     least two, so that a round cannot close before the slower device has connected)."""
