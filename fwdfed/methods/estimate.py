@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import SEED_LIMIT, block_direction
+from fwdfed.directions import KINDS, SEED_LIMIT, block_direction
 from fwdfed.update import SeedUpdate
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
@@ -61,6 +61,11 @@ def check_positive(name: str, value: float) -> None:
 def check_count(name: str, value: int, limit: int) -> None:
     if not 1 <= value <= limit:
         raise ValueError(f"{name} must be between 1 and {limit}, got {value!r}")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
 
 
 def parse_steps(hparams: dict) -> int:

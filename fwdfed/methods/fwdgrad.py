@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import KINDS, block_direction
+from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import (MAX_CANDIDATES, MAX_DIRECTIONS, LocalRun, central_differences, check_count,
-                                     check_positive, draw_seeds, hparam, parse_block)
+                                     check_kind, check_positive, draw_seeds, hparam, parse_block)
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class FwdGradConfig:
         check_positive("h", self.h)
         check_count("directions", self.directions, MAX_DIRECTIONS)
         check_count("candidates", self.candidates, MAX_CANDIDATES)
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
+        check_kind(self.kind)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FwdGradConfig":

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import KINDS
 from fwdfed.methods.base import Hparam, Method
-from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_positive,
-                                     draw_seeds, hparam, parse_block)
+from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_kind,
+                                     check_positive, draw_seeds, hparam, parse_block)
 
 SCHEDULES = ("constant", "linear")
 
@@ -39,8 +38,7 @@ class MezoConfig:
         check_count("directions", self.directions, MAX_DIRECTIONS)
         if not 0 <= self.lr * self.weight_decay < 1:
             raise ValueError(f"MeZO needs 0 <= lr * weight_decay < 1, got lr {self.lr!r} and weight_decay {self.weight_decay!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
+        check_kind(self.kind)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import KINDS, block_direction
+from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
-from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, check_count, check_positive, draw_seeds, hparam,
-                                     parse_block, weighted_mean)
+from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, check_count, check_kind, check_positive, draw_seeds,
+                                     hparam, parse_block, weighted_mean)
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,7 @@ class OneSidedConfig:
         check_positive("lr", self.lr)
         check_positive("eps", self.eps)
         check_count("directions", self.directions, MAX_DIRECTIONS)
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown direction kind {self.kind!r}; expected one of {KINDS}")
+        check_kind(self.kind)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "OneSidedConfig":

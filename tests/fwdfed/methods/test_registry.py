@@ -52,3 +52,18 @@ def test_onesided_steps_downhill_and_its_pairs_replay_its_adapter():
     assert after < 0.5 * before
     assert len(run.pairs) == 800
     np.testing.assert_allclose(run.update.apply(start, "rademacher"), optimizer.adapter, atol=1e-4)
+
+
+def test_the_worked_example_in_docs_methods_md_is_the_module_as_it_is():
+    """docs/methods.md shows onesided.py whole, as the diff that adds it: that diff must apply and give the file."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    doc = (root / "docs" / "methods.md").read_text()
+    header = "+++ b/fwdfed/methods/onesided.py\n"
+    hunk = doc[doc.index(header) + len(header):]
+    first, body = hunk.split("\n", 1)
+    added = [line[1:] for line in body[: body.index("```")].splitlines()]
+    module = (root / "fwdfed" / "methods" / "onesided.py").read_text().splitlines()
+    assert added == module
+    assert first == f"@@ -0,0 +1,{len(module)} @@"
