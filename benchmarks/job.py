@@ -9,7 +9,6 @@ and peak memory per round. Every command is printed, so each step can be repeate
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdfed.demo import python_module, run, serve_in_background
-from fwdfed.errors import UserError
+from fwdfed.demo import python_module, run, run_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -61,27 +59,11 @@ def run_job(spec: JobSpec, out: Path) -> dict:
                           "--eval-data", str(spec.data), "--eval-examples", str(spec.eval_examples), "--rounds",
                           str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
                           *spec.training, *spec.data_flags)
-    coordinator, url = serve_in_background(serve, out / "coordinator.log")
-    devices = None
-    try:
-        emulate = python_module("device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices",
-                                str(spec.devices), "--bundle", str(spec.bundle), "--data", str(spec.data),
-                                "--credentials", str(credentials), "--split", spec.split, "--alpha", str(spec.alpha),
-                                *spec.data_flags, *(["--workers", str(spec.workers)] if spec.workers else []),
-                                *spec.device_flags)
-        print("$ " + shlex.join(emulate), flush=True)
-        with (out / "devices.log").open("w") as device_log:
-            devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)
-            for line in coordinator.stdout:
-                print("  coordinator | " + line, end="", flush=True)
-            device_lines = devices.communicate()[0]
-        print("".join("  devices | " + line for line in device_lines.splitlines(keepends=True)), end="")
-        if coordinator.wait() != 0 or devices.returncode != 0:
-            raise UserError(f"the job failed; see {out}/coordinator.log and devices.log")
-    finally:
-        for process in (coordinator, devices):
-            if process is not None and process.poll() is None:
-                process.kill()
+    run_fleet(serve, lambda url: python_module(
+        "device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices", str(spec.devices), "--bundle",
+        str(spec.bundle), "--data", str(spec.data), "--credentials", str(credentials), "--split", spec.split,
+        "--alpha", str(spec.alpha), *spec.data_flags, *(["--workers", str(spec.workers)] if spec.workers else []),
+        *spec.device_flags), out)
     seconds = time.time() - started
     for version, folder in (("latest", "adapter"), ("best", "best_adapter")):
         run(python_module("coordinator", "export-adapter", "--db", str(db), "--version", version, "--out",

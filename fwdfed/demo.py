@@ -16,6 +16,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fwdfed.cli import run_main
@@ -52,6 +53,28 @@ def serve_in_background(serve: list[str], log_path: Path) -> tuple[subprocess.Po
     raise UserError(f"the coordinator did not start; see {log_path}")
 
 
+def run_fleet(serve: list[str], emulate: Callable[[str], list[str]], logs: Path) -> None:
+    """Run a job as processes until it ends: the coordinator (`serve`) and, once it listens, the emulated
+    devices (`emulate(url)`), their output echoed and their logs in `logs`; a failed job is a UserError."""
+    coordinator, url = serve_in_background(serve, logs / "coordinator.log")
+    devices = None
+    try:
+        command = emulate(url)
+        print("$ " + shlex.join(command), flush=True)
+        with (logs / "devices.log").open("w") as device_log:
+            devices = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)
+            for line in coordinator.stdout:
+                print("  coordinator | " + line, end="", flush=True)
+            device_lines = devices.communicate()[0]
+        print("".join("  devices | " + line for line in device_lines.splitlines(keepends=True)), end="")
+        if coordinator.wait() != 0 or devices.returncode != 0:
+            raise UserError(f"the job failed; see {logs}/coordinator.log and devices.log")
+    finally:
+        for process in (coordinator, devices):
+            if process is not None and process.poll() is None:
+                process.kill()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fwdfed.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,21 +103,9 @@ def main(argv=None) -> int:
                           "--eval-data", str(args.data), "--eval-examples", "128", "--rounds", str(args.rounds),
                           "--devices-per-round", str(args.devices), "--local-steps", str(args.local_steps),
                           "--lr", "1e-3", "--eps", "1e-2")
-    coordinator, url = serve_in_background(serve, args.workdir / "coordinator.log")
-    try:
-        emulate = python_module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url, "--devices",
-                                str(args.devices), "--bundle", str(bundle), "--data", str(args.data),
-                                "--credentials", str(credentials))
-        print("$ " + shlex.join(emulate), flush=True)
-        devices = subprocess.Popen(emulate, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=(args.workdir / "devices.log").open("w"))
-        for line in coordinator.stdout:
-            print("  coordinator | " + line, end="", flush=True)
-        if coordinator.wait() != 0 or devices.wait() != 0:
-            raise UserError(f"the job failed; see {args.workdir}/coordinator.log and devices.log")
-    finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
+    run_fleet(serve, lambda url: python_module("device_sdk.emulate", "--mem", args.mem, "--coordinator", url,
+                                               "--devices", str(args.devices), "--bundle", str(bundle), "--data",
+                                               str(args.data), "--credentials", str(credentials)), args.workdir)
     run(python_module("coordinator", "export-adapter", "--db", str(db), "--out", str(adapter)))
     print(f"done: PeftModel.from_pretrained(base, {str(adapter)!r}) loads the trained adapter")
     return 0
