@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.agnews import minilm_folder, score_peft_folder
-from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 
@@ -121,11 +121,10 @@ def main(argv=None) -> int:
     for path in (task.model, task.data):
         if not path.exists():
             raise UserError(f"{path} does not exist (the shared model and data beside the checkout)")
+    # Arms run by an earlier call in the same folder are kept: a comparison can be completed arm by arm.
+    earlier, results_path = earlier_results(out), out / "results.json"
     started = time.time()
     bundle = args.bundle or export_bundle(out / "bundle", "--model", str(task.model), *task.export_flags)
-    results_path = out / "results.json"
-    # Arms run by an earlier call in the same folder are kept: a comparison can be completed arm by arm.
-    earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
     command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"task": args.task, "split": args.split, "alpha": args.alpha, "devices": args.devices,
                "workers": args.workers, "export_seconds": time.time() - started, "arms": earlier.get("arms", {}),

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.agnews import accuracy, minilm_folder, score_peft_folder
-from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run
 from fwdfed.errors import UserError
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     model, dev = minilm_folder(), SHARED / "data" / "sst2" / "dev.tsv"
     if not dev.is_file():
         raise UserError(f"{dev} does not exist (the shared data beside the checkout)")
+    earlier, results_path = earlier_results(out), out / "results.json"
     started = time.time()
     devices_data, public = cut_rows(SHARED / "data" / "sst2" / "train.tsv", out, args.device_rows, args.public_rows)
     teacher = args.teacher or out / "teacher"
@@ -102,8 +103,6 @@ def main(argv=None) -> int:
     student = args.student or export_bundle(out / "student", "--model", str(model), *STUDENT_EXPORT,
                                             "--lora-rank", str(args.lora_rank), "--seq-len", str(args.seq_len))
     prepared = time.time()
-    results_path = out / "results.json"
-    earlier = json.loads(results_path.read_text()) if results_path.is_file() else {}
     command = "python -m benchmarks.fedkd " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"device_rows": args.device_rows, "public_rows": args.public_rows, "devices": args.devices,
                "commands": [*earlier.get("commands", []), command], "arms": earlier.get("arms", {})}

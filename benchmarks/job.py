@@ -9,6 +9,7 @@ and peak memory per round. Every command is printed, so each step can be repeate
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,25 @@ from pathlib import Path
 import numpy as np
 
 from fwdfed.demo import python_module, run, run_fleet
+from fwdfed.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+
+def earlier_results(out: Path) -> dict:
+    """What an earlier call wrote to `out`/results.json ({} if nothing): a run can be completed arm by arm.
+    Read before any work is done, so that a damaged file is refused at once, not after the exports."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a results file ({e}); move it away or choose another --out") from None
+    if not isinstance(results, dict):
+        raise UserError(f"{path} is not a results file (not a JSON object); move it away or choose another --out")
+    return results
 
 
 def export_bundle(out: Path, *flags: str) -> Path:

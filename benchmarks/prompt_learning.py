@@ -98,7 +98,7 @@ def peft_loads(model: Path, adapter: Path) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+    from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prompt_learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"cases": {}, "commands": []}
+    earlier = earlier_results(out)
+    results = {"cases": earlier.get("cases", {}), "commands": earlier.get("commands", [])}
     results["commands"].append("python -m benchmarks.prompt_learning " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv))
     shape = ["--batch-size", "4", "--seq-len", "64", "--max-perturbations", "8"]

@@ -38,3 +38,20 @@ def test_an_update_frame_is_measured_as_it_goes_on_the_wire():
     assert update_frame_bytes(Row) - twenty == 10 * (1 + 9)  # a seed below 128 is 1 byte, a float64 9
     Row.dense = b"\0" * 4000
     assert update_frame_bytes(Row) > 4000
+
+
+def test_earlier_results_are_read_before_any_work_and_a_damaged_file_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from benchmarks.job import earlier_results
+    from fwdfed.errors import UserError
+
+    assert earlier_results(tmp_path) == {}
+    (tmp_path / "results.json").write_text(json.dumps({"arms": {"mezo": {}}}))
+    assert earlier_results(tmp_path) == {"arms": {"mezo": {}}}
+    for damaged in ("{ not json", "[1, 2]"):
+        (tmp_path / "results.json").write_text(damaged)
+        with pytest.raises(UserError, match="is not a results file"):
+            earlier_results(tmp_path)
