@@ -170,3 +170,23 @@ def chance_bar(gains: list[float]) -> float:
     """The gain a trained adapter must pass to beat chance: the best random step's, or three standard
     deviations above their mean, whichever is higher."""
     return max(max(gains), float(np.mean(gains) + 3 * np.std(gains)), 0.0)
+
+
+def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, controls: int = 8) -> dict:
+    """The latest job's first and last global adapters on `examples` held-out rows of `data`, and `controls`
+    random steps of the same length from the first (benchmarks.quantized, benchmarks.prompt_learning)."""
+    from coordinator.store import open_store
+    from device_sdk.evaluate import Evaluator
+    from fwdfed.bundle.manifest import load_bundle
+
+    store = open_store(db)
+    versions = store.versions(store.latest_job().id)
+    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
+    evaluate = Evaluator(load_bundle(bundle_dir), data, examples)
+    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
+    step = float(np.linalg.norm(final - start))
+    chance = chance_gains(evaluate, start, step, controls)
+    gain = start_loss - final_loss
+    bar = chance_bar(chance)
+    return {"heldout_loss_start": start_loss, "heldout_loss_final": final_loss, "gain": gain,
+            "random_step_gains": chance, "chance_bar": bar, "beats_chance": bool(gain > bar), "step_norm": step}

@@ -70,24 +70,6 @@ CASES = {
 }
 
 
-def score_job(db: Path, bundle: Path, data: Path, eval_examples: int, controls: int) -> dict:
-    """The job's start and final adapters on the held-out stories, and random steps of the same length."""
-    from benchmarks.job import chance_bar, chance_gains
-    from coordinator.store import open_store
-    from device_sdk.evaluate import Evaluator
-    from fwdfed.bundle.manifest import load_bundle
-
-    store = open_store(db)
-    versions = store.versions(store.latest_job().id)
-    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
-    evaluate = Evaluator(load_bundle(bundle), data, eval_examples)
-    length = float(np.linalg.norm(final - start))
-    chance = chance_gains(evaluate, start, length, controls)
-    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
-    return {"start": start_loss, "final": final_loss, "gain": start_loss - final_loss, "step_length": length,
-            "chance_gains": chance, "chance_bar": chance_bar(chance)}
-
-
 def peft_loads(model: Path, adapter: Path) -> str:
     """The peft adapter type `PeftModel.from_pretrained` reads from the job's exported folder."""
     from peft import PeftModel
@@ -98,7 +80,7 @@ def peft_loads(model: Path, adapter: Path) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
+    from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, gain_against_chance, run_job
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prompt_learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,15 +110,17 @@ def main(argv=None) -> int:
                     "--directions", str(args.directions)]
         figures = run_job(JobSpec(bundle=bundle, data=args.data, rounds=args.rounds, training=training,
                                   devices=args.devices, eval_examples=args.eval_examples), out / case / "job")
-        scores = score_job(out / case / "job" / "job.db", bundle, args.data, args.eval_examples, args.controls)
+        scores = gain_against_chance(bundle, out / case / "job" / "job.db", args.data, args.eval_examples,
+                                     args.controls)
         results["cases"][case] = {"adapter_flags": adapter_flags, "training": training, "shape": shape,
                                   "adapter_dim": figures["adapter_dim"],
                                   "verification": manifest["verification"], "figures": figures, "scores": scores,
                                   "peft_type": peft_loads(args.model, out / case / "job" / "adapter")}
         results_path.write_text(json.dumps(results, indent=2, default=str))
         s = scores
-        print(f"{case}: held-out loss {s['start']:.4f} -> {s['final']:.4f} (gain {s['gain']:.4f}; random steps of "
-              f"the same length {min(s['chance_gains']):.4f} .. {max(s['chance_gains']):.4f}, bar "
+        print(f"{case}: held-out loss {s['heldout_loss_start']:.4f} -> {s['heldout_loss_final']:.4f} (gain "
+              f"{s['gain']:.4f}; random steps of the same length {min(s['random_step_gains']):.4f} .. "
+              f"{max(s['random_step_gains']):.4f}, bar "
               f"{s['chance_bar']:.4f}); loads in peft as {results['cases'][case]['peft_type']}", flush=True)
     print(f"figures in {results_path}")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.job import SHARED, JobSpec, chance_bar, chance_gains, run_job
+from benchmarks.job import SHARED, JobSpec, gain_against_chance, run_job
 from fwdfed.cli import quiet_libraries, run_main
 
 TRAINING = ["--method", "mezo", "--lr", "1e-3", "--eps", "1e-2", "--local-steps", "100"]
@@ -43,24 +43,6 @@ def loss_comparison(quantized: Path, fp32: Path, data: Path, examples: int) -> d
             "pte_vs_eager_quantized_max_abs_diff": float(np.abs(losses["pte_quantized"]
                                                                 - losses["eager_quantized"]).max()),
             "quantized_vs_fp32_max_abs_diff": float(np.abs(losses["pte_quantized"] - losses["pte_fp32"]).max())}
-
-
-def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, controls: int = 8) -> dict:
-    from coordinator.store import open_store
-    from device_sdk.evaluate import Evaluator
-    from fwdfed.bundle.manifest import load_bundle
-
-    store = open_store(db)
-    versions = store.versions(store.latest_job().id)
-    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
-    evaluate = Evaluator(load_bundle(bundle_dir), data, examples)
-    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
-    step = float(np.linalg.norm(final - start))
-    chance = chance_gains(evaluate, start, step, controls)
-    gain = start_loss - final_loss
-    bar = chance_bar(chance)
-    return {"heldout_loss_start": start_loss, "heldout_loss_final": final_loss, "gain": gain,
-            "random_step_gains": chance, "chance_bar": bar, "beats_chance": bool(gain > bar), "step_norm": step}
 
 
 def main(argv=None) -> int:

@@ -195,8 +195,9 @@ def prompt_learning_section(results: dict) -> str:
         steps = dict(zip(c["training"][::2], c["training"][1::2]))["--local-steps"]
         rows.append(f"| {case} | {c['adapter_dim']:,} | {c['verification']['loss_max_abs_diff']:.1e}, "
                     f"{c['verification']['logits_max_abs_diff']:.1e} | "
-                    f"{s['start']:.4f} → {s['final']:.4f} | **{s['gain']:+.4f}** | "
-                    f"{min(s['chance_gains']):+.4f} … {max(s['chance_gains']):+.4f} | {s['chance_bar']:.4f} | "
+                    f"{s['heldout_loss_start']:.4f} → {s['heldout_loss_final']:.4f} | **{s['gain']:+.4f}** | "
+                    f"{min(s['random_step_gains']):+.4f} … {max(s['random_step_gains']):+.4f} | "
+                    f"{s['chance_bar']:.4f} | "
                     f"{len(f['rounds'])} × {f['rounds'][0]['updates'] if f['rounds'] else 0} × {steps} | "
                     f"{f['job_seconds'] / 60:.1f} | {c['peft_type']} |")
     flags = "; ".join(f"{case}: `{shlex.join(c['adapter_flags'] + c['shape'])}`, "

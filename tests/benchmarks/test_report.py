@@ -96,8 +96,8 @@ def test_the_prompt_learning_run_gets_a_row_per_adapter_against_chance(runs, tmp
             "adapter_dim": 640, "verification": {"loss_max_abs_diff": 2e-6, "logits_max_abs_diff": 3e-5},
             "peft_type": "PREFIX_TUNING",
             "figures": arm([0.8, 0.8]) | {"job_seconds": 90.0},
-            "scores": {"start": 2.0, "final": 1.95, "gain": 0.05, "step_length": 0.3,
-                       "chance_gains": [-0.01, 0.002], "chance_bar": 0.02}}
+            "scores": {"heldout_loss_start": 2.0, "heldout_loss_final": 1.95, "gain": 0.05, "step_norm": 0.3,
+                       "random_step_gains": [-0.01, 0.002], "chance_bar": 0.02, "beats_chance": True}}
     (folder / "results.json").write_text(json.dumps({"cases": {"prefix-tuning": case}, "commands": ["python -m x"]}))
     assert main(["--prompt-learning", str(folder), "--docs", str(docs)]) == 0
     row = next(line for line in (docs / "BENCHMARKS.md").read_text().splitlines() if line.startswith("| prefix"))
