@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.job import chance_bar, chance_gains
+from benchmarks.job import gain_against_chance
 from coordinator.store import open_store
-from device_sdk.evaluate import Evaluator
 from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import SST2, TINYSTORIES
 
@@ -17,22 +16,14 @@ from tests.conftest import SST2, TINYSTORIES
 def assert_beats_chance(bundle_dir: Path, db: Path, data: Path, eval_examples: int, controls: int = 8) -> dict:
     """The trained adapter's held-out loss must beat the start by more than a random step of the
     same length does: chance alone moves the loss by the spread of those controls."""
-    bundle = load_bundle(bundle_dir)
+    r = gain_against_chance(bundle_dir, db, data, eval_examples, controls)
     store = open_store(db)
     job = store.latest_job()
-    versions = store.versions(job.id)
-    start = np.frombuffer(versions[0].vector, "<f4")
-    final = np.frombuffer(versions[-1].vector, "<f4")
-    assert len(versions) == job.rounds + 1
-    evaluate = Evaluator(bundle, data, eval_examples)
-    start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
-    step = np.linalg.norm(final - start)
-    chance = chance_gains(evaluate, start, step, controls)
-    gain = start_loss - final_loss
-    bar = chance_bar(chance)
-    print(f"held-out loss {start_loss:.4f} -> {final_loss:.4f} (gain {gain:.4f}); "
+    assert len(store.versions(job.id)) == job.rounds + 1
+    start_loss, final_loss, chance = r["heldout_loss_start"], r["heldout_loss_final"], r["random_step_gains"]
+    print(f"held-out loss {start_loss:.4f} -> {final_loss:.4f} (gain {r['gain']:.4f}); "
           f"random steps of the same length: gains {np.round(chance, 4).tolist()}")
-    assert gain > bar, f"gain {gain:.4f} is within chance (bar {bar:.4f})"
+    assert r["gain"] > r["chance_bar"], f"gain {r['gain']:.4f} is within chance (bar {r['chance_bar']:.4f})"
     # The coordinator's own per-round figures agree with a fresh evaluation.
     logged = [m.value for m in store.metrics(job.id) if m.name == "heldout_loss"]
     assert logged[0] == pytest.approx(start_loss, rel=1e-5) and logged[-1] == pytest.approx(final_loss, rel=1e-5)
