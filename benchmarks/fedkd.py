@@ -3,7 +3,9 @@
 SST-2 with the real all-MiniLM-L6-v2 encoder. GLUE's train split is shuffled once (seed 0): the
 first --device-rows rows are the devices' (dealt IID, every 10th held out by the coordinator), the
 next --public-rows rows are the public slice the teacher is trained on, disjoint from them;
-GLUE's dev split (872 rows, never trained or selected on) is the test set.
+GLUE's dev split (872 rows, never trained or selected on) is the test set. With --labelled N
+only N of the devices' training rows keep their label (what a phone mostly holds is unlabelled):
+the mezo arm trains on those, the fedkd arm on every row, the unlabelled by the teacher alone.
 
 1. the teacher: `python -m export.teacher`, MiniLM fine-tuned whole with AdamW on the public
    slice, exported as an inference-only bundle;
@@ -52,6 +54,21 @@ def cut_rows(source: Path, out: Path, device_rows: int, public_rows: int, seed: 
     return devices, public
 
 
+def keep_labels(data: Path, labelled: int) -> int:
+    """Empty the label cell of all but `labelled` of the devices' training rows (the coordinator's
+    held-out rows keep theirs): the first in the devices' shuffled order, so every IID shard keeps a
+    like share. Returns how many training rows `data` holds."""
+    from device_sdk.data import HELDOUT_EVERY, shuffled
+
+    header, *body = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    order = shuffled(list(range(len(body))), 0)  # the order the coordinator and devices read (data seed 0)
+    training = [row for i, row in enumerate(order) if i % HELDOUT_EVERY]
+    for row in training[labelled:]:
+        body[row] = "\t" + body[row].split("\t", 1)[1]
+    data.write_text(header + "".join(body), encoding="utf-8")
+    return len(training)
+
+
 def score_model_folder(model: Path, data: Path, num_labels: int, seq_len: int) -> tuple[float, int]:
     """Accuracy of a whole fine-tuned classifier (the teacher) on every row of `data`, as transformers loads it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -71,6 +88,9 @@ def main(argv=None) -> int:
     # Small defaults: on 2 shared cores a MiniLM pass of 16 x 32 tokens takes about a second.
     parser.add_argument("--device-rows", type=int, default=900)
     parser.add_argument("--public-rows", type=int, default=1000)
+    parser.add_argument("--labelled", type=int, help="how many of the devices' training rows keep their label (default: "
+                        "all); the others are unlabelled: the mezo arm leaves them out, fedkd learns them from the teacher")
+    parser.add_argument("--lda-shrinkage", type=float, default=0.1, help="serve's, for both arms' head round")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="training rounds after the head round")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -92,9 +112,12 @@ def main(argv=None) -> int:
     model, dev = minilm_folder(), SHARED / "data" / "sst2" / "dev.tsv"
     if not dev.is_file():
         raise UserError(f"{dev} does not exist (the shared data beside the checkout)")
+    if args.labelled is not None and args.labelled < 0:
+        raise UserError(f"--labelled must be a number of rows >= 0, got {args.labelled}")
     earlier, results_path = earlier_results(out), out / "results.json"
     started = time.time()
     devices_data, public = cut_rows(SHARED / "data" / "sst2" / "train.tsv", out, args.device_rows, args.public_rows)
+    training_rows = keep_labels(devices_data, args.labelled) if args.labelled is not None else None
     teacher = args.teacher or out / "teacher"
     if args.teacher is None:
         run(python_module("export.teacher", "--model", str(model), "--data", str(public), "--out", str(teacher),
@@ -105,6 +128,7 @@ def main(argv=None) -> int:
     prepared = time.time()
     command = "python -m benchmarks.fedkd " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"device_rows": args.device_rows, "public_rows": args.public_rows, "devices": args.devices,
+               "labelled_training_rows": args.labelled, "training_rows": training_rows,
                "commands": [*earlier.get("commands", []), command], "arms": earlier.get("arms", {})}
     teacher_record = json.loads((teacher / "teacher.json").read_text())
     accuracy, rows = score_model_folder(teacher / "model", dev, 2, args.seq_len)
@@ -115,7 +139,7 @@ def main(argv=None) -> int:
     results["memory"] = json.loads((out / "profile" / "distillation.json").read_text())
     results["memory"]["modes"] = json.loads((out / "profile" / "report.json").read_text())
     common = ["--lr", str(args.lr), "--eps", str(args.eps), "--local-steps", str(args.local_steps),
-              "--directions", str(args.directions), "--head-init", "lda",
+              "--directions", str(args.directions), "--head-init", "lda", "--lda-shrinkage", str(args.lda_shrinkage),
               *(["--perturb-only", args.perturb_only] if args.perturb_only else [])]
     for arm in args.arms:
         training, device_flags = ["--method", "mezo", *common], []

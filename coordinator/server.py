@@ -142,7 +142,11 @@ class Coordinator:
             return None
         from fwdfed.methods.class_stats import round_hparams
 
-        return round_hparams(self.layout, self.options.lda_shrinkage)
+        hparams = round_hparams(self.layout, self.options.lda_shrinkage)
+        if self.method.needs_teacher:  # the head round counts examples by the teacher's targets too
+            hparams |= {k: self.job.hparams[k] for k in ("teacher_sha256", "kd_weight", "kd_temperature")
+                        if k in self.job.hparams}
+        return hparams
 
     # ---- connections ----
     def check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:

@@ -22,17 +22,20 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from device_sdk.budget import BudgetGuard
-from device_sdk.data import DataSpec, Partition, encode, partition, read_examples, split
+from device_sdk.data import DataError, DataSpec, Partition, encode, labelled, partition, read_examples, split
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from fwdfed import protocol
 from device_sdk.teacher import TeacherError, check_teacher, label
+from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, load_bundle
+from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory import format_size, peak_rss
 from fwdfed.memory_plan import plan_memory, plan_teacher_then_student
 from fwdfed import methods
 from fwdfed.methods.estimate import hparam, mean_loss, parse_steps
+from fwdfed.methods.fedkd import teacher_objective
 from fwdfed.net import is_loopback
 
 log = logging.getLogger("device")
@@ -76,9 +79,15 @@ class Device:
         examples = partition(train, config.shard_count, config.partition)[config.shard_index]
         if not examples:
             raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
+        teacher = self._teacher_bundle()
+        if teacher is None and m.task == SEQ_CLS:  # only a teacher's distribution teaches an unlabelled row
+            try:
+                examples = labelled(examples, f"device {config.device_id}: its shard of {config.data}")
+            except DataError as e:
+                raise DeviceError(f"{e}; a device given a teacher (--teacher-bundle) learns from unlabelled rows") \
+                    from None
         self.num_examples = len(examples)
         self.plan = None
-        teacher = self._teacher_bundle()
         if config.mem_budget_bytes is not None:
             # Before the program is loaded: a budget that cannot hold a step is refused here.
             directions = m.inputs["max_perturbations"] // 2
@@ -90,10 +99,15 @@ class Device:
                                                    directions)
                 self.plan = phased.phases[-1]
                 log.info("%s: %s", config.device_id, phased.describe())
-        self.batches = encode(load_tokenizer(self.bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
+        tokenizer, size, length = load_tokenizer(self.bundle), m.inputs["batch_size"], m.inputs["seq_len"]
+        # A task without a teacher trains on the labelled rows, one that names the teacher on all of them.
+        self.batches = encode(tokenizer, [e for e in examples if e.label is not None or m.task != SEQ_CLS], m.task,
+                              size, length)
+        self.distillation_batches: list[Batch] = []
         self.labelling = None
         if teacher is not None:
             self.labelling = label(teacher, examples)  # the teacher is freed before the student is loaded
+            self.distillation_batches = encode(tokenizer, examples, m.task, size, length)
             self._attach_teacher_logits(self.labelling.logits)
             log.info("%s: teacher %s labelled %d examples in %.1f s, peak %s; resident %s before, %s after "
                      "freeing it", config.device_id, self.labelling.sha256[:12], len(examples),
@@ -121,7 +135,7 @@ class Device:
     def _attach_teacher_logits(self, logits: np.ndarray) -> None:
         """Each batch gets its examples' rows of the teacher's logits (zeros for filler rows, weight 0)."""
         size = self.bundle.manifest.inputs["batch_size"]
-        for i, batch in enumerate(self.batches):
+        for i, batch in enumerate(self.distillation_batches):
             rows = np.zeros((size, logits.shape[1]), np.float32)
             part = logits[i * size : (i + 1) * size]
             rows[: len(part)] = part
@@ -140,7 +154,7 @@ class Device:
         if task.method not in methods.METHODS:
             raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs "
                               f"{methods.names()}")
-        if methods.get(task.method).needs_teacher:
+        if methods.get(task.method).needs_teacher or "teacher_sha256" in task.hparams:
             wanted = str(task.hparams.get("teacher_sha256", ""))
             if self.labelling is None:
                 raise DeviceError(f"task {task.task_id} asks for teacher {wanted[:12]} ({task.method}); this device "
@@ -179,17 +193,25 @@ class Device:
             plan_memory(self.bundle, self.plan.budget, self.num_examples, getattr(config, "directions", 1),
                         runtime=self.plan.runtime, method=method.name)
         reference = np.frombuffer(task.reference, dtype="<f4") if task.reference else None
+        # A task that names the teacher trains on every row, scored by the distillation loss (which
+        # needs no label); any other on the labelled rows, by the program's own loss.
+        if "teacher_sha256" in task.hparams:
+            batches, scored_by = self.distillation_batches, teacher_objective(self.engine, task.hparams)
+        else:
+            batches, scored_by = self.batches, self.engine
+        if not batches:
+            raise DeviceError(f"task {task.task_id} ({task.method}) needs labelled rows; this device's shard has none")
         # A different slice of the shard every round; the same seeds never repeat across devices or rounds.
-        start = (task.round * steps) % len(self.batches)
-        batches = self.batches[start:] + self.batches[:start]
+        start = (task.round * steps) % len(batches)
+        batches = batches[start:] + batches[:start]
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
         probe = batches[:LOSS_PROBE_BATCHES]
-        loss_before = mean_loss(self.engine, probe, adapter)
+        loss_before = mean_loss(scored_by, probe, adapter)
         guard = BudgetGuard(self.config.mem_budget_bytes)
         optimizer = method.make_optimizer(self._engine_for(method), adapter, config, rng, reference)
         run = optimizer.train(batches, steps, guard)
         if method.dense_length is None:
-            loss_after = mean_loss(self.engine, probe, run.update.apply(adapter, config.kind, config.block))
+            loss_after = mean_loss(scored_by, probe, run.update.apply(adapter, config.kind, config.block))
         else:  # the dense part is the method's own payload (class statistics), not a change of the adapter
             loss_after = loss_before
         guard()  # the probe evaluations count too

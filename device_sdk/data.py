@@ -8,7 +8,9 @@ Formats:
 - `.jsonl`: one JSON object per line.
 For labelled data, `DataSpec` names the label column and the text columns (several are joined
 with a space; by default every column but the label), and says how labels become class ids:
-integers minus an offset, or strings looked up in a list of class names.
+integers minus an offset, or strings looked up in a list of class names. A row whose label cell
+is empty is unlabelled: a device without a teacher leaves it out, a device distilling from a
+teacher (`fwdfed.methods.fedkd`) learns it from the teacher's distribution alone.
 
 The order is shuffled with a seed before anything is cut (docs/data.md gives the exact
 permutation, so that any implementation deals the same shards), then every 10th example is
@@ -151,8 +153,9 @@ def _labelled(path: Path, table, spec: DataSpec) -> list[Example]:
     text_columns = spec.text_columns or tuple(c for c in header if c != spec.label_column)
     label_at, text_at = header.index(spec.label_column), [header.index(c) for c in text_columns]
     raw = [(line_no, row[label_at].strip(), " ".join(row[i].strip() for i in text_at)) for line_no, row in rows]
-    labels = _class_ids(path, [(n, label) for n, label, _ in raw], spec)
-    return [Example(text, label) for (_, _, text), label in zip(raw, labels)]
+    # An empty label cell is an unlabelled row: only a teacher (fwdfed.methods.fedkd) can learn from it.
+    labels = iter(_class_ids(path, [(n, label) for n, label, _ in raw if label], spec))
+    return [Example(text, next(labels) if label else None) for _, label, text in raw]
 
 
 def _class_ids(path: Path, raw: list[tuple[int, str]], spec: DataSpec) -> list[int]:
@@ -180,6 +183,15 @@ def _class_ids(path: Path, raw: list[tuple[int, str]], spec: DataSpec) -> list[i
             raise DataError(f"{path}:{line_no}: label {label} is not a class of this model "
                             f"(label offset {offset}, {k if k is not None else 'unknown'} classes)")
     return ids
+
+
+def labelled(examples: list[Example], what: str) -> list[Example]:
+    """The examples that carry a label; `what` names them in the error when none does."""
+    kept = [e for e in examples if e.label is not None]
+    if not kept:
+        raise DataError(f"{what} has no labelled rows (a classifier's data is a .csv, .tsv or .jsonl file with a "
+                        "label column; an empty label cell is an unlabelled row)")
+    return kept
 
 
 def split(examples: list[Example], part: str) -> list[Example]:
@@ -226,8 +238,6 @@ def encode(tokenizer, examples: list[Example], task: str, batch_size: int, seq_l
     """Tokenize into fixed [batch_size, seq_len] batches (the program's static shapes)."""
     import torch  # here: the data flags and the reader serve commands that run without torch
 
-    if task == SEQ_CLS and any(e.label is None for e in examples):
-        raise DataError("classification needs labelled data (.csv or .tsv)")
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -241,7 +251,7 @@ def encode(tokenizer, examples: list[Example], task: str, batch_size: int, seq_l
         weights[: len(chunk)] = 1.0
         if task == SEQ_CLS:
             labels = np.zeros(batch_size, dtype=np.int64)
-            labels[: len(chunk)] = [e.label for e in chunk]
+            labels[: len(chunk)] = [IGNORE_INDEX if e.label is None else e.label for e in chunk]
         else:
             labels = np.where(mask == 1, ids, IGNORE_INDEX)
             labels[len(chunk) :] = IGNORE_INDEX

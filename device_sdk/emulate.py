@@ -143,8 +143,10 @@ def main(argv=None) -> int:
     print(f"split {described}: shard sizes {[len(s) for s in shards]}", flush=True)
     if any(e.label is not None for e in examples):
         for i, s in enumerate(shards[:8]):
-            counts = Counter(e.label for e in s)
-            print(f"  {args.device_prefix}-{i} classes {dict(sorted(counts.items()))}", flush=True)
+            counts = Counter(e.label for e in s if e.label is not None)
+            unlabelled = sum(e.label is None for e in s)
+            print(f"  {args.device_prefix}-{i} classes {dict(sorted(counts.items()))}"
+                  + (f", {unlabelled} unlabelled" if unlabelled else ""), flush=True)
     names = [f"{args.device_prefix}-{i}" for i in range(args.devices)]
     tokens = read_credentials(args.credentials, names) if args.credentials else {}
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),

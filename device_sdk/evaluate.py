@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_sdk.data import DataSpec, encode, read_examples, split
+from device_sdk.data import DataSpec, encode, labelled, read_examples, split
 from device_sdk.engine import ProgramEngine
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
@@ -27,7 +27,10 @@ class Evaluator:
                  spec: DataSpec | None = None):
         m = bundle.manifest
         spec = replace(spec or DataSpec(), num_labels=m.model.get("num_labels"))
-        examples = split(read_examples(data, spec), "heldout")[:max_examples]
+        examples = split(read_examples(data, spec), "heldout")
+        if m.task == SEQ_CLS:  # accuracy and loss need a label: the unlabelled held-out rows are not scored
+            examples = labelled(examples, f"the held-out slice of {data}")
+        examples = examples[:max_examples]
         self.task = m.task
         self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
         self.engine = engine or ProgramEngine.for_bundle(bundle)

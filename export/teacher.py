@@ -32,11 +32,9 @@ def train_teacher(model: Path, data: Path, out: Path, num_labels: int, epochs: i
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from device_sdk.data import DataSpec, read_examples
+    from device_sdk.data import DataSpec, labelled, read_examples
 
-    examples = read_examples(data, DataSpec(num_labels=num_labels, seed=None))
-    if not examples or any(e.label is None for e in examples):
-        raise UserError(f"{data} has no labelled rows to train the teacher on")
+    examples = labelled(read_examples(data, DataSpec(num_labels=num_labels, seed=None)), str(data))
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels, local_files_only=True)

@@ -15,6 +15,14 @@ accuracy (nearest class mean: 79%; logistic regression by gradient descent: 85%)
 forward pass per example. The statistics reveal more about a device's data than seeds do
 (class means and feature covariance): a privacy cost paid once, at the start of a job.
 Used by `python -m coordinator serve --head-init lda`: round 1 collects them.
+
+Without a teacher an example counts towards its label's class, and an unlabelled one not at
+all. In a fedkd job the task also names the teacher (`teacher_sha256`, `kd_weight` a,
+`kd_temperature` T) and each example counts towards class c by its distillation target
+q_c (`fwdfed.methods.fedkd.soft_targets`: (1 - a) onehot(y) + a softmax(teacher / T), the teacher's
+softmax alone when unlabelled): S_c = sum q_c x, N_c = sum q_c, and the formulas above hold as
+they are. With 10% of SST-2's rows labelled, this is where a teacher's distribution helps most
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import numpy as np
 
 from fwdfed.batch import Batch
 from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.tasks import IGNORE_INDEX
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, hparam
+from fwdfed.methods.fedkd import check_teacher_hash, check_temperature, check_weight, soft_targets
 
 MAX_CLASSES = 4096
 MAX_FEATURES = 16384
@@ -40,16 +50,41 @@ class ClassStatsConfig:
     kind: str = "rademacher"  # unused (no directions), kept so every method's config has one
     block: tuple[int, int] | None = None
     directions: int = 0
+    kd_weight: float | None = None  # a fedkd job's: examples count by their distillation targets
+    kd_temperature: float = 1.0
 
     def __post_init__(self):
         if not 1 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"num_classes must be between 1 and {MAX_CLASSES}, got {self.num_classes!r}")
         if not 1 <= self.feature_dim <= MAX_FEATURES:
             raise ValueError(f"feature_dim must be between 1 and {MAX_FEATURES}, got {self.feature_dim!r}")
+        if self.kd_weight is not None:
+            check_weight(self.kd_weight)
+            check_temperature(self.kd_temperature)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "ClassStatsConfig":
-        return cls(num_classes=hparam(hparams, "num_classes", int), feature_dim=hparam(hparams, "feature_dim", int))
+        teacher = {}
+        if "teacher_sha256" in hparams:
+            check_teacher_hash(hparam(hparams, "teacher_sha256", str))
+            teacher = {"kd_weight": hparam(hparams, "kd_weight", float, 0.5),
+                       "kd_temperature": hparam(hparams, "kd_temperature", float, 2.0)}
+        return cls(num_classes=hparam(hparams, "num_classes", int), feature_dim=hparam(hparams, "feature_dim", int),
+                   **teacher)
+
+    def targets(self, batch: Batch) -> np.ndarray:
+        """How much each example of `batch` counts towards each class, [B, C]: 0 for filler rows."""
+        labels = batch.labels.numpy()
+        if self.kd_weight is None:
+            known = labels != IGNORE_INDEX
+            q = np.zeros((len(labels), self.num_classes))
+            q[known, labels[known]] = 1.0
+        else:
+            if batch.teacher_logits is None:
+                raise ValueError("these class statistics count examples by a teacher's distribution: the device "
+                                 "has not been given a teacher bundle")
+            q = soft_targets(labels, batch.teacher_logits, self.kd_weight, self.kd_temperature)
+        return q * (batch.weights > 0)[:, None]
 
 
 def stats_length(hparams: dict) -> int:
@@ -70,10 +105,11 @@ class ClassStats:
             features = self.engine.features(batch, self.adapter).astype(np.float64)
             if features.shape[-1] != h:
                 raise ValueError(f"the program's features have {features.shape[-1]} values, the task says {h}")
-            real = batch.weights > 0
-            x, labels = features[real], batch.labels.numpy()[real]
-            np.add.at(sums, labels, x)
-            np.add.at(counts, labels, 1.0)
+            q = self.config.targets(batch)
+            counted = q.sum(axis=1) > 0  # a row that counts towards no class adds nothing, to M either
+            x, q = features[counted], q[counted]
+            sums += q.T @ x
+            counts += q.sum(axis=0)
             outer += x.T @ x
             if guard:
                 guard()

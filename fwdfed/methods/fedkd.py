@@ -11,7 +11,11 @@ local step is then MeZO's (central differences along seeded directions, the same
     L = (1 - a) CE(student, y) + a T^2 KL(softmax(teacher / T) || softmax(student / T))
 
 per example, with a = `--kd-weight` in [0, 1] and T = `--kd-temperature` > 0 (Hinton et al.'s
-T^2 keeps the soft part's gradient scale independent of T). The student's logits for the P
+T^2 keeps the soft part's gradient scale independent of T). An unlabelled example (an empty label
+cell: most of what a phone holds) has no CE term: its loss is the teacher's part alone,
+T^2 KL(...). The class-statistics round of a fedkd job (`--head-init lda`) counts each example
+towards the classes by the same target, q = (1 - a) onehot(y) + a softmax(teacher / T), or
+softmax(teacher / T) alone when unlabelled (`soft_targets`). The student's logits for the P
 adapter vectors of a call come from the program's `logits` method (`python -m export
 --distillation`); the loss is taken on the device, a few numbers per example.
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
+from fwdfed.bundle.tasks import IGNORE_INDEX
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, hparam, parse_block
 from fwdfed.methods.mezo import Mezo, MezoConfig
@@ -44,14 +49,27 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 def distillation_loss(student_logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray,
                       weight: float, temperature: float) -> np.ndarray:
     """Per-example (1 - a) CE(student, y) + a T^2 KL(teacher_T || student_T), [P, B], for student
-    logits [P, B, C] (P adapter vectors), labels [B] and the teacher's logits [B, C]."""
+    logits [P, B, C] (P adapter vectors), labels [B] and the teacher's logits [B, C]; an unlabelled
+    example (label IGNORE_INDEX) gets T^2 KL alone."""
     s = np.asarray(student_logits, dtype=np.float64)
     t = np.asarray(teacher_logits, dtype=np.float64)[None]
     y = np.asarray(labels, dtype=np.int64)
-    ce = -np.take_along_axis(log_softmax(s), y[None, :, None], axis=-1)[..., 0]
+    known = y != IGNORE_INDEX
+    ce = -np.take_along_axis(log_softmax(s), np.where(known, y, 0)[None, :, None], axis=-1)[..., 0]
     log_t, log_s = log_softmax(t / temperature), log_softmax(s / temperature)
-    kl = (np.exp(log_t) * (log_t - log_s)).sum(axis=-1)
-    return (1.0 - weight) * ce + weight * temperature**2 * kl
+    kl = temperature**2 * (np.exp(log_t) * (log_t - log_s)).sum(axis=-1)
+    return np.where(known, (1.0 - weight) * ce + weight * kl, kl)
+
+
+def soft_targets(labels: np.ndarray, teacher_logits: np.ndarray, weight: float, temperature: float) -> np.ndarray:
+    """Each example's target distribution [B, C]: (1 - a) onehot(y) + a softmax(teacher / T), or the
+    teacher's softmax alone for an unlabelled example."""
+    teacher = np.exp(log_softmax(np.asarray(teacher_logits, dtype=np.float64) / temperature))
+    y = np.asarray(labels, dtype=np.int64)
+    known = y != IGNORE_INDEX
+    onehot = np.zeros_like(teacher)
+    onehot[known, y[known]] = 1.0
+    return np.where(known[:, None], (1.0 - weight) * onehot + weight * teacher, teacher)
 
 
 def check_weight(weight: float) -> None:
@@ -110,6 +128,14 @@ class DistillationObjective:
                              "given a teacher bundle")
         logits = self.engine.batched_logits(batch, adapters)
         return distillation_loss(logits, batch.labels.numpy(), batch.teacher_logits, self.weight, self.temperature)
+
+
+def teacher_objective(engine, hparams: dict) -> DistillationObjective:
+    """The distillation loss a task that names a teacher is measured by (its kd_weight and kd_temperature)."""
+    weight, temperature = hparam(hparams, "kd_weight", float, 0.5), hparam(hparams, "kd_temperature", float, 2.0)
+    check_weight(weight)
+    check_temperature(temperature)
+    return DistillationObjective(engine, weight, temperature)
 
 
 class FedKD:

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from device_sdk.data import (DataError, DataSpec, Partition, encode, partition, read_examples, shard, shuffled,
+from device_sdk.data import (DataError, DataSpec, Partition, encode, labelled, partition, read_examples, shard, shuffled,
                              split)
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.directions import words
@@ -70,6 +70,18 @@ def test_columns_labels_and_offsets(tmp_path):
     jsonl.write_text("\n".join(json.dumps({"sentiment": s, "text": t}) for s, t in [("neg", "bad"), ("pos", "good")]))
     named = read_examples(jsonl, DataSpec(label_column="sentiment", labels=("neg", "pos"), seed=None))
     assert [(e.text, e.label) for e in named] == [("bad", 0), ("good", 1)]
+
+
+def test_an_empty_label_cell_is_an_unlabelled_row(tmp_path):
+    tsv = tmp_path / "some.tsv"
+    tsv.write_text("label\tsentence\n1\tgood\n\tno label\n0\tbad\n")
+    rows = read_examples(tsv, DataSpec(num_labels=2, seed=None))
+    assert [(e.text, e.label) for e in rows] == [("good", 1), ("no label", None), ("bad", 0)]
+    assert labelled(rows, "x") == [rows[0], rows[2]]
+    batch = encode(byte_level_tokenizer(), rows, SEQ_CLS, batch_size=4, seq_len=8)[0]
+    assert batch.labels.tolist() == [1, IGNORE_INDEX, 0, 0] and batch.weights.tolist() == [1, 1, 1, 0]
+    with pytest.raises(DataError, match="the shard has no labelled rows"):
+        labelled(rows[1:2], "the shard")
 
 
 @pytest.mark.parametrize("content, suffix, spec, reason", [

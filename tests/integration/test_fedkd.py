@@ -51,6 +51,40 @@ def test_a_fedkd_job_runs_with_the_teacher_named_in_every_task(tmp_path, bundles
     assert len(versions) == 2 and versions[0].vector != versions[-1].vector
 
 
+def test_unlabelled_rows_are_learnt_from_the_teacher_and_left_out_without_one(tmp_path, bundles):
+    """Three rows in four without a label: the fedkd job's head round and its MeZO round use every row
+    (counted by the teacher's targets), a device without a teacher trains on the labelled rows alone."""
+    from device_sdk.client import Device, DeviceConfig, DeviceError
+    from device_sdk.data import DataSpec, read_examples, split
+
+    student, teacher, data = bundles
+    header, *rows = data.read_text().splitlines(keepends=True)
+    partly = tmp_path / "partly_labelled.tsv"
+    partly.write_text(header + "".join(r if i % 4 == 0 else "\t" + r.split("\t", 1)[1] for i, r in enumerate(rows)))
+    train = split(read_examples(partly, DataSpec(num_labels=2)), "train")
+    db, out = run_job(tmp_path, student, partly, rounds=1, devices=2, eval_examples=32, hparams=[
+        "--method", "fedkd", "--teacher-bundle", str(teacher), "--kd-weight", "0.5", "--kd-temperature", "2",
+        "--head-init", "lda", "--lr", "1e-3", "--eps", "1e-2", "--local-steps", "3", "--directions", "2"],
+        emulate_args=["--teacher-bundle", str(teacher)])
+    store = open_store(db)
+    with store.session() as s:
+        tasks = s.query(Task).order_by(Task.id).all()
+        head_round = [t for t in tasks if "num_classes" in t.hparams]  # the class-statistics round's
+        assert len(head_round) == 2 and all(t.hparams["teacher_sha256"] == teacher_hash(teacher)
+                                            and t.hparams["kd_weight"] == 0.5 for t in head_round)
+        assert {u.num_examples for u in s.query(UpdateRow).all()} == {len(train) // 2}  # every row of each shard
+    versions = store.versions(store.latest_job().id)
+    assert len(versions) == 3 and len({v.vector for v in versions}) == 3  # the head round, then fedkd's, each moved it
+
+    config = DeviceConfig(device_id="d0", coordinator="ws://127.0.0.1:1", bundle=str(student), data=str(partly),
+                          shard_index=0, shard_count=2)
+    assert Device(config, load_program=False).num_examples == sum(e.label is not None for e in train[::2])
+    unlabelled = tmp_path / "unlabelled.tsv"
+    unlabelled.write_text(header + "".join("\t" + r.split("\t", 1)[1] for r in rows))
+    with pytest.raises(DeviceError, match="has no labelled rows .*a device given a teacher"):
+        Device(config.__class__(**{**config.__dict__, "data": str(unlabelled)}), load_program=False)
+
+
 def test_the_teacher_program_is_inference_only_and_the_student_has_batched_logits(bundles):
     from device_sdk.data import DataSpec, encode, read_examples
     from device_sdk.engine import EngineError, ProgramEngine

@@ -75,10 +75,11 @@ def run_job(tmp_path, bundle, data, rounds, hparams, eval_examples=128, devices=
                               str(devices), "--round-deadline", "300", *hparams)
     try:
         devices_run = emulate(coordinator.url, bundle, data, devices, "--credentials", str(credentials), *emulate_args)
+        # Failed devices leave the coordinator waiting for its round: say why now, not at its timeout.
+        assert devices_run.returncode == 0, devices_run.stderr[-3000:]
         code, out, err = coordinator.wait()
     finally:
         coordinator.kill()
-    assert devices_run.returncode == 0, devices_run.stderr[-3000:]
     assert code == 0, err[-3000:]
     return db, out
 

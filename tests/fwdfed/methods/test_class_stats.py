@@ -31,6 +31,34 @@ def test_a_device_sums_features_counts_and_outer_products_of_its_real_examples()
     assert len(run.dense) == stats_length({"num_classes": 2, "feature_dim": 3})
 
 
+def test_with_a_teacher_examples_count_by_their_distillation_targets_and_unlabelled_ones_too():
+    from fwdfed.bundle.tasks import IGNORE_INDEX
+    from fwdfed.methods.fedkd import soft_targets
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    labels = torch.tensor([0, IGNORE_INDEX, 1, IGNORE_INDEX])
+    plain = ClassStats(FixedFeatures([x]), np.zeros(5), ClassStatsConfig(num_classes=2, feature_dim=3)).train(
+        [Batch(None, None, labels, np.ones(4, np.float32))], 1)
+    np.testing.assert_array_equal(plain.dense[6:8], [1, 1])  # without a teacher the unlabelled rows count nowhere
+    np.testing.assert_array_equal(plain.dense[8:].reshape(3, 3), x[[0, 2]].T @ x[[0, 2]])
+    teacher = np.array([[0.0, 2.0], [1.0, -1.0], [0.5, 0.5], [3.0, 0.0]], np.float32)
+    batch = Batch(None, None, labels, np.array([1, 1, 1, 0], np.float32), teacher_logits=teacher)  # the last: filler
+    hparams = {"num_classes": 2, "feature_dim": 3, "teacher_sha256": "ab" * 32, "kd_weight": 0.25,
+               "kd_temperature": 2.0}
+    run = ClassStats(FixedFeatures([x]), np.zeros(5), ClassStatsConfig.from_hparams(hparams)).train([batch], 1)
+    q = soft_targets(labels.numpy()[:3], teacher[:3], 0.25, 2.0)
+    np.testing.assert_allclose(q[0], 0.75 * np.array([1, 0]) + 0.25 * np.exp(teacher[0] / 2) / np.exp(teacher[0] / 2).sum())
+    np.testing.assert_allclose(q[1], np.exp(teacher[1] / 2) / np.exp(teacher[1] / 2).sum())  # the teacher's alone
+    np.testing.assert_allclose(run.dense[:6].reshape(2, 3), q.T @ x[:3], rtol=1e-6)
+    np.testing.assert_allclose(run.dense[6:8], q.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(run.dense[8:].reshape(3, 3), x[:3].T @ x[:3], rtol=1e-6)
+    with pytest.raises(ValueError, match="has not been given a teacher bundle"):
+        ClassStats(FixedFeatures([x]), np.zeros(5), ClassStatsConfig.from_hparams(hparams)).train(
+            [Batch(None, None, labels, np.ones(4, np.float32))], 1)
+    with pytest.raises(ValueError, match="kd_weight must be in"):
+        ClassStatsConfig.from_hparams(hparams | {"kd_weight": 2.0})
+
+
 def stats_of(x, y, c):
     return np.concatenate([np.stack([x[y == k].sum(0) for k in range(c)]).ravel(),
                            np.bincount(y, minlength=c).astype(float), (x.T @ x).ravel()])

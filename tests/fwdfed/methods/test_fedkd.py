@@ -35,6 +35,19 @@ def test_the_mixed_loss_is_torchs_cross_entropy_and_kl_divergence(weight, temper
                                atol=1e-12)
 
 
+def test_an_unlabelled_example_is_learnt_from_the_teacher_alone():
+    from fwdfed.bundle.tasks import IGNORE_INDEX
+
+    g = np.random.default_rng(1)
+    student, teacher = 3 * g.standard_normal((2, 3, 4)), 3 * g.standard_normal((3, 4))
+    labels = np.array([2, IGNORE_INDEX, 0])
+    ours = distillation_loss(student, labels, teacher, 0.4, 2.0)
+    mixed = torch_reference(student, np.array([2, 0, 0]), teacher, 0.4, 2.0)
+    kl_alone = torch_reference(student, np.array([2, 0, 0]), teacher, 1.0, 2.0)
+    np.testing.assert_allclose(ours[:, [0, 2]], mixed[:, [0, 2]], rtol=1e-10)
+    np.testing.assert_allclose(ours[:, 1], kl_alone[:, 1], rtol=1e-10)
+
+
 def test_the_kl_part_vanishes_when_the_student_is_the_teacher():
     logits = np.array([[2.0, -1.0], [0.3, 0.1]])
     ce = distillation_loss(logits[None], np.array([0, 1]), logits, 0.0, 2.0)
