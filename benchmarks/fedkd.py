@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     # Small defaults: on 2 shared cores a MiniLM pass of 16 x 32 tokens takes about a second.
     parser.add_argument("--device-rows", type=int, default=900)
     parser.add_argument("--public-rows", type=int, default=1000)
-    parser.add_argument("--labelled", type=int, help="how many of the devices' training rows keep their label (default: "
-                        "all); the others are unlabelled: the mezo arm leaves them out, fedkd learns them from the teacher")
+    parser.add_argument("--labelled", type=int, help="how many of the devices' training rows keep their label "
+                        "(default: all); the others are unlabelled: the mezo arm leaves them out, fedkd learns them "
+                        "from the teacher")
     parser.add_argument("--lda-shrinkage", type=float, default=0.1, help="serve's, for both arms' head round")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="training rounds after the head round")

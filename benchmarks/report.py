@@ -168,6 +168,10 @@ def fedkd_section(results: dict) -> str:
                f"({t['epochs']} epoch(s), lr {t['lr']:g}, {t['train_seconds'] / 60:.1f} min), "
                f"{t['test_accuracy']:.4f} on GLUE dev ({t['test_rows']} rows); the devices hold "
                f"{results['device_rows']:,} other rows.")
+    if results.get("labelled_training_rows") is not None:
+        teacher += (f" Only {results['labelled_training_rows']:,} of their {results['training_rows']:,} training rows "
+                    "keep a label (the coordinator's held-out rows keep theirs): `mezo` trains on those, `fedkd` on "
+                    "every row, the unlabelled by the teacher's distribution alone.")
     rows = ["| phase (fresh process each) | peak MiB | s per batch |", "|---|---|---|",
             f"| teacher labelling (predict, P = 1) | {memory['teacher_labelling_peak_bytes'] / MiB:.0f} | "
             f"{memory['teacher']['step_seconds']:.2f} |"]
@@ -179,6 +183,11 @@ def fedkd_section(results: dict) -> str:
                     f"{student['sum_of_phases_bytes'] / MiB:.0f}, the interpreter counted twice) | |")
     passes = [f"`{arm}` {f['teacher_passes']:,} teacher passes (once)" for arm, f in results["arms"].items()
               if "teacher_passes" in f]
+    head_rounds = {arm: sum(r["forward_passes"] for r in f["rounds"] if r["method"] == "class-stats")
+                   for arm, f in results["arms"].items()}
+    if any(head_rounds.values()):  # one pass per batch of the rows a device trains on: more rows, more passes
+        passes.append("of the forward passes, the head round's (one per batch of the rows a device trains on): "
+                      + ", ".join(f"`{arm}` {n:,}" for arm, n in head_rounds.items()))
     return (teacher + "\n\n" + comparison_table(results) + "\n\n" + ("Besides the forward passes above: "
             + "; ".join(passes) + ".\n\n" if passes else "") + "\n".join(rows) + "\n\nCommands: "
             + "; ".join(f"`{c}`" for c in results["commands"]))

@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from device_sdk.data import (DataError, DataSpec, Partition, encode, labelled, partition, read_examples, shard, shuffled,
-                             split)
+from device_sdk.data import (DataError, DataSpec, Partition, encode, labelled, partition, read_examples, shard,
+                             shuffled, split)
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.directions import words
 from fwdfed.model.base_model import byte_level_tokenizer

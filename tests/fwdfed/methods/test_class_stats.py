@@ -47,8 +47,9 @@ def test_with_a_teacher_examples_count_by_their_distillation_targets_and_unlabel
                "kd_temperature": 2.0}
     run = ClassStats(FixedFeatures([x]), np.zeros(5), ClassStatsConfig.from_hparams(hparams)).train([batch], 1)
     q = soft_targets(labels.numpy()[:3], teacher[:3], 0.25, 2.0)
-    np.testing.assert_allclose(q[0], 0.75 * np.array([1, 0]) + 0.25 * np.exp(teacher[0] / 2) / np.exp(teacher[0] / 2).sum())
-    np.testing.assert_allclose(q[1], np.exp(teacher[1] / 2) / np.exp(teacher[1] / 2).sum())  # the teacher's alone
+    softmax = np.exp(teacher / 2) / np.exp(teacher / 2).sum(1, keepdims=True)
+    np.testing.assert_allclose(q[0], 0.75 * np.array([1, 0]) + 0.25 * softmax[0])
+    np.testing.assert_allclose(q[1], softmax[1])  # the teacher's alone
     np.testing.assert_allclose(run.dense[:6].reshape(2, 3), q.T @ x[:3], rtol=1e-6)
     np.testing.assert_allclose(run.dense[6:8], q.sum(0), rtol=1e-6)
     np.testing.assert_allclose(run.dense[8:].reshape(3, 3), x[:3].T @ x[:3], rtol=1e-6)
