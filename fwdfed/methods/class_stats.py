@@ -37,7 +37,8 @@ from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.tasks import IGNORE_INDEX
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, hparam
-from fwdfed.methods.fedkd import check_teacher_hash, check_temperature, check_weight, soft_targets
+from fwdfed.methods.fedkd import (check_teacher_hash, check_temperature, check_weight, distillation_hparams,
+                                  soft_targets)
 
 MAX_CLASSES = 4096
 MAX_FEATURES = 16384
@@ -67,8 +68,7 @@ class ClassStatsConfig:
         teacher = {}
         if "teacher_sha256" in hparams:
             check_teacher_hash(hparam(hparams, "teacher_sha256", str))
-            teacher = {"kd_weight": hparam(hparams, "kd_weight", float, 0.5),
-                       "kd_temperature": hparam(hparams, "kd_temperature", float, 2.0)}
+            teacher = distillation_hparams(hparams)
         return cls(num_classes=hparam(hparams, "num_classes", int), feature_dim=hparam(hparams, "feature_dim", int),
                    **teacher)
 

@@ -38,6 +38,7 @@ from fwdfed.methods.estimate import LocalRun, hparam, parse_block
 from fwdfed.methods.mezo import Mezo, MezoConfig
 
 MAX_TEMPERATURE = 100.0  # softmax(z / T) is uniform to float precision well before this
+DEFAULT_WEIGHT, DEFAULT_TEMPERATURE = 0.5, 2.0
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -82,6 +83,12 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"kd_temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature!r}")
 
 
+def distillation_hparams(hparams: dict) -> dict:
+    """A task's `kd_weight` and `kd_temperature` (the fedkd rounds' and their head round's), defaults filled in."""
+    return {"kd_weight": hparam(hparams, "kd_weight", float, DEFAULT_WEIGHT),
+            "kd_temperature": hparam(hparams, "kd_temperature", float, DEFAULT_TEMPERATURE)}
+
+
 def check_teacher_hash(value: str) -> None:
     if not SHA256.fullmatch(value):
         raise ValueError(f"teacher_sha256 must be a program's sha256 (64 lowercase hex digits), got {value[:80]!r}")
@@ -94,8 +101,8 @@ class FedKDConfig:
     eps: float = 1e-2
     directions: int = 1
     kind: str = "rademacher"
-    kd_weight: float = 0.5  # a: the share of the teacher's distribution in the loss
-    kd_temperature: float = 2.0  # T
+    kd_weight: float = DEFAULT_WEIGHT  # a: the share of the teacher's distribution in the loss
+    kd_temperature: float = DEFAULT_TEMPERATURE  # T
     block: tuple[int, int] | None = None
 
     def __post_init__(self):
@@ -112,8 +119,8 @@ class FedKDConfig:
     def from_hparams(cls, hparams: dict) -> "FedKDConfig":
         return cls(teacher_sha256=hparam(hparams, "teacher_sha256", str), lr=hparam(hparams, "lr", float),
                    eps=hparam(hparams, "eps", float), directions=hparam(hparams, "directions", int, 1),
-                   kind=hparam(hparams, "kind", str, "rademacher"), kd_weight=hparam(hparams, "kd_weight", float, 0.5),
-                   kd_temperature=hparam(hparams, "kd_temperature", float, 2.0), block=parse_block(hparams))
+                   kind=hparam(hparams, "kind", str, "rademacher"), block=parse_block(hparams),
+                   **distillation_hparams(hparams))
 
 
 class DistillationObjective:
@@ -132,10 +139,10 @@ class DistillationObjective:
 
 def teacher_objective(engine, hparams: dict) -> DistillationObjective:
     """The distillation loss a task that names a teacher is measured by (its kd_weight and kd_temperature)."""
-    weight, temperature = hparam(hparams, "kd_weight", float, 0.5), hparam(hparams, "kd_temperature", float, 2.0)
-    check_weight(weight)
-    check_temperature(temperature)
-    return DistillationObjective(engine, weight, temperature)
+    kd = distillation_hparams(hparams)
+    check_weight(kd["kd_weight"])
+    check_temperature(kd["kd_temperature"])
+    return DistillationObjective(engine, kd["kd_weight"], kd["kd_temperature"])
 
 
 class FedKD:
@@ -160,7 +167,9 @@ METHOD = Method(
             "once and is freed before training (--teacher-bundle, --kd-weight, --kd-temperature)",
     config=FedKDConfig,
     optimizer=FedKD,
-    hparams=(Hparam("kd_weight", float, 0.5, "fedkd: a, the teacher distribution's share of the loss, in [0, 1]"),
-             Hparam("kd_temperature", float, 2.0, f"fedkd: T, the softmax temperature, in (0, {MAX_TEMPERATURE:g}]")),
+    hparams=(Hparam("kd_weight", float, DEFAULT_WEIGHT,
+                    "fedkd: a, the teacher distribution's share of the loss, in [0, 1]"),
+             Hparam("kd_temperature", float, DEFAULT_TEMPERATURE,
+                    f"fedkd: T, the softmax temperature, in (0, {MAX_TEMPERATURE:g}]")),
     needs_teacher=True,
 )
