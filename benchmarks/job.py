@@ -153,12 +153,11 @@ def task_frame_bytes(job, rnd, method, hparams: dict) -> int:
     return len(message.to_wire())
 
 
-def chance_gains(evaluate, start: np.ndarray, length: float, count: int) -> list[float]:
-    """The held-out gain of `count` random steps of `length` from `start`: what chance alone moves it.
-    `evaluate(adapter)` is a `device_sdk.evaluate.Evaluator`."""
+def chance_gains(evaluate, start: np.ndarray, start_loss: float, length: float, count: int) -> list[float]:
+    """The held-out gain of `count` random steps of `length` from `start` (whose held-out loss is
+    `start_loss`): what chance alone moves it. `evaluate(adapter)` is a `device_sdk.evaluate.Evaluator`."""
     from fwdfed.directions import direction
 
-    start_loss = evaluate(start)["heldout_loss"]
     gains = []
     for k in range(count):
         z = direction(10_000 + k, start.shape[0])
@@ -172,20 +171,26 @@ def chance_bar(gains: list[float]) -> float:
     return max(max(gains), float(np.mean(gains) + 3 * np.std(gains)), 0.0)
 
 
-def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, controls: int = 8) -> dict:
-    """The latest job's first and last global adapters on `examples` held-out rows of `data`, and `controls`
-    random steps of the same length from the first (benchmarks.quantized, benchmarks.prompt_learning)."""
+def first_and_last_adapters(db: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The latest job's first (version 0) and last global adapters, from its database."""
     from coordinator.store import open_store
-    from device_sdk.evaluate import Evaluator
-    from fwdfed.bundle.manifest import load_bundle
 
     store = open_store(db)
     versions = store.versions(store.latest_job().id)
-    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
+    return tuple(np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
+
+
+def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, controls: int = 8) -> dict:
+    """The latest job's first and last global adapters on `examples` held-out rows of `data`, and `controls`
+    random steps of the same length from the first (benchmarks.quantized, benchmarks.prompt_learning)."""
+    from device_sdk.evaluate import Evaluator
+    from fwdfed.bundle.manifest import load_bundle
+
+    start, final = first_and_last_adapters(db)
     evaluate = Evaluator(load_bundle(bundle_dir), data, examples)
     start_loss, final_loss = evaluate(start)["heldout_loss"], evaluate(final)["heldout_loss"]
     step = float(np.linalg.norm(final - start))
-    chance = chance_gains(evaluate, start, step, controls)
+    chance = chance_gains(evaluate, start, start_loss, step, controls)
     gain = start_loss - final_loss
     bar = chance_bar(chance)
     return {"heldout_loss_start": start_loss, "heldout_loss_final": final_loss, "gain": gain,

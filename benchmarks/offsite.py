@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.job import SHARED, JobSpec, chance_gains, export_bundle, run_job
+from benchmarks.job import SHARED, JobSpec, chance_gains, export_bundle, first_and_last_adapters, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run
 
@@ -46,19 +46,17 @@ def profile_pair(emulator: Path, full: Path, out: Path, repeats: int) -> list[di
 
 def score_job(db: Path, emulator: Path, full: Path, data: Path, eval_examples: int, controls: int) -> dict:
     """Start and final adapters of a job, on the full model and on the emulator, and chance."""
-    from coordinator.store import open_store
     from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
 
-    store = open_store(db)
-    versions = store.versions(store.latest_job().id)
-    start, final = (np.frombuffer(v.vector, "<f4") for v in (versions[0], versions[-1]))
+    start, final = first_and_last_adapters(db)
     on_full = Evaluator(load_bundle(full), data, eval_examples)
     on_emulator = Evaluator(load_bundle(emulator), data, eval_examples)
     length = float(np.linalg.norm(final - start))
-    chance = chance_gains(on_full, start, length, controls)
+    full_start = on_full(start)["heldout_loss"]
+    chance = chance_gains(on_full, start, full_start, length, controls)
     return {"step_length": length,
-            "full_start": on_full(start)["heldout_loss"], "full_final": on_full(final)["heldout_loss"],
+            "full_start": full_start, "full_final": on_full(final)["heldout_loss"],
             "emulator_start": on_emulator(start)["heldout_loss"],
             "emulator_final": on_emulator(final)["heldout_loss"],
             "full_chance_gains": chance}
