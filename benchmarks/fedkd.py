@@ -58,11 +58,11 @@ def keep_labels(data: Path, labelled: int) -> int:
     """Empty the label cell of all but `labelled` of the devices' training rows (the coordinator's
     held-out rows keep theirs): the first in the devices' shuffled order, so every IID shard keeps a
     like share. Returns how many training rows `data` holds."""
-    from device_sdk.data import HELDOUT_EVERY, shuffled
+    from device_sdk.data import shuffled, split
 
     header, *body = data.read_text(encoding="utf-8").splitlines(keepends=True)
-    order = shuffled(list(range(len(body))), 0)  # the order the coordinator and devices read (data seed 0)
-    training = [row for i, row in enumerate(order) if i % HELDOUT_EVERY]
+    # Row numbers in the order the coordinator and devices read them (data seed 0), cut as they cut it.
+    training = split(shuffled(list(range(len(body))), 0), "train")
     for row in training[labelled:]:
         body[row] = "\t" + body[row].split("\t", 1)[1]
     data.write_text(header + "".join(body), encoding="utf-8")
