@@ -20,6 +20,7 @@ from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differenc
                                      check_positive, draw_seeds, hparam, parse_block)
 
 SCHEDULES = ("constant", "linear")
+SCHEDULE = Hparam("schedule", str, "constant", "mezo, fzoo: the lr over the local steps", SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,6 @@ METHOD = Method(
     config=MezoConfig,
     optimizer=Mezo,
     hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay (mezo: sent as `scale`)"),
-             Hparam("schedule", str, "constant", "mezo: the lr over the local steps", SCHEDULES)),
+             SCHEDULE),
     scale_range=scale_range,
 )
