@@ -217,7 +217,8 @@ def decode(frame: Any) -> Message:
     if not isinstance(data, dict):
         raise ProtocolError("a message must be a msgpack map")
     kind, version = data.pop("type", None), data.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    # `type(...) is int`: under `!=`, msgpack's 1.0 and true would pass for 1 (a version is an int).
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
     if not isinstance(kind, str) or kind not in MESSAGES:
         raise ProtocolError(f"unknown message type {kind!r}")

@@ -37,7 +37,7 @@ VALID = [
     protocol.Error(code="revoked", message="é" * 1024),
 ]
 # Values of every wrong kind and at every edge: each replaces each field of each message in turn.
-PROBES = [None, True, 0, 1, -1, 2**31 - 1, 2**31, 2**62, 2**62 + 1, 2**63 - 1, 2**64 - 1, -(2**63), 0.0, 1.5, -0.5,
+PROBES = [None, True, 0, 1, -1, 2**31 - 1, 2**31, 2**62, 2**62 + 1, 2**63 - 1, 2**64 - 1, -(2**63), 0.0, 1.0, 1.5, -0.5,
           float("nan"), float("inf"), "", "x", "x" * 32, "x" * 33, "x" * 64, "x" * 65, "x" * 128, "x" * 129,
           "😀" * 128, "x" * 1024, "x" * 1025, b"", b"\x00" * 5, [], [1, 2], [0.5], [-1], [2**63], [True],
           {}, {"lr": 0.1}, {"lr": "x" * 65}, {1: 2}, {"k": [1]}, {f"k{i}": i for i in range(65)},

@@ -35,6 +35,8 @@ def wire(**changes):
     (msgpack.packb(5), "map"),
     (msgpack.packb({1: 2}), "not valid msgpack"),
     (wire(v=2), "protocol version"),
+    (wire(v=1.0), "protocol version"),  # integers are never floats,
+    (wire(v=True), "protocol version"),  # and booleans are not 0/1
     (wire(type="launch"), "unknown message type"),
     (wire(round=...), "missing field 'round'"),
     (wire(extra=1), "unexpected fields"),
@@ -55,6 +57,14 @@ def wire(**changes):
 def test_malformed_frames_are_refused_with_a_reason(frame, reason):
     with pytest.raises(ProtocolError, match=reason):
         decode(frame)
+
+
+def test_the_version_must_be_an_integer_in_a_hello_too():
+    hello = protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None)
+    for version in (1.0, True):
+        frame = msgpack.packb({"type": "hello", "v": version, **hello.__dict__}, use_bin_type=True)
+        with pytest.raises(ProtocolError, match="protocol version"):
+            decode(frame)
 
 
 def test_oversized_frames_are_refused_before_parsing():

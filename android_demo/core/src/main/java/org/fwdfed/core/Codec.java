@@ -207,13 +207,9 @@ public final class Codec {
         return build(type, data);
     }
 
-    /**
-     * Python compares the version with `!=`, under which 1.0 and True equal 1: mirrored so that
-     * both sides refuse the same frames.
-     */
+    /** The version is a msgpack int equal to 1: neither 1.0 nor true (as in fwdfed/protocol.py). */
     private static boolean isVersionOne(Object v) {
-        return (v instanceof Long && (Long) v == 1L) || (v instanceof Double && (Double) v == 1.0)
-                || Boolean.TRUE.equals(v);
+        return v instanceof Long && (Long) v == 1L;
     }
 
     // Field checks: null when the value is valid, otherwise what it must be.
