@@ -1,97 +1,107 @@
 package org.fwdfed.app;
 
+import android.app.Activity;
 import android.content.SharedPreferences;
 import android.os.Bundle;
-import android.widget.Button;
+import android.view.View;
 import android.widget.EditText;
 import android.widget.TextView;
-
-import androidx.appcompat.app.AppCompatActivity;
-import androidx.work.Data;
-import androidx.work.WorkInfo;
-import androidx.work.WorkManager;
-
-import java.util.List;
-import java.util.Locale;
 
 import org.fwdfed.core.MemorySize;
 
 /**
- * The screen: where to connect (coordinator URL, device token, device id, memory budget), a
- * switch to train when the phone is charging on an unmetered network, and what the device is
- * doing: connection state, round, local loss, peak memory, bytes sent and received.
+ * The screen (a plain framework Activity): where to connect (coordinator URL, device token,
+ * device id, memory budget), a button to train when the phone is charging on an unmetered
+ * network, a Stop button, and what the device is doing: connection state, round, local loss,
+ * peak memory, bytes sent and received.
  */
-public final class MainActivity extends AppCompatActivity {
+public final class MainActivity extends Activity implements SharedPreferences.OnSharedPreferenceChangeListener {
+    private static final int[] STATUS_VIEWS = {R.id.state, R.id.round, R.id.loss, R.id.memory, R.id.traffic,
+        R.id.message};
+
     private SharedPreferences settings;
+    // Held in a field: SharedPreferences keeps its listeners weakly.
+    private SharedPreferences status;
 
     @Override
     protected void onCreate(Bundle saved) {
         super.onCreate(saved);
         setContentView(R.layout.activity_main);
         // The token is a credential: private app storage (not backed up: allowBackup is false).
-        settings = getSharedPreferences("device", MODE_PRIVATE);
-        EditText url = findViewById(R.id.url);
-        EditText token = findViewById(R.id.token);
-        EditText deviceId = findViewById(R.id.device_id);
-        EditText budget = findViewById(R.id.budget);
-        url.setText(settings.getString("url", ""));
-        token.setText(settings.getString("token", ""));
-        deviceId.setText(settings.getString("device_id", ""));
-        budget.setText(settings.getString("budget", "1.5GB"));
+        settings = getSharedPreferences(TrainingJobService.SETTINGS, MODE_PRIVATE);
+        status = StatusBoard.of(this);
+        EditText url = field(R.id.url, TrainingJobService.KEY_URL, "");
+        EditText token = field(R.id.token, TrainingJobService.KEY_TOKEN, "");
+        EditText deviceId = field(R.id.device_id, TrainingJobService.KEY_DEVICE, "");
+        EditText budget = field(R.id.budget, TrainingJobService.KEY_BUDGET, "1.5GB");
 
-        Button start = findViewById(R.id.start);
-        start.setOnClickListener(v -> {
-            String budgetText = budget.getText().toString().trim();
-            try {
-                if (!budgetText.isEmpty()) {
-                    MemorySize.parse(budgetText);
-                }
-            } catch (IllegalArgumentException e) {
-                show(R.id.message, e.getMessage());
-                return;
+        findViewById(R.id.start).setOnClickListener(new View.OnClickListener() {
+            @Override
+            public void onClick(View v) {
+                start(url, token, deviceId, budget);
             }
-            settings.edit().putString("url", url.getText().toString().trim())
-                    .putString("token", token.getText().toString().trim())
-                    .putString("device_id", deviceId.getText().toString().trim())
-                    .putString("budget", budgetText).apply();
-            TrainingWorker.schedule(this, new Data.Builder()
-                    .putString(TrainingWorker.KEY_URL, settings.getString("url", ""))
-                    .putString(TrainingWorker.KEY_TOKEN, settings.getString("token", ""))
-                    .putString(TrainingWorker.KEY_DEVICE, settings.getString("device_id", ""))
-                    .putString(TrainingWorker.KEY_BUDGET, budgetText)
-                    .build());
-            show(R.id.state, "waiting for charging and an unmetered network");
         });
-        Button stop = findViewById(R.id.stop);
-        stop.setOnClickListener(v -> TrainingWorker.cancel(this));
-
-        WorkManager.getInstance(this).getWorkInfosForUniqueWorkLiveData(TrainingWorker.WORK_NAME)
-                .observe(this, this::render);
+        findViewById(R.id.stop).setOnClickListener(new View.OnClickListener() {
+            @Override
+            public void onClick(View v) {
+                TrainingJobService.cancel(MainActivity.this);
+                StatusBoard.waiting(MainActivity.this, getString(R.string.stopped));
+            }
+        });
     }
 
-    private void render(List<WorkInfo> infos) {
-        if (infos == null || infos.isEmpty()) {
-            return;
-        }
-        WorkInfo info = infos.get(0);
-        Data p = info.getProgress();
-        if (p.getString("state") == null) {
-            show(R.id.state, info.getState().name().toLowerCase(Locale.ROOT));
-            String error = info.getOutputData().getString("error");
-            if (error != null) {
-                show(R.id.message, error);
+    /** Save the settings and queue the job; a budget that does not parse is refused here, with the reason. */
+    private void start(EditText url, EditText token, EditText deviceId, EditText budget) {
+        String budgetText = budget.getText().toString().trim();
+        try {
+            if (!budgetText.isEmpty()) {
+                MemorySize.parse(budgetText);  // refused here, with the reason, rather than in the job
             }
+        } catch (IllegalArgumentException e) {
+            show(R.id.message, e.getMessage());
             return;
         }
-        show(R.id.state, p.getString("state").toLowerCase(Locale.ROOT) + " (" + p.getInt("accepted", 0)
-                + " updates accepted)");
-        show(R.id.round, "round " + p.getLong("round", 0));
-        show(R.id.loss, String.format(Locale.ROOT, "local loss %.4f -> %.4f", p.getDouble("loss_before", Double.NaN),
-                p.getDouble("loss_after", Double.NaN)));
-        show(R.id.memory, "peak memory " + MemorySize.format(p.getLong("peak", 0)));
-        show(R.id.traffic, String.format(Locale.ROOT, "sent %,d B, received %,d B", p.getLong("sent", 0),
-                p.getLong("received", 0)));
-        show(R.id.message, p.getString("message"));
+        settings.edit().putString(TrainingJobService.KEY_URL, url.getText().toString().trim())
+                .putString(TrainingJobService.KEY_TOKEN, token.getText().toString().trim())
+                .putString(TrainingJobService.KEY_DEVICE, deviceId.getText().toString().trim())
+                .putString(TrainingJobService.KEY_BUDGET, budgetText)
+                .apply();
+        if (TrainingJobService.schedule(this)) {
+            StatusBoard.waiting(this, getString(R.string.waiting));
+        } else {
+            show(R.id.message, getString(R.string.refused));
+        }
+    }
+
+    @Override
+    protected void onResume() {
+        super.onResume();
+        status.registerOnSharedPreferenceChangeListener(this);
+        render();
+    }
+
+    @Override
+    protected void onPause() {
+        status.unregisterOnSharedPreferenceChangeListener(this);
+        super.onPause();
+    }
+
+    @Override
+    public void onSharedPreferenceChanged(SharedPreferences preferences, String key) {
+        render();
+    }
+
+    private void render() {
+        String[] lines = StatusBoard.lines(status);
+        for (int i = 0; i < STATUS_VIEWS.length; i++) {
+            show(STATUS_VIEWS[i], lines[i]);
+        }
+    }
+
+    private EditText field(int id, String key, String fallback) {
+        EditText view = (EditText) findViewById(id);
+        view.setText(settings.getString(key, fallback));
+        return view;
     }
 
     private void show(int id, String text) {
