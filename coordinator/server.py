@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 from coordinator.job import JobOptions, round_method_name
 from coordinator.privacy import gaussian_epsilon
 from coordinator.store import Job, Round, Store
+from coordinator.store.queries import token_hash
 from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
 from fwdfed import methods, protocol
 
@@ -100,6 +101,7 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
+REVOKED = "this device's credential was revoked, or replaced by enrolling the device again"
 SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this much (float rounding)
 # Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
@@ -123,6 +125,7 @@ class Coordinator:
         self.rng = random.Random(seed)
         self.device_timeout_s = device_timeout_s  # a tasked device away this long loses its task
         self.gone_since: dict[str, float] = {}
+        self.credential_of: dict[str, str] = {}  # connected device -> the sha256 of the token it connected with
         self.finished = asyncio.Event()
 
     def round_method(self, number: int) -> methods.Method:
@@ -166,6 +169,7 @@ class Coordinator:
             return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
                                           "the credential is not valid or was revoked")
         connection.username = device_id  # where websockets' own auth helpers keep who is connected
+        connection.token_hash = token_hash(token[:256])  # which of the device's credentials: re-enrolling replaces it
         return None
 
     def _refuse_handshake(self, connection: ServerConnection, status: HTTPStatus, code: str, reason: str) -> Response:
@@ -194,6 +198,8 @@ class Coordinator:
             device_id = self._admit(hello, enrolled)
             self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
             self.connections[device_id] = ws
+            if enrolled is not None:
+                self.credential_of[device_id] = ws.token_hash
             self.gone_since.pop(device_id, None)
             log.info("device %s connected (%d examples)", device_id, hello.num_examples)
             await ws.send(protocol.Welcome(job_id=self.job.id, device_id=device_id).to_wire())
@@ -225,6 +231,7 @@ class Coordinator:
         if self.connections.get(device_id) is not ws:
             return
         del self.connections[device_id]
+        self.credential_of.pop(device_id, None)
         self.gone_since[device_id] = time.time()
         self.store.set_device_status(device_id, "gone")
         log.info("device %s disconnected", device_id)
@@ -281,13 +288,14 @@ class Coordinator:
         """Close the connection of every device whose credential was revoked (by `coordinator revoke`)."""
         while self.limits.require_credentials:
             await asyncio.sleep(REVOCATION_CHECK_S)
-            if not self.connections:
+            held = {d: self.credential_of[d] for d in self.connections if d in self.credential_of}
+            if not held:
                 continue
-            for device_id in self.store.revoked(list(self.connections)):
+            for device_id in self.store.superseded(held):
                 ws = self.connections.get(device_id)
                 if ws is not None:
-                    log.warning("device %s: credential revoked, disconnecting", device_id)
-                    await self._refuse(ws, "revoked", "this device's credential was revoked", device_id)
+                    log.warning("device %s: credential revoked or replaced, disconnecting", device_id)
+                    await self._refuse(ws, "revoked", REVOKED, device_id)
 
     # ---- updates ----
     def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
@@ -314,8 +322,9 @@ class Coordinator:
         """(code, reason) when the update must not be aggregated; None when it may."""
         if update.job_id != self.job.id:
             return "other_job", f"update for job {update.job_id}, this coordinator runs {self.job.id}"
-        if self.limits.require_credentials and self.store.revoked([device_id]):
-            return "revoked", "this device's credential was revoked"
+        held = {device_id: self.credential_of.get(device_id, "")}
+        if self.limits.require_credentials and self.store.superseded(held):
+            return "revoked", REVOKED
         if task is None:
             return "unknown_task", "unknown task"
         if task.device_id != device_id:

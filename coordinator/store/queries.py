@@ -26,6 +26,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def token_hash(token: str) -> str:
+    """What the store keeps of a credential: the sha256 of its token."""
+    return sha256(token.encode())
+
+
 class Store:
     def __init__(self, engine):
         self.engine = engine
@@ -104,7 +109,7 @@ class Store:
         """Issue a new token for `device_id` (replacing and so revoking any earlier one); returns it."""
         token = secrets.token_urlsafe(32)
         with self.session() as s, s.begin():
-            s.merge(Credential(device_id=device_id, token_hash=sha256(token.encode()), created_at=time.time(),
+            s.merge(Credential(device_id=device_id, token_hash=token_hash(token), created_at=time.time(),
                                revoked_at=None))
         return token
 
@@ -120,8 +125,16 @@ class Store:
     def authenticate(self, token: str) -> str | None:
         """The device a valid, unrevoked token belongs to, or None."""
         with self.session() as s:
-            credential = s.scalars(select(Credential).where(Credential.token_hash == sha256(token.encode()))).first()
+            credential = s.scalars(select(Credential).where(Credential.token_hash == token_hash(token))).first()
         return credential.device_id if credential is not None and credential.revoked_at is None else None
+
+    def superseded(self, held: dict[str, str]) -> set[str]:
+        """Those devices of `held` (device id -> the sha256 of the token it connected with) whose token
+        is no longer their valid credential: revoked, removed, or replaced by re-enrolling."""
+        with self.session() as s:
+            valid = set(s.execute(select(Credential.device_id, Credential.token_hash)
+                                  .where(Credential.device_id.in_(list(held)), Credential.revoked_at.is_(None))))
+        return {device_id for device_id, digest in held.items() if (device_id, digest) not in valid}
 
     def revoked(self, device_ids: list[str]) -> set[str]:
         """Those of `device_ids` whose credential was revoked (or removed) since they connected."""
