@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import JobOptions, resumed_options
 from fwdfed import methods
 from fwdfed.cli import quiet_libraries, run_main
@@ -86,6 +87,8 @@ def parse_args(argv):
     s.add_argument("--device-timeout", type=float, default=30.0,
                    help="seconds a tasked device may be away before its task goes to another device")
     s.add_argument("--seed", type=int, default=0, help="seed of device sampling")
+    s.add_argument("--dashboard", type=dashboard_cli.address, metavar="HOST:PORT",
+                   help="serve the operator's live page here too (PORT alone: loopback; docs/dashboard.md)")
     security = s.add_argument_group("security")
     security.add_argument("--auth", choices=("token", "none"), default="token",
                           help="token: only devices enrolled with `enrol` may connect (default); none: anyone may")
@@ -128,7 +131,9 @@ def parse_args(argv):
     pl.add_argument("--db", required=True)
     pl.add_argument("--job-id", help="default: the most recent job")
     pl.add_argument("--out", type=Path, required=True)
+    dashboard_cli.add_commands(commands)
     args = parser.parse_args(argv)
+    dashboard_cli.check(parser, args)
     if args.command == "serve":
         method = methods.get(args.method)
         if args.min_devices is None:
@@ -292,8 +297,13 @@ def serve(args) -> int:
                               max_attempts=args.max_attempts, blocks=block_bounds, device_timeout_s=args.device_timeout,
                               limits=limits, layout=bundle.manifest.layout)
     tls = tls_context(args.cert, args.key) if args.cert else None
-    ok = asyncio.run(serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat, tls=tls,
-                               ready=lambda url: print(f"listening on {url}", flush=True)))
+    run = serve_job(coordinator, args.host, args.port, heartbeat_s=args.heartbeat, tls=tls,
+                    ready=lambda url: print(f"listening on {url}", flush=True))
+    if args.dashboard is not None:
+        from coordinator.dashboard.app import alongside
+
+        run = alongside(run, args.db, job.id, args.dashboard, tls)
+    ok = asyncio.run(run)
     if not ok:
         print(f"error: job {job.id} stopped: a round failed {args.max_attempts} times in a row", file=sys.stderr)
         return 1
@@ -355,9 +365,9 @@ def tls_context(cert: Path, key: Path):
 def enrol(args) -> int:
     """Tokens go to the --out file only (mode 0600), written whole or not at all; the database keeps hashes."""
     import json
-    import os
 
     from coordinator.store import open_store
+    from fwdfed.cli import write_private
     from fwdfed.protocol import MAX_ID
 
     bad = [d for d in args.device_id if not d or len(d) > MAX_ID]
@@ -365,11 +375,7 @@ def enrol(args) -> int:
         raise UserError(f"device ids must be 1 to {MAX_ID} characters: {bad[0]!r}")
     store = open_store(args.db)
     tokens = {device_id: store.enrol(device_id) for device_id in args.device_id}
-    scratch = args.out.with_name(f".{args.out.name}.tmp")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(tokens, f, indent=1)
-    os.replace(scratch, args.out)
+    write_private(args.out, json.dumps(tokens, indent=1))
     print(f"enrolled {len(tokens)} device(s); their tokens are in {args.out} (give each device its own)")
     return 0
 
@@ -467,7 +473,9 @@ def main(argv=None) -> int:
             raise UserError(str(e)) from None
         return 0
     commands = {"serve": serve, "export-adapter": export_adapter, "enrol": enrol, "revoke": revoke,
-                "credentials": list_credentials}
+                "credentials": list_credentials,
+                "operator-token": lambda a: dashboard_cli.operator_token(a, existing_store),
+                "dashboard": lambda a: dashboard_cli.dashboard(a, existing_job, tls_context)}
     return commands[args.command](args)
 
 

@@ -39,8 +39,36 @@ def batch_size_of(job: Job) -> int:
         return 1
 
 
-def status_text(store: Store, job: Job) -> str:
+def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
+    """Every round attempt's figures, as `status` prints them and the dashboard shows them: number,
+    attempt, status, version (closed rounds), method, updates, waves, opened_at, seconds (so far, for an open round),
+    forward passes, peak_bytes (the largest device peak), the version's held-out metrics, reason."""
     options, batch_size = JobOptions.from_json(job.options), batch_size_of(job)
+    by_version = metrics_by_version(store, job)
+    updates_by_round: dict[int, list] = {}
+    for u in store.update_figures(job.id):
+        updates_by_round.setdefault(u.round_id, []).append(u)
+    first_hparams = store.first_tasks(job.id)
+    now = time.time() if now is None else now
+    rows = []
+    for rnd in store.rounds(job.id):
+        updates = updates_by_round.get(rnd.id, [])
+        name = round_method_name(job.method, options, rnd.number)
+        method = methods.get(name) if name in methods.METHODS else None
+        hparams = first_hparams.get(rnd.id, job.hparams)
+        passes = sum(method.forward_passes(u.num_pairs, hparams, u.num_examples, batch_size) for u in updates) \
+            if method else 0
+        version = rnd.base_version + 1 if rnd.status == "closed" else None
+        rows.append({"number": rnd.number, "attempt": rnd.attempt, "status": rnd.status, "version": version,
+                     "method": name, "updates": len(updates), "waves": rnd.wave + 1,
+                     "opened_at": rnd.opened_at, "seconds": (rnd.closed_at or now) - rnd.opened_at,
+                     "forward_passes": passes,
+                     "peak_bytes": max((u.peak_rss_bytes for u in updates), default=0),
+                     "metrics": by_version.get(version, {}) if version is not None else {}, "reason": rnd.reason})
+    return rows
+
+
+def status_text(store: Store, job: Job) -> str:
     lines = [f"job {job.id}: {job.status}, method {job.method}, {store.closed_rounds(job.id)}/{job.rounds} rounds, "
              f"{job.devices_per_round} devices per round (min {job.min_devices}), bundle {job.bundle}"]
     by_version = metrics_by_version(store, job)
@@ -50,20 +78,12 @@ def status_text(store: Store, job: Job) -> str:
     if 0 in by_version:
         lines.append(f"  {'start':>5} {'':>7} {'':<6} {0:>8} {'':>8} {'':>5} {'':>8} {'':>15} {'':>9} "
                      + "  ".join(f"{by_version[0].get(n, float('nan')):.4f}" for n in shown))
-    for rnd in store.rounds(job.id):
-        updates = store.updates(rnd.id)
-        name = round_method_name(job.method, options, rnd.number)
-        method = methods.get(name) if name in methods.METHODS else None
-        hparams = store.tasks(rnd.id)[0].hparams if updates else job.hparams  # as sent: class-stats rounds differ
-        passes = sum(method.forward_passes(u.num_pairs, hparams, u.num_examples, batch_size) for u in updates) \
-            if method else 0
-        peak = max((u.peak_rss_bytes for u in updates), default=0) / 2**20
-        seconds = (rnd.closed_at or time.time()) - rnd.opened_at
-        version = rnd.base_version + 1 if rnd.status == "closed" else None
-        values = by_version.get(version, {}) if version is not None else {}
-        extra = f" ({rnd.reason})" if rnd.reason else ""
-        lines.append(f"  {rnd.number:>5} {rnd.attempt:>7} {rnd.status:<6} {version if version is not None else '-':>8} "
-                     f"{len(updates):>8} {rnd.wave + 1:>5} {seconds:>8.1f} {passes:>15,} {peak:>9.0f} "
+    for row in round_rows(store, job):
+        version, values = row["version"], row["metrics"]
+        extra = f" ({row['reason']})" if row["reason"] else ""
+        lines.append(f"  {row['number']:>5} {row['attempt']:>7} {row['status']:<6} "
+                     f"{version if version is not None else '-':>8} {row['updates']:>8} {row['waves']:>5} "
+                     f"{row['seconds']:>8.1f} {row['forward_passes']:>15,} {row['peak_bytes'] / 2**20:>9.0f} "
                      + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown) + extra)
     best = best_version(store, job)
     if best is not None:

@@ -28,6 +28,7 @@ from coordinator.privacy import gaussian_epsilon
 from coordinator.store import Job, Round, Store
 from coordinator.store.queries import token_hash
 from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
+from coordinator.traffic import CountingConnection, Traffic
 from fwdfed import methods, protocol
 
 log = logging.getLogger("coordinator")
@@ -127,6 +128,7 @@ class Coordinator:
         self.gone_since: dict[str, float] = {}
         self.credential_of: dict[str, str] = {}  # connected device -> the sha256 of the token it connected with
         self.finished = asyncio.Event()
+        self.traffic = Traffic(store)  # bytes up and down per device, for the dashboard
 
     def round_method(self, number: int) -> methods.Method:
         """The method of round `number` (`round_method_name`)."""
@@ -230,6 +232,7 @@ class Coordinator:
         """Forget a device's connection (once): it is away from now on."""
         if self.connections.get(device_id) is not ws:
             return
+        self.traffic.settle(device_id, ws)
         del self.connections[device_id]
         self.credential_of.pop(device_id, None)
         self.gone_since[device_id] = time.time()
@@ -583,18 +586,22 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
     # full, so closing such a connection cannot finish its handshake: close_timeout bounds that wait.
     async with serve(coordinator.handle, host, port, ssl=tls, process_request=coordinator.check_handshake,
                      max_size=max_frame_bytes(job, coordinator.scheduled_dense_values()), max_queue=4, close_timeout=2,
-                     ping_interval=heartbeat_s, ping_timeout=heartbeat_s) as server:
+                     ping_interval=heartbeat_s, ping_timeout=heartbeat_s,
+                     create_connection=CountingConnection) as server:
         bound = server.sockets[0].getsockname()[1]
         url = f"{'wss' if tls else 'ws'}://{host}:{bound}"
         log.info("listening on %s", url)
         if ready:
             ready(url)
         sweeper = asyncio.create_task(coordinator.cut_off_revoked())
+        counter = asyncio.create_task(coordinator.traffic.run(coordinator.connections))
         try:
             ok = await coordinator.run_job()
         finally:
             sweeper.cancel()
         await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
+        counter.cancel()
+        coordinator.traffic.flush(coordinator.connections)
         return ok
 
 

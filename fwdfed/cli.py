@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from fwdfed.errors import UserError
 
@@ -48,3 +49,12 @@ def run_main(main: Callable[[list[str] | None], int], argv=None,
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret (tokens) readable by its owner only (mode 0600), whole or not at all."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(scratch, path)

@@ -4,7 +4,7 @@
 from coordinator.store.database import StoreError, open_store
 from coordinator.store.queries import Store
 from coordinator.store.schema import (SCHEMA_VERSION, AdapterVersion, Base, Credential, Device, Job, Meta, Metric,
-                                      Refusal, Round, Task, UpdateRow)
+                                      OperatorToken, Refusal, Round, Task, UpdateRow)
 
-__all__ = ["SCHEMA_VERSION", "AdapterVersion", "Base", "Credential", "Device", "Job", "Meta", "Metric", "Refusal",
-           "Round", "Store", "StoreError", "Task", "UpdateRow", "open_store"]
+__all__ = ["SCHEMA_VERSION", "AdapterVersion", "Base", "Credential", "Device", "Job", "Meta", "Metric", "OperatorToken",
+           "Refusal", "Round", "Store", "StoreError", "Task", "UpdateRow", "open_store"]

@@ -1,11 +1,11 @@
 """Opening the database: SQLite by path (WAL, chosen durability) or any SQLAlchemy URL, and the
 schema check. A database of another schema version is refused rather than misread; one whose
-upgrade only adds tables is upgraded in place.
+upgrade only adds tables and nullable columns is upgraded in place.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -51,16 +51,33 @@ def open_store(url, sqlite_sync: str = "full") -> Store:
 
 
 def check_schema(engine, tables: set[str]) -> None:
-    """Refuse a database of another schema version; upgrade one whose upgrade only adds tables."""
+    """Refuse a database of another schema version; upgrade one whose upgrade only adds tables and
+    nullable columns."""
     if "meta" not in tables:
         raise StoreError("the database was not made by this coordinator (it has no meta table); use a new --db")
     with Session(engine) as s:
         row = s.get(Meta, "schema_version")
     if row is not None and row.value in UPGRADABLE:
         Base.metadata.create_all(engine)  # adds the missing tables, touches no existing one
+        add_missing_columns(engine)
         with Session(engine) as s, s.begin():
             s.get(Meta, "schema_version").value = str(SCHEMA_VERSION)
         return
     if row is None or row.value != str(SCHEMA_VERSION):
         found = row.value if row else "none"
         raise StoreError(f"database schema version {found} is not supported (this coordinator uses {SCHEMA_VERSION})")
+
+
+def add_missing_columns(engine) -> None:
+    """ALTER TABLE ... ADD COLUMN for each nullable column the tables lack: their rows read as NULL,
+    which the code takes as 'not recorded then'."""
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    if not column.nullable:
+                        raise StoreError(f"cannot upgrade the database: {table.name}.{column.name} is missing")
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))

@@ -10,12 +10,12 @@ import uuid
 
 import msgpack
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.store.schema import (AdapterVersion, Credential, Device, Job, Metric, Refusal, Round, Task,
-                                      UpdateRow)
+from coordinator.store.schema import (AdapterVersion, Credential, Device, Job, Metric, OperatorToken, Refusal, Round,
+                                      Task, UpdateRow)
 
 
 def adapter_bytes(vector: np.ndarray) -> bytes:
@@ -100,6 +100,14 @@ class Store:
             if device is not None:
                 device.status, device.last_seen = status, time.time()
 
+    def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Add (bytes up, bytes down) to each device's totals, in one transaction."""
+        with self.session() as s, s.begin():
+            for device_id, (up, down) in counts.items():
+                s.execute(update(Device).where(Device.id == device_id)
+                          .values(bytes_up=func.coalesce(Device.bytes_up, 0) + up,
+                                  bytes_down=func.coalesce(Device.bytes_down, 0) + down))
+
     def devices(self) -> list[Device]:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.id)))
@@ -146,6 +154,19 @@ class Store:
     def credentials(self) -> list[Credential]:
         with self.session() as s:
             return list(s.scalars(select(Credential).order_by(Credential.device_id)))
+
+    def issue_operator_token(self, name: str) -> str:
+        """A new token that opens the dashboard, replacing (and so revoking) `name`'s earlier one."""
+        token = secrets.token_urlsafe(32)
+        with self.session() as s, s.begin():
+            s.merge(OperatorToken(name=name, token_hash=sha256(token.encode()), created_at=time.time()))
+        return token
+
+    def operator(self, token: str) -> str | None:
+        """The name of the operator a valid token belongs to, or None."""
+        with self.session() as s:
+            return s.scalars(select(OperatorToken.name)
+                             .where(OperatorToken.token_hash == sha256(token.encode()))).first()
 
     def abandon_task(self, task_id: str) -> None:
         with self.session() as s, s.begin():
@@ -262,6 +283,25 @@ class Store:
             return True
         except IntegrityError:
             return False
+
+    def update_figures(self, job_id: str) -> list:
+        """Every update of the job without its pairs or dense part: round_id, device_id, num_pairs,
+        num_examples, loss_before, loss_after, peak_rss_bytes (what reports count)."""
+        with self.session() as s:
+            return list(s.execute(
+                select(UpdateRow.round_id, UpdateRow.device_id, UpdateRow.num_pairs, UpdateRow.num_examples,
+                       UpdateRow.loss_before, UpdateRow.loss_after, UpdateRow.peak_rss_bytes)
+                .join(Round, Round.id == UpdateRow.round_id).where(Round.job_id == job_id).order_by(UpdateRow.id)))
+
+    def first_tasks(self, job_id: str) -> dict[int, dict]:
+        """Each round's first task's hyperparameters, by round id (as sent: class-stats rounds differ)."""
+        first: dict[int, dict] = {}
+        with self.session() as s:
+            rows = s.execute(select(Task.round_id, Task.hparams).join(Round, Round.id == Task.round_id)
+                             .where(Round.job_id == job_id).order_by(Task.sent_at))
+            for round_id, hparams in rows:
+                first.setdefault(round_id, hparams)
+        return first
 
     def answered(self, round_id: int) -> set[str]:
         """Ids of the round's tasks that have an accepted update (without loading the updates)."""

@@ -13,8 +13,10 @@ import time
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3  # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials
-UPGRADABLE = {"2"}  # versions whose upgrade only adds tables
+# 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials; 4: operator tokens,
+# bytes each device sent and was sent
+SCHEMA_VERSION = 4
+UPGRADABLE = {"2", "3"}  # versions whose upgrade only adds tables and nullable columns
 
 
 class Base(DeclarativeBase):
@@ -52,6 +54,9 @@ class Device(Base):
     first_seen: Mapped[float] = mapped_column(Float, default=time.time)
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     status: Mapped[str] = mapped_column(String(16), default="online")  # online | gone
+    # Bytes of the websocket messages it sent (up) and was sent (down); None: seen before they were counted.
+    bytes_up: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=0)
+    bytes_down: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=0)
 
 
 class Round(Base):
@@ -130,6 +135,14 @@ class Credential(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class OperatorToken(Base):
+    """A token that opens the operator's dashboard (read-only): its sha256, never the token itself."""
+    __tablename__ = "operator_tokens"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Metric(Base):

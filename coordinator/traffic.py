@@ -1,0 +1,73 @@
+"""Bytes each device's connection carries, counted per message and added to the store's device
+totals about once a second (the operator's dashboard shows them).
+
+A write per message would add a transaction to every task and update; one write a second for
+the whole fleet does not, and runs in a thread so the event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from websockets.asyncio.server import ServerConnection
+
+from coordinator.store import Store
+
+log = logging.getLogger("coordinator")
+
+FLUSH_S = 1.0
+
+
+class CountingConnection(ServerConnection):
+    """A server connection that counts the bytes of the messages it receives (up) and sends (down)."""
+
+    bytes_up = bytes_down = 0
+    settled_up = settled_down = 0  # what has been handed to Traffic already
+
+    async def recv(self, decode: bool | None = None):
+        message = await super().recv(decode)
+        self.bytes_up += len(message)
+        return message
+
+    async def send(self, message, *, text: bool | None = None) -> None:
+        await super().send(message, text=text)
+        if isinstance(message, (bytes, bytearray, memoryview, str)):  # the coordinator sends whole frames only
+            self.bytes_down += len(message)
+
+
+class Traffic:
+    def __init__(self, store: Store):
+        self.store = store
+        self.pending: dict[str, list[int]] = {}  # device -> [up, down] not yet written
+
+    def settle(self, device_id: str, ws) -> None:
+        """Move what `ws` carried since it was last settled to `device_id`'s pending counts."""
+        up, down = getattr(ws, "bytes_up", 0) - getattr(ws, "settled_up", 0), \
+            getattr(ws, "bytes_down", 0) - getattr(ws, "settled_down", 0)
+        if up or down:
+            counts = self.pending.setdefault(device_id, [0, 0])
+            counts[0] += up
+            counts[1] += down
+            ws.settled_up, ws.settled_down = ws.bytes_up, ws.bytes_down
+
+    def take(self, connections: dict) -> dict[str, tuple[int, int]]:
+        """Every connected device's counts since the last take, and those of connections since closed."""
+        for device_id, ws in list(connections.items()):
+            self.settle(device_id, ws)
+        counts, self.pending = {d: (up, down) for d, (up, down) in self.pending.items()}, {}
+        return counts
+
+    def flush(self, connections: dict) -> None:
+        if counts := self.take(connections):
+            self.store.add_traffic(counts)
+
+    async def run(self, connections: dict) -> None:
+        """Write the counts every FLUSH_S seconds until cancelled."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            if counts := self.take(connections):
+                try:
+                    await asyncio.to_thread(self.store.add_traffic, counts)
+                except Exception:  # a figure for the operator: losing it must not stop the job
+                    log.exception("could not store the devices' byte counts")
