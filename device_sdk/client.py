@@ -12,9 +12,11 @@ import asyncio
 import hashlib
 import logging
 import ssl
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -25,6 +27,7 @@ from device_sdk.budget import BudgetGuard
 from device_sdk.data import DataError, DataSpec, Partition, encode, labelled, partition, read_examples, split
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
+from device_sdk.prefix_cache import cache_prefix_states
 from fwdfed import protocol
 from device_sdk.teacher import TeacherError, check_teacher, label
 from fwdfed.batch import Batch
@@ -117,6 +120,8 @@ class Device:
         self.train_lock = train_lock
         self.tasks_done = 0
         self._eager = None  # built on the first backprop task
+        self.prefix_cache = None  # a split program's prefix states, computed before the first training step
+        self._prefix_folder = None
 
     def _teacher_bundle(self) -> Bundle | None:
         """The teacher bundle this device was given, checked against the student's, or None."""
@@ -205,6 +210,8 @@ class Device:
         start = (task.round * steps) % len(batches)
         batches = batches[start:] + batches[:start]
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
+        if not method.needs_autograd:
+            self._cache_prefix_states()
         probe = batches[:LOSS_PROBE_BATCHES]
         loss_before = mean_loss(scored_by, probe, adapter)
         guard = BudgetGuard(self.config.mem_budget_bytes)
@@ -221,6 +228,16 @@ class Device:
                                dense=b"" if run.dense is None else run.dense.astype("<f4").tobytes(),
                                num_examples=self.num_examples,
                                loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss())
+
+    def _cache_prefix_states(self) -> None:
+        """Once, before the first forward-only step: a split program's frozen prefix over the shard
+        (device_sdk.prefix_cache); every pass after it runs the adapted top alone."""
+        if self.prefix_cache is not None or not getattr(self.engine, "has_split", False) or not self.batches:
+            return
+        self._prefix_folder = tempfile.TemporaryDirectory(prefix="fwdfed-prefix-")
+        self.prefix_cache = cache_prefix_states(self.engine, self.batches, Path(self._prefix_folder.name))
+        log.info("%s: prefix states of %d batches in %.1f s (%s, float16, memory-mapped)", self.config.device_id,
+                 self.prefix_cache.passes, self.prefix_cache.seconds, format_size(self.prefix_cache.bytes))
 
     def _engine_for(self, method: methods.Method):
         """The ExecuTorch program for forward-only methods; eager PyTorch (autograd) for backprop."""

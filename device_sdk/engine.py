@@ -95,6 +95,9 @@ class ProgramEngine:
             self._features = self._program.load_method("features") if "features" in names else None
             # `python -m export --distillation`: the P adapter vectors' logits of a classifier.
             self._logits = self._program.load_method("logits") if "logits" in names else None
+            # `python -m export --adapter-blocks top:K`: the frozen prefix once per example, the adapted top per pass.
+            self._prefix = self._program.load_method("prefix") if "prefix" in names else None
+            self._top = self._program.load_method("top") if "top" in names else None
         except Exception as e:
             raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
@@ -111,9 +114,14 @@ class ProgramEngine:
     def has_batched_logits(self) -> bool:
         return self._logits is not None
 
+    @property
+    def has_split(self) -> bool:
+        return self._prefix is not None and self._top is not None
+
     def release(self) -> None:
         """Drop the program and its methods (their planned buffers and the backend's state go with them)."""
         self._forward = self._predict = self._features = self._logits = self._program = None
+        self._prefix = self._top = None
         self._source = None
 
     @classmethod
@@ -140,10 +148,16 @@ class ProgramEngine:
             "forward": {"input_ids": tokens, "attention_mask": tokens, "labels": labels, "adapters": adapters},
             "predict": {"input_ids": tokens, "attention_mask": tokens, "adapter": ((1, d), FLOAT32, "1 x adapter_dim")},
             "logits": {"input_ids": tokens, "attention_mask": tokens, "adapters": adapters},
+            "prefix": {"input_ids": tokens, "attention_mask": tokens},
         }
+        if self._top is not None:
+            hidden = manifest.program.get("split", {}).get("hidden_size", 0)
+            expected["top"] = {"hidden": ((b, l, hidden), FLOAT32, "batch_size x seq_len x split.hidden_size"),
+                               "attention_mask": tokens, "labels": labels, "adapters": adapters}
         if self._forward is None and "forward" in manifest.program.get("methods", ["forward"]):
             raise EngineError("the program does not match its manifest: it has no forward method")
-        for name, method in (("forward", self._forward), ("predict", self._predict), ("logits", self._logits)):
+        for name, method in (("forward", self._forward), ("predict", self._predict), ("logits", self._logits),
+                             ("prefix", self._prefix), ("top", self._top)):
             if method is None:
                 continue
             meta, inputs = method.metadata, expected[name]
@@ -163,7 +177,11 @@ class ProgramEngine:
                         f"the manifest's {what} is {DTYPE_NAMES[dtype]} {list(shape)}")
 
     def losses(self, batch: Batch, adapters: np.ndarray) -> np.ndarray:
-        """Per-example loss [P, B] of `batch` under each of the P adapter vectors."""
+        """Per-example loss [P, B] of `batch` under each of the P adapter vectors: through the top alone when
+        the batch carries its prefix states (`prefix_states`) and the program is split."""
+        if batch.prefix_states is not None and self._top is not None:
+            hidden = torch.from_numpy(np.ascontiguousarray(batch.prefix_states, dtype=np.float32))
+            return self._over_adapters(self._top, "top", [hidden, batch.attention_mask, batch.labels], adapters)
         if self._forward is None:
             raise EngineError("this program is inference-only (a teacher's): it has no forward method to train with")
         return self._over_adapters(self._forward, "forward", [batch.input_ids, batch.attention_mask, batch.labels],
@@ -185,6 +203,13 @@ class ProgramEngine:
             (result,) = self._execute(method, name, [*inputs, chunk])
             out.append(result.numpy())
         return np.concatenate(out, axis=0)
+
+    def prefix_states(self, batch: Batch) -> np.ndarray:
+        """The frozen prefix's output [B, L, H] for `batch`: what `top` reads instead of the tokens."""
+        if self._prefix is None:
+            raise EngineError("this program has no prefix method: export it with --adapter-blocks top:K")
+        (hidden,) = self._execute(self._prefix, "prefix", [batch.input_ids, batch.attention_mask])
+        return hidden.numpy()
 
     def features(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
         """What the classification head reads, [B, H], under `adapter`."""

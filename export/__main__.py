@@ -42,6 +42,10 @@ def parse_args(argv):
                         help="peft LoRA's bias option: also train biases")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--adapter-blocks", default="all", metavar="all|top:K",
+                        help="LoRA on every block (all, the default), or on the top K only (top:K; encoder "
+                             "classifiers): the program is then split into a frozen prefix the device runs once per "
+                             "example and an adapted top every forward-only pass runs (docs/adapters.md)")
     parser.add_argument("--target-modules", help="comma-separated module names (default: peft's for the architecture)")
     parser.add_argument("--num-virtual-tokens", type=int, default=8,
                         help="prompt learning: virtual tokens prepended (or the prefix's length); default 8")
@@ -100,6 +104,12 @@ def parse_args(argv):
     for name in ("num_labels", "lora_rank", "batch_size", "max_perturbations", "num_virtual_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.top_blocks = None
+    if args.adapter_blocks != "all":
+        kind, _, count = args.adapter_blocks.partition(":")
+        if kind != "top" or not count.isdigit() or int(count) < 1:
+            parser.error(f"--adapter-blocks must be all or top:K with K >= 1, got {args.adapter_blocks!r}")
+        args.top_blocks = int(count)
     if args.seq_len < 2:
         parser.error("--seq-len must be at least 2")
     if args.lora_alpha <= 0 or (args.tolerance is not None and args.tolerance <= 0):
@@ -151,6 +161,7 @@ def main(argv=None) -> int:
         distillation=args.distillation,
         inference_only=args.inference_only,
         stream=args.stream,
+        top_blocks=args.top_blocks,
     )
     if args.emulator:
         from export.pipeline import run_emulator_export

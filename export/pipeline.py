@@ -41,6 +41,7 @@ from fwdfed.model.emulator import (DropLayers, EmulatorError, EmulatorRecord, la
 from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
                                   trainable_layout)
+from fwdfed.model.split import PrefixProgram, SplitError, TopProgram, split_programs
 from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
@@ -150,6 +151,9 @@ class ExportSpec:
     emulator: DropLayers | None = None
     full_bundle: dict | None = None
     stream: bool = False  # one program per stage (export.stream), run one at a time on the device
+    # The adapter on the top K blocks only, and the program split into a frozen `prefix` the device runs
+    # once per example and an adapted `top` every forward-only pass runs (fwdfed.model.split).
+    top_blocks: int | None = None
 
     def __post_init__(self):
         if self.distillation and self.inference_only:
@@ -160,6 +164,15 @@ class ExportSpec:
             # A streamed bundle's stages compute the loss only: no logits, predict or emulator path.
             raise ValueError("--stream computes the loss only: it does not combine with --distillation, "
                              "--inference-only or --emulator")
+        if self.top_blocks is not None:
+            if self.top_blocks < 1:
+                raise ValueError(f"--adapter-blocks top:K needs K >= 1, got {self.top_blocks}")
+            if self.stream or self.emulator is not None or self.inference_only:
+                raise ValueError("--adapter-blocks top:K splits a whole program: it does not combine with --stream, "
+                                 "--emulator or --inference-only")
+            if self.adapter.kind != "lora":
+                raise ValueError(f"--adapter-blocks top:K puts LoRA on the top blocks; --adapter {self.adapter.kind} "
+                                 "trains tensors below them")
         if self.quantize is not None:
             self.group_size = check_options(self.quantize, self.group_size)
         elif self.group_size is not None:
@@ -228,6 +241,25 @@ def takes_past_key_values(model) -> bool:
     return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
+def top_blocks_adapter(spec: ExportSpec, task: str, model_config) -> AdapterSpec:
+    """The adapter on the model's top `spec.top_blocks` blocks (peft's layers_to_transform)."""
+    if task != SEQ_CLS:
+        raise SplitError("--adapter-blocks top:K splits encoder classifiers (BERT, DistilBERT); a causal LM "
+                         "splits into stages with --stream")
+    blocks = num_layers_of(model_config.to_dict())
+    if spec.top_blocks > blocks:
+        raise SplitError(f"--adapter-blocks top:{spec.top_blocks}: the model has {blocks} blocks")
+    return replace(spec.adapter, layers=list(range(blocks - spec.top_blocks, blocks)))
+
+
+def split_record(split: tuple[PrefixProgram, TopProgram], model_config) -> dict:
+    """What the manifest says of a split program: where it is cut, and the shape of the states kept."""
+    prefix, top = split
+    return {"frozen_blocks": prefix.frozen, "adapted_blocks": len(top.parts.layers) - prefix.frozen,
+            "hidden_size": int(model_config.hidden_size if hasattr(model_config, "hidden_size")
+                               else model_config.dim), "states_dtype": "float16"}
+
+
 def attach_adapter(model, task: str, adapter: AdapterSpec, folder: Path | None = None):
     """The peft model, its layout and initial adapter; `folder` holds the tokenizer a prompt
     initialised from text is read with."""
@@ -273,9 +305,10 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
           max_perturbations: int, features_program=None, logits_program: LogitsProgram | None = None,
-          inference_only: bool = False):
+          inference_only: bool = False, split: tuple[PrefixProgram, TopProgram] | None = None):
     """torch.export the methods and lower them to one XNNPACK-delegated ExecuTorch program: forward and
-    predict, features for a classifier, logits when asked; predict alone when `inference_only`."""
+    predict, features for a classifier, logits when asked, prefix and top for a split program; predict
+    alone when `inference_only`."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -303,6 +336,15 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
     if features_program is not None and not inference_only:
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
+    if split is not None:  # the frozen bottom once per example, the adapted top once per adapter vector
+        prefix, top = split
+        methods["prefix"] = export(prefix, (batch["input_ids"], batch["attention_mask"]), strict=False)
+        with torch.no_grad():
+            hidden = prefix(batch["input_ids"], batch["attention_mask"])
+        methods["top"] = export(
+            top, (hidden, batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
+            dynamic_shapes={"hidden": None, "attention_mask": None, "labels": None, "adapters": perturbations},
+            strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
     # The causal-LM loss's chunks go first, each to a delegate of its own, run in turn (export.loss_chunks).
     options = {"force_non_static_weights_for_f32_linear": True}
@@ -406,6 +448,14 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
                    "quantized_vs_fp32_loss_max_abs_diff": float(np.max(np.abs(eager_losses - fp32_losses))),
                    "fp32_mean_loss": float(fp32_losses.mean()), "quantized_mean_loss": float(eager_losses.mean()),
                    "pte_mean_loss": float(pte_losses.mean())}
+    if engine.has_split:  # top(prefix(x)) through the runtime against the whole eager peft model
+        states = engine.prefix_states(b)
+        split_losses = engine.losses(replace(b, prefix_states=states), adapters)
+        result["split_loss_max_abs_diff"] = float(np.max(np.abs(split_losses - eager_losses)))
+        # What the device trains on: the states kept in float16 (reported; the rounding is the cache's cost)
+        kept = engine.losses(replace(b, prefix_states=states.astype(np.float16)), adapters)
+        result["split_fp16_states_loss_max_abs_diff"] = float(np.max(np.abs(kept - eager_losses)))
+        loss_diff = max(loss_diff, result["split_loss_max_abs_diff"])
     if features_program is not None and engine.has_features:
         with torch.no_grad():
             eager_features = features_program(batch["input_ids"], batch["attention_mask"],
@@ -519,7 +569,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     log(f"[2/5] attaching the {spec.adapter.kind} adapter")
     if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
         check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)
-    peft_model, layout, initial = attach_adapter(model, task, spec.adapter, folder)
+    adapter = spec.adapter if spec.top_blocks is None else top_blocks_adapter(spec, task, model.config)
+    peft_model, layout, initial = attach_adapter(model, task, adapter, folder)
     # Counted before quantizing: a tied LM head gets a quantized copy of its own, not more parameters.
     base_params = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
     fp32_model, quantization = None, None
@@ -535,6 +586,11 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     if spec.distillation and task != SEQ_CLS:
         raise ValueError("--distillation adds the batched logits of a classifier: export with --task seq-cls")
     logits_program = LogitsProgram(loss_program.model, loss_program.binding) if spec.distillation else None
+    split = split_programs(loss_program.model, layout, loss_program.binding) if spec.top_blocks else None
+    if split is not None:
+        log(f"      split: blocks 0-{split[0].frozen - 1} frozen (the prefix, once per example), "
+            f"{len(split[1].parts.layers) - split[0].frozen} adapted (the top, every pass; the last for the first "
+            "row only)")
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
                    if spec.adapter.kind != "bitfit" else None)
 
@@ -546,7 +602,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             f"up to {at.max_perturbations} adapters per call)")
         batch = example_inputs(at, task, model.config.vocab_size, tokenizer.pad_token_id)
         pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program,
-                             logits_program, spec.inference_only)
+                             logits_program, spec.inference_only, split)
         log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
             f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
         log(f"[4/5] verifying .pte against eager peft{' (quantized)' if quantization else ''}")
@@ -573,12 +629,13 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
                 "base_parameters": int(base_params),
                 "quantization": quantization,
             },
-            adapter={"kind": spec.adapter.kind, "dim": layout.dim, "initial": INITIAL_ADAPTER, "peft_config": peft_config},
+            adapter={"kind": adapter.kind, "dim": layout.dim, "initial": INITIAL_ADAPTER, "peft_config": peft_config},
             layout=layout,
             tokenizer=TOKENIZER_DIR,
             inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
             program={"file": PROGRAM, "sha256": "", "methods": list(planned), "planned_memory_bytes": planned,
-                     "bytes": len(pte), "mem_budget_bytes": spec.mem_budget},
+                     "bytes": len(pte), "mem_budget_bytes": spec.mem_budget,
+                     **({"split": split_record(split, model.config)} if split else {})},
             verification=verification,
             emulator=emulator.to_json() if emulator else None,
         )

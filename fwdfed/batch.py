@@ -19,6 +19,9 @@ class Batch:
     weights: np.ndarray  # [B] float32: 1 for a real example, 0 for filler that pads the batch
     # [B, C] float32: a teacher's logits of these examples (fwdfed.methods.fedkd), when a teacher labelled them
     teacher_logits: np.ndarray | None = None
+    # [B, L, H] float16: the frozen prefix's output for these examples (fwdfed.model.split), computed once
+    # by the device; a program with a `top` method then runs only the adapted blocks on them
+    prefix_states: np.ndarray | None = None
 
     @property
     def num_examples(self) -> int:

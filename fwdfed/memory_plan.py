@@ -39,15 +39,20 @@ class MemoryPlan:
     data: int
     directions: int  # n per step: 2n perturbed copies, evaluated P at a time
     phase: str = "training"  # or "teacher labelling" (fedkd): what the program loaded does
+    # A split program's prefix states (fwdfed.model.split): float16, memory-mapped from a file, counted
+    # whole since every page of it may be resident once the steps have cycled through the shard
+    prefix_states: int = 0
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.activations + self.workspace + self.adapters + self.data
+        return (self.runtime + self.weights + self.activations + self.workspace + self.adapters + self.data
+                + self.prefix_states)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {format_size(v)}" for name, v in (
             ("runtime", self.runtime), ("weights", self.weights), ("activations", self.activations),
-            ("backend beyond the plan", self.workspace), ("adapters", self.adapters), ("data", self.data)))
+            ("backend beyond the plan", self.workspace), ("adapters", self.adapters), ("data", self.data),
+            *([("prefix states", self.prefix_states)] if self.prefix_states else [])))
         what = f"{self.directions} direction(s) per step" if self.phase == "training" else self.phase
         return (f"memory plan: {parts} = {format_size(self.total)} of the {format_size(self.budget)} budget "
                 f"({what})")
@@ -66,6 +71,15 @@ def streamed_activations(program: dict) -> int:
     time) and the hidden states the engine carries between stages, a block's input and output both
     alive, for each of its calls (`device_sdk.stream`)."""
     return int(max(s["planned_memory_bytes"] for s in program["stages"]) + 2 * program["hidden_bytes"])
+
+
+def prefix_state_bytes(manifest, num_examples: int) -> int:
+    """The float16 prefix states a device keeps for its examples, in whole batches (0 unless split)."""
+    split = manifest.program.get("split")
+    if not split:
+        return 0
+    b, length = manifest.inputs["batch_size"], manifest.inputs["seq_len"]
+    return -(-num_examples // b) * b * length * int(split["hidden_size"]) * 2
 
 
 def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
@@ -93,6 +107,7 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
         data=num_examples * m.inputs["seq_len"] * 8 * 3,
         directions=n,
         phase=phase,
+        prefix_states=prefix_state_bytes(m, num_examples) if method is not None else 0,
     )
     if plan.total > budget:
         over = plan.total - budget

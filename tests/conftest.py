@@ -18,7 +18,7 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
 SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle",
-                 "offsite_bundles"}
+                 "offsite_bundles", "split_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -90,6 +90,14 @@ def stories_prompt_bundle(tmp_path_factory) -> Path:
 def tiny_llama_bundle(tmp_path_factory) -> Path:
     return export_bundle(tmp_path_factory.mktemp("bundles") / "tiny-llama", "--preset", "tiny-llama",
                          "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4")
+
+
+@pytest.fixture(scope="session")
+def split_bundle(tmp_path_factory) -> Path:
+    """A 2-class DistilBERT (2 blocks) with LoRA on its top block, split into prefix and top; small shapes."""
+    return export_bundle(tmp_path_factory.mktemp("bundles") / "split", "--preset", "tiny-distilbert", "--num-labels",
+                         "2", "--adapter-blocks", "top:1", "--batch-size", "4", "--seq-len", "32",
+                         "--max-perturbations", "5")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,160 @@
+"""The prefix/top split of an encoder classifier: what cannot change is computed once.
+
+With the adapter on the top K blocks only (`python -m export --adapter-blocks top:K`), every
+forward-only pass would recompute the embeddings and the frozen blocks below the first adapted
+one, whatever the adapter. The program gets two more methods:
+
+    prefix(input_ids[B,L], attention_mask[B,L])                    -> hidden[B,L,H]
+    top(hidden[B,L,H], attention_mask[B,L], labels[B], adapters[P,d]) -> loss[P,B]
+
+A device runs `prefix` once per example and keeps the states; each zeroth-order pass then runs
+`top` alone. The classifier reads one position (the first token: BERT's pooler, DistilBERT's
+pre-classifier), so the last block computes its queries, attention output and feed-forward for
+that row only; its keys and values still come from every position. Both are exact:
+`top(prefix(x))` equals the whole model's loss, which export verifies against eager peft.
+
+The blocks are written out here from the layers' own modules (query/key/value, the output
+projections, the layer norms, the feed-forward), so that the row-restricted last block and the
+full ones below it are the same code read top to bottom; the LoRA layers among them are the
+program's batched ones (`fwdfed.model.program`), which take the P adapter copies' rows together.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.tasks import SEQ_CLS
+from fwdfed.model.loss import per_example_loss
+
+# The adapter tensors a split may train: in an encoder block, or the classification head.
+_BLOCK = re.compile(r"\.layer\.(\d+)\.")
+_HEAD = ("classifier", "pre_classifier")  # DistilBERT trains its pre-classifier too (peft)
+
+
+class SplitError(ValueError):
+    """The model or adapter cannot be split into a frozen prefix and an adapted top."""
+
+
+class EncoderClassifier:
+    """The parts of a BERT or DistilBERT classifier the split runs itself, with the names each uses."""
+
+    def __init__(self, hf_model: nn.Module):
+        if hasattr(hf_model, "bert"):
+            self.kind, self.backbone = "bert", hf_model.bert
+            self.layers = list(hf_model.bert.encoder.layer)
+        elif hasattr(hf_model, "distilbert"):
+            self.kind, self.backbone = "distilbert", hf_model.distilbert
+            self.layers = list(hf_model.distilbert.transformer.layer)
+        else:
+            raise SplitError(f"the prefix/top split is written for BERT and DistilBERT classifiers, not "
+                             f"{type(hf_model).__name__}")
+        self.model = hf_model
+        self.num_heads = hf_model.config.num_attention_heads if self.kind == "bert" else hf_model.config.n_heads
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(input_ids=input_ids)
+
+    def block(self, index: int, h: torch.Tensor, mask_bias: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Block `index` on hidden states h [N, L, H]; `rows`: compute only the first `rows` positions'
+        outputs (their queries against every position's keys and values)."""
+        layer = self.layers[index]
+        if self.kind == "bert":
+            attn = layer.attention
+            q_proj, k_proj, v_proj = attn.self.query, attn.self.key, attn.self.value
+            out_proj, attn_norm = attn.output.dense, attn.output.LayerNorm
+            ff_in, act, ff_out, ff_norm = (layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
+                                           layer.output.dense, layer.output.LayerNorm)
+        else:
+            attn = layer.attention
+            q_proj, k_proj, v_proj, out_proj = attn.q_lin, attn.k_lin, attn.v_lin, attn.out_lin
+            attn_norm, ff_in, act, ff_out, ff_norm = (layer.sa_layer_norm, layer.ffn.lin1, layer.ffn.activation,
+                                                      layer.ffn.lin2, layer.output_layer_norm)
+        x = h if rows is None else h[:, :rows]
+        n, lq, width = x.shape
+        heads, size = self.num_heads, width // self.num_heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, H] -> [N, heads, L, size]
+            return t.reshape(n, -1, heads, size).transpose(1, 2)
+
+        q, k, v = split_heads(q_proj(x)), split_heads(k_proj(h)), split_heads(v_proj(h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(size) + mask_bias[:, None, None, :]
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, lq, width)
+        a = attn_norm(out_proj(context) + x)
+        return ff_norm(ff_out(act(ff_in(a))) + a)
+
+    def logits(self, first: torch.Tensor) -> torch.Tensor:
+        """The classifier on the first position's final hidden state [N, H]."""
+        if self.kind == "bert":
+            return self.model.classifier(self.backbone.pooler.activation(self.backbone.pooler.dense(first)))
+        return self.model.classifier(F.relu(self.model.pre_classifier(first)))
+
+
+def mask_bias(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """0 where a position is attended to, the most negative float where it is padding, as Hugging Face adds."""
+    return (1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min
+
+
+def first_adapted_block(layout: AdapterLayout, num_blocks: int) -> int:
+    """The lowest block any adapter tensor is in; SplitError if a tensor is neither in a block nor the head."""
+    blocks = []
+    for t in layout.tensors:
+        found = _BLOCK.search(t.name)
+        if found:
+            blocks.append(int(found.group(1)))
+        elif not any(part in t.name.split(".") for part in _HEAD):
+            raise SplitError(f"adapter tensor {t.name} is below the encoder's blocks: nothing can be computed once")
+    return min(blocks, default=num_blocks)
+
+
+class PrefixProgram(nn.Module):
+    """prefix(input_ids[B,L], attention_mask[B,L]) -> hidden[B,L,H]: embeddings and the frozen blocks."""
+
+    def __init__(self, parts: EncoderClassifier, frozen: int):
+        super().__init__()
+        self.parts, self.frozen = parts, frozen
+        self.model = parts.model  # registered, so that export finds the weights
+
+    def forward(self, input_ids, attention_mask):
+        h, bias = self.parts.embed(input_ids), mask_bias(attention_mask)
+        for i in range(self.frozen):
+            h = self.parts.block(i, h, bias)
+        return h
+
+
+class TopProgram(nn.Module):
+    """top(hidden[B,L,H], attention_mask[B,L], labels[B], adapters[P,d]) -> loss[P,B]: the adapted blocks
+    (the last one for the first row only), the head and the cross-entropy, once per adapter vector."""
+
+    def __init__(self, parts: EncoderClassifier, frozen: int, binding):
+        super().__init__()
+        self.parts, self.frozen, self.binding = parts, frozen, binding
+        self.model = parts.model
+
+    def logits(self, hidden, attention_mask, adapters):
+        p, b = adapters.shape[0], hidden.shape[0]
+        self.binding.adapters = adapters
+        h = hidden.repeat(p, 1, 1)
+        bias = mask_bias(attention_mask).repeat(p, 1)
+        last = len(self.parts.layers) - 1
+        for i in range(self.frozen, last + 1):
+            h = self.parts.block(i, h, bias, rows=1 if i == last else None)
+        return self.parts.logits(h[:, 0]).reshape(p, b, -1)
+
+    def forward(self, hidden, attention_mask, labels, adapters):
+        logits = self.logits(hidden, attention_mask, adapters)
+        p, b, c = logits.shape
+        return per_example_loss(logits.reshape(p * b, c), labels.repeat(p), SEQ_CLS).reshape(p, b)
+
+
+def split_programs(model: nn.Module, layout: AdapterLayout, binding) -> tuple[PrefixProgram, TopProgram]:
+    """The prefix and top programs of the batched model (`fwdfed.model.program.batched_model`)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parts = EncoderClassifier(hf)
+    frozen = first_adapted_block(layout, len(parts.layers))
+    return PrefixProgram(parts, frozen), TopProgram(parts, frozen, binding)

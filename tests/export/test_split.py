@@ -1,0 +1,62 @@
+"""The prefix/top split (export --adapter-blocks top:K): the frozen bottom once, the adapted top per pass."""
+
+import numpy as np
+import pytest
+
+from device_sdk.data import encode, read_examples
+from device_sdk.engine import ProgramEngine
+from device_sdk.evaluate import load_tokenizer
+from fwdfed.bundle.manifest import load_bundle
+from tests.conftest import SST2, away_from_init, run_command
+
+
+def real_batches(bundle, count=16):
+    m = bundle.manifest
+    return encode(load_tokenizer(bundle), read_examples(SST2)[:count], m.task, m.inputs["batch_size"],
+                  m.inputs["seq_len"])
+
+
+def test_the_manifest_records_the_split_and_export_verified_top_of_prefix_against_eager_peft(split_bundle):
+    m = load_bundle(split_bundle).manifest
+    assert m.program["split"] == {"frozen_blocks": 1, "adapted_blocks": 1, "hidden_size": 64,
+                                  "states_dtype": "float16"}
+    assert {"prefix", "top", "forward", "predict", "features"} <= set(m.program["methods"])
+    assert m.verification["split_loss_max_abs_diff"] <= 1e-4
+    # LoRA sits on the top block only (peft's layers_to_transform), beside the trained head
+    lora = [t.name for t in m.layout.tensors if "lora" in t.name]
+    assert lora and all(".layer.1." in name for name in lora)
+
+
+def test_top_on_the_prefix_states_gives_the_whole_programs_losses(split_bundle):
+    from dataclasses import replace
+
+    bundle = load_bundle(split_bundle)
+    engine = ProgramEngine.for_bundle(bundle)
+    rng = np.random.default_rng(0)
+    adapters = np.stack([away_from_init(bundle, s) for s in range(3)]) + 0.01 * rng.standard_normal((3, 1))
+    for batch in real_batches(bundle):
+        whole = engine.losses(batch, adapters)
+        states = engine.prefix_states(batch)
+        assert states.shape == (4, 32, 64)
+        np.testing.assert_allclose(engine.losses(replace(batch, prefix_states=states), adapters), whole, atol=1e-5)
+        # what the device keeps: float16 states, a rounding the same for every adapter vector
+        kept = engine.losses(replace(batch, prefix_states=states.astype(np.float16)), adapters)
+        np.testing.assert_allclose(kept, whole, atol=5e-3)
+
+
+@pytest.mark.parametrize("value, says", [("top:0", "must be all or top:K with K >= 1"),
+                                         ("bottom:1", "must be all or top:K"),
+                                         ("top:3", "the model has 2 blocks")])
+def test_bad_adapter_blocks_get_one_clear_error(tmp_path, value, says):
+    result = run_command("export", "--preset", "tiny-distilbert", "--out", str(tmp_path / "b"), "--adapter-blocks",
+                         value)
+    assert result.returncode != 0 and says in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args, says", [(["--preset", "tiny-llama"], "splits encoder classifiers"),
+                                        (["--preset", "tiny-distilbert", "--adapter", "bitfit"],
+                                         "trains tensors below them")])
+def test_what_cannot_be_split_is_refused(tmp_path, args, says):
+    result = run_command("export", *args, "--out", str(tmp_path / "b"), "--adapter-blocks", "top:1")
+    assert result.returncode != 0 and says in result.stderr and "Traceback" not in result.stderr
