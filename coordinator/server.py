@@ -56,6 +56,10 @@ class RateLimiter:
     burst: int
     buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # device -> (tokens, at)
 
+    def empty(self, key: str) -> None:
+        """No tokens left from now: the bucket refills from this moment."""
+        self.buckets[key] = (0.0, time.monotonic())
+
     def allow(self, key: str) -> bool:
         now = time.monotonic()
         if len(self.buckets) > 100_000:  # forget buckets refilled since: they would start full anyway
@@ -261,22 +265,26 @@ class Coordinator:
             # close_timeout): no task may be sent to a connection that is being closed.
             self._drop(device_id, ws)
             if code in FORFEITING:
-                self._forfeit(device_id)
+                self._forfeit(device_id, code)
         log.warning("refused a connection (%s): %s", code, message)
         try:
             await ws.send(protocol.Error(code=code, message=message[: protocol.MAX_TEXT]).to_wire())
             await ws.close(1008, code)
         except ConnectionClosed:
             pass
+        if code == "rate_limited" and device_id is not None:
+            # Closing a flooding peer can take close_timeout: its bucket refills from the end of the close,
+            # else reconnecting at once would find it refilled by that wait.
+            self.rate.empty(device_id)
 
-    def _forfeit(self, device_id: str) -> None:
-        """A device that broke the protocol loses its open task at once: otherwise, by reconnecting
-        and misbehaving again, it could hold the round's task without ever being away long enough."""
+    def _forfeit(self, device_id: str, code: str) -> None:
+        """A device that broke the protocol loses its open task at once, and for good: otherwise, by
+        reconnecting and misbehaving again, it could hold the round's task without ever being away long
+        enough, or get it back when it reconnects while no other device is idle."""
         rnd, tasks = self._unanswered_tasks(device_id)
         for task in tasks:
-            self.store.abandon_task(task.id)
-            log.warning("round %d: %s broke the protocol: task %s abandoned, reassigning", rnd.number,
-                        device_id, task.id)
+            self.store.forfeit_task(task.id, code)
+            log.warning("round %d: %s forfeited task %s (%s), reassigning", rnd.number, device_id, task.id, code)
             self.changed.set()
 
     def _unanswered_tasks(self, device_id: str) -> tuple[Round | None, list]:
@@ -424,7 +432,7 @@ class Coordinator:
         """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
         answered = self.store.answered(rnd.id)
         mine = [t for t in self.store.tasks(rnd.id, device_id)
-                if t.wave == rnd.wave and t.abandoned_at is not None and t.id not in answered]
+                if t.wave == rnd.wave and t.abandoned_at is not None and t.forfeited is None and t.id not in answered]
         if not mine or len(self._live_tasks(rnd)) >= self._target(rnd):
             return []
         log.info("round %d: %s is back and no device took over its task %s: giving it back", rnd.number,

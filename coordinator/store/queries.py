@@ -172,6 +172,12 @@ class Store:
         with self.session() as s, s.begin():
             s.get(Task, task_id).abandoned_at = time.time()
 
+    def forfeit_task(self, task_id: str, code: str) -> None:
+        """Take a task from its device for good (`code`: why); it goes to another device, never back to it."""
+        with self.session() as s, s.begin():
+            task = s.get(Task, task_id)
+            task.abandoned_at, task.forfeited = time.time(), code
+
     def restore_task(self, task_id: str) -> Task:
         """An abandoned task given back to its device (no other device took it over)."""
         with self.session() as s, s.begin():

@@ -14,9 +14,9 @@ from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials; 4: operator tokens,
-# bytes each device sent and was sent
-SCHEMA_VERSION = 4
-UPGRADABLE = {"2", "3"}  # versions whose upgrade only adds tables and nullable columns
+# bytes each device sent and was sent; 5: a task forfeited for good (tasks.forfeited)
+SCHEMA_VERSION = 5
+UPGRADABLE = {"2", "3", "4"}  # versions whose upgrade only adds tables and nullable columns
 
 
 class Base(DeclarativeBase):
@@ -87,6 +87,8 @@ class Task(Base):
     wave: Mapped[int] = mapped_column(Integer, default=0)
     hparams: Mapped[dict] = mapped_column(JSON)  # as sent: a resent task is the same task
     abandoned_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its device went away; reassigned
+    # Why its device lost it for good (it broke the protocol, declined it, ...): never given back to it.
+    forfeited: Mapped[str | None] = mapped_column(String(32), nullable=True)
     sent_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 

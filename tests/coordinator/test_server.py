@@ -79,6 +79,24 @@ def test_an_abandoned_task_goes_back_to_its_device_when_no_other_took_it_over(tm
     assert [m.TYPE for m in sent] == ["task"] and sent[0].task_id == task.id and task.abandoned_at is None
 
 
+def test_a_task_forfeited_for_breaking_the_protocol_is_not_given_back(tmp_path):
+    """Unlike a task lost by being away: the device is back, no other is idle, and still it gets nothing."""
+    async def scenario():
+        c = coordinator(tmp_path)
+        c.store.touch_device("rude", 1, None)
+        rnd = c.store.start_round(c.job.id, 1, 0)
+        (task,) = c.store.add_tasks(rnd.id, 0, {"rude": dict(c.job.hparams)})
+        c._forfeit("rude", "bad_message")
+        ws = SlowlyClosingConnection()
+        c.connections["rude"] = ws  # it reconnected at once
+        await c._resend_open_task("rude")
+        await c._dispatch(rnd)
+        return ws.sent, c.store.task(task.id)
+
+    sent, task = asyncio.run(scenario())
+    assert sent == [] and task.abandoned_at is not None and task.forfeited == "bad_message"
+
+
 def test_the_bearer_scheme_is_read_in_any_case():
     def request(value):
         return Request("/", Headers({"Authorization": value}))

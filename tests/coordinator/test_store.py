@@ -131,3 +131,34 @@ def test_a_version_2_database_is_upgraded_by_adding_the_credentials_table(tmp_pa
     store = open_store(path)
     assert "credentials" in inspect(store.engine).get_table_names() and store.latest_job().id == "j"
     assert store.authenticate(store.enrol("d")) == "d"
+
+
+def test_a_connection_s_token_is_superseded_by_revoking_or_re_enrolling(db_url):
+    from coordinator.store.queries import token_hash
+
+    store = open_store(db_url)
+    first, other = store.enrol("phone-1"), store.enrol("phone-2")
+    held = {"phone-1": token_hash(first), "phone-2": token_hash(other), "never-enrolled": token_hash("x")}
+    assert store.superseded(held) == {"never-enrolled"}
+    store.enrol("phone-1")  # a new token: sessions opened with the first one are no longer valid
+    assert store.superseded(held) == {"phone-1", "never-enrolled"}
+    store.revoke("phone-2")
+    assert store.superseded(held) == {"phone-1", "phone-2", "never-enrolled"}
+
+
+def test_a_version_4_database_gains_the_forfeited_column_in_place(tmp_path):
+    from sqlalchemy import text
+
+    path = tmp_path / "v4.db"
+    store = open_store(path)
+    job = make_job(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE tasks DROP COLUMN forfeited"))
+    with store.session() as s, s.begin():
+        s.get(Meta, "schema_version").value = "4"
+    store = open_store(path)
+    rnd = store.start_round(job.id, 1, 0)
+    store.touch_device("d", 1, None)
+    (task,) = store.add_tasks(rnd.id, 0, {"d": {}})
+    store.forfeit_task(task.id, "bad_message")
+    assert store.task(task.id).forfeited == "bad_message" and store.task(task.id).abandoned_at is not None
