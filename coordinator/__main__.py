@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from coordinator.dashboard import cli as dashboard_cli
-from coordinator.job import JobOptions, resumed_options
+from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.directions import KINDS
@@ -70,7 +70,8 @@ def parse_args(argv):
                 s.add_argument(h.flag, type=h.type, default=h.default, choices=h.choices, help=h.help)
     s.add_argument("--variance-threshold", type=float,
                    help="fwdgrad: ask for more perturbations while the round's estimate variance is above this")
-    s.add_argument("--max-waves", type=int, default=3, help="fwdgrad: rounds of extra perturbations at most")
+    s.add_argument("--max-waves", type=int, default=3,
+                   help="fwdgrad: waves of perturbations per round at most, the first included")
     s.add_argument("--lr-strategy", choices=("frozen", "random", "round-wise", "five-round", "model-diff"),
                    default="frozen", help="FedMeZO client learning rates")
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
@@ -97,8 +98,10 @@ def parse_args(argv):
     security.add_argument("--max-connections", type=int, default=10_000)
     security.add_argument("--max-messages-per-s", type=float, default=5.0,
                           help="per device, sustained (bursts of 20); faster devices are disconnected")
-    security.add_argument("--max-update-rms", type=float,
-                          help="refuse updates that change the adapter by more than this RMS per value")
+    security.add_argument("--max-update-rms", type=float, default=DEFAULT_MAX_UPDATE_RMS,
+                          help="refuse updates that change the adapter by more than this RMS per value (the norm of "
+                               "the coefficients, a repeated seed's summed; a dense change's own RMS): finite, "
+                               "default %(default)g")
     security.add_argument("--dp-clip", type=float, help="differential privacy: clip each device's change to this L2 norm")
     security.add_argument("--dp-noise-multiplier", type=float,
                           help="differential privacy: Gaussian noise of this many times --dp-clip (see docs/privacy.md)")
@@ -162,7 +165,7 @@ def parse_args(argv):
             "--cert and --key go together": (args.cert is None) == (args.key is None),
             "--max-connections and --max-messages-per-s must be positive":
                 args.max_connections >= 1 and args.max_messages_per_s > 0,
-            "--max-update-rms must be positive": args.max_update_rms is None or args.max_update_rms > 0,
+            "--max-update-rms must be positive and finite": 0 < args.max_update_rms < float("inf"),
             "--dp-clip and --dp-noise-multiplier go together, both positive":
                 (args.dp_clip is None) == (args.dp_noise_multiplier is None)
                 and (args.dp_clip is None or min(args.dp_clip, args.dp_noise_multiplier) > 0),
@@ -229,7 +232,7 @@ def check_distillation(student, teacher) -> None:
 
 
 def serve(args) -> int:
-    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
+    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, resume_problem, serve_job
     from coordinator.store import open_store
     from device_sdk.data import data_spec
     from device_sdk.evaluate import Evaluator
@@ -269,6 +272,8 @@ def serve(args) -> int:
             warnings.append(f"ignoring --eval-bundle {args.eval_bundle}: job was created with {options.eval_bundle}")
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+        if (problem := resume_problem(store, job)) is not None:
+            raise UserError(f"{args.db}: {problem}")
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
         block_bounds = round_blocks(bundle.manifest.layout, options)
     if options.perturb_only:

@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# One update may change the adapter by at most this RMS per value (`serve --max-update-rms`, a limit of the
+# server, not of the job): far past any honest update measured here (docs/security.md), and finite, so that
+# one coefficient such as 1e30 can neither make the aggregate non-finite nor blow the adapter up.
+DEFAULT_MAX_UPDATE_RMS = 10.0
+
 # Options a later coordinator version added: a job stored before them gets these values when it
 # is resumed (the flags it was started with were not stored).
 ADDED_LATER = ("server_lr", "clip")

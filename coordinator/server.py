@@ -10,6 +10,7 @@ with the updates it had already accepted: devices that reconnect get their task 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import random
@@ -23,7 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from coordinator.job import JobOptions, round_method_name
+from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, round_method_name
 from coordinator.privacy import gaussian_epsilon
 from coordinator.store import Job, Round, Store
 from coordinator.store.queries import token_hash
@@ -38,6 +39,19 @@ COLLECT_BATCH_S = 0.05
 REVOCATION_CHECK_S = 1.0  # how soon a revoked credential cuts its device off
 
 
+def update_rms(pairs: list[tuple[int, float]], dense: np.ndarray | None) -> float:
+    """About the RMS per value by which an update changes the adapter, for the bound: a direction has
+    unit RMS per value (Rademacher: exactly), so the seed form's is the norm of its coefficients,
+    those of a repeated seed summed first (one direction); a dense change's is its own RMS."""
+    by_seed: dict[int, float] = {}
+    for seed, coef in pairs:
+        by_seed[seed] = by_seed.get(seed, 0.0) + coef
+    # math.hypot scales internally: coefficients near the float64 limit give their norm, not infinity.
+    seed_rms = math.hypot(*by_seed.values()) if by_seed else 0.0
+    dense_rms = 0.0 if dense is None else float(np.sqrt(np.mean(dense.astype(np.float64) ** 2)))
+    return math.hypot(seed_rms, dense_rms)
+
+
 @dataclass
 class Limits:
     """What the fleet and each device may send. Past a limit, the connection or update is refused
@@ -46,7 +60,7 @@ class Limits:
     max_connections: int = 10_000
     messages_per_s: float = 5.0  # per device, sustained; an honest device sends one update per task
     burst: int = 20
-    max_update_rms: float | None = None  # bound on an update's RMS change per adapter value
+    max_update_rms: float | None = DEFAULT_MAX_UPDATE_RMS  # bound on an update's RMS change per adapter value
 
 
 @dataclass
@@ -348,33 +362,33 @@ class Coordinator:
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")
-        return self._poisoning(update, task.hparams, self.round_method(rnd.number))
+        return self._poisoning(list(zip(update.seeds, update.coefs)), update.scale, update.dense, task.hparams,
+                               self.round_method(rnd.number))
 
-    def _poisoning(self, update: protocol.Update, hparams: dict, method: methods.Method) -> tuple[str, str] | None:
+    def _poisoning(self, pairs: list[tuple[int, float]], scale: float, dense_bytes: bytes | None, hparams: dict,
+                   method: methods.Method) -> tuple[str, str] | None:
         """(code, reason) for an update whose content would damage the model if aggregated."""
-        if len(update.seeds) > (allowed := method.allowed_pairs(hparams)):
-            return "too_many_pairs", f"{len(update.seeds)} pairs, the task allows {allowed} (local steps x directions)"
+        if len(pairs) > (allowed := method.allowed_pairs(hparams)):
+            return "too_many_pairs", f"{len(pairs)} pairs, the task allows {allowed} (local steps x directions)"
         lowest, highest = method.scale_range(hparams)
-        if not lowest - SCALE_TOLERANCE <= update.scale <= highest + SCALE_TOLERANCE:
-            return "bad_scale", f"scale {update.scale:.6g}: this task gives a scale in [{lowest:.6g}, {highest:.6g}]"
+        lowest, highest = lowest - SCALE_TOLERANCE, highest + SCALE_TOLERANCE
+        if not lowest <= scale <= highest:
+            return "bad_scale", f"scale {scale:.9g}: this task allows a scale in [{lowest:.9g}, {highest:.9g}]"
         dense = None
-        if update.dense:
+        if dense_bytes:
             # The length first: bytes that are not whole float32 values cannot even be read as an adapter.
             length = method.dense_length(hparams) if method.dense_length else self.job.adapter_dim
-            if len(update.dense) != 4 * length:
-                return "wrong_dimension", (f"dense part of {len(update.dense)} bytes, this task's has {length} "
+            if len(dense_bytes) != 4 * length:
+                return "wrong_dimension", (f"dense part of {len(dense_bytes)} bytes, this task's has {length} "
                                            f"float32 values ({4 * length} bytes)")
-            dense = np.frombuffer(update.dense, "<f4")
+            dense = np.frombuffer(dense_bytes, "<f4")
             if not np.all(np.isfinite(dense)):
                 return "non_finite", "the dense part holds non-finite values"
         bound = self.limits.max_update_rms
-        if bound is not None:
-            # A direction has about unit RMS per value, so the seed form's RMS change is about
-            # the norm of its coefficients; a dense part's is its own RMS.
-            rms = math.hypot(math.sqrt(math.fsum(c * c for c in update.coefs)),
-                             0.0 if dense is None else float(np.sqrt(np.mean(dense.astype(np.float64) ** 2))))
-            if rms > bound:
-                return "norm_bound", f"the update changes the adapter by RMS {rms:.3g}, past the bound {bound:.3g}"
+        # A method's own dense payload (class statistics) is no change of the adapter: only its pairs count.
+        change = dense if method.dense_length is None else None
+        if bound is not None and (rms := update_rms(pairs, change)) > bound:
+            return "norm_bound", f"the update changes the adapter by RMS {rms:.3g}, past the bound {bound:.3g}"
         return None
 
     # ---- rounds ----
@@ -505,39 +519,114 @@ class Coordinator:
             except TimeoutError:
                 pass
 
+    async def _gather(self, rnd: Round, block) -> tuple[Round, list, float | None]:
+        """Collect the round's updates, wave after wave while the strategy asks for another:
+        (the round as it stands, its updates, the estimate variance if measured)."""
+        while True:
+            await self._collect(rnd)
+            rows = self.store.updates(rnd.id)
+            if len(rows) < self.job.min_devices or self.round_method(rnd.number) is not self.method:
+                return rnd, rows, None
+            accepted = [AcceptedUpdate.from_row(row) for row in rows]
+            more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+            if not more:
+                return rnd, rows, variance
+            log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
+                     rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
+            rnd = self.store.next_wave(rnd.id)
+
+    def _combine(self, rnd: Round, base: np.ndarray, accepted: list[AcceptedUpdate], block) -> np.ndarray | None:
+        """The round's rule applied to `accepted`; None when it cannot give a finite adapter."""
+        method = self.round_method(rnd.number)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if method.coordinator_aggregate is not None:
+                    new = method.coordinator_aggregate(base, [u.change.dense for u in accepted],
+                                                       self.round_hparams(rnd.number), self.layout)
+                else:
+                    new = self.strategy.aggregate(base, accepted, block)
+        except (ValueError, ArithmeticError):  # e.g. class statistics whose head is singular or not finite
+            return None
+        return new if np.isfinite(new).all() else None
+
+    def _change_size(self, rnd: Round, row, base: np.ndarray) -> float:
+        """How far an update would move the adapter: its bound's measure, or a statistics payload's largest value."""
+        update = AcceptedUpdate.from_row(row)
+        dense = update.change.dense
+        if self.round_method(rnd.number).dense_length is not None:
+            return float(np.max(np.abs(dense))) if dense is not None else 0.0
+        scale_part = abs(update.change.scale - 1.0) * float(np.sqrt(np.mean(base.astype(np.float64) ** 2)))
+        return update_rms(update.pairs, dense) + scale_part
+
+    def _drop_updates(self, rnd: Round, offenders: list[tuple]) -> None:
+        """Take accepted updates back out of the round, each recorded as a refusal with its code, and their
+        tasks forfeited: the round collects again without them (another device may take their place)."""
+        for row, code, reason in offenders:
+            self.store.drop_update(row.id)
+            self.store.forfeit_task(row.task_id, code)
+            self.store.add_refusal(self.job.id, row.device_id, code, reason)
+            log.warning("round %d: dropped the update of %s for task %s (%s): %s; the round goes on without it",
+                        rnd.number, row.device_id, row.task_id, code, reason)
+
+    def _diverged(self, metrics: dict, base_version: int) -> str | None:
+        """A held-out metric that is not finite for the new adapter but was for the round's base version."""
+        before = {m.name for m in self.store.metrics(self.job.id) if m.version == base_version}
+        return next((name for name, value in metrics.items() if not math.isfinite(value) and name in before), None)
+
+    async def _publishable(self, rnd: Round, rows: list, block) -> tuple[np.ndarray, dict] | None:
+        """The next adapter and its held-out metrics; None when updates had to be dropped first (_drop_updates):
+        one that the limits refuse (stored by an older coordinator, or under other limits), one without
+        which the aggregate is finite, or, when a held-out metric stops being finite, the largest."""
+        method = self.round_method(rnd.number)
+        stale = [(row, *refusal) for row in rows
+                 if (refusal := self._poisoning(AcceptedUpdate.from_row(row).pairs, row.scale, row.dense,
+                                                self.store.task(row.task_id).hparams, method))]
+        if stale:
+            self._drop_updates(rnd, stale)
+            return None
+        base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
+        accepted = [AcceptedUpdate.from_row(row) for row in rows]
+        new = self._combine(rnd, base, accepted, block)
+        if new is None:
+            alone = [row for row, u in zip(rows, accepted) if self._combine(rnd, base, [u], block) is None]
+            blamed = alone or [max(rows, key=lambda row: self._change_size(rnd, row, base))]
+            reason = "the round's aggregate with this update is not finite"
+            self._drop_updates(rnd, [(row, "non_finite_aggregate", reason) for row in blamed])
+            return None
+        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
+        if (name := self._diverged(metrics, rnd.base_version)) is not None:
+            largest = max(rows, key=lambda row: self._change_size(rnd, row, base))
+            reason = f"with this update, the largest of the round, the held-out {name} is {metrics[name]}"
+            self._drop_updates(rnd, [(largest, "diverged", reason)])
+            return None
+        return new, metrics
+
+    def _finite_metrics(self, version: int, metrics: dict) -> dict:
+        """The metrics that can be stored; a non-finite one is recorded as a refusal with its value instead."""
+        kept = {}
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                kept[name] = value
+            else:
+                reason = f"version {version}: {name} is {value}, not stored"
+                self.store.add_refusal(self.job.id, None, "non_finite_metric", reason)
+                log.warning("%s", reason)
+        return kept
+
     async def run_round(self, rnd: Round) -> bool:
         """Run one round attempt to its end; True if it closed with a new global version."""
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         while True:
-            await self._collect(rnd)
-            rows = self.store.updates(rnd.id)
-            accepted = [AcceptedUpdate.from_row(row) for row in rows]
-            if len(accepted) < self.job.min_devices:
-                variance = None
+            rnd, rows, variance = await self._gather(rnd, block)
+            if len(rows) < self.job.min_devices:
+                reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
+                          f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
+                self.store.fail_round(rnd.id, reason)
+                log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
+                return False
+            if (published := await self._publishable(rnd, rows, block)) is not None:
                 break
-            if self.round_method(rnd.number) is not self.method:
-                variance = None
-                break
-            more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
-            if not more:
-                break
-            log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
-                     rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
-            rnd = self.store.next_wave(rnd.id)
-        if len(accepted) < self.job.min_devices:
-            reason = (f"{len(accepted)} of the required {self.job.min_devices} updates arrived before the deadline "
-                      f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
-            self.store.fail_round(rnd.id, reason)
-            log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
-            return False
-        base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        method = self.round_method(rnd.number)
-        if method.coordinator_aggregate is not None:
-            new = method.coordinator_aggregate(base, [u.change.dense for u in accepted], self.round_hparams(rnd.number),
-                                               self.layout)
-        else:
-            new = self.strategy.aggregate(base, accepted, block)
-        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
+        new, metrics = published
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
@@ -545,17 +634,17 @@ class Coordinator:
             metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.options.dp_delta)
         if variance is not None:
             metrics["estimate_variance"] = variance
-        version = self.store.close_round(rnd, new, metrics)
+        version = self.store.close_round(rnd, new, self._finite_metrics(rnd.base_version + 1, metrics))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(accepted), version, shown)
-        print(f"round {rnd.number}/{self.job.rounds}: {len(accepted)} updates, {shown}", flush=True)
+        log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(rows), version, shown)
+        print(f"round {rnd.number}/{self.job.rounds}: {len(rows)} updates, {shown}", flush=True)
         return True
 
     async def run_job(self) -> bool:
         """Run rounds until the job has them all; False if a round failed too often."""
         if self.evaluate and not self.store.metrics(self.job.id):
             metrics = await asyncio.to_thread(self.evaluate, np.frombuffer(self.store.version(self.job.id, 0).vector, "<f4"))
-            self.store.add_metrics(self.job.id, 0, metrics)
+            self.store.add_metrics(self.job.id, 0, self._finite_metrics(0, metrics))
             print("round 0 (initial adapter): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         failures = 0
         while (done := self.store.closed_rounds(self.job.id)) < self.job.rounds:
@@ -611,6 +700,23 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
         counter.cancel()
         coordinator.traffic.flush(coordinator.connections)
         return ok
+
+
+def resume_problem(store: Store, job: Job) -> str | None:
+    """Why a stored job cannot go on, in words for the operator, or None: its latest adapter is what
+    every next task carries, so one that is damaged or not finite (stored before the coordinator
+    checked aggregates) would only make every device refuse its tasks."""
+    latest = store.latest_version(job.id)
+    if latest is None:
+        return f"job {job.id} has no adapter version (the database is damaged); start a new job with --job-id"
+    if len(latest.vector) != 4 * job.adapter_dim or hashlib.sha256(latest.vector).hexdigest() != latest.sha256:
+        return (f"job {job.id}: adapter version {latest.version} is damaged ({len(latest.vector)} bytes for "
+                f"{job.adapter_dim} float32 values, or not matching its sha256); start a new job with --job-id")
+    if not np.isfinite(np.frombuffer(latest.vector, "<f4")).all():
+        return (f"job {job.id}: adapter version {latest.version} holds non-finite values, which no device trains "
+                f"from; start a new job with --job-id (export-adapter --version {latest.version - 1} keeps the "
+                "last version before it)")
+    return None
 
 
 def job_from_bundle(job_id: str, bundle_path: str, manifest, config: JobConfig) -> Job:

@@ -4,6 +4,7 @@ durable on its own (an accepted update is stored before its ack is sent)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 import uuid
@@ -29,6 +30,13 @@ def sha256(data: bytes) -> str:
 def token_hash(token: str) -> str:
     """What the store keeps of a credential: the sha256 of its token."""
     return sha256(token.encode())
+
+
+def metric_rows(job_id: str, version: int, metrics: dict[str, float]) -> list[Metric]:
+    """The finite metrics as rows. SQLite stores NaN as NULL, which metrics.value refuses: a non-finite
+    value is left out (the coordinator records it as a refusal first), never a failed transaction."""
+    return [Metric(job_id=job_id, version=version, name=name, value=float(value))
+            for name, value in metrics.items() if math.isfinite(value)]
 
 
 class Store:
@@ -244,14 +252,12 @@ class Store:
             version = rnd.base_version + 1
             s.add(AdapterVersion(job_id=rnd.job_id, version=version, vector=data, sha256=sha256(data), round_id=rnd.id))
             row.status, row.closed_at = "closed", time.time()
-            for name, value in metrics.items():
-                s.add(Metric(job_id=rnd.job_id, version=version, name=name, value=float(value)))
+            s.add_all(metric_rows(rnd.job_id, version, metrics))
         return version
 
     def add_metrics(self, job_id: str, version: int, metrics: dict[str, float]) -> None:
         with self.session() as s, s.begin():
-            for name, value in metrics.items():
-                s.add(Metric(job_id=job_id, version=version, name=name, value=float(value)))
+            s.add_all(metric_rows(job_id, version, metrics))
 
     def metrics(self, job_id: str) -> list[Metric]:
         with self.session() as s:
@@ -308,6 +314,11 @@ class Store:
             for round_id, hparams in rows:
                 first.setdefault(round_id, hparams)
         return first
+
+    def drop_update(self, update_id: int) -> None:
+        """Take an accepted update back out of its round (the aggregate refused it; a refusal says why)."""
+        with self.session() as s, s.begin():
+            s.delete(s.get(UpdateRow, update_id))
 
     def answered(self, round_id: int) -> set[str]:
         """Ids of the round's tasks that have an accepted update (without loading the updates)."""

@@ -12,7 +12,7 @@ from websockets.http11 import Request
 from coordinator.job import JobOptions, resumed_options
 from coordinator.server import Coordinator, JobConfig, Limits, bearer_token, job_from_bundle
 from coordinator.store import open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategy import AcceptedUpdate, SeedFedAvg
 from fwdfed import protocol
 
 
@@ -35,13 +35,83 @@ class SlowlyClosingConnection:
         await asyncio.sleep(3600)
 
 
-def coordinator(tmp_path, devices_per_round: int = 1) -> Coordinator:
+def coordinator(tmp_path, devices_per_round: int = 1, deadline_s: float = 60, evaluate=None,
+                limits: Limits | None = None) -> Coordinator:
     store = open_store(tmp_path / "job.db")
-    config = JobConfig(rounds=1, devices_per_round=devices_per_round, min_devices=1, round_deadline_s=60,
+    config = JobConfig(rounds=1, devices_per_round=devices_per_round, min_devices=1, round_deadline_s=deadline_s,
                        hparams={"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": 1, "kind": "rademacher"})
     job = store.create_job(job_from_bundle("job", "/bundle", FakeManifest, config), np.zeros(16, np.float32))
     strategy = SeedFedAvg(hparams=job.hparams, devices_per_round=devices_per_round)
-    return Coordinator(store, job, strategy, limits=Limits(require_credentials=False))
+    return Coordinator(store, job, strategy, evaluate=evaluate, limits=limits or Limits(require_credentials=False))
+
+
+def answered_round(c: Coordinator, pairs_by_device: dict[str, list]):
+    """Round 1 with a task per device, each answered with its pairs (the devices then went away)."""
+    rnd = c.store.start_round(c.job.id, 1, 0)
+    for device_id in pairs_by_device:
+        c.store.touch_device(device_id, 1, None)
+    tasks = c.store.add_tasks(rnd.id, 0, {d: dict(c.job.hparams) for d in pairs_by_device})
+    for task in tasks:
+        assert c.store.add_update(task, pairs_by_device[task.device_id], 1.0, 10, 1.0, 0.9, 1)
+    return rnd
+
+
+def outcome(c: Coordinator):
+    """The round's published adapter, and the refusals as (device, code)."""
+    vector = np.frombuffer(c.store.latest_version(c.job.id).vector, "<f4")
+    return vector, [(r.device_id, r.code) for r in c.store.refusals(c.job.id)]
+
+
+UNBOUNDED = Limits(require_credentials=False, max_update_rms=None)  # what the protocol alone lets through
+
+
+def test_an_update_that_makes_the_aggregate_non_finite_is_dropped_and_the_round_closes_without_it(tmp_path):
+    c = coordinator(tmp_path, devices_per_round=2, deadline_s=1, limits=UNBOUNDED)
+    rnd = answered_round(c, {"honest": [(1, 1e-3)], "huge": [(2, 1e39)]})  # 1e39 is finite, but not as float32
+    assert asyncio.run(c.run_round(rnd))
+    vector, refusals = outcome(c)
+    expected = c.strategy.aggregate(np.zeros(16, np.float32), [AcceptedUpdate.of("honest", [(1, 1e-3)], 10)])
+    assert np.array_equal(vector, expected) and refusals == [("huge", "non_finite_aggregate")]
+    assert [u.device_id for u in c.store.updates(rnd.id)] == ["honest"]
+    assert {t.device_id: t.forfeited for t in c.store.tasks(rnd.id)} == {"honest": None, "huge": "non_finite_aggregate"}
+
+
+def test_an_update_with_which_the_held_out_loss_stops_being_finite_is_dropped(tmp_path):
+    def evaluate(w):  # a model that overflows past some size of adapter, as a real one does
+        return {"heldout_loss": 2.0 if np.abs(w).max() < 1e3 else float("nan")}
+
+    c = coordinator(tmp_path, devices_per_round=2, deadline_s=1, evaluate=evaluate, limits=UNBOUNDED)
+    c.store.add_metrics(c.job.id, 0, evaluate(np.zeros(16)))
+    rnd = answered_round(c, {"honest": [(1, 1e-3)], "huge": [(2, 1e30)]})  # finite even as float32
+    assert asyncio.run(c.run_round(rnd))
+    vector, refusals = outcome(c)
+    assert np.abs(vector).max() == np.float32(1e-3) and refusals == [("huge", "diverged")]
+    assert [(m.version, m.value) for m in c.store.metrics(c.job.id) if m.name == "heldout_loss"] == [(0, 2.0), (1, 2.0)]
+
+
+def test_a_held_out_metric_that_was_never_finite_is_recorded_as_refused_not_stored(tmp_path):
+    c = coordinator(tmp_path, evaluate=lambda w: {"heldout_loss": float("nan")})
+    c.store.add_metrics(c.job.id, 0, {"heldout_loss": float("nan")})  # the store leaves it out, without failing
+    rnd = answered_round(c, {"d": [(1, 1e-3)]})
+    assert asyncio.run(c.run_round(rnd))  # nothing to blame an update for: the start was not finite either
+    assert [r.code for r in c.store.refusals(c.job.id)] == ["non_finite_metric"]
+    assert "heldout_loss is nan" in c.store.refusals(c.job.id)[0].reason
+    assert {m.name for m in c.store.metrics(c.job.id)} == {"train_loss_before", "train_loss_after", "waves"}
+
+
+def test_the_default_bound_refuses_a_huge_coefficient_and_a_repeated_seed_counts_once(tmp_path):
+    from coordinator.server import DEFAULT_MAX_UPDATE_RMS, update_rms
+
+    c = coordinator(tmp_path, limits=Limits(require_credentials=False))
+    hparams, method = dict(c.job.hparams, local_steps=4), c.method
+    assert c._poisoning([(7, 1e30)], 1.0, b"", hparams, method)[0] == "norm_bound"
+    bound = DEFAULT_MAX_UPDATE_RMS
+    # four times one seed is one direction four times as long: 4c, not sqrt(4) c, against the bound
+    assert update_rms([(7, bound / 3)] * 4, None) == 4 * bound / 3
+    assert c._poisoning([(7, bound / 3)] * 4, 1.0, b"", hparams, method)[0] == "norm_bound"
+    assert c._poisoning([(7, bound / 3), (8, bound / 3), (9, bound / 3)], 1.0, b"", hparams, method) is None
+    code, reason = c._poisoning([], 0.5, b"", hparams, method)
+    assert code == "bad_scale" and "[0.999999, 1.000001]" in reason  # the range it accepts, tolerance included
 
 
 def test_a_device_being_refused_is_sent_no_task_while_its_connection_closes(tmp_path):
@@ -116,3 +186,17 @@ def test_a_resumed_job_keeps_its_stored_options_and_fills_only_what_an_older_job
     older = {k: v for k, v in stored.items() if k not in ("server_lr", "clip")}
     options, warnings = resumed_options(older, {"server_lr": 2.0, "clip": None})
     assert options.server_lr == 2.0 and options.clip is None and warnings == []
+
+
+def test_a_stored_job_whose_latest_adapter_is_not_finite_or_damaged_is_refused_with_what_is_wrong(tmp_path):
+    from coordinator.server import resume_problem
+    from coordinator.store import AdapterVersion
+    from coordinator.store.queries import sha256
+
+    c = coordinator(tmp_path)
+    assert resume_problem(c.store, c.job) is None
+    for vector, expected in ((np.full(16, np.inf, np.float32).tobytes(), "holds non-finite values"),
+                             (b"\0" * 12, "is damaged")):
+        with c.store.session() as s, s.begin():  # as an older coordinator, or a damaged file, left it
+            s.merge(AdapterVersion(job_id=c.job.id, version=1, vector=vector, sha256=sha256(vector)))
+        assert expected in resume_problem(c.store, c.job)

@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from coordinator.store import open_store
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
+from tests.conftest import TINYSTORIES
 from tests.support.fleet import Coordinator, enrol
 from tests.support.protocol_client import ProtocolClient
 
@@ -146,3 +147,84 @@ def test_a_task_forfeited_for_breaking_the_protocol_or_the_rate_limit_is_not_giv
     store = open_store(db)
     assert [(r.number, r.attempt, r.status) for r in store.rounds(store.latest_job().id)] == [
         (1, 1, "failed"), (1, 2, "failed"), (1, 3, "closed")]
+
+
+def adapters_are_finite_and_bounded(db, bound: float) -> list[float]:
+    """Every published version is finite and moved from the one before by an RMS within `bound`; the RMS moves."""
+    import numpy as np
+
+    store = open_store(db)
+    versions = [np.frombuffer(v.vector, "<f4").astype(np.float64) for v in store.versions(store.latest_job().id)]
+    assert all(np.isfinite(v).all() for v in versions)
+    moves = [float(np.sqrt(np.mean((b - a) ** 2))) for a, b in zip(versions, versions[1:])]
+    assert all(m <= bound for m in moves), moves
+    return moves
+
+
+def test_one_huge_finite_coefficient_is_refused_by_default_and_the_job_finishes(tmp_path, tiny_llama_bundle):
+    db = tmp_path / "job.db"
+    coordinator = Coordinator(db, "--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "1",
+                              "--local-steps", "2", "--directions", "1", "--eval-data", str(TINYSTORIES),
+                              "--eval-examples", "8", "--round-deadline", "60")
+    manifest = load_bundle(tiny_llama_bundle).manifest
+
+    async def scenario():
+        async with ProtocolClient(coordinator.url, "rogue", manifest.base_model_hash, manifest.adapter_dim) as device:
+            for _ in range(3):
+                task = await device.recv()
+                for coef in (1e30, 1e39):  # finite: the protocol lets both through, the default bound does not
+                    await device.send(device.update(task, seeds=[7], coefs=[coef]))
+                    ack = await device.recv()
+                    assert not ack.accepted and ack.reason.startswith("norm_bound: "), ack
+                await device.send(device.update(task, seeds=[7], coefs=[1e-3]))  # it keeps its task
+                assert (await device.recv()).accepted
+            assert isinstance(await device.recv(), protocol.Done)
+
+    try:
+        asyncio.run(scenario())
+        code, out, err = coordinator.wait(timeout=120)
+        assert code == 0 and "round 3/3: 1 updates" in out, err[-2000:]
+    finally:
+        coordinator.kill()
+    assert refusal_codes(db).count("norm_bound") == 6
+    from coordinator.server import DEFAULT_MAX_UPDATE_RMS
+
+    adapters_are_finite_and_bounded(db, DEFAULT_MAX_UPDATE_RMS)
+
+
+def test_a_restart_on_the_database_the_old_crash_left_resumes_and_refuses_the_update(tmp_path, tiny_llama_bundle):
+    """Before the bound, 1e30 was accepted and stored, and every (re)start of `serve` crashed aggregating it."""
+    db = tmp_path / "job.db"
+    flags = ("--bundle", str(tiny_llama_bundle), "--rounds", "1", "--devices-per-round", "1", "--local-steps", "2",
+             "--eval-data", str(TINYSTORIES), "--eval-examples", "8", "--round-deadline", "60")
+    manifest = load_bundle(tiny_llama_bundle).manifest
+
+    async def take_the_task(url):
+        async with ProtocolClient(url, "rogue", manifest.base_model_hash, manifest.adapter_dim) as device:
+            return await device.recv()
+
+    first = Coordinator(db, *flags)
+    try:
+        task = asyncio.run(take_the_task(first.url))
+    finally:
+        first.kill()
+    store = open_store(db)  # what the old coordinator stored on accepting it
+    assert store.add_update(store.task(task.task_id), [(7, 1e30)], 1.0, 10, 1.0, 0.9, 1)
+
+    again = Coordinator(db, *flags)
+
+    async def honest():
+        async with ProtocolClient(again.url, "honest", manifest.base_model_hash, manifest.adapter_dim) as device:
+            return await device.answer_until_done(pairs=2)
+
+    try:
+        assert asyncio.run(honest()) == 1
+        code, out, err = again.wait(timeout=120)
+        assert code == 0 and "round 1/1: 1 updates" in out, err[-2000:]
+    finally:
+        again.kill()
+    refusals = open_store(db).refusals(store.latest_job().id)
+    assert [(r.device_id, r.code) for r in refusals] == [("rogue", "norm_bound")]
+    from coordinator.server import DEFAULT_MAX_UPDATE_RMS
+
+    adapters_are_finite_and_bounded(db, DEFAULT_MAX_UPDATE_RMS)
