@@ -42,7 +42,9 @@ done
 ET_JAR=$EXECUTORCH/android/libs/classes.jar
 [ -f "$ET_JAR" ] || fail "no $ET_JAR (run android_demo/app/fetch_executorch.sh)"
 IFS=: read -r -a jars <<< "$JARS"
-for j in "${jars[@]}"; do [ -f "$j" ] || fail "no $j (apt-get install libmsgpack-java libokhttp-java libokio-java)"; done
+for j in "${jars[@]}"; do
+    [ -f "$j" ] || fail "no $j (apt-get install libmsgpack-java libokhttp-java libokio-java)"
+done
 
 rm -rf "$OUT/core" "$OUT/classes" "$OUT/gen" "$OUT/dex" "$OUT"/*.apk "$OUT"/*.idsig "$OUT"/*.zip
 mkdir -p "$OUT/core" "$OUT/classes" "$OUT/gen"
@@ -100,7 +102,8 @@ if [ ! -f "$KEYSTORE" ]; then
         -dname "CN=fwdfed debug, O=fwdfed" 2>/dev/null
 fi
 apksigner sign --ks "$KEYSTORE" --ks-pass "pass:$KEYSTORE_PASS" --ks-key-alias "$KEY_ALIAS" \
-    --key-pass "pass:$KEYSTORE_PASS" --min-sdk-version "$MIN_SDK" --v4-signing-enabled false --out "$OUT/app-signed.apk" "$OUT/app-unsigned.apk"
+    --key-pass "pass:$KEYSTORE_PASS" --min-sdk-version "$MIN_SDK" --v4-signing-enabled false \
+    --out "$OUT/app-signed.apk" "$OUT/app-unsigned.apk"
 apksigner verify --min-sdk-version "$MIN_SDK" "$OUT/app-signed.apk"
 if [ -n "$D8" ]; then
     echo "built $OUT/app-signed.apk (with classes.dex)"
