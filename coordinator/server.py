@@ -230,9 +230,13 @@ class Coordinator:
             self.changed.set()
             while True:
                 message = await self._receive(ws, device_id)
-                if not isinstance(message, protocol.Update):
-                    raise Refused("bad_message", f"devices may send only updates after hello, not {message.TYPE}")
-                await ws.send(self._accept(device_id, message).to_wire())
+                if isinstance(message, protocol.Update):
+                    await ws.send(self._accept(device_id, message).to_wire())
+                elif isinstance(message, protocol.Decline):
+                    await ws.send(self._decline(device_id, message).to_wire())
+                else:
+                    raise Refused("bad_message", f"devices may send only updates and declines after hello, "
+                                                 f"not {message.TYPE}")
         except protocol.ProtocolError as e:
             await self._refuse(ws, "bad_message", str(e), device_id or enrolled)
         except Refused as e:
@@ -342,6 +346,32 @@ class Coordinator:
                  update.loss_after, update.peak_rss_bytes / 2**20)
         self.changed.set()
         return protocol.Ack(task_id=update.task_id, accepted=True, reason="")
+
+    def _decline(self, device_id: str, decline: protocol.Decline) -> protocol.Ack:
+        """A device that cannot run its task gives it back: forfeited, it goes to another device at once
+        (never back to this one in the round's wave). Acked as accepted, or refused with the code that
+        an update for that task would get (unknown_task, foreign, late, abandoned, duplicate)."""
+        task = self.store.task(decline.task_id)
+        rnd = self.store.open_round(self.job.id)
+        if task is None:
+            refusal = ("unknown_task", "unknown task")
+        elif task.device_id != device_id:
+            refusal = ("foreign", "this task was sent to another device")
+        elif rnd is None or rnd.id != task.round_id:
+            refusal = ("late", "the task's round is closed")
+        elif task.abandoned_at is not None:
+            refusal = ("abandoned", "the task was already taken from this device")
+        elif task.id in self.store.answered(rnd.id):
+            refusal = ("duplicate", "this task already has an accepted update")
+        else:
+            self.store.forfeit_task(task.id, "declined")
+            self.store.add_refusal(self.job.id, device_id, "declined", f"{decline.code}: {decline.reason}")
+            log.warning("round %d: %s declined task %s (%s: %s), reassigning", rnd.number, device_id, task.id,
+                        decline.code, decline.reason)
+            self.changed.set()
+            return protocol.Ack(task_id=task.id, accepted=True, reason="")
+        log.warning("refused the decline of %s from %s (%s)", decline.task_id, device_id, refusal[0])
+        return protocol.Ack(task_id=decline.task_id, accepted=False, reason=f"{refusal[0]}: {refusal[1]}")
 
     def _refusal(self, device_id: str, update: protocol.Update, task) -> tuple[str, str] | None:
         """(code, reason) when the update must not be aggregated; None when it may."""
@@ -681,7 +711,10 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
     # max_queue: a device waits for each ack, so a few unread frames are all an honest one has;
     # the cap bounds what a flooding one makes the server hold. Reading pauses while the queue is
     # full, so closing such a connection cannot finish its handshake: close_timeout bounds that wait.
+    # compression=None: no permessage-deflate, so a frame's size is its header's and the cap is checked
+    # there, before the body is read (a compressed frame would have to be inflated to be measured).
     async with serve(coordinator.handle, host, port, ssl=tls, process_request=coordinator.check_handshake,
+                     compression=None,
                      max_size=max_frame_bytes(job, coordinator.scheduled_dense_values()), max_queue=4, close_timeout=2,
                      ping_interval=heartbeat_s, ping_timeout=heartbeat_s,
                      create_connection=CountingConnection) as server:

@@ -326,11 +326,16 @@ class Device:
                 log.info("%s: job %s done after %d tasks", self.config.device_id, message.job_id, self.tasks_done)
                 return True
             if isinstance(message, protocol.Task):
-                if self.train_lock is None:
-                    update = await asyncio.to_thread(self.train, message)
-                else:
-                    async with self.train_lock:
+                try:
+                    if self.train_lock is None:
                         update = await asyncio.to_thread(self.train, message)
+                    else:
+                        async with self.train_lock:
+                            update = await asyncio.to_thread(self.train, message)
+                except DeviceError as e:  # say so on the wire, so the task goes to another device at once
+                    await ws.send(protocol.Decline(task_id=message.task_id, code="cannot_run",
+                                                   reason=str(e)[: protocol.MAX_TEXT]).to_wire())
+                    raise
                 await ws.send(update.to_wire())
             elif isinstance(message, protocol.Ack):
                 self.tasks_done += message.accepted

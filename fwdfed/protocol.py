@@ -194,14 +194,25 @@ class Done(Message):
 
 @dataclass
 class Error(Message):
-    """either side: the last frame was refused; the sender closes the connection after it."""
+    """coordinator -> device: the last frame was refused; the coordinator closes the connection after it.
+    (A device that sends one breaks the protocol: it declines a task with Decline.)"""
     TYPE: ClassVar[str] = "error"
     code: str
     message: str
     CHECKS: ClassVar[dict] = dict(code=_text(64), message=_text(MAX_TEXT))
 
 
-MESSAGES: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Welcome, Task, Update, Ack, Done, Error)}
+@dataclass
+class Decline(Message):
+    """device -> coordinator: the device cannot run this task; it goes to another device, not back to this one."""
+    TYPE: ClassVar[str] = "decline"
+    task_id: str
+    code: str  # the device's own word for why (e.g. cannot_run), stored with the refusal
+    reason: str
+    CHECKS: ClassVar[dict] = dict(task_id=ID, code=_text(64), reason=_text(MAX_TEXT))
+
+
+MESSAGES: dict[str, type[Message]] = {m.TYPE: m for m in (Hello, Welcome, Task, Update, Decline, Ack, Done, Error)}
 
 
 def decode(frame: Any) -> Message:

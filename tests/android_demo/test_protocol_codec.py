@@ -32,6 +32,7 @@ VALID = [
     protocol.Update(task_id="t-1", job_id="job-1", round=3, global_version=2, seeds=[0, 2**63 - 1, 42],
                     coefs=[-1e-3, 0.5, 7.0], scale=0.99, dense=b"", num_examples=553, loss_before=2.5,
                     loss_after=2.25, peak_rss_bytes=123456789),
+    protocol.Decline(task_id="t-1", code="cannot_run", reason="task t-1 asks for teacher 0123456789ab"),
     protocol.Ack(task_id="t-1", accepted=False, reason="duplicate: this task already has an accepted update"),
     protocol.Done(job_id="job-1", reason="finished"),
     protocol.Error(code="revoked", message="é" * 1024),

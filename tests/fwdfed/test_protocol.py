@@ -17,6 +17,7 @@ TASK = protocol.Task(task_id="t", job_id="j", round=1, global_version=0, base_mo
     UPDATE, TASK,
     protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None),
     protocol.Welcome(job_id="j", device_id="d"), protocol.Ack(task_id="t", accepted=False, reason="late"),
+    protocol.Decline(task_id="t", code="cannot_run", reason="no teacher"),
     protocol.Done(job_id="j", reason="done"), protocol.Error(code="bad_message", message="x"),
 ])
 def test_every_message_round_trips(message):

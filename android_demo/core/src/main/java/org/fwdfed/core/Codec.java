@@ -99,6 +99,12 @@ public final class Codec {
                 p.packString("loss_before").packDouble(m.lossBefore);
                 p.packString("loss_after").packDouble(m.lossAfter);
                 p.packString("peak_rss_bytes").packLong(m.peakRssBytes);
+            } else if (message instanceof Message.Decline) {
+                Message.Decline m = (Message.Decline) message;
+                header(p, m, 3);
+                str(p, "task_id", m.taskId);
+                str(p, "code", m.code);
+                str(p, "reason", m.reason);
             } else if (message instanceof Message.Ack) {
                 Message.Ack m = (Message.Ack) message;
                 header(p, m, 3);
@@ -148,6 +154,7 @@ public final class Codec {
                 "adapter_sha256", "method", "hparams", "deadline_s", "reference"));
         FIELDS.put("update", List.of("task_id", "job_id", "round", "global_version", "seeds", "coefs", "scale", "dense",
                 "num_examples", "loss_before", "loss_after", "peak_rss_bytes"));
+        FIELDS.put("decline", List.of("task_id", "code", "reason"));
         FIELDS.put("ack", List.of("task_id", "accepted", "reason"));
         FIELDS.put("done", List.of("job_id", "reason"));
         FIELDS.put("error", List.of("code", "message"));
@@ -381,6 +388,8 @@ public final class Codec {
                         seeds, coefs, f(d, "scale"), (byte[]) d.get("dense"), l(d, "num_examples"),
                         f(d, "loss_before"), f(d, "loss_after"), l(d, "peak_rss_bytes"));
             }
+            case "decline":
+                return new Message.Decline(s(d, "task_id"), s(d, "code"), s(d, "reason"));
             case "ack":
                 return new Message.Ack(s(d, "task_id"), (Boolean) d.get("accepted"), s(d, "reason"));
             case "done":

@@ -16,7 +16,8 @@ import okhttp3.OkHttpClient;
  *   `duplicate` refusal of a resent update means the first copy was accepted.
  * - An `error` from the coordinator (revoked, wrong model, ...), a refused credential, an
  *   untrusted certificate, a frame that breaks the protocol or a task the device cannot use
- *   stops the device with a {@link DeviceException} saying why; nothing is sent for such a task.
+ *   stops the device with a {@link DeviceException} saying why; for such a task it sends only a
+ *   `decline` (so that the task goes to another device at once), never an update.
  * - {@link #stop()} ends the loop between training steps (the user's switch, or the OS taking
  *   the job's constraints away).
  */
@@ -233,7 +234,9 @@ public final class DeviceClient {
                         }
                     });
                 } catch (ProgramException ex) {
-                    throw new DeviceException("task " + task.taskId + ": " + ex.getMessage());
+                    throw decline(c, task, new DeviceException("task " + task.taskId + ": " + ex.getMessage()));
+                } catch (DeviceException ex) {
+                    throw decline(c, task, ex);
                 }
                 lossBefore = update.lossBefore;
                 lossAfter = update.lossAfter;
@@ -261,6 +264,14 @@ public final class DeviceClient {
                         + " message goes from devices to the coordinator");
             }
         }
+    }
+
+    /** Say on the wire that this device cannot run `task` (it goes to another device at once); `why` stops it. */
+    private DeviceException decline(CoordinatorConnection c, Message.Task task, DeviceException why) {
+        String reason = why.getMessage() == null ? "" : why.getMessage();
+        int end = reason.offsetByCodePoints(0, Math.min(Message.MAX_TEXT, reason.codePointCount(0, reason.length())));
+        send(c, new Message.Decline(task.taskId, "cannot_run", reason.substring(0, end)));
+        return why;
     }
 
     private boolean send(CoordinatorConnection c, Message message) {

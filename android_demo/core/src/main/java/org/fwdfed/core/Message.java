@@ -135,6 +135,24 @@ public abstract class Message {
     }
 
     /** coordinator -> device: whether an update was accepted, and why not. */
+    /** device -> coordinator: this device cannot run the task; it goes to another device. */
+    public static final class Decline extends Message {
+        public final String taskId;
+        public final String code;
+        public final String reason;
+
+        public Decline(String taskId, String code, String reason) {
+            this.taskId = taskId;
+            this.code = code;
+            this.reason = reason;
+        }
+
+        @Override
+        public String type() {
+            return "decline";
+        }
+    }
+
     public static final class Ack extends Message {
         public final String taskId;
         public final boolean accepted;
