@@ -3,7 +3,7 @@
 # android.jar and ExecuTorch's classes.jar), aapt2 (resources and manifest), zip (ExecuTorch's
 # JNI libraries, stored), zipalign and apksigner. Debian has no dexer (d8/r8), so without D8 the
 # APK carries no runnable code: it is a shell (manifest, resources, native libraries) that
-# installs nowhere useful. Where the Android SDK is installed, D8 adds the code (README.md).
+# cannot run. Where the Android SDK is installed, D8 adds the code (android_demo/README.md).
 #
 #   android_demo/app/build.sh                       the shell: OUT/app-unsigned.apk, OUT/app-signed.apk
 #   D8=$ANDROID_HOME/build-tools/<version>/d8 EXTRA_JARS=... EXTRA_JNI=... android_demo/app/build.sh
@@ -15,6 +15,8 @@
 #                android_demo/.cache/react-native-executorch-0.9.3)
 #   JARS         the core's libraries (Debian's msgpack-core, okhttp, okio)
 #   D8           d8 from the SDK's build-tools; with it the APK gets classes.dex
+#   D8_LIB       the android.jar d8 desugars against (ANDROID_JAR; give one of API 26 or later, the
+#                minSdkVersion, so that d8 sees java.nio.file and java.util.function)
 #   EXTRA_JARS   more jars to dex, ':'-separated (ExecuTorch's fbjni and SoLoader's nativeloader)
 #   EXTRA_JNI    a folder of ABI/lib*.so to add (fbjni's jni/ folder: libexecutorch.so needs libfbjni.so)
 #   KEYSTORE     the signing key store (default: a debug key made in OUT); KEYSTORE_PASS, KEY_ALIAS
@@ -26,6 +28,7 @@ ANDROID_JAR=${ANDROID_JAR:-/usr/lib/android-sdk/platforms/android-23/android.jar
 EXECUTORCH=${EXECUTORCH:-$DEMO/.cache/react-native-executorch-0.9.3}
 JARS=${JARS:-/usr/share/java/msgpack-core.jar:/usr/share/java/okhttp.jar:/usr/share/java/okio.jar}
 D8=${D8:-}
+D8_LIB=${D8_LIB:-$ANDROID_JAR}
 EXTRA_JARS=${EXTRA_JARS:-}
 EXTRA_JNI=${EXTRA_JNI:-}
 KEYSTORE=${KEYSTORE:-$OUT/debug.keystore}
@@ -90,7 +93,7 @@ if [ -n "$D8" ]; then
         dex_inputs+=("${extra[@]}")
     fi
     mkdir -p "$OUT/dex"
-    "$D8" --release --min-api "$MIN_SDK" --lib "$ANDROID_JAR" --output "$OUT/dex" "${dex_inputs[@]}"
+    "$D8" --release --min-api "$MIN_SDK" --lib "$D8_LIB" --output "$OUT/dex" "${dex_inputs[@]}"
     (cd "$OUT/dex" && zip -q "$OUT/unaligned.apk" classes*.dex)
 fi
 
