@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.agnews import minilm_folder, score_peft_folder
+from benchmarks.headline import minilm_folder, score_peft_folder
 from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.agnews import accuracy, minilm_folder, score_peft_folder
+from benchmarks.headline import accuracy, minilm_folder, score_peft_folder
 from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_job
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run

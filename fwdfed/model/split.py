@@ -31,6 +31,7 @@ from torch import nn
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.model.loss import per_example_loss
+from fwdfed.model.program import BatchedLoraLinear
 
 # The adapter tensors a split may train: in an encoder block, or the classification head.
 _BLOCK = re.compile(r"\.layer\.(\d+)\.")
@@ -60,32 +61,45 @@ class EncoderClassifier:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(input_ids=input_ids)
 
-    def block(self, index: int, h: torch.Tensor, mask_bias: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-        """Block `index` on hidden states h [N, L, H]; `rows`: compute only the first `rows` positions'
-        outputs (their queries against every position's keys and values)."""
+    def modules(self, index: int) -> tuple[nn.Module, ...]:
+        """Block `index`'s (query, key, value, output projection, attention norm, feed-forward in, activation,
+        feed-forward out, output norm)."""
         layer = self.layers[index]
         if self.kind == "bert":
             attn = layer.attention
-            q_proj, k_proj, v_proj = attn.self.query, attn.self.key, attn.self.value
-            out_proj, attn_norm = attn.output.dense, attn.output.LayerNorm
-            ff_in, act, ff_out, ff_norm = (layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
-                                           layer.output.dense, layer.output.LayerNorm)
-        else:
-            attn = layer.attention
-            q_proj, k_proj, v_proj, out_proj = attn.q_lin, attn.k_lin, attn.v_lin, attn.out_lin
-            attn_norm, ff_in, act, ff_out, ff_norm = (layer.sa_layer_norm, layer.ffn.lin1, layer.ffn.activation,
-                                                      layer.ffn.lin2, layer.output_layer_norm)
+            return (attn.self.query, attn.self.key, attn.self.value, attn.output.dense, attn.output.LayerNorm,
+                    layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense,
+                    layer.output.LayerNorm)
+        attn = layer.attention
+        return (attn.q_lin, attn.k_lin, attn.v_lin, attn.out_lin, layer.sa_layer_norm, layer.ffn.lin1,
+                layer.ffn.activation, layer.ffn.lin2, layer.output_layer_norm)
+
+    def block(self, index: int, h: torch.Tensor, mask_bias: torch.Tensor, rows: int | None = None,
+              copies: int | None = None) -> torch.Tensor:
+        """Block `index` on hidden states h [N, L, H]; `rows`: compute only the first `rows` positions'
+        outputs (their queries against every position's keys and values).
+
+        `copies` P: h [B, L, H] is the same for all P adapter copies (the prefix's states), and the output
+        is theirs, [P*B, rows, H]. The frozen projections then run once on the B rows, not P times, and a
+        LoRA projection adds each copy's low-rank change to the one frozen product: at the first adapted
+        block most of a pass's arithmetic is the keys' and values' projection of every position."""
+        q_proj, k_proj, v_proj, out_proj, attn_norm, ff_in, act, ff_out, ff_norm = self.modules(index)
         x = h if rows is None else h[:, :rows]
-        n, lq, width = x.shape
+        p = copies or 1
+        b, lq, width = x.shape
         heads, size = self.num_heads, width // self.num_heads
 
-        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, H] -> [N, heads, L, size]
-            return t.reshape(n, -1, heads, size).transpose(1, 2)
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [C, B, L, H] -> [C, B, heads, L, size]
+            return t.reshape(t.shape[0], b, -1, heads, size).transpose(2, 3)
 
-        q, k, v = split_heads(q_proj(x)), split_heads(k_proj(h)), split_heads(v_proj(h))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(size) + mask_bias[:, None, None, :]
-        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, lq, width)
-        a = attn_norm(out_proj(context) + x)
+        def project(module: nn.Module, t: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [C, B, L, out]
+            return shared_projection(module, t, p) if copies else module(t).unsqueeze(0)
+
+        q, k, v = split_heads(project(q_proj, x)), split_heads(project(k_proj, h)), split_heads(project(v_proj, h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(size) + mask_bias[None, :, None, None, :]
+        context = (scores.softmax(-1) @ v).transpose(2, 3).reshape(p * b, lq, width)
+        residual = x.repeat(p, 1, 1) if copies else x
+        a = attn_norm(out_proj(context) + residual)
         return ff_norm(ff_out(act(ff_in(a))) + a)
 
     def logits(self, first: torch.Tensor) -> torch.Tensor:
@@ -93,6 +107,25 @@ class EncoderClassifier:
         if self.kind == "bert":
             return self.model.classifier(self.backbone.pooler.activation(self.backbone.pooler.dense(first)))
         return self.model.classifier(F.relu(self.model.pre_classifier(first)))
+
+
+def shared_projection(module: nn.Module, x: torch.Tensor, copies: int) -> torch.Tensor:
+    """`module` on an input [B, L, H] that is the same for all P adapter copies: [P, B, L, out] (or
+    [1, B, L, out] for a frozen module, broadcast). A LoRA layer's frozen product is taken once and each
+    copy's s B_p A_p x added: A_p x for all P copies is one matmul of x with the P A matrices side by side."""
+    if isinstance(module, BatchedLoraLinear):
+        b, length, width = x.shape
+        lora_a = module.binding.tensor(module.a)  # [P, r, in]
+        lora_b = module.binding.tensor(module.b)  # [P, out, r]
+        rank = lora_a.shape[1]
+        xa = x.reshape(b * length, width) @ lora_a.reshape(copies * rank, width).transpose(0, 1)  # [BL, P r]
+        xa = xa.reshape(b * length, copies, rank).transpose(0, 1)  # [P, BL, r]
+        delta = torch.bmm(xa, lora_b.transpose(1, 2))  # [P, BL, out]
+        base = module.base_layer(x).reshape(1, b * length, -1)
+        return (base + module.scaling * delta).reshape(copies, b, length, -1)
+    if isinstance(module, nn.Linear):
+        return module(x).unsqueeze(0)
+    return module(x.repeat(copies, 1, 1)).reshape(copies, *x.shape[:2], -1)
 
 
 def mask_bias(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -139,11 +172,12 @@ class TopProgram(nn.Module):
     def logits(self, hidden, attention_mask, adapters):
         p, b = adapters.shape[0], hidden.shape[0]
         self.binding.adapters = adapters
-        h = hidden.repeat(p, 1, 1)
-        bias = mask_bias(attention_mask).repeat(p, 1)
+        bias = mask_bias(attention_mask)
         last = len(self.parts.layers) - 1
-        for i in range(self.frozen, last + 1):
-            h = self.parts.block(i, h, bias, rows=1 if i == last else None)
+        # The first adapted block reads the prefix's states, the same for every copy; the ones above, their own.
+        h = self.parts.block(self.frozen, hidden, bias, rows=1 if self.frozen == last else None, copies=p)
+        for i in range(self.frozen + 1, last + 1):
+            h = self.parts.block(i, h, bias.repeat(p, 1), rows=1 if i == last else None)
         return self.parts.logits(h[:, 0]).reshape(p, b, -1)
 
     def forward(self, hidden, attention_mask, labels, adapters):

@@ -1,0 +1,84 @@
+"""python -m benchmarks.pass_cost --bundle B --data D: one forward-only pass through the top against the whole model.
+
+A split bundle (`python -m export --adapter-blocks top:K`) can score a batch two ways: `forward`,
+the whole program, or `top` on the prefix states the device keeps. Both are timed side by side on
+the same batches and adapter vectors, interleaved (whole, top, whole, top, ...) so that the
+machine's noise falls on both alike, and the median milliseconds per pass (one batch, one adapter
+vector) and their ratio are printed; the prefix's own cost, paid once per batch, beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.errors import UserError
+
+
+def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -> dict:
+    from dataclasses import replace
+
+    from device_sdk.data import DataSpec, encode, read_examples, split
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.evaluate import load_tokenizer
+    from fwdfed.bundle.manifest import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    engine = ProgramEngine.for_bundle(bundle)
+    if not getattr(engine, "has_split", False):
+        raise UserError(f"{bundle_dir} is not split: export it with --adapter-blocks top:K")
+    examples = split(read_examples(data, DataSpec(num_labels=m.model.get("num_labels"))), "train")
+    size, p = m.inputs["batch_size"], m.inputs["max_perturbations"]
+    work = encode(load_tokenizer(bundle), examples[: batches * size], m.task, size, m.inputs["seq_len"])
+    adapters = (bundle.initial_adapter()[None] + 1e-3 * np.random.default_rng(0).standard_normal((p, m.adapter_dim)))
+    adapters = adapters.astype(np.float32)
+    prefix_ms, states = [], []
+    for b in work:
+        began = time.perf_counter()
+        states.append(engine.prefix_states(b).astype(np.float16))
+        prefix_ms.append(1e3 * (time.perf_counter() - began))
+    split_batches = [replace(b, prefix_states=s) for b, s in zip(work, states)]
+    whole_ms, top_ms = [], []
+    for _ in range(repeats):
+        for b, s in zip(work, split_batches):
+            for runs, batch in ((whole_ms, b), (top_ms, s)):
+                began = time.perf_counter()
+                engine.losses(batch, adapters)
+                runs.append(1e3 * (time.perf_counter() - began) / p)
+    whole, top = statistics.median(whole_ms), statistics.median(top_ms)
+    return {"bundle": str(bundle_dir), "batch_size": size, "seq_len": m.inputs["seq_len"], "adapters_per_call": p,
+            "split": m.program["split"], "whole_ms_per_pass": whole, "top_ms_per_pass": top,
+            "whole_over_top": whole / top, "prefix_ms_per_batch": statistics.median(prefix_ms),
+            "calls_timed": len(whole_ms)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pass_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    figures = measure(args.bundle, args.data, args.repeats)
+    print(f"one pass (batch {figures['batch_size']} x {figures['seq_len']}, {figures['adapters_per_call']} adapter "
+          f"vectors a call): whole model {figures['whole_ms_per_pass']:.1f} ms, top "
+          f"{figures['top_ms_per_pass']:.2f} ms ({figures['whole_over_top']:.1f}x cheaper); the prefix, once per "
+          f"batch: {figures['prefix_ms_per_batch']:.0f} ms")
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,7 @@
+"""python -m benchmarks.sst2 --out DIR: the SST-2 headline job (benchmarks.headline)."""
+
+from benchmarks.headline import main
+from fwdfed.cli import run_main
+
+if __name__ == "__main__":
+    run_main(lambda argv=None: main(argv, task="sst2"))
