@@ -151,7 +151,8 @@ def test_operator_tokens_are_stored_hashed_and_reissuing_revokes_the_old_one(db_
     assert first not in hashes and all(len(h) == 64 for h in hashes)
     second = store.issue_operator_token("operator")
     assert store.operator(second) == "operator" and store.operator(first) is None
-    assert store.enrol("d1") and store.operator(store.enrol("d2")) is None  # a device token opens nothing here
+    assert store.operator(store.enrol("d2")) is None  # a device's token opens no dashboard ...
+    assert store.authenticate(second) is None  # ... and an operator's connects no device
 
 
 class CountingClient(ProtocolClient):
@@ -362,3 +363,29 @@ def test_the_dashboard_of_a_missing_database_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "none.db").exists()
     result = run_command("coordinator", "dashboard", "--db", "x.db", "--cert", "c.pem")
     assert result.returncode == 2 and "--cert and --key go together" in result.stderr
+
+
+def test_under_tls_the_page_is_served_over_https_and_the_cookie_is_secure(job_store, tls_files):
+    import ssl
+
+    from coordinator.__main__ import tls_context
+
+    store, job = job_store
+    token = store.issue_operator_token("operator")
+    cert, key, ca = tls_files
+
+    async def scenario():
+        dashboard = Dashboard(store.engine.url.database, job.id, tls=True)
+        url = await dashboard.start("127.0.0.1", 0, tls_context(cert, key))
+        try:
+            assert url.startswith("https://")
+            trusting = ssl.create_default_context(cafile=str(ca))
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url + "?token=" + token, ssl=trusting, allow_redirects=False) as r:
+                    assert r.status == 303 and r.cookies[COOKIE]["secure"]
+                with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                    await http.get(url)  # not trusted without the private CA
+        finally:
+            await dashboard.stop()
+
+    asyncio.run(scenario())

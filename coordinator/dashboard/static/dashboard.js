@@ -23,6 +23,12 @@
     while (x >= 1000 && i < units.length - 1) { x /= 1000; i++; }
     return (i === 0 ? x : x.toFixed(1)) + " " + units[i];
   }
+  // MiB as `coordinator status` prints them (Python's format: a tie goes to the even integer; memory
+  // peaks are whole pages, so ties happen).
+  function mib(b) {
+    const x = b / MIB, whole = Math.floor(x), rest = x - whole;
+    return String(rest > 0.5 || (rest === 0.5 && whole % 2 === 1) ? whole + 1 : whole);
+  }
   const utc = (t) => new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19);
   function fill(tbody, rows) {
     tbody.replaceChildren(...rows);
@@ -57,7 +63,7 @@
       ["round", r.number], ["attempt", r.attempt], ["status", r.status],
       ["version", r.version === null ? "-" : r.version], ["method", r.method], ["updates", r.updates],
       ["waves", r.waves], ["seconds", fixed(elapsed(r), 1)], ["forward_passes", count(r.forward_passes)],
-      ["peak_mib", (r.peak_bytes / MIB).toFixed(0)],
+      ["peak_mib", mib(r.peak_bytes)],
       ["heldout_loss", fixed(r.metrics.heldout_loss, 4)], ["heldout_accuracy", fixed(r.metrics.heldout_accuracy, 4)],
       ["reason", r.reason || "", "text"],
     ], {"data-round": r.number, "data-attempt": r.attempt, "data-status": r.status}));
@@ -108,7 +114,7 @@
       cell.appendChild(bar);
     }
     cell.appendChild(document.createTextNode(
-      `${(d.peak_bytes / MIB).toFixed(0)} MiB` + (d.budget_bytes ? ` / ${(d.budget_bytes / MIB).toFixed(0)} MiB` : "")));
+      `${mib(d.peak_bytes)} MiB` + (d.budget_bytes ? ` / ${mib(d.budget_bytes)} MiB` : "")));
     return cell;
   }
 
@@ -144,8 +150,9 @@
       ["devices per round", job.devices_per_round], ["min devices", job.min_devices],
       ["round deadline (s)", job.round_deadline_s], ["adapter dimension", count(job.adapter_dim)],
       ["created (UTC)", utc(job.created_at)]];
-    for (const [k, v] of Object.entries(job.hparams)) entries.push([`task: ${k}`, JSON.stringify(v)]);
-    for (const [k, v] of Object.entries(job.options)) if (v !== null) entries.push([`job: ${k}`, JSON.stringify(v)]);
+    const shown = (v) => (typeof v === "string" ? v : JSON.stringify(v));
+    for (const [k, v] of Object.entries(job.hparams)) entries.push([`task: ${k}`, shown(v)]);
+    for (const [k, v] of Object.entries(job.options)) if (v !== null) entries.push([`job: ${k}`, shown(v)]);
     fill(document.querySelector("#options tbody"), entries.map(([k, v]) => {
       const tr = el("tr", null, {"data-option": k});
       tr.appendChild(el("th", k, {class: "text"}));
