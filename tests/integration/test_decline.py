@@ -43,6 +43,7 @@ def test_a_declined_task_goes_to_another_device_at_once(tmp_path, tiny_llama_bun
         coordinator.kill()
     store = open_store(db)
     refusals = store.refusals(store.latest_job().id)
-    assert [(r.device_id, r.code, r.reason) for r in refusals] == [("without-teacher", "declined", "cannot_run: no teacher")]
+    expected = [("without-teacher", "declined", "cannot_run: no teacher")]
+    assert [(r.device_id, r.code, r.reason) for r in refusals] == expected
     assert {t.device_id: t.forfeited for t in store.tasks(store.rounds(store.latest_job().id)[0].id)} == {
         "without-teacher": "declined", "other": None}

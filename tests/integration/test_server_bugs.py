@@ -141,7 +141,7 @@ def test_a_task_forfeited_for_breaking_the_protocol_or_the_rate_limit_is_not_giv
 
     try:
         asyncio.run(scenario())
-        code, out, err = coordinator.wait(timeout=60)
+        code, _, err = coordinator.wait(timeout=60)
         assert code == 0, err[-2000:]
     finally:
         coordinator.kill()
