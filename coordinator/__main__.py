@@ -479,7 +479,7 @@ def main(argv=None) -> int:
         return 0
     commands = {"serve": serve, "export-adapter": export_adapter, "enrol": enrol, "revoke": revoke,
                 "credentials": list_credentials,
-                "operator-token": lambda a: dashboard_cli.operator_token(a, existing_store),
+                "operator-token": dashboard_cli.operator_token,
                 "dashboard": lambda a: dashboard_cli.dashboard(a, existing_job, tls_context)}
     return commands[args.command](args)
 

@@ -54,12 +54,14 @@ def check(parser, args) -> None:
             parser.error("--cert and --key go together")
 
 
-def operator_token(args, existing_store) -> int:
+def operator_token(args) -> int:
+    """Like `enrol`, it may come before the first `serve`: a database that is not there yet is made."""
+    from coordinator.store import open_store
     from fwdfed.cli import write_private
 
     if not args.name or len(args.name) > 64:
         raise UserError(f"--name must be 1 to 64 characters: {args.name!r}")
-    token = existing_store(args.db).issue_operator_token(args.name)
+    token = open_store(args.db).issue_operator_token(args.name)
     write_private(args.out, token + "\n")
     print(f"issued operator token {args.name!r} (any earlier one of that name no longer opens the dashboard); "
           f"it is in {args.out}: open the dashboard at http://HOST:PORT/?token=$(cat {args.out})")

@@ -351,6 +351,9 @@ def test_the_commands_issue_a_private_token_and_write_the_static_page_without_to
     assert issued.returncode == 0, issued.stderr
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600 and store.operator(out.read_text().strip()) == "operator"
     assert out.read_text().strip() not in issued.stdout  # the token is in the file only
+    fresh, fresh_out = tmp_path / "new.db", tmp_path / "fresh-token"  # before the first serve, as with enrol
+    assert coordinator_without_torch("operator-token", "--db", str(fresh), "--out", str(fresh_out)).returncode == 0
+    assert open_store(fresh).operator(fresh_out.read_text().strip()) == "operator"
     written = coordinator_without_torch("dashboard", "--db", db, "--html", str(tmp_path / "job.html"))
     assert written.returncode == 0, written.stderr
     assert "plotly" in (tmp_path / "job.html").read_text()[:200_000].lower()

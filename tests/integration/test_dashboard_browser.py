@@ -27,6 +27,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ROUNDS = 4
+INJECTED = "<img src=x onerror=\"window.injected = 1\">"
 
 # Each round row's cells, by name, as the page shows them (data-field).
 ROWS_JS = """() => [...document.querySelectorAll('#rounds tbody tr')].map(tr =>
@@ -58,17 +59,18 @@ def dashboard_url(lines: list[str]) -> str:
     return next(line.split()[2] for line in lines if line.startswith("dashboard on "))
 
 
-def status_rounds(db: Path) -> tuple[list[dict], str, dict[str, int], str]:
+def status_rounds(db: Path) -> tuple[list[dict], str, dict[str, int], dict[str, int]]:
     """`coordinator status`: each round line's figures, the best-version line, examples per
-    device, and the refusals line."""
+    device, and the refusals by code."""
     out = run_command("coordinator", "status", "--db", str(db), check=True).stdout
     fields = ["round", "attempt", "status", "version", "updates", "waves", "seconds", "forward_passes", "peak_mib",
               "heldout_loss"]
     rows = [dict(zip(fields, line.split())) for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\w+", line)]
     best = next(line for line in out.splitlines() if line.startswith("best version:"))
     examples = {m[1]: int(m[2]) for m in re.finditer(r"^\s+(emu-\d+)\s.*, (\d+) examples$", out, re.MULTILINE)}
-    refused = next(line for line in out.splitlines() if line.startswith("refused:"))
-    return rows, best.split(";")[0], examples, refused
+    refused = next(line for line in out.splitlines() if line.startswith("refused:")).removeprefix("refused: ")
+    codes = {} if refused == "none" else {code: int(n) for code, n in (item.split() for item in refused.split(", "))}
+    return rows, best.split(";")[0], examples, codes
 
 
 def page_figures(page) -> tuple[list[dict], str, dict[str, int], list[str]]:
@@ -77,18 +79,18 @@ def page_figures(page) -> tuple[list[dict], str, dict[str, int], list[str]]:
     examples = {d: int(n.replace(",", "")) for d, n in page.evaluate(
         "() => [...document.querySelectorAll('#devices tbody tr')].map(tr => "
         "[tr.dataset.device, tr.querySelector('[data-field=examples]').textContent])")}
-    codes = page.evaluate("() => [...document.querySelectorAll('#refusal-codes tbody tr')].map(tr => tr.innerText)")
+    codes = page.evaluate("() => Object.fromEntries([...document.querySelectorAll('#refusal-codes tr[data-code]')]"
+                          ".map(tr => [tr.dataset.code, Number(tr.querySelector('[data-field=count]').textContent)]))")
     return rows, best, examples, codes
 
 
 def assert_matches_status(page, db: Path) -> None:
     rows, best, examples, codes = page_figures(page)
-    expected_rows, expected_best, expected_examples, refused = status_rounds(db)
+    expected_rows, expected_best, expected_examples, expected_codes = status_rounds(db)
     assert len(rows) == len(expected_rows) == ROUNDS
     for shown, printed in zip(rows, expected_rows):
         assert {k: shown[k] for k in printed} == printed
-    assert best == expected_best and examples == expected_examples
-    assert refused == "refused: none" and [c.split() for c in codes] == [["none", "0"]]
+    assert best == expected_best and examples == expected_examples and codes == expected_codes
 
 
 def test_the_live_page_follows_a_real_job_and_agrees_with_status(tmp_path, stories_bundle, browser):
@@ -135,7 +137,10 @@ def test_the_live_page_follows_a_real_job_and_agrees_with_status(tmp_path, stori
         code, _, err = coordinator.wait(timeout=120)
         assert code == 0, err[-3000:]
 
-        # The finished job on `coordinator dashboard`: the same figures as `coordinator status`.
+        # The finished job on `coordinator dashboard`: the same figures as `coordinator status`. A refusal
+        # whose reason is markup (a device chooses what it sends) is shown as text, never run.
+        store = open_store(db)
+        store.add_refusal(store.latest_job().id, "emu-0", "late", INJECTED)
         standalone = subprocess.Popen([sys.executable, "-m", "coordinator", "dashboard", "--db", str(db), "--port", "0"],
                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         url = dashboard_url([standalone.stdout.readline()])
@@ -143,7 +148,8 @@ def test_the_live_page_follows_a_real_job_and_agrees_with_status(tmp_path, stori
         page.wait_for_selector("#live[data-live=live]")
         assert page.inner_text("#job-status") == "finished" and page.evaluate(POINTS_JS) == ROUNDS + 1
         assert_matches_status(page, db)
-        store = open_store(db)
+        assert page.inner_text("#refusal-recent [data-field=reason]") == INJECTED
+        assert page.evaluate("() => window.injected") is None
         adapter_bytes = 4 * store.latest_job().adapter_dim
         for device in store.devices():  # bytes: as stored, and at least an adapter per task received
             shown = page.locator(f'#devices tr[data-device="{device.id}"]')

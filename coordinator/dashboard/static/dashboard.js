@@ -88,9 +88,10 @@
                    yaxis: best.metric === "heldout_accuracy" ? "y2" : "y"});
     }
     const layout = {
-      margin: {l: 60, r: 60, t: 10, b: 45}, xaxis: {title: {text: "round (0: the start)"}, dtick: 1},
+      margin: {l: 60, r: 60, t: 10, b: 45},
+      xaxis: {title: {text: "round (0: the start)"}, tickformat: "d", dtick: state.job.rounds <= 20 ? 1 : undefined},
       yaxis: {title: {text: "held-out loss"}}, legend: {orientation: "h", y: -0.25},
-      yaxis2: {title: {text: "held-out accuracy"}, overlaying: "y", side: "right", showgrid: false},
+      yaxis2: {title: {text: "held-out accuracy"}, overlaying: "y", side: "right", showgrid: false, tickmode: "auto"},
       paper_bgcolor: "#fafbfc", plot_bgcolor: "#ffffff",
     };
     if (!series.heldout_accuracy) delete layout.yaxis2;
