@@ -161,7 +161,12 @@ def test_a_device_holding_another_teacher_refuses_the_task(tmp_path, bundles):
         assert f"is for teacher {teacher_hash(teacher)[:12]}, this device holds teacher " \
                f"{teacher_hash(student)[:12]}" in devices.stderr
         assert "Traceback" not in devices.stderr
-        devices = emulate(coordinator.url, student, data, 1)
+        # Another device: the one that declined the task does not get it back in this round's wave.
+        devices = emulate(coordinator.url, student, data, 1, "--device-prefix", "no-teacher")
         assert devices.returncode == 1 and "this device was given no teacher bundle" in devices.stderr
     finally:
         coordinator.kill()
+    # Each said so on the wire before it stopped (docs/protocol.md, decline): its task went back at once.
+    store = open_store(tmp_path / "job.db")
+    declined = [r.reason for r in store.refusals(store.latest_job().id) if r.code == "declined"]
+    assert len(declined) == 2 and "this device was given no teacher bundle" in declined[1], declined
