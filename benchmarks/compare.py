@@ -11,6 +11,7 @@ the training flags differ. The arms:
     fwdgrad-select-var  with FwdLLM's perturbation selection (4 candidates per direction) and
                         variance control (more waves while the estimate's variance is high)
     backprop            the baseline phones cannot afford: LoRA + AdamW through autograd, dense upload
+    fzoo                FZOO: one-sided directions, the step divided by the spread of their losses
 
 DIR/<arm>/ holds each job (its database, logs, status and best adapter); DIR/results.json the
 figures of all arms, which `python -m benchmarks.report` turns into docs/BENCHMARKS.md.
@@ -42,6 +43,8 @@ ARMS = {
     "fwdgrad-select-var": ["--method", "fwdgrad", "--lr", "1e-3", *COMMON_ZO, "--candidates", "4",
                            "--variance-threshold", "0.00792", "--max-waves", "2"],
     "backprop": ["--method", "backprop", "--lr", "1e-3", "--local-steps", "20"],
+    # FZOO at about MeZO's passes a step (8 one-sided directions and the shared point: 9, against 2 x 4)
+    "fzoo": ["--method", "fzoo", "--lr", "1e-3", "--local-steps", "20", "--eps", "1e-3", "--directions", "8"],
 }
 
 
@@ -72,7 +75,7 @@ def tasks(out: Path) -> dict[str, Task]:
                             export_flags=["--batch-size", "8", "--seq-len", "64", "--lora-rank", "8",
                                           "--max-perturbations", "2"],
                             data=data / "tinystories" / "train_head.txt", test=None,
-                            arms=("mezo", "fwdgrad", "backprop"), lr_scale=10.0),
+                            arms=("mezo", "fwdgrad", "fzoo", "backprop"), lr_scale=10.0),
     }
 
 

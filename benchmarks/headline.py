@@ -34,7 +34,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
-from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.cli import quiet_libraries
 from fwdfed.errors import UserError
 
 

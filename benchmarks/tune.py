@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def base_hparams(method, local_steps: int) -> dict:
     """What a setting leaves unsaid: the method's defaults (its config's lr and eps, its directions and kind)."""
     from dataclasses import MISSING, fields
 
-    defaults = {f.name: f.default for f in fields(method.config) if f.name in ("lr", "eps") and f.default is not MISSING}
+    defaults = {f.name: f.default for f in fields(method.config)
+                if f.name in ("lr", "eps") and f.default is not MISSING}
     return {"local_steps": local_steps, "kind": method.default_kind, "directions": method.default_directions,
             **defaults}
 
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
                                 lambda line: print(line, flush=True))
             results.append({"setting": setting, "curve": curve})
     best = max(results, key=lambda r: (r["curve"][-1]["accuracy"], -r["curve"][-1]["loss"])) if results else None
-    record = {"command": "python -m benchmarks.tune " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    record = {"command": "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv),
               "method": args.method, "rounds": args.rounds, "local_steps": args.local_steps, "devices": args.devices,
               "head": head, "prefix_passes": split.prefix_passes, "results": results,
               "best": best and best["setting"], "seconds": time.perf_counter() - began}

@@ -98,6 +98,7 @@ class ProgramEngine:
             # `python -m export --adapter-blocks top:K`: the frozen prefix once per example, the adapted top per pass.
             self._prefix = self._program.load_method("prefix") if "prefix" in names else None
             self._top = self._program.load_method("top") if "top" in names else None
+            self._top_features = self._program.load_method("top_features") if "top_features" in names else None
         except Exception as e:
             raise EngineError(f"cannot load the ExecuTorch program: {first_line(e)}") from None
         self.max_perturbations = max_perturbations
@@ -121,7 +122,7 @@ class ProgramEngine:
     def release(self) -> None:
         """Drop the program and its methods (their planned buffers and the backend's state go with them)."""
         self._forward = self._predict = self._features = self._logits = self._program = None
-        self._prefix = self._top = None
+        self._prefix = self._top = self._top_features = None
         self._source = None
 
     @classmethod
@@ -154,10 +155,12 @@ class ProgramEngine:
             hidden = manifest.program.get("split", {}).get("hidden_size", 0)
             expected["top"] = {"hidden": ((b, l, hidden), FLOAT32, "batch_size x seq_len x split.hidden_size"),
                                "attention_mask": tokens, "labels": labels, "adapters": adapters}
+            expected["top_features"] = {"hidden": expected["top"]["hidden"], "attention_mask": tokens,
+                                        "adapter": ((1, d), FLOAT32, "1 x adapter_dim")}
         if self._forward is None and "forward" in manifest.program.get("methods", ["forward"]):
             raise EngineError("the program does not match its manifest: it has no forward method")
         for name, method in (("forward", self._forward), ("predict", self._predict), ("logits", self._logits),
-                             ("prefix", self._prefix), ("top", self._top)):
+                             ("prefix", self._prefix), ("top", self._top), ("top_features", self._top_features)):
             if method is None:
                 continue
             meta, inputs = method.metadata, expected[name]
@@ -213,10 +216,14 @@ class ProgramEngine:
 
     def features(self, batch: Batch, adapter: np.ndarray) -> np.ndarray:
         """What the classification head reads, [B, H], under `adapter`."""
+        vector = torch.from_numpy(np.ascontiguousarray(adapter, dtype=np.float32).reshape(1, -1))
+        if batch.prefix_states is not None and self._top_features is not None:
+            hidden = torch.from_numpy(np.ascontiguousarray(batch.prefix_states, dtype=np.float32))
+            (features,) = self._execute(self._top_features, "top_features", [hidden, batch.attention_mask, vector])
+            return features.numpy()
         if self._features is None:
             raise EngineError("this program has no features method (a classifier exported before it was added, "
                               "or not a classifier): export the bundle again")
-        vector = torch.from_numpy(np.ascontiguousarray(adapter, dtype=np.float32).reshape(1, -1))
         (features,) = self._execute(self._features, "features", [batch.input_ids, batch.attention_mask, vector])
         return features.numpy()
 

@@ -37,9 +37,15 @@ class Evaluator:
         self.num_examples = len(examples)
 
     def __call__(self, adapter: np.ndarray) -> dict[str, float]:
-        metrics = {"heldout_loss": mean_loss(self.engine, self.batches, adapter)}
-        if self.task == SEQ_CLS:
-            correct = sum(float(((self.engine.logits(b, adapter).argmax(axis=-1) == b.labels.numpy()) * b.weights).sum())
-                          for b in self.batches)
-            metrics["heldout_accuracy"] = correct / self.num_examples
-        return metrics
+        if self.task != SEQ_CLS:
+            return {"heldout_loss": mean_loss(self.engine, self.batches, adapter)}
+        # A classifier's loss is the cross-entropy of its logits: one predict call a batch gives both figures.
+        loss = correct = 0.0
+        for b in self.batches:
+            logits = self.engine.logits(b, adapter).astype(np.float64)
+            labels = b.labels.numpy()
+            top = logits.max(axis=-1)
+            nll = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1)) - logits[np.arange(len(labels)), labels]
+            loss += float((nll * b.weights).sum())
+            correct += float(((logits.argmax(axis=-1) == labels) * b.weights).sum())
+        return {"heldout_loss": loss / self.num_examples, "heldout_accuracy": correct / self.num_examples}

@@ -41,7 +41,7 @@ from fwdfed.model.emulator import (DropLayers, EmulatorError, EmulatorRecord, la
 from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
                                   trainable_layout)
-from fwdfed.model.split import PrefixProgram, SplitError, TopProgram, split_programs
+from fwdfed.model.split import SplitError, SplitPrograms, split_programs
 from fwdfed.model.virtual_tokens import PEFT_ADAPTER_NAME
 
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS"}
@@ -241,6 +241,11 @@ def takes_past_key_values(model) -> bool:
     return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
 
 
+def hidden_size_of(model_config) -> int:
+    """The encoder's width (DistilBERT calls it dim)."""
+    return int(getattr(model_config, "hidden_size", None) or model_config.dim)
+
+
 def top_blocks_adapter(spec: ExportSpec, task: str, model_config) -> AdapterSpec:
     """The adapter on the model's top `spec.top_blocks` blocks (peft's layers_to_transform)."""
     if task != SEQ_CLS:
@@ -250,14 +255,6 @@ def top_blocks_adapter(spec: ExportSpec, task: str, model_config) -> AdapterSpec
     if spec.top_blocks > blocks:
         raise SplitError(f"--adapter-blocks top:{spec.top_blocks}: the model has {blocks} blocks")
     return replace(spec.adapter, layers=list(range(blocks - spec.top_blocks, blocks)))
-
-
-def split_record(split: tuple[PrefixProgram, TopProgram], model_config) -> dict:
-    """What the manifest says of a split program: where it is cut, and the shape of the states kept."""
-    prefix, top = split
-    return {"frozen_blocks": prefix.frozen, "adapted_blocks": len(top.parts.layers) - prefix.frozen,
-            "hidden_size": int(model_config.hidden_size if hasattr(model_config, "hidden_size")
-                               else model_config.dim), "states_dtype": "float16"}
 
 
 def attach_adapter(model, task: str, adapter: AdapterSpec, folder: Path | None = None):
@@ -305,7 +302,7 @@ def example_inputs(spec: ExportSpec, task: str, vocab_size: int, pad_id: int, se
 
 def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dict, adapter_dim: int,
           max_perturbations: int, features_program=None, logits_program: LogitsProgram | None = None,
-          inference_only: bool = False, split: tuple[PrefixProgram, TopProgram] | None = None):
+          inference_only: bool = False, split: SplitPrograms | None = None):
     """torch.export the methods and lower them to one XNNPACK-delegated ExecuTorch program: forward and
     predict, features for a classifier, logits when asked, prefix and top for a split program; predict
     alone when `inference_only`."""
@@ -337,7 +334,7 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     if split is not None:  # the frozen bottom once per example, the adapted top once per adapter vector
-        prefix, top = split
+        prefix, top, top_features = split
         methods["prefix"] = export(prefix, (batch["input_ids"], batch["attention_mask"]), strict=False)
         with torch.no_grad():
             hidden = prefix(batch["input_ids"], batch["attention_mask"])
@@ -345,6 +342,7 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
             top, (hidden, batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
             dynamic_shapes={"hidden": None, "attention_mask": None, "labels": None, "adapters": perturbations},
             strict=False)
+        methods["top_features"] = export(top_features, (hidden, batch["attention_mask"], adapters[:1]), strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
     # The causal-LM loss's chunks go first, each to a delegate of its own, run in turn (export.loss_chunks).
     options = {"force_non_static_weights_for_f32_linear": True}
@@ -456,6 +454,13 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
         kept = engine.losses(replace(b, prefix_states=states.astype(np.float16)), adapters)
         result["split_fp16_states_loss_max_abs_diff"] = float(np.max(np.abs(kept - eager_losses)))
         loss_diff = max(loss_diff, result["split_loss_max_abs_diff"])
+        if features_program is not None:  # the head's input through the top, against the whole eager network
+            with torch.no_grad():
+                whole = features_program(batch["input_ids"], batch["attention_mask"],
+                                         torch.from_numpy(adapters[:1])).numpy()
+            through_top = engine.features(replace(b, prefix_states=states), adapters[0])
+            result["split_features_max_abs_diff"] = float(np.max(np.abs(through_top - whole)))
+            logits_diff = max(logits_diff, result["split_features_max_abs_diff"])
     if features_program is not None and engine.has_features:
         with torch.no_grad():
             eager_features = features_program(batch["input_ids"], batch["attention_mask"],
@@ -588,9 +593,9 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
     logits_program = LogitsProgram(loss_program.model, loss_program.binding) if spec.distillation else None
     split = split_programs(loss_program.model, layout, loss_program.binding) if spec.top_blocks else None
     if split is not None:
-        log(f"      split: blocks 0-{split[0].frozen - 1} frozen (the prefix, once per example), "
-            f"{len(split[1].parts.layers) - split[0].frozen} adapted (the top, every pass; the last for the first "
-            "row only)")
+        log(f"      split: blocks 0-{split.prefix.frozen - 1} frozen (the prefix, once per example), "
+            f"{len(split.top.parts.layers) - split.prefix.frozen} adapted (the top, every pass; the last for the "
+            "first row only)")
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
                    if spec.adapter.kind != "bitfit" else None)
 
@@ -635,7 +640,7 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
             program={"file": PROGRAM, "sha256": "", "methods": list(planned), "planned_memory_bytes": planned,
                      "bytes": len(pte), "mem_budget_bytes": spec.mem_budget,
-                     **({"split": split_record(split, model.config)} if split else {})},
+                     **({"split": split.record(hidden_size_of(model.config))} if split else {})},
             verification=verification,
             emulator=emulator.to_json() if emulator else None,
         )

@@ -97,7 +97,7 @@ def split_bundle(tmp_path_factory) -> Path:
     """A 2-class DistilBERT (2 blocks) with LoRA on its top block, split into prefix and top; small shapes."""
     return export_bundle(tmp_path_factory.mktemp("bundles") / "split", "--preset", "tiny-distilbert", "--num-labels",
                          "2", "--adapter-blocks", "top:1", "--batch-size", "4", "--seq-len", "32",
-                         "--max-perturbations", "5")
+                         "--max-perturbations", "5", timeout=1200)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ one, whatever the adapter. The program gets two more methods:
 
     prefix(input_ids[B,L], attention_mask[B,L])                    -> hidden[B,L,H]
     top(hidden[B,L,H], attention_mask[B,L], labels[B], adapters[P,d]) -> loss[P,B]
+    top_features(hidden[B,L,H], attention_mask[B,L], adapter[1,d])   -> features[B,F] (the head's input)
 
 A device runs `prefix` once per example and keeps the states; each zeroth-order pass then runs
 `top` alone. The classifier reads one position (the first token: BERT's pooler, DistilBERT's
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +104,14 @@ class EncoderClassifier:
         a = attn_norm(out_proj(context) + residual)
         return ff_norm(ff_out(act(ff_in(a))) + a)
 
-    def logits(self, first: torch.Tensor) -> torch.Tensor:
-        """The classifier on the first position's final hidden state [N, H]."""
+    def features(self, first: torch.Tensor) -> torch.Tensor:
+        """What the classifier reads, from the first position's final hidden state [N, H]."""
         if self.kind == "bert":
-            return self.model.classifier(self.backbone.pooler.activation(self.backbone.pooler.dense(first)))
-        return self.model.classifier(F.relu(self.model.pre_classifier(first)))
+            return self.backbone.pooler.activation(self.backbone.pooler.dense(first))
+        return F.relu(self.model.pre_classifier(first))
+
+    def logits(self, first: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier(self.features(first))
 
 
 def shared_projection(module: nn.Module, x: torch.Tensor, copies: int) -> torch.Tensor:
@@ -169,8 +174,9 @@ class TopProgram(nn.Module):
         self.parts, self.frozen, self.binding = parts, frozen, binding
         self.model = parts.model
 
-    def logits(self, hidden, attention_mask, adapters):
-        p, b = adapters.shape[0], hidden.shape[0]
+    def last_states(self, hidden, attention_mask, adapters) -> torch.Tensor:
+        """The first position's final hidden state [P*B, H] under each adapter vector."""
+        p = adapters.shape[0]
         self.binding.adapters = adapters
         bias = mask_bias(attention_mask)
         last = len(self.parts.layers) - 1
@@ -178,17 +184,42 @@ class TopProgram(nn.Module):
         h = self.parts.block(self.frozen, hidden, bias, rows=1 if self.frozen == last else None, copies=p)
         for i in range(self.frozen + 1, last + 1):
             h = self.parts.block(i, h, bias.repeat(p, 1), rows=1 if i == last else None)
-        return self.parts.logits(h[:, 0]).reshape(p, b, -1)
+        return h[:, 0]
 
     def forward(self, hidden, attention_mask, labels, adapters):
-        logits = self.logits(hidden, attention_mask, adapters)
-        p, b, c = logits.shape
-        return per_example_loss(logits.reshape(p * b, c), labels.repeat(p), SEQ_CLS).reshape(p, b)
+        p = adapters.shape[0]
+        logits = self.parts.logits(self.last_states(hidden, attention_mask, adapters))
+        return per_example_loss(logits, labels.repeat(p), SEQ_CLS).reshape(p, hidden.shape[0])
 
 
-def split_programs(model: nn.Module, layout: AdapterLayout, binding) -> tuple[PrefixProgram, TopProgram]:
-    """The prefix and top programs of the batched model (`fwdfed.model.program.batched_model`)."""
+class TopFeaturesProgram(nn.Module):
+    """top_features(hidden[B,L,H], attention_mask[B,L], adapter[1,d]) -> [B, F]: what the head reads, from the
+    prefix states, so that the class statistics of `--head-init lda` cost a pass through the top too."""
+
+    def __init__(self, top: TopProgram):
+        super().__init__()
+        self.top, self.model = top, top.model
+
+    def forward(self, hidden, attention_mask, adapter):
+        return self.top.parts.features(self.top.last_states(hidden, attention_mask, adapter))
+
+
+class SplitPrograms(NamedTuple):
+    prefix: PrefixProgram
+    top: TopProgram
+    top_features: TopFeaturesProgram
+
+    def record(self, hidden_size: int) -> dict:
+        """What the manifest says of the split (`program.split`): where it is cut, and the states kept."""
+        frozen = self.prefix.frozen
+        return {"frozen_blocks": frozen, "adapted_blocks": len(self.top.parts.layers) - frozen,
+                "hidden_size": hidden_size, "states_dtype": "float16"}
+
+
+def split_programs(model: nn.Module, layout: AdapterLayout, binding) -> SplitPrograms:
+    """The prefix, top and top_features programs of the batched model (`fwdfed.model.program.batched_model`)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     parts = EncoderClassifier(hf)
     frozen = first_adapted_block(layout, len(parts.layers))
-    return PrefixProgram(parts, frozen), TopProgram(parts, frozen, binding)
+    top = TopProgram(parts, frozen, binding)
+    return SplitPrograms(PrefixProgram(parts, frozen), top, TopFeaturesProgram(top))
