@@ -100,8 +100,8 @@ def test_extreme_finite_floats_neither_crash_the_coordinator_nor_reach_the_adapt
     # extreme device is judged (none arrives after its round closed); with fewer than 2 updates (the honest
     # device still starting) a round fails and is tried again.
     coordinator = Coordinator(db, "--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "3",
-                              "--min-devices", "2", "--max-attempts", "5", "--local-steps", str(LOCAL_STEPS),
-                              "--eval-data", str(TINYSTORIES), "--eval-examples", "8", "--round-deadline", "40",
+                              "--min-devices", "2", "--max-attempts", "8", "--local-steps", str(LOCAL_STEPS),
+                              "--eval-data", str(TINYSTORIES), "--eval-examples", "8", "--round-deadline", "20",
                               "--max-messages-per-s", "1000")
     manifest = load_bundle(tiny_llama_bundle).manifest
 
