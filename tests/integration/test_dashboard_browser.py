@@ -33,6 +33,10 @@ INJECTED = "<img src=x onerror=\"window.injected = 1\">"
 ROWS_JS = """() => [...document.querySelectorAll('#rounds tbody tr')].map(tr =>
     Object.fromEntries([...tr.querySelectorAll('td')].map(td => [td.dataset.field, td.textContent])))"""
 POINTS_JS = "() => document.getElementById('plot').data[0].x.length"
+# Every change of the plot's point count, from the page's side: a growth seen in place, not after a reload.
+WATCH_POINTS_JS = """() => { window.pointsSeen = []; setInterval(() => {
+    const data = document.getElementById('plot').data, n = data && data[0] ? data[0].x.length : 0;
+    if (window.pointsSeen.at(-1) !== n) window.pointsSeen.push(n); }, 50); }"""
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +123,12 @@ def test_the_live_page_follows_a_real_job_and_agrees_with_status(tmp_path, stori
         assert page.goto(url + "?token=not-the-token").status == 403
         assert page.goto(url + "?token=" + token).status == 200 and page.url == url  # the token left the address
         page.wait_for_selector("#live[data-live=live]")
-        page.evaluate("() => { window.sameDocument = true; }")  # a reload would lose it
+        page.evaluate(WATCH_POINTS_JS)  # a reload would lose it
         page.wait_for_selector('#rounds tr[data-round="1"][data-status="closed"]', timeout=120_000)
-        after_one = page.evaluate(POINTS_JS)
         page.wait_for_selector('#rounds tr[data-round="2"][data-status="closed"]', timeout=120_000)
-        after_two = page.evaluate(POINTS_JS)
-        assert after_two == after_one + 1 == 3 and page.evaluate("() => window.sameDocument")  # live, in place
+        page.wait_for_function("() => window.pointsSeen.at(-1) === 3")
+        seen = page.evaluate("() => window.pointsSeen")
+        assert seen[-2:] == [2, 3], seen  # the start and round 1, then round 2: live, in place
         assert page.inner_text("#job-status") == "running"
         shot = tmp_path / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
