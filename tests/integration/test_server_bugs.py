@@ -230,3 +230,22 @@ def test_a_restart_on_the_database_the_old_crash_left_resumes_and_refuses_the_up
     from coordinator.server import DEFAULT_MAX_UPDATE_RMS
 
     adapters_are_finite_and_bounded(db, DEFAULT_MAX_UPDATE_RMS)
+
+
+def test_a_restart_on_a_job_whose_latest_adapter_is_not_finite_says_so_in_one_line(tmp_path, tiny_llama_bundle):
+    import numpy as np
+
+    from coordinator.store import AdapterVersion
+    from coordinator.store.queries import sha256
+    from tests.conftest import run_command
+
+    db = tmp_path / "job.db"
+    Coordinator(db, "--bundle", str(tiny_llama_bundle), "--rounds", "2").kill()  # the job, stored
+    store = open_store(db)
+    job = store.latest_job()
+    vector = np.full(job.adapter_dim, np.nan, np.float32).tobytes()  # as no coordinator of today publishes
+    with store.session() as s, s.begin():
+        s.add(AdapterVersion(job_id=job.id, version=1, vector=vector, sha256=sha256(vector)))
+    again = run_command("coordinator", "serve", "--db", str(db), "--port", "0", "--auth", "none", timeout=120)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"job {job.id}: adapter version 1 holds non-finite values" in again.stderr.strip().splitlines()[-1]
