@@ -122,7 +122,26 @@ def job_figures(db: Path) -> dict:
                        **by_version.get(rnd.base_version + 1, {})})
     best = best_version(store, job)
     return {"method": job.method, "hparams": job.hparams, "adapter_dim": job.adapter_dim,
-            "start": by_version.get(0, {}), "rounds": rounds, "best_version": best[0] if best else None}
+            "start": by_version.get(0, {}), "rounds": rounds, "best_version": best[0] if best else None,
+            "prefix_passes": prefix_passes(store, job, batch_size)}
+
+
+def prefix_passes(store, job, batch_size: int) -> int:
+    """A split bundle's prefix passes (fwdfed.model.split): each device runs the frozen prefix once over its
+    batches, before its first step; 0 for a bundle that is not split. Each costs about a whole-model pass
+    less the adapted blocks, so they are counted apart from the passes through the top."""
+    from fwdfed.bundle.manifest import load_bundle
+
+    try:
+        if not load_bundle(job.bundle).manifest.program.get("split"):
+            return 0
+    except (UserError, OSError):  # a bundle moved since: the figure is unknown, not zero
+        return -1
+    examples = {}
+    for rnd in store.rounds(job.id):
+        for u in store.updates(rnd.id):
+            examples.setdefault(u.device_id, u.num_examples)
+    return sum(-(-n // batch_size) for n in examples.values())
 
 
 def update_frame_bytes(row) -> int:
