@@ -86,6 +86,17 @@ def parse_block(hparams: dict) -> tuple[int, int] | None:
     return start, end
 
 
+def scheduled_steps(step, batches: list[Batch], steps: int, lr: float, schedule: str, guard=None) -> "LocalRun":
+    """`step(batch, run, lr_t)` for `steps` steps cycling over `batches`, the learning rate constant or linear to 0
+    (mezo's and fzoo's `schedule`); `guard()` after each (the memory budget)."""
+    run = LocalRun()
+    for i in range(steps):
+        step(batches[i % len(batches)], run, lr * (1.0 - i / steps if schedule == "linear" else 1.0))
+        if guard:
+            guard()
+    return run
+
+
 @dataclass
 class Estimate:
     projected: np.ndarray  # [n] (L+ - L-) / (2 eps)

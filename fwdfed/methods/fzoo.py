@@ -24,7 +24,7 @@ from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
 from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, check_count, check_kind, check_positive, draw_seeds,
-                                     hparam, parse_block, weighted_mean)
+                                     hparam, parse_block, scheduled_steps, weighted_mean)
 from fwdfed.methods.mezo import SCHEDULE, SCHEDULES
 
 
@@ -84,13 +84,7 @@ class Fzoo:
 
     def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
         """`steps` FZOO steps cycling over `batches`; `guard()` runs after each (the memory budget)."""
-        run = LocalRun()
-        for i in range(steps):
-            lr = self.config.lr * (1.0 - i / steps if self.config.schedule == "linear" else 1.0)
-            self.step(batches[i % len(batches)], run, lr)
-            if guard:
-                guard()
-        return run
+        return scheduled_steps(self.step, batches, steps, self.config.lr, self.config.schedule, guard)
 
 
 METHOD = Method(

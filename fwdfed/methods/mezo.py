@@ -17,7 +17,7 @@ import numpy as np
 from fwdfed.batch import Batch
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_kind,
-                                     check_positive, draw_seeds, hparam, parse_block)
+                                     check_positive, draw_seeds, hparam, parse_block, scheduled_steps)
 
 SCHEDULES = ("constant", "linear")
 SCHEDULE = Hparam("schedule", str, "constant", "mezo, fzoo: the lr over the local steps", SCHEDULES)
@@ -71,13 +71,7 @@ class Mezo:
 
     def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
         """`steps` MeZO steps cycling over `batches`; `guard()` runs after each (the memory budget)."""
-        run = LocalRun()
-        for i in range(steps):
-            lr = self.config.lr * (1.0 - i / steps if self.config.schedule == "linear" else 1.0)
-            self.step(batches[i % len(batches)], run, lr)
-            if guard:
-                guard()
-        return run
+        return scheduled_steps(self.step, batches, steps, self.config.lr, self.config.schedule, guard)
 
 
 def scale_range(hparams: dict) -> tuple[float, float]:
