@@ -141,9 +141,11 @@ final class CodecTests {
             many.put("k" + i, (long) i);
         }
         raises(ProtocolException.class, "at most 64 entries", () -> Codec.decode(Codec.encode(task(many))));
-        // Python's `!=` lets 1.0 and True through as version 1: so does this side.
-        Codec.decode(frame(ack("v", 1.0)));
-        Codec.decode(frame(ack("v", true)));
+        // The version is an int: msgpack's 1.0 and true are refused, as fwdfed/protocol.py refuses them.
+        raises(ProtocolException.class, "protocol version 1.0 is not supported",
+                () -> Codec.decode(frame(ack("v", 1.0))));
+        raises(ProtocolException.class, "protocol version true is not supported",
+                () -> Codec.decode(frame(ack("v", true))));
     }
 
     static void testHostileLengthsAreRefusedBeforeAllocating() throws Exception {
