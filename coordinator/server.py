@@ -31,6 +31,7 @@ from coordinator.store.queries import token_hash
 from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
 from coordinator.traffic import CountingConnection, Traffic
 from fwdfed import methods, protocol
+from fwdfed.methods.estimate import parse_seed_pool
 
 log = logging.getLogger("coordinator")
 
@@ -124,6 +125,9 @@ REVOKED = "this device's credential was revoked, or replaced by enrolling the de
 SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this much (float rounding)
 # Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
+# An update refused for its content (_poisoning) costs its task: the device would only send the same again,
+# and the round would wait for its deadline on a task nobody will answer; another idle device takes it.
+CONTENT_REFUSALS = {"too_many_pairs", "bad_scale", "wrong_dimension", "non_finite", "norm_bound"}
 
 
 class Coordinator:
@@ -147,6 +151,7 @@ class Coordinator:
         self.credential_of: dict[str, str] = {}  # connected device -> the sha256 of the token it connected with
         self.finished = asyncio.Event()
         self.traffic = Traffic(store)  # bytes up and down per device, for the dashboard
+        self._pools: dict[tuple, frozenset[int]] = {}  # a task's seed pool, by (size, key)
 
     def round_method(self, number: int) -> methods.Method:
         """The method of round `number` (`round_method_name`)."""
@@ -339,6 +344,10 @@ class Coordinator:
             code, reason = refusal
             self.store.add_refusal(self.job.id, device_id, code, reason)
             log.warning("refused update %s from %s (%s): %s", update.task_id, device_id, code, reason)
+            if code in CONTENT_REFUSALS:
+                self.store.forfeit_task(task.id, code)
+                log.warning("%s forfeited task %s (%s), reassigning", device_id, task.id, code)
+                self.changed.set()
             # The code leads the reason (docs/protocol.md): a device can act on it without parsing words.
             return protocol.Ack(task_id=update.task_id, accepted=False, reason=f"{code}: {reason}"[: protocol.MAX_TEXT])
         log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
@@ -395,11 +404,23 @@ class Coordinator:
         return self._poisoning(list(zip(update.seeds, update.coefs)), update.scale, update.dense, task.hparams,
                                self.round_method(rnd.number))
 
+    def _pool(self, hparams: dict) -> frozenset[int] | None:
+        """The seeds of the pool a task names (FedKSeed), made once per pool; None for a task without one."""
+        key = (hparams.get("seed_pool"), hparams.get("seed_pool_key"))
+        if key == (None, None):
+            return None
+        if key not in self._pools:
+            self._pools[key] = frozenset(int(s) for s in parse_seed_pool(hparams))
+        return self._pools[key]
+
     def _poisoning(self, pairs: list[tuple[int, float]], scale: float, dense_bytes: bytes | None, hparams: dict,
                    method: methods.Method) -> tuple[str, str] | None:
         """(code, reason) for an update whose content would damage the model if aggregated."""
         if len(pairs) > (allowed := method.allowed_pairs(hparams)):
             return "too_many_pairs", f"{len(pairs)} pairs, the task allows {allowed} (local steps x directions)"
+        pool = self._pool(hparams)
+        if pool is not None and (outside := next((s for s, _ in pairs if s not in pool), None)) is not None:
+            return "outside_pool", f"seed {outside} is not one of the job's pool of {len(pool)} (docs/directions.md)"
         lowest, highest = method.scale_range(hparams)
         lowest, highest = lowest - SCALE_TOLERANCE, highest + SCALE_TOLERANCE
         if not lowest <= scale <= highest:
