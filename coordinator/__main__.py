@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from coordinator import bundle_keys
 from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
@@ -135,6 +136,7 @@ def parse_args(argv):
     pl.add_argument("--job-id", help="default: the most recent job")
     pl.add_argument("--out", type=Path, required=True)
     dashboard_cli.add_commands(commands)
+    bundle_keys.add_commands(commands)
     args = parser.parse_args(argv)
     dashboard_cli.check(parser, args)
     if args.command == "serve":
@@ -478,7 +480,8 @@ def main(argv=None) -> int:
             raise UserError(str(e)) from None
         return 0
     commands = {"serve": serve, "export-adapter": export_adapter, "enrol": enrol, "revoke": revoke,
-                "credentials": list_credentials,
+                "credentials": list_credentials, "keygen": bundle_keys.keygen, "sign": bundle_keys.sign,
+                "verify": bundle_keys.verify,
                 "operator-token": dashboard_cli.operator_token,
                 "dashboard": lambda a: dashboard_cli.dashboard(a, existing_job, tls_context)}
     return commands[args.command](args)

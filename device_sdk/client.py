@@ -32,6 +32,7 @@ from fwdfed import protocol
 from device_sdk.teacher import TeacherError, check_teacher, label
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, load_bundle
+from fwdfed.bundle.signing import load_public_key
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory import format_size, peak_rss
@@ -66,6 +67,8 @@ class DeviceConfig:
     data_spec: DataSpec | None = None  # how the file is read (None: defaults, with the bundle's classes)
     partition: Partition = field(default_factory=Partition)  # how the training examples are dealt
     teacher_bundle: str | None = None  # fedkd: an inference-only teacher that labels the shard before training
+    # The operator's public key (PEM, `coordinator keygen`): bundle and teacher must be signed by it. None: unchecked.
+    trust_key: str | None = None
 
 
 class Device:
@@ -75,7 +78,8 @@ class Device:
         (the emulator's --workers): one loaded program, one training step at a time. `load_program`
         False leaves `engine` for the caller to set (after every device's teacher has been freed)."""
         self.config = config
-        self.bundle = load_bundle(config.bundle)
+        self.trust_key = load_public_key(Path(config.trust_key)) if config.trust_key else None
+        self.bundle = load_bundle(config.bundle, trust_key=self.trust_key)
         m = self.bundle.manifest
         spec = replace(config.data_spec or DataSpec(), num_labels=m.model.get("num_labels"))
         train = split(read_examples(config.data, spec), "train")
@@ -127,7 +131,7 @@ class Device:
         """The teacher bundle this device was given, checked against the student's, or None."""
         if self.config.teacher_bundle is None:
             return None
-        teacher = load_bundle(self.config.teacher_bundle)
+        teacher = load_bundle(self.config.teacher_bundle, trust_key=self.trust_key)
         try:
             check_teacher(teacher, self.bundle)
         except TeacherError as e:

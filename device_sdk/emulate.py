@@ -43,6 +43,9 @@ def parse_args(argv):
     parser.add_argument("--credentials", type=Path,
                         help="JSON file of device id -> token (from `python -m coordinator enrol`)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate (PEM) that signed the coordinator's wss:// certificate")
+    parser.add_argument("--trust-key", type=Path,
+                        help="the operator's public key (trust_key.pem from `python -m coordinator keygen`): refuse a "
+                             "bundle or teacher it did not sign (docs/security.md); without it bundles are unchecked")
     from device_sdk.data import add_data_arguments, add_partition_arguments
 
     add_data_arguments(parser, "training data")
@@ -121,14 +124,18 @@ def main(argv=None) -> int:
     from device_sdk.client import DeviceConfig
     from device_sdk.data import data_spec, partition, partition_of, read_examples, split
     from fwdfed.bundle.manifest import load_bundle
+    from fwdfed.bundle.signing import fingerprint, load_public_key
     from fwdfed.memory import format_size
 
     # Check everything the devices share before starting any of them.
-    bundle = load_bundle(args.bundle)
+    trust_key = load_public_key(args.trust_key) if args.trust_key else None
+    bundle = load_bundle(args.bundle, trust_key=trust_key)
     if args.teacher_bundle is not None:
         from device_sdk.teacher import check_teacher
 
-        check_teacher(load_bundle(args.teacher_bundle), bundle)
+        check_teacher(load_bundle(args.teacher_bundle, trust_key=trust_key), bundle)
+    if trust_key is not None:
+        print(f"bundle signed by the trusted key {fingerprint(trust_key)}", flush=True)
     spec, how = data_spec(args, bundle.manifest.model.get("num_labels")), partition_of(args)
     examples = read_examples(args.data, spec)
     shards = partition(split(examples, "train"), args.devices, how)
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
                             shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
                             connect_timeout_s=args.connect_timeout, seed=args.seed, token=tokens.get(name),
                             ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how,
-                            teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None)
+                            teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None,
+                            trust_key=str(args.trust_key) if args.trust_key else None)
                for i, name in enumerate(names)]
     ctx = multiprocessing.get_context("spawn")
     groups = [configs[w :: args.workers] for w in range(args.workers)]

@@ -43,6 +43,8 @@ class Manifest:
     # Offsite tuning: an emulator's blocks and the full bundle it stands for (fwdfed.model.emulator); None otherwise.
     emulator: dict | None = None
     format_version: int = FORMAT_VERSION
+    # A signed bundle's other files, path -> {sha256, bytes}: what `program` does not hash (fwdfed.bundle.signing).
+    files: dict | None = None
 
     @property
     def adapter_dim(self) -> int:
@@ -144,20 +146,37 @@ def check_stages(bundle: Bundle, manifest_path: Path) -> None:
                           f"{bundle.manifest.adapter_dim} entries")
 
 
-def load_bundle(folder: str | Path, check_program: bool = True) -> Bundle:
-    """Read and check a bundle folder; raises BundleError with a one-line reason."""
+def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) -> Bundle:
+    """Read and check a bundle folder; raises BundleError with a one-line reason.
+
+    With `trust_key` (an Ed25519 public key, fwdfed.bundle.signing.load_public_key) the manifest's
+    signature is checked before the manifest is parsed, and every file against the signed manifest
+    before the program's own hashes: an unsigned, wrongly signed or changed bundle is refused before
+    any of its other files is read."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
         raise BundleError(f"bundle folder {folder} does not exist")
     if not manifest_path.is_file():
         raise BundleError(f"{folder} is not a bundle: it has no {MANIFEST}")
+    raw = manifest_path.read_bytes()  # read once: the bytes checked are the bytes parsed
+    if trust_key is not None:
+        from fwdfed.bundle.signing import check_signature
+
+        check_signature(folder, raw, trust_key)
     try:
-        manifest = Manifest.from_json(manifest_path.read_text())
+        manifest = Manifest.from_json(raw.decode("utf-8"))
     except BundleError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BundleError(f"{manifest_path} is not a valid manifest: {e}") from None
+    if trust_key is not None:
+        from fwdfed.bundle.signing import check_files
+
+        try:
+            check_files(folder, json.loads(raw))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BundleError(f"{manifest_path}: its program or files are malformed ({e!r})") from None
     bundle = Bundle(folder, manifest)
     check_inputs(manifest, manifest_path)
     if manifest.adapter.get("dim") != manifest.adapter_dim:

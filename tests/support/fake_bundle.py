@@ -1,0 +1,33 @@
+"""A bundle folder written by hand, with a stand-in program: for the tests of what is checked before a program
+is loaded (signatures, hashes), which need no export. The tokenizer is stories260K's, so a device can be built on
+it up to the point where it would load the program."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.manifest import INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, Manifest, sha256_file
+from tests.conftest import STORIES
+
+
+def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program") -> Path:
+    folder.mkdir(parents=True)
+    (folder / PROGRAM).write_bytes(program)
+    layout = AdapterLayout.from_shapes([("lora_A", (2, 4)), ("lora_B", (4, 2))])
+    np.zeros(layout.dim, dtype="<f4").tofile(folder / INITIAL_ADAPTER)
+    (folder / TOKENIZER_DIR).mkdir()
+    shutil.copy(STORIES / "tokenizer.json", folder / TOKENIZER_DIR / "tokenizer.json")
+    config = json.loads((STORIES / "tokenizer_config.json").read_text())  # padded as export pads stories260K
+    config.update(pad_token="<unk>", padding_side="left")
+    (folder / TOKENIZER_DIR / "tokenizer_config.json").write_text(json.dumps(config))
+    manifest = Manifest(task="causal-lm", model={"source": "fake", "folder": "base_model", "hash": "0" * 64},
+                        adapter={"kind": "lora", "dim": layout.dim, "initial": INITIAL_ADAPTER}, layout=layout,
+                        tokenizer=TOKENIZER_DIR, inputs={"batch_size": 2, "seq_len": 16, "max_perturbations": 2},
+                        program={"file": PROGRAM, "sha256": sha256_file(folder / PROGRAM), "methods": ["forward"]})
+    (folder / MANIFEST).write_text(manifest.to_json())
+    return folder
