@@ -5,6 +5,7 @@ rate and frame size, and updates that would poison the model refused with their 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import ssl
 
 import pytest
@@ -14,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from coordinator.store import UpdateRow, open_store
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle
+from fwdfed.bundle.signing import generate_keys, load_private_key, sign_bundle
 from tests.conftest import TINYSTORIES, run_command
 from tests.support.fleet import Coordinator, emulate, enrol
 from tests.support.protocol_client import ProtocolClient
@@ -83,10 +85,15 @@ def test_only_enrolled_devices_get_in_over_verified_tls_and_revocation_cuts_one_
         asyncio.run(intruder())
         assert handshake_status(coordinator.url, {"Authorization": f"Bearer {intruder_token}"}, trusted) == 403
 
-        devices = emulate(coordinator.url, tiny_llama_bundle, TINYSTORIES, 1, "--credentials",
-                          str(tmp_path / "tokens.json"), "--ca-file", str(ca))
+        # The honest device trusts only bundles its operator signed (docs/security.md): a signed copy of the export.
+        signing_key, trust_key = generate_keys(tmp_path / "keys")
+        signed = shutil.copytree(tiny_llama_bundle, tmp_path / "signed")
+        sign_bundle(signed, load_private_key(signing_key))
+        devices = emulate(coordinator.url, signed, TINYSTORIES, 1, "--credentials", str(tmp_path / "tokens.json"),
+                          "--ca-file", str(ca), "--trust-key", str(trust_key))
         code, out, err = coordinator.wait(timeout=300)
         assert devices.returncode == 0, devices.stderr[-2000:]
+        assert "bundle signed by the trusted key" in devices.stdout
         assert code == 0 and "round 2/2: 1 updates" in out, err[-2000:]
     finally:
         coordinator.kill()
