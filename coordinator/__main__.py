@@ -19,7 +19,7 @@ from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
 from fwdfed.cli import quiet_libraries, run_main
-from fwdfed.directions import KINDS
+from fwdfed.directions import KINDS, MAX_SEED_POOL, pool_key
 from fwdfed.errors import UserError
 from fwdfed.methods.estimate import MAX_LOCAL_STEPS
 from fwdfed.net import is_loopback
@@ -80,6 +80,9 @@ def parse_args(argv):
     s.add_argument("--perturb-only", metavar="NAME",
                    help="every round perturbs and updates only the adapter tensors whose names contain NAME (e.g. "
                         "classifier: the head alone, whose loss curvature differs most from the LoRA tensors')")
+    s.add_argument("--seed-pool", type=int, metavar="K",
+                   help="FedKSeed: every direction of the job is one of K seeds the job fixes (docs/directions.md), so "
+                        "a round aggregates at most K directions whatever the number of updates (stored with the job)")
     s.add_argument("--server-lr", type=float, help="the aggregate moves the adapter by this times the weighted mean "
                    "change (default 1; stored with the job)")
     s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
@@ -172,6 +175,8 @@ def parse_args(argv):
                 (args.dp_clip is None) == (args.dp_noise_multiplier is None)
                 and (args.dp_clip is None or min(args.dp_clip, args.dp_noise_multiplier) > 0),
             "--dp-delta must be in (0, 1)": 0 < args.dp_delta < 1,
+            f"--seed-pool must be between 1 and {MAX_SEED_POOL}":
+                args.seed_pool is None or 1 <= args.seed_pool <= MAX_SEED_POOL,
         }
         for message, ok in checks.items():
             if not ok:
@@ -220,7 +225,9 @@ def job_options(args) -> JobOptions:
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
                       dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
-                      eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None)
+                      eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None,
+                      seed_pool=args.seed_pool,
+                      seed_pool_key=None if args.seed_pool is None else f"{pool_key(args.job_id):016x}")
 
 
 def check_distillation(student, teacher) -> None:
@@ -267,7 +274,8 @@ def serve(args) -> int:
     else:
         bundle = load_bundle(job.bundle)
         # The job runs on as it started: its stored options win over this command's flags.
-        options, warnings = resumed_options(job.options, {"server_lr": args.server_lr, "clip": args.clip})
+        options, warnings = resumed_options(job.options, {"server_lr": args.server_lr, "clip": args.clip,
+                                                          "seed_pool": args.seed_pool})
         if options.to_json() != job.options:
             job = store.set_job_options(job.id, options.to_json())
         if args.eval_bundle is not None and str(args.eval_bundle.resolve()) != options.eval_bundle:
@@ -278,6 +286,9 @@ def serve(args) -> int:
             raise UserError(f"{args.db}: {problem}")
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
         block_bounds = round_blocks(bundle.manifest.layout, options)
+    if options.seed_pool is not None:
+        print(f"seed pool: every direction is one of {options.seed_pool} seeds (key {options.seed_pool_key})",
+              flush=True)
     if options.perturb_only:
         start, end = block_bounds[0]
         print(f"every round perturbs only the adapter tensors named *{options.perturb_only}*: [{start}, {end}) of "

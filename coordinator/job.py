@@ -39,9 +39,20 @@ class JobOptions:
     # Offsite tuning: devices train on the job's bundle, an emulator; held-out evaluation and the exported
     # adapter use this bundle, the full model with the same adapter layout (fwdfed.model.emulator).
     eval_bundle: str | None = None
+    # FedKSeed (`serve --seed-pool K`): every direction of the job is one of K seeds, the pool of this key
+    # (fwdfed.directions.seed_pool; the key, 16 hex digits, is pool_key(job id), fixed when the job is created).
+    # Not in ADDED_LATER: a job stored before it cannot have been started with a pool.
+    seed_pool: int | None = None
+    seed_pool_key: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def pool_hparams(self) -> dict:
+        """What a task says of the job's seed pool: nothing without one."""
+        if self.seed_pool is None:
+            return {}
+        return {"seed_pool": self.seed_pool, "seed_pool_key": self.seed_pool_key}
 
     @classmethod
     def from_json(cls, stored: dict) -> "JobOptions":
@@ -61,7 +72,8 @@ def resumed_options(stored: dict, flags: dict) -> tuple[JobOptions, list[str]]:
         if name not in stored and name in ADDED_LATER:
             stored[name] = value
         elif name in stored and stored[name] != value:
-            warnings.append(f"ignoring --{name.replace('_', '-')} {value:g}: job was created with {stored[name]}")
+            was = "without it" if stored[name] is None else f"with {stored[name]}"
+            warnings.append(f"ignoring --{name.replace('_', '-')} {value:g}: job was created {was}")
     return JobOptions.from_json(stored), warnings
 
 

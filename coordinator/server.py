@@ -127,7 +127,7 @@ SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this 
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
 # An update refused for its content (_poisoning) costs its task: the device would only send the same again,
 # and the round would wait for its deadline on a task nobody will answer; another idle device takes it.
-CONTENT_REFUSALS = {"too_many_pairs", "bad_scale", "wrong_dimension", "non_finite", "norm_bound"}
+CONTENT_REFUSALS = {"too_many_pairs", "outside_pool", "bad_scale", "wrong_dimension", "non_finite", "norm_bound"}
 
 
 class Coordinator:

@@ -22,7 +22,7 @@ from coordinator.job import JobOptions
 from coordinator.lr_strategies import client_lrs
 from fwdfed import methods
 from fwdfed.methods import Method
-from fwdfed.update import SeedUpdate
+from fwdfed.update import SeedUpdate, weighted_sum
 
 Block = tuple[int, int] | None
 # Per device: its train loss in every closed round it took part in, and its change of the adapter
@@ -75,7 +75,8 @@ class Strategy(Protocol):
 
 @dataclass
 class SeedFedAvg:
-    """w' = w + server_lr * sum_i (n_i / N) * delta_i, delta_i = (scale_i - 1) w + sum_k coef_ik z(seed_ik) + dense_i.
+    """w' = w + server_lr * sum_i (n_i / N) * delta_i, delta_i = (scale_i - 1) w + sum_k coef_ik z(seed_ik) + dense_i,
+    summed by seed (each distinct seed's direction made once; with a job's seed pool, at most K of them).
 
     Devices are weighted by their number of examples, as in FedAvg; directions are restricted
     to the round's block, if any; `clip` bounds the norm of each device's coefficient vector.
@@ -112,7 +113,7 @@ class SeedFedAvg:
                          last, rng)
         out = {}
         for device_id in devices:
-            hparams = {**self.hparams, "lr": lrs[device_id], "wave": wave}
+            hparams = {**self.hparams, **o.pool_hparams(), "lr": lrs[device_id], "wave": wave}
             if block is not None:
                 hparams |= {"block_start": block[0], "block_end": block[1]}
             out[device_id] = hparams
@@ -139,11 +140,10 @@ class SeedFedAvg:
         total = sum(u.num_examples for u in updates)
         if not updates or total <= 0:
             return global_adapter.copy()
-        w = global_adapter.astype(np.float64)
-        new = w.copy()
-        for u in updates:
-            new += (self.options.server_lr * u.num_examples / total) * self.clipped(u).delta(w, self.kind, block)
-        return new.astype(np.float32)
+        # By seed (fwdfed.update.weighted_sum): one direction per distinct seed of the round, at most the
+        # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes.
+        terms = [(self.options.server_lr * u.num_examples / total, self.clipped(u)) for u in updates]
+        return weighted_sum(global_adapter, terms, self.kind, block).astype(np.float32)
 
 
 def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block: Block = None) -> np.ndarray:

@@ -38,7 +38,7 @@ from fwdfed.errors import UserError
 from fwdfed.memory import format_size, peak_rss
 from fwdfed.memory_plan import plan_memory, plan_teacher_then_student
 from fwdfed import methods
-from fwdfed.methods.estimate import hparam, mean_loss, parse_steps
+from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
 from fwdfed.methods.fedkd import teacher_objective
 from fwdfed.net import is_loopback
 
@@ -188,6 +188,7 @@ class Device:
             config = method.config.from_hparams(task.hparams)
             steps = parse_steps(task.hparams)
             wave = hparam(task.hparams, "wave", int, 0)
+            pool = parse_seed_pool(task.hparams)
             if wave < 0:
                 raise ValueError(f"wave must be >= 0, got {wave}")
             if config.block is not None and config.block[1] > adapter.shape[0]:
@@ -214,6 +215,8 @@ class Device:
         start = (task.round * steps) % len(batches)
         batches = batches[start:] + batches[:start]
         rng = np.random.default_rng([self.config.seed, task.round, wave, zlib.crc32(self.config.device_id.encode())])
+        if pool is not None:  # FedKSeed: every direction one of the job's pool
+            rng = PoolDraws(rng, pool)
         if not method.needs_autograd:
             self._cache_prefix_states()
         probe = batches[:LOSS_PROBE_BATCHES]

@@ -91,3 +91,24 @@ def combine(pairs: list[tuple[int, float]], dim: int, kind: str = "rademacher",
     for seed, coef in by_seed.items():
         total[start:stop] += coef * direction_slice(seed, start, stop, kind)
     return total
+
+
+# FedKSeed's shared seed pool (`coordinator serve --seed-pool K`): every direction of a job is one of K seeds
+# the job fixes, so the coordinator aggregates at most K directions a round whatever the number of updates.
+MAX_SEED_POOL = 1 << 20
+POOL_KEY_PREFIX = b"fwdfed seed pool\x00"
+
+
+def pool_key(job_id: str) -> int:
+    """The key of a job's pool: the first 8 bytes of sha256(POOL_KEY_PREFIX + job id in UTF-8), big-endian,
+    shifted right by one (so that it is itself a seed, in [0, 2^63))."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(POOL_KEY_PREFIX + job_id.encode()).digest()[:8], "big") >> 1
+
+
+def seed_pool(key: int, size: int) -> np.ndarray:
+    """The pool: seed j = word(key, j) >> 1 for j in [0, size), as int64 (each in [0, 2^63))."""
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 1 <= size <= MAX_SEED_POOL:
+        raise ValueError(f"a seed pool holds 1 to {MAX_SEED_POOL} seeds, got {size!r}")
+    return (words(key, 0, int(size)) >> np.uint64(1)).astype(np.int64)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdfed.directions import direction, words
+from fwdfed.directions import direction, pool_key, seed_pool, words
 
 SEEDS = [0, 1, 42, 0x0123456789ABCDEF, (1 << 63) - 1]
+POOL_JOBS = ["job-1", "agnews ü 1000"]  # the default --job-id, and one that is not ASCII
+POOL_SIZE = 8
 
 
 def golden() -> dict:
@@ -25,6 +27,10 @@ def golden() -> dict:
         },
         "rademacher_1000000_sha256_of_int8": {
             str(s): hashlib.sha256(direction(s, 1_000_000, "rademacher").astype(np.int8).tobytes()).hexdigest() for s in SEEDS
+        },
+        "seed_pool": {
+            job: {"key": f"{pool_key(job):016x}", "seeds": [str(int(s)) for s in seed_pool(pool_key(job), POOL_SIZE)]}
+            for job in POOL_JOBS
         },
     }
 

@@ -9,12 +9,13 @@ once; the forward gradient (FwdLLM) sums the estimates at a fixed point.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import KINDS, SEED_LIMIT, block_direction
+from fwdfed.directions import KINDS, SEED_LIMIT, block_direction, seed_pool
 from fwdfed.update import SeedUpdate
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
@@ -36,7 +37,21 @@ def mean_loss(engine, batches: list[Batch], adapter: np.ndarray) -> float:
     return total / max(count, 1)
 
 
-def draw_seeds(rng: np.random.Generator, n: int) -> list[int]:
+class PoolDraws:
+    """A task's seed stream when the task names a seed pool (FedKSeed): each seed is the pool's entry at an
+    index drawn uniformly from [0, K) by `rng`, with replacement, so every direction is one of the pool's."""
+
+    def __init__(self, rng: np.random.Generator, pool: np.ndarray):
+        self.rng, self.pool = rng, pool
+
+    def draw(self, n: int) -> list[int]:
+        return [int(s) for s in self.pool[self.rng.integers(0, len(self.pool), size=n)]]
+
+
+def draw_seeds(rng: np.random.Generator | PoolDraws, n: int) -> list[int]:
+    """n seeds of a task's directions: free ones in [0, 2^63), or the pool's."""
+    if isinstance(rng, PoolDraws):
+        return rng.draw(n)
     return [int(s) for s in rng.integers(0, SEED_LIMIT, size=n, dtype=np.int64)]
 
 
@@ -84,6 +99,19 @@ def parse_block(hparams: dict) -> tuple[int, int] | None:
     if not 0 <= start < end:
         raise ValueError(f"the adapter block must have 0 <= block_start < block_end, got [{start}, {end})")
     return start, end
+
+
+POOL_KEY_TEXT = re.compile(r"[0-9a-f]{16}")
+
+
+def parse_seed_pool(hparams: dict) -> np.ndarray | None:
+    """The seed pool a task names (`seed_pool` K and `seed_pool_key`, docs/directions.md), or None."""
+    if "seed_pool" not in hparams and "seed_pool_key" not in hparams:
+        return None
+    size, key = hparam(hparams, "seed_pool", int), hparams.get("seed_pool_key")
+    if not (isinstance(key, str) and POOL_KEY_TEXT.fullmatch(key) and int(key, 16) < SEED_LIMIT):
+        raise ValueError(f"seed_pool_key must be 16 lowercase hex digits of a number below 2^63, got {key!r}")
+    return seed_pool(int(key, 16), size)
 
 
 def scheduled_steps(step, batches: list[Batch], steps: int, lr: float, schedule: str, guard=None) -> "LocalRun":

@@ -85,3 +85,25 @@ def test_any_slice_equals_the_same_slice_of_the_whole(kind, start, stop):
     masked = block_direction(11, 300, kind, (start, stop))
     assert np.array_equal(masked[start:stop], whole[start:stop]) and not masked[:start].any() and not masked[stop:].any()
     np.testing.assert_allclose(combine([(11, 2.0)], 300, kind, (start, stop)), 2.0 * masked)
+
+
+@pytest.mark.parametrize("job_id", list(GOLDEN["seed_pool"]))
+def test_a_jobs_seed_pool_is_the_golden_one(job_id):
+    """docs/directions.md's pool: the key from sha256 of the job id, the seeds SplitMix64's outputs >> 1."""
+    import hashlib
+
+    from fwdfed.directions import pool_key, seed_pool
+
+    gold = GOLDEN["seed_pool"][job_id]
+    digest = hashlib.sha256(b"fwdfed seed pool\x00" + job_id.encode("utf-8")).digest()
+    assert f"{pool_key(job_id):016x}" == gold["key"] == f"{int.from_bytes(digest[:8], 'big') >> 1:016x}"
+    key = int(gold["key"], 16)
+    assert [str(int(s)) for s in seed_pool(key, 8)] == gold["seeds"]
+    assert [w >> 1 for w in splitmix64_reference(key, 8)] == [int(s) for s in gold["seeds"]]
+    assert np.array_equal(seed_pool(key, 3), seed_pool(key, 8)[:3])  # a smaller pool is a prefix of a larger
+
+
+def test_pools_of_two_jobs_differ():
+    from fwdfed.directions import pool_key
+
+    assert pool_key("job-1") != pool_key("job-2") and pool_key("job-1") < 2**63

@@ -1,6 +1,7 @@
 """The seed-form update: w' = scale * w + sum coef * direction(seed) + dense, written once."""
 
 import numpy as np
+import pytest
 
 from fwdfed.directions import direction
 from fwdfed.update import SeedUpdate
@@ -29,3 +30,68 @@ def test_a_block_restricts_the_directions_but_not_the_scale():
 def test_an_empty_update_changes_nothing():
     w = np.arange(5, dtype=np.float32)
     np.testing.assert_array_equal(SeedUpdate([]).apply(w, "rademacher"), w)
+
+
+def random_terms(rng, n: int, d: int, pool: int, scale=False, dense=False) -> list[tuple[float, SeedUpdate]]:
+    """n weighted updates whose seeds come from `pool` seeds (so they repeat, within and across updates)."""
+    return [(float(rng.uniform(0.01, 0.5)),
+             SeedUpdate([(int(s), float(c)) for s, c in zip(rng.integers(0, pool, 6), rng.normal(0, 1e-2, 6))],
+                        scale=float(rng.uniform(0.95, 1.0)) if scale and i % 2 else 1.0,
+                        dense=rng.normal(0, 1e-3, d).astype(np.float32) if dense and i % 3 == 0 else None))
+            for i in range(n)]
+
+
+def documented_order(w, terms, kind, block=None) -> np.ndarray:
+    """docs/protocol.md's Aggregation, element by element with Python floats (float64): the reference."""
+    from fwdfed.directions import direction_slice
+
+    sums: dict[int, float] = {}
+    for weight, u in terms:
+        for seed, coef in u.pairs:
+            sums[seed] = sums.get(seed, 0.0) + weight * coef
+    start, stop = block or (0, len(w))
+    out = [float(x) for x in w]
+    for seed, total in sums.items():
+        z = direction_slice(seed, start, stop, kind)
+        for i in range(start, stop):
+            out[i] += total * float(z[i - start])
+    shrink = 0.0
+    for weight, u in terms:
+        shrink += weight * (u.scale - 1.0)
+    if shrink != 0.0:
+        out = [o + shrink * float(x) for o, x in zip(out, w)]
+    dense = None
+    for weight, u in terms:
+        if u.dense is not None:
+            dense = [0.0] * len(w) if dense is None else dense
+            dense = [a + weight * float(b) for a, b in zip(dense, u.dense)]
+    if dense is not None:
+        out = [o + x for o, x in zip(out, dense)]
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("block", [None, (5, 23)])
+def test_the_per_seed_sum_is_the_documented_order_bit_for_bit_and_the_per_update_sum_to_rounding(kind, block):
+    from fwdfed.update import weighted_sum
+
+    rng, d = np.random.default_rng(4), 40
+    w = rng.standard_normal(d).astype(np.float32)
+    terms = random_terms(rng, 30, d, pool=7, scale=True, dense=True)
+    by_seed = weighted_sum(w, terms, kind, block).astype(np.float32)
+    assert np.array_equal(by_seed, documented_order(w, terms, kind, block))
+    by_update = w.astype(np.float64) + sum(weight * u.delta(w, kind, block) for weight, u in terms)
+    np.testing.assert_allclose(by_seed, by_update.astype(np.float32), rtol=0, atol=1e-6)
+    assert np.abs(by_seed - w).max() > 1e-3  # the updates did move the adapter
+
+
+def test_the_per_seed_sum_makes_one_direction_per_distinct_seed(monkeypatch):
+    import fwdfed.update
+    from fwdfed.update import weighted_sum
+
+    made = []
+    real = fwdfed.update.direction_slice
+    monkeypatch.setattr(fwdfed.update, "direction_slice", lambda seed, *a: made.append(seed) or real(seed, *a))
+    terms = random_terms(np.random.default_rng(5), 2_000, 16, pool=32)
+    weighted_sum(np.zeros(16, np.float32), terms, "rademacher")
+    assert sorted(made) == sorted({s for _, u in terms for s, _ in u.pairs}) and len(made) <= 32

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from coordinator.store import open_store
 from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command
@@ -62,17 +63,21 @@ def test_prompt_tuning_through_the_coordinator_and_devices(tmp_path, stories_pro
     assert_peft_folder_matches_program(bundle, peft_folder, vector)
 
 
-def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle):
+@pytest.mark.parametrize("pool", [None, 64], ids=["free-seeds", "seed-pool"])
+def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle, pool):
     """kill -9 the coordinator after round 1; a new one on the same database, started without the
     job's flags, finishes the job with the devices that reconnect, aggregating as the first did
-    (server lr and clip are the job's), and no update is lost or counted twice."""
+    (server lr and clip are the job's, and so is the seed pool: every seed of every round is one
+    of it), and no update is lost or counted twice."""
     from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
     from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+    from fwdfed.directions import pool_key, seed_pool
 
     db, port = tmp_path / "job.db", free_port()
     job_args = ["--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "2",
-                "--local-steps", "20", "--round-deadline", "120", "--server-lr", "0.5", "--clip", "0.002"]
+                "--local-steps", "20", "--round-deadline", "120", "--server-lr", "0.5", "--clip", "0.002",
+                *(["--seed-pool", str(pool)] if pool else [])]
     first = Coordinator(db, *job_args, port=port)
     devices = subprocess.Popen(
         [sys.executable, "-m", "device_sdk.emulate", "--mem", "1.5GB", "--coordinator", first.url, "--devices", "2",
@@ -105,6 +110,13 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
     # the aggregation of the previous one with its round's stored updates, by the job's own rule.
     strategy = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
     versions = [np.frombuffer(v.vector, "<f4") for v in store.versions(job.id)]
+    seeds = set()
     for r, before, after in zip(closed, versions, versions[1:]):
         updates = [AcceptedUpdate.from_row(u) for u in store.updates(r.id)]
         np.testing.assert_array_equal(strategy.aggregate(before, updates), after)
+        seeds |= {s for u in updates for s, _ in u.pairs}
+    assert JobOptions.from_json(job.options).seed_pool == pool
+    if pool:
+        assert "seed pool: every direction is one of 64 seeds" in out
+        assert seeds <= set(seed_pool(pool_key(job.id), pool).tolist()) and len(seeds) > 20
+    assert not [r for r in store.refusals(job.id) if r.code == "outside_pool"]
