@@ -28,6 +28,7 @@ def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program")
     manifest = Manifest(task="causal-lm", model={"source": "fake", "folder": "base_model", "hash": "0" * 64},
                         adapter={"kind": "lora", "dim": layout.dim, "initial": INITIAL_ADAPTER}, layout=layout,
                         tokenizer=TOKENIZER_DIR, inputs={"batch_size": 2, "seq_len": 16, "max_perturbations": 2},
-                        program={"file": PROGRAM, "sha256": sha256_file(folder / PROGRAM), "methods": ["forward"]})
+                        program={"file": PROGRAM, "sha256": sha256_file(folder / PROGRAM), "methods": ["forward"],
+                                 "planned_memory_bytes": {"forward": 1 << 20}})
     (folder / MANIFEST).write_text(manifest.to_json())
     return folder

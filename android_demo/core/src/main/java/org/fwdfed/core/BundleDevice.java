@@ -45,13 +45,24 @@ public final class BundleDevice {
      */
     public static BundleDevice open(File bundle, File trainingText, String deviceId, Long budget,
                                     ProgramOpener opener) throws DeviceException {
+        return open(bundle, trainingText, deviceId, budget, null, opener);
+    }
+
+    /**
+     * As above, and with `trustKeyPem` (the operator's trust_key.pem; null: bundles unchecked, the unsafe
+     * default of docs/security.md) the bundle must be signed by it and intact, checked before anything else
+     * of it is read and long before the program is opened.
+     */
+    public static BundleDevice open(File bundle, File trainingText, String deviceId, Long budget, byte[] trustKeyPem,
+                                    ProgramOpener opener) throws DeviceException {
         if (deviceId == null || deviceId.isEmpty()) {
             throw new DeviceException("a device id is needed (the one the device was enrolled with)");
         }
         Manifest manifest;
         List<String> texts;
         try {
-            manifest = Manifest.load(bundle.toPath());
+            manifest = Manifest.load(bundle.toPath(),
+                    trustKeyPem == null ? null : BundleSignature.readTrustKey(trustKeyPem, "the trust key"));
             texts = TrainingData.shard(trainingText.toPath(), 0, 0, 1);
         } catch (BundleException | TrainingData.DataException e) {
             throw new DeviceException(e.getMessage());

@@ -6,6 +6,7 @@ import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.security.PublicKey;
 import java.util.Map;
 
 /**
@@ -102,16 +103,37 @@ public final class Manifest {
         return (int) (long) (Long) v;
     }
 
-    /** Read `folder/manifest.json`; BundleException with a one-line reason. */
+    /** Read `folder/manifest.json`; BundleException with a one-line reason. No signature is checked. */
     public static Manifest load(Path folder) throws BundleException {
+        return load(folder, null);
+    }
+
+    /**
+     * Read `folder/manifest.json`; with `trustKey` (BundleSignature.readTrustKey) its signature is checked
+     * before it is parsed, and every file of the bundle against it before anything else: an unsigned, wrongly
+     * signed or changed bundle is refused before any other file of it is read. BundleException, one line.
+     */
+    public static Manifest load(Path folder, PublicKey trustKey) throws BundleException {
         Path path = folder.resolve("manifest.json");
         if (!Files.isRegularFile(path)) {
             throw new BundleException(folder + " is not a bundle: it has no manifest.json");
         }
+        byte[] raw;
         try {
-            String text = new String(Files.readAllBytes(path), StandardCharsets.UTF_8);
-            return new Manifest(folder, Json.object(Json.parse(text), "manifest"));
-        } catch (IOException | IllegalArgumentException | ClassCastException | NullPointerException e) {
+            raw = Files.readAllBytes(path);  // read once: the bytes checked are the bytes parsed
+        } catch (IOException e) {
+            throw new BundleException("cannot read " + path + ": " + e.getMessage());
+        }
+        if (trustKey != null) {
+            BundleSignature.checkSignature(folder, raw, trustKey);
+        }
+        try {
+            Map<String, Object> m = Json.object(Json.parse(new String(raw, StandardCharsets.UTF_8)), "manifest");
+            if (trustKey != null) {
+                BundleSignature.checkFiles(folder, m);
+            }
+            return new Manifest(folder, m);
+        } catch (IllegalArgumentException | ClassCastException | NullPointerException e) {
             throw new BundleException(path + " is not a valid manifest: " + e.getMessage());
         }
     }

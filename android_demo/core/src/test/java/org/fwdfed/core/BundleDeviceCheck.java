@@ -6,7 +6,7 @@ import java.io.File;
  * Test tool: {@link BundleDevice}, the app's way into the core, on the JVM, with an opener that
  * records its calls instead of loading ExecuTorch (tests/android_demo/test_bundle_device.py).
  *
- *   BundleDeviceCheck BUNDLE DATA DEVICE_ID BUDGET|none [URL]
+ *   BundleDeviceCheck [--trust-key PEM] BUNDLE DATA DEVICE_ID BUDGET|none [URL]
  *
  * Prints `opened PATH P LABELS_PER_EXAMPLE` for each opener call, then `examples N` and `plan ...`;
  * with URL, runs the device loop against it with a 1 s connect timeout. Errors: `error: ...` and
@@ -15,10 +15,16 @@ import java.io.File;
 public final class BundleDeviceCheck {
     private static int opened;
 
-    public static void main(String[] argv) {
+    public static void main(String[] args) throws java.io.IOException {
+        byte[] trustKey = null;
+        String[] argv = args;
+        if (args.length > 1 && "--trust-key".equals(args[0])) {
+            trustKey = java.nio.file.Files.readAllBytes(java.nio.file.Paths.get(args[1]));
+            argv = java.util.Arrays.copyOfRange(args, 2, args.length);
+        }
         try {
             Long budget = "none".equals(argv[3]) ? null : MemorySize.parse(argv[3]);
-            BundleDevice device = BundleDevice.open(new File(argv[0]), new File(argv[1]), argv[2], budget,
+            BundleDevice device = BundleDevice.open(new File(argv[0]), new File(argv[1]), argv[2], budget, trustKey,
                     (path, maxPerturbations, labelsPerExample) -> {
                         opened++;
                         System.out.println("opened " + path + " " + maxPerturbations + " " + labelsPerExample);

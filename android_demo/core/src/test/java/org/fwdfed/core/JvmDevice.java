@@ -19,6 +19,7 @@ import java.util.concurrent.atomic.AtomicInteger;
  *
  *   JvmDevice --coordinator URL --device-id ID --bundle DIR --data FILE --shard-index I --shard-count N
  *             --helper "PYTHON loss_helper.py" [--credentials FILE | --token T] [--ca-file PEM] [--mem 1.5GB]
+ *             [--trust-key PEM]
  *             [--seed S] [--connect-timeout SECONDS] [--record DIR]
  *   JvmDevice --train-task T1.msgpack,T2.msgpack --out U1.msgpack,U2.msgpack (and the options above but the
  *             coordinator's): train tasks offline and write their update frames
@@ -43,7 +44,10 @@ public final class JvmDevice {
     static int run(String[] argv) throws Exception {
         Map<String, String> a = options(argv);
         String deviceId = a.getOrDefault("device-id", "java-0");
-        Manifest manifest = Manifest.load(Paths.get(need(a, "bundle")));
+        // With --trust-key, the bundle is checked against the operator's signature before anything of it is read.
+        Manifest manifest = Manifest.load(Paths.get(need(a, "bundle")), a.containsKey("trust-key")
+                ? BundleSignature.readTrustKey(Files.readAllBytes(Paths.get(a.get("trust-key"))), a.get("trust-key"))
+                : null);
         Long budget = a.containsKey("mem") ? MemorySize.parse(a.get("mem")) : null;
         long runtime = ProcStatus.currentRss();
         int shardIndex = Integer.parseInt(a.getOrDefault("shard-index", "0"));
