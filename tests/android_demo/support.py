@@ -89,13 +89,15 @@ def java_seed_stream(device_seed: int, round_: int, wave: int, device_id: str):
 
 
 class ReplayedSeeds:
-    """Stands in for numpy's Generator where the Python methods draw seeds (`rng.integers(0, 2^63, size=n)`)."""
+    """Stands in for numpy's Generator where the Python methods draw seeds (`rng.integers(0, 2^63, size=n)`),
+    or indices into a task's seed pool (`rng.integers(0, K, size=n)`: the Java device's SeedPool takes its
+    stream's next seed mod K)."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def integers(self, low, high, size, dtype=np.int64):
-        return np.array([next(self.stream) for _ in range(int(size))], dtype=np.int64)
+        return np.array([low + next(self.stream) % (high - low) for _ in range(int(size))], dtype=np.int64)
 
 
 @contextmanager

@@ -46,3 +46,9 @@ def test_java_gaussian_is_within_one_ulp_of_the_golden_bits(java_golden):
         assert ulps.max() <= 1, (seed, ulps.max())
         exact, total = exact + int((ulps == 0).sum()), total + ulps.size
     print(f"Java gaussian: {exact} of {total} floats bit-identical, the rest within 1 ulp")
+
+
+def test_java_seed_pools_are_the_golden_ones(java_core):
+    pools = GOLDEN["seed_pool"].values()
+    got = json.loads(java_core.run("SeedPoolDump", *(p["key"] for p in pools), timeout=60).stdout)
+    assert got == {p["key"]: p["seeds"] for p in pools}

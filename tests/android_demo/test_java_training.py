@@ -17,6 +17,7 @@ import json
 import numpy as np
 
 from fwdfed import protocol
+from fwdfed.directions import pool_key, seed_pool
 from tests.android_demo.support import HELPER_COMMAND, assert_same_update, decode, python_device, replay
 from tests.conftest import TINYSTORIES
 
@@ -28,6 +29,9 @@ TASKS = {
                                     "block_start": 512, "block_end": 4096}),
     "fwdgrad-candidates": ("fwdgrad", {"lr": 0.01, "eps": 1e-2, "local_steps": 4, "directions": 4, "kind": "gaussian",
                                        "candidates": 3, "wave": 1}),
+    # FedKSeed: every seed one of the job's pool of 16 (docs/directions.md), drawn as each device draws them
+    "mezo-seed-pool": ("mezo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 2, "kind": "rademacher",
+                                "seed_pool": 16, "seed_pool_key": f"{pool_key('job'):016x}"}),
 }
 
 
@@ -54,5 +58,7 @@ def test_java_methods_give_the_python_devices_pairs(tmp_path, stories_bundle, ja
     for name, frame, out in zip(TASKS, frames, out_files):
         java = decode(out.read_bytes())
         exact = assert_same_update(java, replay(reference_device, frame))
+        if "seed_pool" in TASKS[name][1]:
+            assert set(java.seeds) <= set(seed_pool(pool_key("job"), 16).tolist())
         print(f"{name}: {len(java.coefs)} pairs, {exact} bit-identical, scale {java.scale:.6f}, "
               f"loss {java.loss_before:.4f} -> {java.loss_after:.4f}")

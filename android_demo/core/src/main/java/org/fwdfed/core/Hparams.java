@@ -87,6 +87,11 @@ public final class Hparams {
         throw new IllegalArgumentException(name + " must be a number, got " + v);
     }
 
+    /** hparams[name] as the codec decoded it (Long, Double, BigInteger, String), or null when absent. */
+    public Object raw(String name) {
+        return values.get(name);
+    }
+
     /** str(hparams[name]); `fallback` when absent (null: required). */
     public String text(String name, String fallback) {
         if (!values.containsKey(name) && fallback != null) {

@@ -95,10 +95,12 @@ public final class TaskTrainer {
         MethodConfig config;
         int steps;
         long wave;
+        long[] pool;
         try {
             config = Methods.config(task.method, hparams);
             steps = hparams.localSteps();
             wave = hparams.integer("wave", 0L);
+            pool = SeedPool.fromHparams(hparams);
             if (wave < 0) {
                 throw new IllegalArgumentException("wave must be >= 0, got " + wave);
             }
@@ -135,7 +137,11 @@ public final class TaskTrainer {
         };
         try {
             double lossBefore = Losses.meanLoss(program, probe, adapter);
-            Optimizer optimizer = config.optimizer(program, adapter, seedFactory.forTask(task.round, wave), reference);
+            SeedSource seeds = seedFactory.forTask(task.round, wave);
+            if (pool != null) {  // FedKSeed: every direction one of the job's pool
+                seeds = new SeedPool(pool, seeds);
+            }
+            Optimizer optimizer = config.optimizer(program, adapter, seeds, reference);
             LocalRun run = optimizer.train(rotated, steps, guard);
             double lossAfter = Losses.meanLoss(program, probe, run.applyTo(adapter, config.kind(), config.block()));
             memory.check();  // the probe evaluations count too
