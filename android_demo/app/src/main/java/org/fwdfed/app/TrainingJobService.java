@@ -128,8 +128,10 @@ public final class TrainingJobService extends JobService {
         }
         String budgetText = settings.getString(KEY_BUDGET, "");
         Long budget = budgetText.isEmpty() ? null : MemorySize.parse(budgetText);
+        // trust_key.pem, when provisioned: only a bundle the operator signed is opened (docs/security.md).
         BundleDevice device = BundleDevice.open(new File(files, "bundle"), new File(files, "train.txt"),
-                settings.getString(KEY_DEVICE, ""), budget, new BundleDevice.ProgramOpener() {
+                settings.getString(KEY_DEVICE, ""), budget, readIfPresent(new File(files, "trust_key.pem")),
+                new BundleDevice.ProgramOpener() {
                     @Override
                     public LossProgram open(String path, int maxPerturbations, boolean labelsPerExample)
                             throws DeviceException {
