@@ -3,6 +3,7 @@ of a seed outside it, and the per-seed aggregation (in-process, on a real SQLite
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from coordinator.job import JobOptions, resumed_options
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from fwdfed import protocol
 from fwdfed.directions import pool_key, seed_pool
 from fwdfed.update import SeedUpdate
 
@@ -96,3 +98,22 @@ def test_a_pooled_round_aggregates_by_seed_as_the_updates_would_one_by_one(tmp_p
     np.testing.assert_allclose(new, one_by_one.astype(np.float32), rtol=0, atol=1e-6)
     assert np.abs(new - w).max() > 1e-5
     assert np.array_equal(strategy.aggregate(w.copy(), list(updates)), new)
+
+
+def test_an_update_with_a_seed_outside_the_pool_is_refused_and_forfeits_its_task(tmp_path):
+    async def scenario():
+        c = pooled_coordinator(tmp_path)
+        c.store.touch_device("d", 1, None)
+        rnd = c.store.start_round(c.job.id, 1, 0)
+        (task,) = c.store.add_tasks(rnd.id, 0, c.strategy.configure(0, None, ["d"], lambda: ({}, {}),
+                                                                    random.Random(0)))
+        pool = [int(s) for s in seed_pool(int(task.hparams["seed_pool_key"], 16), task.hparams["seed_pool"])]
+        outside = next(s for s in range(100) if s not in pool)
+        update = protocol.Update(task_id=task.id, job_id=c.job.id, round=1, global_version=0, seeds=[pool[3], outside],
+                                 coefs=[1e-3, 1e-3], scale=1.0, dense=b"", num_examples=10, loss_before=1.0,
+                                 loss_after=1.0, peak_rss_bytes=1)
+        return c._accept("d", update), c.store.task(task.id), c
+
+    ack, task, c = asyncio.run(scenario())
+    assert not ack.accepted and ack.reason.startswith("outside_pool: seed ") and task.forfeited == "outside_pool"
+    assert [r.code for r in c.store.refusals(c.job.id)] == ["outside_pool"] and not c.store.updates(task.round_id)
