@@ -66,6 +66,30 @@ def direction_slice(seed: int, start: int, stop: int, kind: str = "rademacher") 
     raise ValueError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
 
 
+class RademacherSigns:
+    """Elements [start, stop) of many Rademacher directions, one seed after another, in buffers made once:
+    the words of `words` computed in place (the counters' (i + 1) * GAMMA kept), for the coordinator's
+    per-seed sums. `negative(seed)` is True where the element is -1.0 (bit 63 set); the array is reused."""
+
+    def __init__(self, start: int, stop: int):
+        self.steps = np.arange(start + 1, stop + 1, dtype=np.uint64) * GAMMA
+        self.x, self.t = np.empty_like(self.steps), np.empty_like(self.steps)
+        self.neg = np.empty(self.steps.shape, dtype=bool)
+
+    def negative(self, seed: int) -> np.ndarray:
+        check_seed(seed)
+        x, t = self.x, self.t
+        with np.errstate(over="ignore"):
+            np.add(self.steps, np.uint64(seed), out=x)
+            for shift, mult in ((30, MIX1), (27, MIX2)):
+                np.right_shift(x, np.uint64(shift), out=t)
+                x ^= t
+                x *= mult
+            np.right_shift(x, np.uint64(31), out=t)
+            x ^= t
+        return np.less(x.view(np.int64), 0, out=self.neg)
+
+
 def block_direction(seed: int, dim: int, kind: str = "rademacher", block: tuple[int, int] | None = None) -> np.ndarray:
     """The direction restricted to `block` = (start, stop): zero outside it (block-cyclic updates)."""
     if block is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fwdfed.directions import combine, direction_slice
+from fwdfed.directions import RademacherSigns, combine, direction_slice
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,13 @@ def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str
             dense += weight * update.dense.astype(np.float64)
     start, stop = block or (0, w64.shape[0])
     new = w64.copy()
-    for seed, coef in by_seed.items():
-        new[start:stop] += coef * direction_slice(seed, start, stop, kind).astype(np.float64)
+    if kind == "rademacher":  # C_s * (+-1.0) is +-C_s exactly: the same bits, without the float32 direction
+        signs = RademacherSigns(start, stop)
+        for seed, coef in by_seed.items():
+            new[start:stop] += np.where(signs.negative(seed), -coef, coef)
+    else:
+        for seed, coef in by_seed.items():
+            new[start:stop] += coef * direction_slice(seed, start, stop, kind).astype(np.float64)
     if shrink != 0.0:
         new += shrink * w64
     if dense is not None:

@@ -107,3 +107,12 @@ def test_pools_of_two_jobs_differ():
     from fwdfed.directions import pool_key
 
     assert pool_key("job-1") != pool_key("job-2") and pool_key("job-1") < 2**63
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in GOLDEN["words"]])
+def test_the_coordinators_in_place_signs_are_the_rademacher_directions(seed):
+    from fwdfed.directions import RademacherSigns, direction_slice
+
+    signs = RademacherSigns(3, 300)
+    for s in (seed, 7, seed):  # the buffers are reused from one seed to the next
+        assert np.array_equal(signs.negative(s), direction_slice(s, 3, 300) < 0)

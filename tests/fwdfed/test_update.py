@@ -85,13 +85,16 @@ def test_the_per_seed_sum_is_the_documented_order_bit_for_bit_and_the_per_update
     assert np.abs(by_seed - w).max() > 1e-3  # the updates did move the adapter
 
 
-def test_the_per_seed_sum_makes_one_direction_per_distinct_seed(monkeypatch):
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_the_per_seed_sum_makes_one_direction_per_distinct_seed(monkeypatch, kind):
     import fwdfed.update
+    from fwdfed.directions import RademacherSigns
     from fwdfed.update import weighted_sum
 
     made = []
-    real = fwdfed.update.direction_slice
-    monkeypatch.setattr(fwdfed.update, "direction_slice", lambda seed, *a: made.append(seed) or real(seed, *a))
+    slices, signs = fwdfed.update.direction_slice, RademacherSigns.negative
+    monkeypatch.setattr(fwdfed.update, "direction_slice", lambda seed, *a: made.append(seed) or slices(seed, *a))
+    monkeypatch.setattr(RademacherSigns, "negative", lambda self, seed: made.append(seed) or signs(self, seed))
     terms = random_terms(np.random.default_rng(5), 2_000, 16, pool=32)
-    weighted_sum(np.zeros(16, np.float32), terms, "rademacher")
+    weighted_sum(np.zeros(16, np.float32), terms, kind)
     assert sorted(made) == sorted({s for _, u in terms for s, _ in u.pairs}) and len(made) <= 32
