@@ -32,6 +32,8 @@ def parse_args(argv):
     source.add_argument("--model", type=Path, help="local Hugging Face model folder (config.json + weights + tokenizer)")
     source.add_argument("--preset", help="named preset config with seeded random weights")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("--sign-key", type=Path, help="sign the bundle (and --full-out's) with this private key, "
+                        "signing_key.pem from `python -m coordinator keygen`, as `coordinator sign` does")
     parser.add_argument("--task", choices=TASKS, help="default: from the model's architecture")
     parser.add_argument("--num-labels", type=int, default=2, help="classes, for seq-cls (default 2)")
     parser.add_argument("--adapter", default="lora",
@@ -140,6 +142,11 @@ def main(argv=None) -> int:
     quiet_libraries()
     from export.pipeline import AdapterSpec, ExportSpec, run_export
 
+    sign_key = None
+    if args.sign_key is not None:  # a key that cannot sign is refused before minutes of export, not after
+        from fwdfed.bundle.signing import load_private_key
+
+        sign_key = load_private_key(args.sign_key)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     spec = ExportSpec(
         source=f"preset:{args.preset}" if args.preset else str(args.model),
@@ -178,6 +185,12 @@ def main(argv=None) -> int:
           f"P {manifest.inputs['max_perturbations']}"
           + (f", {manifest.model['quantization']['scheme']} base" if manifest.model.get("quantization") else "")
           + ")")
+    if sign_key is not None:
+        from fwdfed.bundle.signing import fingerprint, sign_bundle
+
+        for folder in [args.out] + ([args.full_out] if args.emulator else []):
+            sign_bundle(folder, sign_key)
+            print(f"signed {folder} with key {fingerprint(sign_key.public_key())}")
     return 0
 
 

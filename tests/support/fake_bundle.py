@@ -16,6 +16,10 @@ from tests.conftest import STORIES
 
 
 def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program") -> Path:
+    if not STORIES.is_dir():
+        import pytest
+
+        pytest.skip(f"{STORIES} is not here")
     folder.mkdir(parents=True)
     (folder / PROGRAM).write_bytes(program)
     layout = AdapterLayout.from_shapes([("lora_A", (2, 4)), ("lora_B", (4, 2))])
