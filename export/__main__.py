@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
+from fwdfed.model.emulator import DROP_LAYERS
 
 
 def parse_args(argv):
@@ -85,7 +86,7 @@ def parse_args(argv):
     parser.add_argument("--device-runtime", default="256MiB",
                         help="what the device's runtime holds before any model (default 256MiB: this Python SDK)")
     offsite = parser.add_argument_group("offsite tuning (docs/offsite.md)")
-    offsite.add_argument("--emulator", choices=("drop-layers",),
+    offsite.add_argument("--emulator", choices=(DROP_LAYERS,),
                          help="write --out as an emulator of the model for the devices to train on (the first and "
                               "last blocks kept, carrying the LoRA adapter; a share of the middle ones dropped), and "
                               "the full model's bundle, with the same adapter layout, to --full-out")

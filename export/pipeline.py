@@ -36,7 +36,7 @@ from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, read_config, write_preset
-from fwdfed.model.emulator import (DropLayers, EmulatorError, EmulatorRecord, layout_sha256, num_layers_of,
+from fwdfed.model.emulator import (DROP_LAYERS, DropLayers, EmulatorError, EmulatorRecord, layout_sha256, num_layers_of,
                                    write_emulator_model)
 from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
@@ -491,7 +491,7 @@ def derive_emulator(spec: ExportSpec, full_folder: Path, task: str) -> EmulatorR
     plan = spec.emulator
     blocks, full_layers = write_emulator_model(full_folder, spec.out / BASE_MODEL_DIR, task, spec.num_labels, plan)
     kept = plan.kept_layers(full_layers)
-    return EmulatorRecord(kind="drop-layers", keep_first=plan.keep_first, keep_last=plan.keep_last,
+    return EmulatorRecord(kind=DROP_LAYERS, keep_first=plan.keep_first, keep_last=plan.keep_last,
                           drop_fraction=plan.drop_fraction, blocks=blocks, full_layers=full_layers, kept_layers=kept,
                           dropped_layers=[i for i in range(full_layers) if i not in kept],
                           adapter_layers=plan.adapter_layers(full_layers), full_bundle=spec.full_bundle)

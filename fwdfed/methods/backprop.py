@@ -64,6 +64,5 @@ METHOD = Method(
     hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay"),),
     needs_autograd=True,
     passes_per_step=1,  # and a backward pass each
-    uploads_dense=True,
     adapter_copies=lambda directions: 4,  # weights, gradient and AdamW's two moments
 )

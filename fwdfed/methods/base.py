@@ -61,7 +61,6 @@ class Method:
     default_directions: int = 1
     default_kind: str = "rademacher"
     needs_autograd: bool = False  # runs on the eager engine (autograd), not the ExecuTorch program
-    uploads_dense: bool = False  # answers with a dense change instead of (or beside) pairs
     uses_reference: bool = False  # the task carries the previous round's global update
     estimates_gradient: bool = False  # an update is -lr x a gradient estimate at the global adapter,
     # so the coordinator can measure the variance of the round's mean estimate and ask for more waves

@@ -26,7 +26,6 @@ from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.errors import UserError
 
 DROP_LAYERS = "drop-layers"
-EMULATORS = (DROP_LAYERS,)
 
 
 class EmulatorError(UserError):
