@@ -22,6 +22,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # a task carries the global adapter: 16M flo
 MAX_PAIRS = 1_000_000  # (seed, coefficient) pairs in one update
 MAX_TEXT = 1024
 MAX_ID = 128
+MAX_HISTORY = 1024  # versions in one task's seed-form history
 
 
 class ProtocolError(Exception):
@@ -82,6 +83,24 @@ def _float_list(limit: int):
     return check
 
 
+def _history(v):
+    """A task's seed-form history (docs/protocol.md, Downlink in seed form): a list of versions, each a map of
+    exactly `version`, `seeds`, `coefs`, `shrink` and `block`."""
+    if not isinstance(v, list) or len(v) > MAX_HISTORY:
+        return f"a list of at most {MAX_HISTORY} versions"
+    checks = dict(version=ROUND, seeds=_int_list(0, SEED_LIMIT - 1, MAX_PAIRS), coefs=_float_list(MAX_PAIRS),
+                  shrink=_float(), block=_int_list(0, 2**31 - 1, 2))
+    for step in v:
+        if not isinstance(step, dict) or set(step) != set(checks):
+            return f"a list of maps of exactly {sorted(checks)}"
+        for name, check in checks.items():
+            if (reason := check(step[name])) is not None:
+                return f"a list of versions whose {name} is {reason}"
+        if len(step["seeds"]) != len(step["coefs"]) or len(step["block"]) not in (0, 2):
+            return "a list of versions with as many coefs as seeds and a block of 0 or 2 integers"
+    return None
+
+
 def _hparams(v):
     if not isinstance(v, dict) or len(v) > 64:
         return "a map of at most 64 entries"
@@ -104,9 +123,13 @@ BYTES_COUNT = _int(0, 2**62)
 class Message:
     TYPE: ClassVar[str]
     CHECKS: ClassVar[dict]
+    # Fields a sender may leave out (then None here): added after version 1's first devices, which neither
+    # send nor expect them. Never sent as nil: a field of OPTIONAL that is None is not on the wire.
+    OPTIONAL: ClassVar[frozenset] = frozenset()
 
     def to_wire(self) -> bytes:
-        return msgpack.packb({"type": self.TYPE, "v": PROTOCOL_VERSION, **asdict(self)}, use_bin_type=True)
+        data = {k: v for k, v in asdict(self).items() if not (v is None and k in self.OPTIONAL)}
+        return msgpack.packb({"type": self.TYPE, "v": PROTOCOL_VERSION, **data}, use_bin_type=True)
 
 
 @dataclass
@@ -118,8 +141,13 @@ class Hello(Message):
     adapter_dim: int
     num_examples: int
     mem_budget_bytes: int | None
+    # A device that keeps its adapter: the global version it holds and that adapter's sha256 ("": none), so that
+    # its tasks may carry the seed-form history from it instead of the dense adapter. Both or neither.
+    held_version: int | None = None
+    held_sha256: str | None = None
     CHECKS: ClassVar[dict] = dict(device_id=ID, base_model_hash=HASH, adapter_dim=COUNT, num_examples=COUNT,
-                                  mem_budget_bytes=_optional(BYTES_COUNT))
+                                  mem_budget_bytes=_optional(BYTES_COUNT), held_version=ROUND, held_sha256=HASH)
+    OPTIONAL: ClassVar[frozenset] = frozenset({"held_version", "held_sha256"})
 
 
 @dataclass
@@ -146,9 +174,14 @@ class Task(Message):
     hparams: dict
     deadline_s: float
     reference: bytes  # the previous round's global update (float32), or empty: guides FwdLLM's selection
+    # Only to a device whose hello named the version it holds: the versions from it to `global_version` in seed
+    # form (fwdfed.update.SeedSums as maps), `adapter` then empty. Absent: `adapter` is the dense adapter.
+    history: list | None = None
     CHECKS: ClassVar[dict] = dict(task_id=ID, job_id=ID, round=ROUND, global_version=ROUND, base_model_hash=HASH,
                                   adapter=_bytes(MAX_FRAME_BYTES), adapter_sha256=HASH, method=_text(32),
-                                  hparams=_hparams, deadline_s=_float(nonneg=True), reference=_bytes(MAX_FRAME_BYTES))
+                                  hparams=_hparams, deadline_s=_float(nonneg=True), reference=_bytes(MAX_FRAME_BYTES),
+                                  history=_history)
+    OPTIONAL: ClassVar[frozenset] = frozenset({"history"})
 
 
 @dataclass
@@ -240,6 +273,8 @@ def decode(frame: Any) -> Message:
         raise ProtocolError(f"{kind}: unexpected fields {sorted(map(str, extra))[:5]}")
     for name in names:
         if name not in data:
+            if name in cls.OPTIONAL:
+                continue
             raise ProtocolError(f"{kind}: missing field {name!r}")
         reason = cls.CHECKS[name](data[name])
         if reason:
@@ -247,4 +282,9 @@ def decode(frame: Any) -> Message:
     message = cls(**data)
     if isinstance(message, Update) and len(message.seeds) != len(message.coefs):
         raise ProtocolError("update: seeds and coefs must have the same length")
+    if isinstance(message, Hello) and (message.held_version is None) != (message.held_sha256 is None):
+        raise ProtocolError("hello: held_version and held_sha256 come together or not at all")
+    if isinstance(message, Task) and message.history is not None and message.adapter:
+        raise ProtocolError("task: a task with a history carries no adapter")
+    return message
     return message

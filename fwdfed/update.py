@@ -43,19 +43,20 @@ class SeedUpdate:
         return SeedUpdate(pairs, self.scale, self.dense)
 
 
-def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str,
-                 block: tuple[int, int] | None = None) -> np.ndarray:
-    """w + sum_i weight_i * delta_i in float64, computed by seed, in this fixed order (docs/protocol.md,
-    Aggregation), so that a version recomputed from the stored updates has the same bits:
+@dataclass(frozen=True)
+class SeedSums:
+    """One version's change in seed form, exactly as the coordinator applied it (docs/protocol.md, Aggregation):
+    the per-seed sums C_s in order of first appearance, the shrink S, and the round's block (None: all of w).
+    A device that holds the previous version replays it (`apply_sums`) to the same bits."""
+    seeds: list[int]
+    coefs: list[float]  # float64, C_s for seeds[k]
+    shrink: float = 0.0
+    block: tuple[int, int] | None = None
 
-    1. C_s = sum over the terms in order, and over each one's pairs in order, of weight_i * coef (float64),
-       for every distinct seed s, kept in order of first appearance;
-    2. from w (float64), add C_s * z_s (z_s the float32 direction, exact in float64, restricted to `block`)
-       for each seed in that order;
-    3. add S * w, S = sum_i weight_i * (scale_i - 1) (skipped when S is 0);
-    4. add D = sum_i weight_i * dense_i (float64, from zero; skipped when no term has a dense part).
-    """
-    w64 = np.asarray(w, dtype=np.float64)
+
+def round_sums(terms: list[tuple[float, SeedUpdate]]) -> tuple[dict[int, float], float, np.ndarray | None]:
+    """Steps 1, 3 and 4's sums of `weighted_sum`: C_s by seed (in order of first appearance), S, and D (None
+    when no term has a dense part)."""
     by_seed: dict[int, float] = {}
     shrink, dense = 0.0, None
     for weight, update in terms:
@@ -63,8 +64,16 @@ def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str
             by_seed[int(seed)] = by_seed.get(int(seed), 0.0) + weight * float(coef)
         shrink += weight * (update.scale - 1.0)
         if update.dense is not None:
-            dense = np.zeros_like(w64) if dense is None else dense
+            dense = np.zeros(update.dense.shape[0], np.float64) if dense is None else dense
             dense += weight * update.dense.astype(np.float64)
+    return by_seed, shrink, dense
+
+
+def apply_sums(w: np.ndarray, by_seed: dict[int, float], shrink: float, kind: str,
+               block: tuple[int, int] | None = None, dense: np.ndarray | None = None) -> np.ndarray:
+    """Steps 2 to 4 of `weighted_sum` (float64): the one place both aggregation and a device's replay of a
+    version's seed sums compute w', so that the two cannot drift apart by a bit."""
+    w64 = np.asarray(w, dtype=np.float64)
     start, stop = block or (0, w64.shape[0])
     new = w64.copy()
     if kind == "rademacher":  # C_s * (+-1.0) is +-C_s exactly: the same bits, without the float32 direction
@@ -79,3 +88,31 @@ def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str
     if dense is not None:
         new += dense
     return new
+
+
+def replay(w: np.ndarray, history: list[SeedSums], kind: str) -> np.ndarray:
+    """The float32 adapter after every version of `history`, in order, from float32 `w`: each version from
+    the float32 result of the one before, rounded to float32 at its end, as the coordinator published it."""
+    w = np.asarray(w, dtype=np.float32)
+    for sums in history:
+        by_seed = dict(zip((int(s) for s in sums.seeds), (float(c) for c in sums.coefs)))
+        if len(by_seed) != len(sums.seeds):
+            raise ValueError("a version's seed sums name a seed twice")
+        w = apply_sums(w, by_seed, float(sums.shrink), kind, sums.block).astype(np.float32)
+    return w
+
+
+def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str,
+                 block: tuple[int, int] | None = None) -> np.ndarray:
+    """w + sum_i weight_i * delta_i in float64, computed by seed, in this fixed order (docs/protocol.md,
+    Aggregation), so that a version recomputed from the stored updates has the same bits:
+
+    1. C_s = sum over the terms in order, and over each one's pairs in order, of weight_i * coef (float64),
+       for every distinct seed s, kept in order of first appearance;
+    2. from w (float64), add C_s * z_s (z_s the float32 direction, exact in float64, restricted to `block`)
+       for each seed in that order;
+    3. add S * w, S = sum_i weight_i * (scale_i - 1) (skipped when S is 0);
+    4. add D = sum_i weight_i * dense_i (float64, from zero; skipped when no term has a dense part).
+    """
+    by_seed, shrink, dense = round_sums(terms)
+    return apply_sums(w, by_seed, shrink, kind, block, dense)

@@ -81,3 +81,36 @@ def test_the_protocol_document_names_every_message_and_field():
         section = doc.split(f"### `{name}`")[1].split("###")[0]
         for field in cls.CHECKS:
             assert f"| `{field}` |" in section, f"docs/protocol.md: {name}.{field} is not documented"
+
+
+HELD = protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None,
+                      held_version=4, held_sha256="c" * 64)
+STEP = {"version": 1, "seeds": [7, 2**63 - 1], "coefs": [1e-3 / 3, -2.5e-4], "shrink": 0.0, "block": []}
+
+
+def test_the_downlink_fields_are_optional_and_never_sent_as_nil():
+    plain = protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None)
+    assert b"held_" not in plain.to_wire() and b"history" not in TASK.to_wire()  # older devices see no change
+    assert decode(HELD.to_wire()) == HELD
+    task = protocol.Task(**{**TASK.__dict__, "adapter": b"", "global_version": 1, "history": [STEP]})
+    assert decode(task.to_wire()) == task
+
+
+def pack(data: dict) -> bytes:
+    return msgpack.packb({"v": protocol.PROTOCOL_VERSION, **data}, use_bin_type=True)
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (pack({"type": "hello", **{k: v for k, v in HELD.__dict__.items() if k != "held_sha256"}}), "come together"),
+    (pack({"type": "hello", **HELD.__dict__, "held_version": None}), "hello.held_version"),
+    (pack({"type": "task", **TASK.__dict__, "history": [STEP]}), "carries no adapter"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "extra": 1}]}), "exactly"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "coefs": [1.0]}]}), "as many"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "block": [1]}]}), "as many"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "coefs": [math.nan, 1]}]}),
+     "coefs"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": None}), "task.history"),
+])
+def test_a_bad_held_version_or_history_is_refused(frame, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frame)

@@ -1,10 +1,14 @@
 """The seed-form update: w' = scale * w + sum coef * direction(seed) + dense, written once."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from fwdfed.directions import direction
-from fwdfed.update import SeedUpdate
+from fwdfed.directions import KINDS, direction
+from fwdfed.update import SeedSums, SeedUpdate, replay, round_sums, weighted_sum
 
 
 def test_apply_is_scale_times_w_plus_the_seeded_directions_plus_dense():
@@ -98,3 +102,39 @@ def test_the_per_seed_sum_makes_one_direction_per_distinct_seed(monkeypatch, kin
     terms = random_terms(np.random.default_rng(5), 2_000, 16, pool=32)
     weighted_sum(np.zeros(16, np.float32), terms, kind)
     assert sorted(made) == sorted({s for _, u in terms for s, _ in u.pairs}) and len(made) <= 32
+
+
+GOLDEN_REPLAY = Path(__file__).resolve().parents[2] / "docs" / "golden" / "replay.json"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replay_matches_the_golden_versions_bit_for_bit(kind):
+    golden = json.loads(GOLDEN_REPLAY.read_text())
+    w = np.array([int(b, 16) for b in golden["start_float32_bits"]], np.uint32).view(np.float32)
+    assert hashlib.sha256(w.tobytes()).hexdigest() == golden["start_sha256"]
+    for entry, expected in zip(golden["history"], golden["kinds"][kind], strict=True):
+        sums = SeedSums([int(s) for s in entry["seeds"]], entry["coefs"], entry["shrink"],
+                        tuple(entry["block"]) or None)
+        w = replay(w, [sums], kind)
+        assert [f"{b:08x}" for b in w.view(np.uint32)] == expected["float32_bits"]
+        assert hashlib.sha256(w.astype("<f4").tobytes()).hexdigest() == expected["sha256"]
+
+
+@pytest.mark.parametrize("kind, block", [("rademacher", None), ("gaussian", (5, 40))])
+def test_replaying_a_rounds_sums_gives_the_aggregates_bits(kind, block):
+    """What a device replays is what the coordinator published: the same function, the same order."""
+    rng, d = np.random.default_rng(1), 64
+    w = rng.standard_normal(d).astype(np.float32)
+    terms = [(float(rng.random()), SeedUpdate([(int(s), float(c)) for s, c in zip(rng.integers(0, 6, 3),
+                                                                                   rng.normal(0, 1e-2, 3))],
+                                              scale=float(1 - rng.random() * 1e-3))) for _ in range(5)]
+    published = weighted_sum(w, terms, kind, block).astype(np.float32)
+    by_seed, shrink, dense = round_sums(terms)
+    assert dense is None and len(by_seed) < 15  # repeated seeds were summed
+    replayed = replay(w, [SeedSums(list(by_seed), list(by_seed.values()), shrink, block)], kind)
+    assert replayed.tobytes() == published.tobytes()
+    corrupted = [c * 1.001 if k == 0 else c for k, c in enumerate(by_seed.values())]
+    off = replay(w, [SeedSums(list(by_seed), corrupted, shrink, block)], kind)
+    assert off.tobytes() != published.tobytes()  # one coefficient off by 0.1% shows in the bits
+    with pytest.raises(ValueError, match="twice"):
+        replay(w, [SeedSums([1, 1], [0.5, 0.5])], kind)
