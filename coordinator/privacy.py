@@ -71,6 +71,10 @@ class DPSeedFedAvg(SeedFedAvg):
         # Whoever can predict the noise can subtract it: the default seed must not be guessable.
         self.rng = np.random.default_rng(secrets.randbits(128) if self.seed is None else self.seed)
 
+    def version_sums(self, updates: list[AcceptedUpdate], block: tuple[int, int] | None = None) -> None:
+        """None: a noised version is no per-seed sum, so its tasks carry the dense adapter (docs/protocol.md)."""
+        return None
+
     def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate],
                   block: tuple[int, int] | None = None) -> np.ndarray:
         if not updates:

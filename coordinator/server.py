@@ -16,7 +16,7 @@ import math
 import random
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 
 import numpy as np
@@ -32,6 +32,7 @@ from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
 from coordinator.traffic import CountingConnection, Traffic
 from fwdfed import methods, protocol
 from fwdfed.methods.estimate import parse_seed_pool
+from fwdfed.update import SeedSums, replay
 
 log = logging.getLogger("coordinator")
 
@@ -152,6 +153,10 @@ class Coordinator:
         self.finished = asyncio.Event()
         self.traffic = Traffic(store)  # bytes up and down per device, for the dashboard
         self._pools: dict[tuple, frozenset[int]] = {}  # a task's seed pool, by (size, key)
+        # The downlink in seed form: the (version, sha256) each connected device that keeps its adapter holds
+        # (from its hello, then every task sent to it), and each version's seed sums (None: it goes down dense).
+        self.held: dict[str, tuple[int, str]] = {}
+        self._sums: dict[int, SeedSums | None] = {}
 
     def round_method(self, number: int) -> methods.Method:
         """The method of round `number` (`round_method_name`)."""
@@ -223,6 +228,9 @@ class Coordinator:
             device_id = self._admit(hello, enrolled)
             self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
             self.connections[device_id] = ws
+            self.held.pop(device_id, None)
+            if hello.held_sha256 is not None:  # it keeps its adapter: its tasks may carry a history instead
+                self.held[device_id] = (hello.held_version, hello.held_sha256)
             if enrolled is not None:
                 self.credential_of[device_id] = ws.token_hash
             self.gone_since.pop(device_id, None)
@@ -262,6 +270,7 @@ class Coordinator:
         self.traffic.settle(device_id, ws)
         del self.connections[device_id]
         self.credential_of.pop(device_id, None)
+        self.held.pop(device_id, None)
         self.gone_since[device_id] = time.time()
         self.store.set_device_status(device_id, "gone")
         log.info("device %s disconnected", device_id)
@@ -476,10 +485,62 @@ class Coordinator:
                                 deadline_s=deadline, reference=reference)
         ws = self.connections.get(task.device_id)
         if ws is not None:
+            frame = message.to_wire()
+            if (history := self._history(task.device_id, rnd.base_version)) is not None:
+                seed_form = replace(message, adapter=b"", history=history).to_wire()
+                frame = seed_form if len(seed_form) < len(frame) else frame  # the smaller of the two
+            if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
+                self.held[task.device_id] = (rnd.base_version, version.sha256)
             try:
-                await ws.send(message.to_wire())
+                await ws.send(frame)
             except ConnectionClosed:
                 pass
+
+    def _history(self, device_id: str, version: int) -> list[dict] | None:
+        """The seed-form history (docs/protocol.md, Downlink in seed form) from the version the device holds to
+        `version`, or None when it must get the dense adapter: it keeps none (an older device), holds a
+        version the store does not (or with another sha256), or a version between is not a per-seed sum."""
+        held = self.held.get(device_id)
+        if held is None or not held[1] or not 0 <= version - held[0] <= protocol.MAX_HISTORY:
+            return None
+        start = self.store.version(self.job.id, held[0])
+        if start is None or start.sha256 != held[1]:
+            return None
+        steps = []
+        for number in range(held[0] + 1, version + 1):
+            if (sums := self._version_sums(number)) is None:
+                return None
+            steps.append(dict(version=number, seeds=sums.seeds, coefs=sums.coefs, shrink=sums.shrink,
+                              block=list(sums.block or ())))
+        return steps
+
+    def _version_sums(self, version: int) -> SeedSums | None:
+        """How the round that made `version` changed the one before, in seed form, made once from its stored
+        updates and checked by replaying it onto the stored previous version: None (the version goes down
+        dense) where it is no plain per-seed sum (dense parts, DP noise, the class-statistics head) or where
+        the replay does not give the stored version's sha256."""
+        if version not in self._sums:
+            self._sums[version] = self._replayable_sums(version)
+        return self._sums[version]
+
+    def _replayable_sums(self, version: int) -> SeedSums | None:
+        stored, before = self.store.version(self.job.id, version), self.store.version(self.job.id, version - 1)
+        if stored is None or before is None:
+            return None
+        rnd = next((r for r in self.store.closed_round_list(self.job.id) if r.id == stored.round_id), None)
+        sums_of = getattr(self.strategy, "version_sums", None)
+        method = self.round_method(rnd.number) if rnd is not None else None
+        if rnd is None or sums_of is None or method is not self.method or method.coordinator_aggregate is not None:
+            return None
+        block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+        sums = sums_of([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
+        if sums is None:
+            return None
+        replayed = replay(np.frombuffer(before.vector, "<f4"), [sums], self.kind).astype("<f4").tobytes()
+        if hashlib.sha256(replayed).hexdigest() != stored.sha256:
+            log.warning("version %d: its seed sums do not replay to its sha256; its tasks go down dense", version)
+            return None
+        return sums
 
     async def _resend_open_task(self, device_id: str) -> None:
         """After a restart or reconnect, a device gets back the task it has not answered: also one

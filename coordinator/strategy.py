@@ -22,7 +22,7 @@ from coordinator.job import JobOptions
 from coordinator.lr_strategies import client_lrs
 from fwdfed import methods
 from fwdfed.methods import Method
-from fwdfed.update import SeedUpdate, weighted_sum
+from fwdfed.update import SeedSums, SeedUpdate, round_sums, weighted_sum
 
 Block = tuple[int, int] | None
 # Per device: its train loss in every closed round it took part in, and its change of the adapter
@@ -136,14 +136,26 @@ class SeedFedAvg:
             return u.change
         return u.change.with_pairs([(seed, coef * clip / norm) for seed, coef in u.pairs])
 
-    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate], block: Block = None) -> np.ndarray:
+    def terms(self, updates: list[AcceptedUpdate]) -> list[tuple[float, SeedUpdate]]:
+        """Each update's weight (server_lr * n_i / N, float64) and its change, clipped: what the round sums."""
         total = sum(u.num_examples for u in updates)
-        if not updates or total <= 0:
+        return [(self.options.server_lr * u.num_examples / total, self.clipped(u)) for u in updates]
+
+    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate], block: Block = None) -> np.ndarray:
+        if not updates or sum(u.num_examples for u in updates) <= 0:
             return global_adapter.copy()
         # By seed (fwdfed.update.weighted_sum): one direction per distinct seed of the round, at most the
         # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes.
-        terms = [(self.options.server_lr * u.num_examples / total, self.clipped(u)) for u in updates]
-        return weighted_sum(global_adapter, terms, self.kind, block).astype(np.float32)
+        return weighted_sum(global_adapter, self.terms(updates), self.kind, block).astype(np.float32)
+
+    def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> SeedSums | None:
+        """What `aggregate` adds to the adapter, in seed form (the per-seed sums C_s and the shrink S), for a
+        device to replay (the downlink in seed form); None when the round has a dense part, which goes down
+        dense. server_lr and clip are in the sums already."""
+        if not updates or sum(u.num_examples for u in updates) <= 0:
+            return SeedSums([], [], 0.0, block)  # the version is its base's values
+        by_seed, shrink, dense = round_sums(self.terms(updates))
+        return None if dense is not None else SeedSums(list(by_seed), list(by_seed.values()), shrink, block)
 
 
 def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block: Block = None) -> np.ndarray:
