@@ -41,6 +41,7 @@ from fwdfed import methods
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
 from fwdfed.methods.fedkd import teacher_objective
 from fwdfed.net import is_loopback
+from fwdfed.update import SeedSums, replay
 
 log = logging.getLogger("device")
 
@@ -49,6 +50,10 @@ LOSS_PROBE_BATCHES = 4  # batches on which loss_before / loss_after are measured
 
 class DeviceError(UserError):
     """The device cannot go on; the message is meant for the user."""
+
+
+class HistoryMismatch(Exception):
+    """A task's seed-form history, replayed onto the adapter this device kept, is not the task's adapter."""
 
 
 @dataclass
@@ -69,6 +74,9 @@ class DeviceConfig:
     teacher_bundle: str | None = None  # fedkd: an inference-only teacher that labels the shard before training
     # The operator's public key (PEM, `coordinator keygen`): bundle and teacher must be signed by it. None: unchecked.
     trust_key: str | None = None
+    # Keep the global adapter of the last task, and say so in the hello, so that tasks may bring the versions
+    # since in seed form instead of the dense adapter (docs/protocol.md, Downlink in seed form).
+    keep_adapter: bool = True
 
 
 class Device:
@@ -126,6 +134,10 @@ class Device:
         self._eager = None  # built on the first backprop task
         self.prefix_cache = None  # a split program's prefix states, computed before the first training step
         self._prefix_folder = None
+        # The global version this device holds and its float32 adapter: the bundle's initial adapter is the
+        # job's version 0 when the job started from it (the coordinator compares the sha256). None: holds none.
+        self.held: tuple[int, np.ndarray] | None = (0, self.bundle.initial_adapter()) if config.keep_adapter else None
+        self.resyncs = 0  # histories that did not replay to their task's sha256 (the dense adapter came instead)
 
     def _teacher_bundle(self) -> Bundle | None:
         """The teacher bundle this device was given, checked against the student's, or None."""
@@ -256,12 +268,57 @@ class Device:
             self._eager = EagerEngine(self.bundle)
         return self._eager
 
+    # ---- the adapter a task starts from ----
+    def task_adapter(self, task: protocol.Task) -> protocol.Task:
+        """The task with its dense adapter: as sent, or, for a task with a history, the adapter this device kept
+        with the history replayed onto it (fwdfed.update.replay), checked against the task's sha256
+        (HistoryMismatch otherwise: this device then holds nothing, and asks for the dense adapter)."""
+        if task.history is None:
+            return task
+        try:
+            if self.held is None:
+                raise ValueError("this device holds no adapter")
+            version, adapter = self.held
+            first = task.global_version - len(task.history)
+            numbers = [step["version"] for step in task.history]
+            if first != version or numbers != list(range(version + 1, task.global_version + 1)):
+                raise ValueError(f"it goes from version {first}, this device holds {version}")
+            kind = str(task.hparams.get("kind", "rademacher"))
+            steps = [SeedSums(step["seeds"], step["coefs"], step["shrink"], self._block(step["block"], adapter))
+                     for step in task.history]
+            data = replay(adapter, steps, kind).astype("<f4").tobytes()
+        except (ValueError, TypeError, KeyError) as e:
+            self.held = None
+            raise HistoryMismatch(f"task {task.task_id}: its history cannot be replayed: {e}") from None
+        if hashlib.sha256(data).hexdigest() != task.adapter_sha256:
+            self.held = None
+            raise HistoryMismatch(f"task {task.task_id}: its history, replayed, does not match the adapter's sha256")
+        return replace(task, adapter=data, history=None)
+
+    @staticmethod
+    def _block(block: list, adapter: np.ndarray) -> tuple[int, int] | None:
+        if not block:
+            return None
+        if not 0 <= block[0] < block[1] <= adapter.shape[0]:
+            raise ValueError(f"block {block} does not fit the adapter's {adapter.shape[0]} values")
+        return block[0], block[1]
+
+    def keep(self, task: protocol.Task) -> None:
+        """After a task's adapter passed its checks: it is the version this device holds from now on."""
+        if self.config.keep_adapter:
+            self.held = (task.global_version, np.frombuffer(task.adapter, "<f4").copy())
+
     # ---- the connection ----
     def hello(self) -> protocol.Hello:
         m = self.bundle.manifest
+        held = {}
+        if self.config.keep_adapter:  # "" for the sha256: holds none, but keeps the next one
+            version, sha = (0, "") if self.held is None else \
+                (self.held[0], hashlib.sha256(self.held[1].astype("<f4").tobytes()).hexdigest())
+            held = {"held_version": version, "held_sha256": sha}
         return protocol.Hello(device_id=self.config.device_id, base_model_hash=m.base_model_hash,
                               adapter_dim=m.adapter_dim, num_examples=self.num_examples,
-                              mem_budget_bytes=self.config.mem_budget_bytes)
+                              mem_budget_bytes=self.config.mem_budget_bytes, **held)
 
     def _connect_options(self) -> dict:
         """The handshake's credential header and TLS context. The server's certificate is verified
@@ -316,6 +373,9 @@ class Device:
                     return self.tasks_done
             except ConnectionClosed:
                 log.info("%s: connection lost, reconnecting", self.config.device_id)
+            except HistoryMismatch as e:  # the hello of the next connection holds nothing: the task comes dense
+                self.resyncs += 1
+                log.warning("%s: %s; reconnecting for the dense adapter", self.config.device_id, e)
             finally:
                 await ws.close()
 
@@ -333,6 +393,7 @@ class Device:
                 log.info("%s: job %s done after %d tasks", self.config.device_id, message.job_id, self.tasks_done)
                 return True
             if isinstance(message, protocol.Task):
+                message = self.task_adapter(message)
                 try:
                     if self.train_lock is None:
                         update = await asyncio.to_thread(self.train, message)
@@ -343,6 +404,7 @@ class Device:
                     await ws.send(protocol.Decline(task_id=message.task_id, code="cannot_run",
                                                    reason=str(e)[: protocol.MAX_TEXT]).to_wire())
                     raise
+                self.keep(message)  # its adapter passed every check: the version this device holds now
                 await ws.send(update.to_wire())
             elif isinstance(message, protocol.Ack):
                 self.tasks_done += message.accepted

@@ -15,14 +15,14 @@ from fwdfed.bundle.manifest import INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER
 from tests.conftest import STORIES
 
 
-def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program") -> Path:
+def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program", rank: int = 2) -> Path:
     if not STORIES.is_dir():
         import pytest
 
         pytest.skip(f"{STORIES} is not here")
     folder.mkdir(parents=True)
     (folder / PROGRAM).write_bytes(program)
-    layout = AdapterLayout.from_shapes([("lora_A", (2, 4)), ("lora_B", (4, 2))])
+    layout = AdapterLayout.from_shapes([("lora_A", (rank, 4)), ("lora_B", (4, rank))])  # d = 8 * rank
     np.zeros(layout.dim, dtype="<f4").tofile(folder / INITIAL_ADAPTER)
     (folder / TOKENIZER_DIR).mkdir()
     shutil.copy(STORIES / "tokenizer.json", folder / TOKENIZER_DIR / "tokenizer.json")
