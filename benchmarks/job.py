@@ -94,8 +94,9 @@ def run_job(spec: JobSpec, out: Path) -> dict:
 def job_figures(db: Path) -> dict:
     """What the job's database says: per round, the held-out metrics of the version it made, its
     wall time, forward passes, peak memory of the devices, and the bytes each device received
-    (the task) and sent (its update), as the msgpack frames on the wire, rebuilt from what the
-    coordinator stored."""
+    (the task: the largest and mean task frame the coordinator sent in the round, seed-form history or dense
+    adapter, as it recorded them; rebuilt as a dense task for a job stored before it did) and sent (its update,
+    the msgpack frame rebuilt from what the coordinator stored)."""
     from coordinator.job import JobOptions, round_method_name
     from coordinator.report import batch_size_of, best_version, metrics_by_version
     from coordinator.store import open_store
@@ -112,14 +113,17 @@ def job_figures(db: Path) -> dict:
         method = methods.get(round_method_name(job.method, options, rnd.number))
         tasks, updates = store.tasks(rnd.id), store.updates(rnd.id)
         sent = [update_frame_bytes(u) for u in updates]
-        received = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)
+        version_metrics = by_version.get(rnd.base_version + 1, {})
+        dense = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)
+        received = int(version_metrics.get("task_bytes_max", dense))
         rounds.append({"round": rnd.number, "version": rnd.base_version + 1, "seconds": rnd.closed_at - rnd.opened_at,
                        "updates": len(updates), "method": method.name,
                        "forward_passes": sum(method.forward_passes(u.num_pairs, tasks[0].hparams, u.num_examples,
                                                                    batch_size) for u in updates),
                        "sent_bytes_per_device": max(sent, default=0), "received_bytes_per_device": received,
+                       "dense_task_bytes": dense,
                        "peak_rss_bytes": max((u.peak_rss_bytes for u in updates), default=0),
-                       **by_version.get(rnd.base_version + 1, {})})
+                       **version_metrics})
     best = best_version(store, job)
     return {"method": job.method, "hparams": job.hparams, "adapter_dim": job.adapter_dim,
             "start": by_version.get(0, {}), "rounds": rounds, "best_version": best[0] if best else None,

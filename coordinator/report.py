@@ -74,7 +74,8 @@ def status_text(store: Store, job: Job) -> str:
     by_version = metrics_by_version(store, job)
     shown = [n for n in ("heldout_loss", "heldout_accuracy") if any(n in m for m in by_version.values())]
     lines.append("rounds:  round attempt status  version  updates waves  seconds  forward passes  peak MiB  "
-                 + "  ".join(n.removeprefix("heldout_") for n in shown))
+                 + "  ".join(n.removeprefix("heldout_") for n in shown)
+                 + "  tasks: KiB max, mean, in seed form")
     if 0 in by_version:
         lines.append(f"  {'start':>5} {'':>7} {'':<6} {0:>8} {'':>8} {'':>5} {'':>8} {'':>15} {'':>9} "
                      + "  ".join(f"{by_version[0].get(n, float('nan')):.4f}" for n in shown))
@@ -84,7 +85,8 @@ def status_text(store: Store, job: Job) -> str:
         lines.append(f"  {row['number']:>5} {row['attempt']:>7} {row['status']:<6} "
                      f"{version if version is not None else '-':>8} {row['updates']:>8} {row['waves']:>5} "
                      f"{row['seconds']:>8.1f} {row['forward_passes']:>15,} {row['peak_bytes'] / 2**20:>9.0f} "
-                     + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown) + extra)
+                     + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown)
+                     + f"  {downlink(values)}" + extra)
     best = best_version(store, job)
     if best is not None:
         lines.append(f"best version: {best[0]} ({best[1]} {best[2]:.4f}); "
@@ -94,10 +96,20 @@ def status_text(store: Store, job: Job) -> str:
     for device in store.devices():
         when = (f"connected, last hello {now - device.last_seen:.0f} s ago" if device.status == "online"
                 else f"away, last seen {now - device.last_seen:.0f} s ago")
-        lines.append(f"  {device.id:<20} {when}, {device.num_examples} examples")
+        lines.append(f"  {device.id:<20} {when}, {(device.bytes_down or 0) / 1024:,.1f} KiB down, "
+                     f"{(device.bytes_up or 0) / 1024:,.1f} KiB up, {device.num_examples} examples")
     refused = Counter(r.code for r in store.refusals(job.id))
     lines.append("refused: " + (", ".join(f"{code} {n}" for code, n in sorted(refused.items())) or "none"))
     return "\n".join(lines)
+
+
+def downlink(metrics: dict) -> str:
+    """A closed round's task frames as its coordinator sent them (the largest, the mean, how many of how many
+    carried the seed-form history instead of the dense adapter); "-" for a round without the figures."""
+    if "task_bytes_max" not in metrics:
+        return "-"
+    return (f"{metrics['task_bytes_max'] / 1024:.1f}, {metrics['task_bytes_mean'] / 1024:.1f}, "
+            f"{metrics['tasks_in_seed_form']:.0f}/{metrics['tasks_sent']:.0f}")
 
 
 def plot_metrics(store: Store, job: Job, out: Path) -> Path:

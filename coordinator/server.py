@@ -157,6 +157,7 @@ class Coordinator:
         # (from its hello, then every task sent to it), and each version's seed sums (None: it goes down dense).
         self.held: dict[str, tuple[int, str]] = {}
         self._sums: dict[int, SeedSums | None] = {}
+        self.task_frames: dict[int, list[tuple[int, bool]]] = {}  # per round attempt: each task's bytes, in seed form
 
     def round_method(self, number: int) -> methods.Method:
         """The method of round `number` (`round_method_name`)."""
@@ -485,10 +486,12 @@ class Coordinator:
                                 deadline_s=deadline, reference=reference)
         ws = self.connections.get(task.device_id)
         if ws is not None:
-            frame = message.to_wire()
+            frame, in_seed_form = message.to_wire(), False
             if (history := self._history(task.device_id, rnd.base_version)) is not None:
                 seed_form = replace(message, adapter=b"", history=history).to_wire()
-                frame = seed_form if len(seed_form) < len(frame) else frame  # the smaller of the two
+                if len(seed_form) < len(frame):  # the smaller of the two
+                    frame, in_seed_form = seed_form, True
+            self.task_frames.setdefault(rnd.id, []).append((len(frame), in_seed_form))
             if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
                 self.held[task.device_id] = (rnd.base_version, version.sha256)
             try:
@@ -734,6 +737,7 @@ class Coordinator:
                 reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
                           f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
                 self.store.fail_round(rnd.id, reason)
+                self.task_frames.pop(rnd.id, None)
                 log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
                 return False
             if (published := await self._publishable(rnd, rows, block)) is not None:
@@ -746,6 +750,11 @@ class Coordinator:
             metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.options.dp_delta)
         if variance is not None:
             metrics["estimate_variance"] = variance
+        if frames := self.task_frames.pop(rnd.id, None):  # the task frames this process sent for the round
+            metrics["task_bytes_max"] = float(max(size for size, _ in frames))
+            metrics["task_bytes_mean"] = float(np.mean([size for size, _ in frames]))
+            metrics["tasks_in_seed_form"] = float(sum(seed for _, seed in frames))
+            metrics["tasks_sent"] = float(len(frames))
         version = self.store.close_round(rnd, new, self._finite_metrics(rnd.base_version + 1, metrics))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(rows), version, shown)

@@ -45,7 +45,7 @@ def answering(monkeypatch, seen: list) -> None:
 
 def run_job(tmp_path, bundle, keep_adapter: bool, corrupt_round: int | None = None):
     """A job of ROUNDS rounds and one device; returns the tasks the device received (with a history or not,
-    their frames' sizes), the device, and the stored versions' sha256s."""
+    their frames' sizes), the device, the stored versions' sha256s and their metrics by version."""
     store = open_store(tmp_path / "job.db")
     loaded = load_bundle(bundle)
     config = JobConfig(rounds=ROUNDS, devices_per_round=1, min_devices=1, round_deadline_s=30, hparams=HPARAMS)
@@ -82,13 +82,16 @@ def run_job(tmp_path, bundle, keep_adapter: bool, corrupt_round: int | None = No
         return device
 
     device = asyncio.run(scenario())
-    return received, device, [v.sha256 for v in store.versions(job.id)]
+    metrics = {}
+    for m in store.metrics(job.id):
+        metrics.setdefault(m.version, {})[m.name] = m.value
+    return received, device, [v.sha256 for v in store.versions(job.id)], metrics
 
 
 def test_a_device_that_keeps_its_adapter_replays_every_round_to_the_stored_versions(tmp_path, bundle, monkeypatch):
     seen = []
     answering(monkeypatch, seen)
-    received, device, shas = run_job(tmp_path, bundle, keep_adapter=True)
+    received, device, shas, _ = run_job(tmp_path, bundle, keep_adapter=True)
     dense = 4 * 1024
     assert [(r, h) for r, h, _ in received] == [(1, True), (2, True), (3, True)]
     assert all(size < dense / 4 for _, _, size in received)  # 16 pairs of history against 4 KiB of adapter
@@ -99,16 +102,20 @@ def test_a_device_that_keeps_its_adapter_replays_every_round_to_the_stored_versi
 def test_a_corrupted_history_is_detected_and_the_device_trains_on_the_dense_adapter(tmp_path, bundle, monkeypatch):
     seen = []
     answering(monkeypatch, seen)
-    received, device, shas = run_job(tmp_path, bundle, keep_adapter=True, corrupt_round=2)
+    received, device, shas, metrics = run_job(tmp_path, bundle, keep_adapter=True, corrupt_round=2)
     # round 2's history did not replay: the device reconnected, got the same task dense, and went on in seed form
     assert [(r, h) for r, h, _ in received] == [(1, True), (2, True), (2, False), (3, True)]
     assert device.resyncs == 1 and seen == list(enumerate(shas[:ROUNDS]))  # it never trained on a wrong adapter
+    # what the coordinator recorded for `status` and the benchmarks: every task frame it sent, by round
+    assert [(metrics[v]["tasks_sent"], metrics[v]["tasks_in_seed_form"]) for v in (1, 2, 3)] == [(1, 1), (2, 1),
+                                                                                                   (1, 1)]
+    assert metrics[2]["task_bytes_max"] > 4 * 1024 > 4 * metrics[3]["task_bytes_max"]  # the dense one, and not
 
 
 def test_an_older_device_gets_dense_tasks(tmp_path, bundle, monkeypatch):
     seen = []
     answering(monkeypatch, seen)
-    received, device, shas = run_job(tmp_path, bundle, keep_adapter=False)
+    received, device, shas, _ = run_job(tmp_path, bundle, keep_adapter=False)
     assert [(r, h) for r, h, _ in received] == [(1, False), (2, False), (3, False)]
     assert device.hello().held_sha256 is None and b"held_" not in device.hello().to_wire()
     assert seen == list(enumerate(shas[:ROUNDS]))
