@@ -17,7 +17,7 @@ import okio.ByteString;
 
 /**
  * One websocket to the coordinator, through OkHttp (the same class runs on the JVM and on
- * Android): the handshake carries `Authorization: Bearer <token>`; wss:// is verified with
+ * Android): the handshake carries the device's credential ({@link DeviceCredential}); wss:// is verified with
  * {@link TlsTrust}. OkHttp's reader thread turns what arrives into {@link Event}s on a queue
  * (and answers the coordinator's pings by itself, also while the device trains), so the device
  * loop reads them in order on its own thread.
@@ -32,13 +32,19 @@ public final class CoordinatorConnection implements AutoCloseable {
         public final int httpStatus;  // FAILED in the handshake: its HTTP status, else 0
         public final String detail;  // CLOSED: the reason; FAILED: the error or the response body
         public final Throwable error;  // FAILED
+        public final String challenge;  // FAILED with 401: the response's WWW-Authenticate, or null
 
         private Event(Kind kind, byte[] frame, int httpStatus, String detail, Throwable error) {
+            this(kind, frame, httpStatus, detail, error, null);
+        }
+
+        private Event(Kind kind, byte[] frame, int httpStatus, String detail, Throwable error, String challenge) {
             this.kind = kind;
             this.frame = frame;
             this.httpStatus = httpStatus;
             this.detail = detail;
             this.error = error;
+            this.challenge = challenge;
         }
     }
 
@@ -84,17 +90,19 @@ public final class CoordinatorConnection implements AutoCloseable {
                         body = null;
                     }
                 }
-                events.add(new Event(Event.Kind.FAILED, null, status, body != null ? body.trim() : String.valueOf(t), t));
+                String challenge = response == null ? null : response.header("WWW-Authenticate");
+                events.add(new Event(Event.Kind.FAILED, null, status, body != null ? body.trim() : String.valueOf(t), t,
+                        challenge));
             }
         });
     }
 
     /**
-     * Start the handshake; the first event says whether it opened. The credential is never sent
-     * unencrypted off this host: a token with ws:// to another host is refused here.
+     * Start the handshake with `authorization` as its `Authorization` header (none: null); the first event
+     * says whether it opened. A device with a credential never talks ws:// to another host: refused here.
      */
-    public static CoordinatorConnection open(OkHttpClient client, String url, String token, AtomicLong bytesSent,
-                                             AtomicLong bytesReceived) throws DeviceException {
+    public static CoordinatorConnection open(OkHttpClient client, String url, boolean credential, String authorization,
+                                             AtomicLong bytesSent, AtomicLong bytesReceived) throws DeviceException {
         URI uri;
         try {
             uri = new URI(url);
@@ -106,12 +114,12 @@ public final class CoordinatorConnection implements AutoCloseable {
             throw new DeviceException("'" + url + "' is not a websocket URL (ws://host:port)");
         }
         Request.Builder request = new Request.Builder().url(url);
-        if (token != null) {
-            if ("ws".equals(scheme) && !isLoopback(uri.getHost())) {
-                throw new DeviceException("refusing to send this device's credential unencrypted to " + uri.getHost()
-                        + ": use wss://");
-            }
-            request.header("Authorization", "Bearer " + token);
+        if ((credential || authorization != null) && "ws".equals(scheme) && !isLoopback(uri.getHost())) {
+            throw new DeviceException("refusing to send this device's credential unencrypted to " + uri.getHost()
+                    + ": use wss://");
+        }
+        if (authorization != null) {
+            request.header("Authorization", authorization);
         }
         return new CoordinatorConnection(client, request.build(), bytesSent, bytesReceived);
     }

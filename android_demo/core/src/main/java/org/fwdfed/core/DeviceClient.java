@@ -25,7 +25,9 @@ public final class DeviceClient {
     /** How to reach the coordinator and who this device is. */
     public static final class Config {
         public final String url;
-        public final String token;  // null: no credential (a coordinator run with --auth none)
+        // The device's Ed25519 private key (PKCS#8 PEM, from `coordinator enrol`), or a bearer token (`enrol --bearer`);
+        // null: no credential (a coordinator run with --auth none). See DeviceCredential.
+        public final String token;
         public final byte[] caPem;  // null: the system's CAs only
         public final String deviceId;
         public final Long memBudgetBytes;
@@ -148,8 +150,12 @@ public final class DeviceClient {
         long delayMs = 200;
         String lastError = "no attempt";
         report(DeviceStatus.State.CONNECTING, "connecting to " + config.url);
+        DeviceCredential credential = DeviceCredential.of(config.token);
+        String authorization = credential == null ? null : credential.firstAuthorization();
+        int answers = 0;  // challenges answered in a row: a coordinator that takes none of them is refusing
         while (!stopped && System.nanoTime() < deadline) {
-            CoordinatorConnection c = CoordinatorConnection.open(http, config.url, config.token, bytesSent, bytesReceived);
+            CoordinatorConnection c = CoordinatorConnection.open(http, config.url, credential != null, authorization,
+                    bytesSent, bytesReceived);
             CoordinatorConnection.Event e = null;
             while (!stopped && e == null) {
                 e = c.next(POLL_MS);
@@ -161,10 +167,18 @@ public final class DeviceClient {
             if (e.kind == CoordinatorConnection.Event.Kind.OPENED) {
                 return c;
             }
+            if (e.httpStatus == 401 && credential != null && credential.signs() && e.challenge != null && answers < 3) {
+                // The challenge (or a new one, the last answer having come too late): sign it, at once.
+                authorization = credential.answer(e.challenge, config.deviceId, System.currentTimeMillis() / 1000);
+                answers++;
+                continue;
+            }
             if (e.httpStatus == 401 || e.httpStatus == 403) {
                 throw new DeviceException("the coordinator refused this device's credential: "
                         + shorten(e.detail, 200));
             }
+            authorization = credential == null ? null : credential.firstAuthorization();
+            answers = 0;
             if (e.error instanceof javax.net.ssl.SSLHandshakeException || e.error instanceof javax.net.ssl.SSLPeerUnverifiedException) {
                 throw new DeviceException("the coordinator's TLS certificate is not trusted: " + rootCause(e.error)
                         + " (give the CA that signed it)");

@@ -113,10 +113,14 @@ public final class JvmDevice {
         }
         Map<String, Object> tokens = Json.object(Json.parse(Files.readString(Paths.get(a.get("credentials")),
                 StandardCharsets.UTF_8)), "credentials");
-        if (!(tokens.get(deviceId) instanceof String)) {
+        Object entry = tokens.get(deviceId);
+        if (entry instanceof Map && ((Map<?, ?>) entry).get("private_key") instanceof String) {
+            return (String) ((Map<?, ?>) entry).get("private_key");  // {"private_key": PEM}: `coordinator enrol`
+        }
+        if (!(entry instanceof String)) {  // a bearer token: `coordinator enrol --bearer`
             throw new DeviceException(a.get("credentials") + " has no credential for " + deviceId + ": enrol it first");
         }
-        return (String) tokens.get(deviceId);
+        return (String) entry;
     }
 
     private static Map<String, String> options(String[] argv) {
