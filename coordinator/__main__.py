@@ -97,6 +97,9 @@ def parse_args(argv):
     security = s.add_argument_group("security")
     security.add_argument("--auth", choices=("token", "none"), default="token",
                           help="token: only devices enrolled with `enrol` may connect (default); none: anyone may")
+    security.add_argument("--allow-bearer", action="store_true",
+                          help="also accept the bearer tokens of `enrol --bearer` (replayable: for one release, while "
+                               "devices move to the key challenge-response; docs/security.md)")
     security.add_argument("--cert", type=Path, help="TLS certificate chain (PEM): serve wss://")
     security.add_argument("--key", type=Path, help="the certificate's private key (PEM)")
     security.add_argument("--max-connections", type=int, default=10_000)
@@ -113,10 +116,15 @@ def parse_args(argv):
     from device_sdk.data import add_data_arguments
 
     add_data_arguments(s, "evaluation data: read as the devices read theirs")
-    en = commands.add_parser("enrol", help="issue a credential (token) for each device; written to --out")
+    en = commands.add_parser("enrol", help="issue a credential (an Ed25519 key pair) for each device; written to --out")
     en.add_argument("--db", required=True)
-    en.add_argument("--device-id", nargs="+", required=True, help="device ids to enrol (re-enrolling replaces the token)")
-    en.add_argument("--out", type=Path, required=True, help="JSON file of device id -> token, for the devices")
+    en.add_argument("--device-id", nargs="+", required=True,
+                    help="device ids to enrol (re-enrolling replaces the credential)")
+    en.add_argument("--out", type=Path, required=True,
+                    help="JSON file of device id -> {\"private_key\": PEM} (or, with --bearer, -> token), for the devices")
+    en.add_argument("--bearer", action="store_true",
+                    help="issue replayable bearer tokens instead, as before challenge-response (only serve "
+                         "--allow-bearer accepts them)")
     rv = commands.add_parser("revoke", help="revoke devices' credentials; connected ones are cut off within a second")
     rv.add_argument("--db", required=True)
     rv.add_argument("--device-id", nargs="+", required=True)
@@ -303,7 +311,8 @@ def serve(args) -> int:
     if args.eval_data:
         spec = data_spec(args, evaluated.manifest.model.get("num_labels"))
         evaluate = Evaluator(evaluated, args.eval_data, args.eval_examples, spec=spec)
-    limits = Limits(require_credentials=args.auth == "token", max_connections=args.max_connections,
+    limits = Limits(require_credentials=args.auth == "token", allow_bearer=args.allow_bearer,
+                    max_connections=args.max_connections,
                     messages_per_s=args.max_messages_per_s, max_update_rms=args.max_update_rms)
     if limits.require_credentials and not store.credentials():
         print(f"warning: no device is enrolled in {args.db}: run `python -m coordinator enrol` "
@@ -381,7 +390,8 @@ def tls_context(cert: Path, key: Path):
 
 
 def enrol(args) -> int:
-    """Tokens go to the --out file only (mode 0600), written whole or not at all; the database keeps hashes."""
+    """Private keys (or tokens) go to the --out file only (mode 0600), written whole or not at all; the database
+    keeps public keys (or tokens' hashes)."""
     import json
 
     from coordinator.store import open_store
@@ -392,9 +402,20 @@ def enrol(args) -> int:
     if bad:
         raise UserError(f"device ids must be 1 to {MAX_ID} characters: {bad[0]!r}")
     store = open_store(args.db)
-    tokens = {device_id: store.enrol(device_id) for device_id in args.device_id}
-    write_private(args.out, json.dumps(tokens, indent=1))
-    print(f"enrolled {len(tokens)} device(s); their tokens are in {args.out} (give each device its own)")
+    if args.bearer:
+        issued = {device_id: store.enrol(device_id) for device_id in args.device_id}
+        kind = "bearer tokens (only serve --allow-bearer accepts them)"
+    else:
+        from fwdfed.handshake import new_device_key
+
+        issued = {}
+        for device_id in args.device_id:
+            private, public = new_device_key()
+            issued[device_id] = {"private_key": private}
+            store.enrol_key(device_id, public)
+        kind = "private keys"
+    write_private(args.out, json.dumps(issued, indent=1))
+    print(f"enrolled {len(issued)} device(s); their {kind} are in {args.out} (give each device its own)")
     return 0
 
 

@@ -30,7 +30,7 @@ from coordinator.store import Job, Round, Store
 from coordinator.store.queries import token_hash
 from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
 from coordinator.traffic import CountingConnection, Traffic
-from fwdfed import methods, protocol
+from fwdfed import handshake, methods, protocol
 from fwdfed.methods.estimate import parse_seed_pool
 from fwdfed.update import SeedSums, replay
 
@@ -39,6 +39,7 @@ log = logging.getLogger("coordinator")
 HELLO_TIMEOUT_S = 10.0
 COLLECT_BATCH_S = 0.05
 REVOCATION_CHECK_S = 1.0  # how soon a revoked credential cuts its device off
+MAX_NONCES = 100_000  # challenges outstanding at once; past it the oldest is forgotten (its device asks again)
 
 
 def update_rms(pairs: list[tuple[int, float]], dense: np.ndarray | None) -> float:
@@ -59,6 +60,7 @@ class Limits:
     """What the fleet and each device may send. Past a limit, the connection or update is refused
     with a reason (and the refusal stored); nothing past a limit is read into memory or aggregated."""
     require_credentials: bool = True
+    allow_bearer: bool = False  # accept `Authorization: Bearer` tokens too (serve --allow-bearer, for one release)
     max_connections: int = 10_000
     messages_per_s: float = 5.0  # per device, sustained; an honest device sends one update per task
     burst: int = 20
@@ -149,7 +151,8 @@ class Coordinator:
         self.rng = random.Random(seed)
         self.device_timeout_s = device_timeout_s  # a tasked device away this long loses its task
         self.gone_since: dict[str, float] = {}
-        self.credential_of: dict[str, str] = {}  # connected device -> the sha256 of the token it connected with
+        self.credential_of: dict[str, str] = {}  # connected device -> the token_hash of the credential it used
+        self.nonces: dict[str, float] = {}  # challenges issued and not yet answered -> when (monotonic), oldest first
         self.finished = asyncio.Event()
         self.traffic = Traffic(store)  # bytes up and down per device, for the dashboard
         self._pools: dict[tuple, frozenset[int]] = {}  # a task's seed pool, by (size, key)
@@ -191,16 +194,87 @@ class Coordinator:
                                           f"the coordinator holds its limit of {self.limits.max_connections} connections")
         if not self.limits.require_credentials:
             return None
+        header = request.headers.get("Authorization")
+        if header is None:  # the first request of every connection: it gets the nonce to sign
+            return self._challenge(connection, HTTPStatus.UNAUTHORIZED, "challenge",
+                                   f"sign this challenge: 'Authorization: {handshake.SCHEME} <device>.<nonce>.<time>."
+                                   "<signature>' (docs/protocol.md)")
+        scheme, credentials = handshake.scheme_of(header)
+        if scheme == handshake.SCHEME.lower():
+            return self._check_answer(connection, credentials)
+        if scheme == "bearer":
+            return self._check_bearer(connection, request)
+        return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                      f"unknown credential scheme {header.partition(' ')[0][:32]!r}: answer the "
+                                      f"challenge with 'Authorization: {handshake.SCHEME} ...'")
+
+    def _challenge(self, connection: ServerConnection, status: HTTPStatus, code: str, reason: str) -> Response:
+        """A 401 (or 403) carrying a fresh nonce in `WWW-Authenticate`, remembered for NONCE_TTL_S and one answer."""
+        now = time.monotonic()
+        while self.nonces and (len(self.nonces) >= MAX_NONCES or
+                               now - next(iter(self.nonces.values())) > handshake.NONCE_TTL_S):
+            del self.nonces[next(iter(self.nonces))]  # the oldest: expired, or evicted by a flood of requests
+        nonce = handshake.new_nonce()
+        self.nonces[nonce] = now
+        if code == "challenge":  # every connection's first step: not a refusal, nothing stored
+            response = connection.respond(status, f"{code}: {reason}\n")
+        else:
+            response = self._refuse_handshake(connection, status, code, reason)
+        response.headers["WWW-Authenticate"] = handshake.challenge_header(nonce)
+        return response
+
+    def _check_answer(self, connection: ServerConnection, credentials: str) -> Response | None:
+        """The device's signature of a nonce this coordinator issued, checked with its enrolled public key."""
+        try:
+            answer = handshake.Answer(credentials)
+        except handshake.HandshakeError as e:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential", f"malformed answer: {e}")
+        issued = self.nonces.pop(answer.nonce, None)  # used once, whatever the outcome
+        if issued is None or time.monotonic() - issued > handshake.NONCE_TTL_S:
+            return self._challenge(connection, HTTPStatus.UNAUTHORIZED, "stale_challenge",
+                                   f"the nonce was not issued by this coordinator, was answered already or is older "
+                                   f"than {handshake.NONCE_TTL_S:g} s: sign the new challenge")
+        device_id = answer.device_id
+        if not 0 < len(device_id) <= protocol.MAX_ID:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          f"a device id has 1 to {protocol.MAX_ID} characters")
+        skew = answer.time - time.time()
+        if abs(skew) > handshake.MAX_CLOCK_SKEW_S:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          f"the answer's time is {skew:+.0f} s from the coordinator's clock (at most "
+                                          f"{handshake.MAX_CLOCK_SKEW_S} s either way): set the device's clock")
+        credential = self.store.device_key(device_id)
+        if credential is None:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          f"device {device_id[:64]} is not enrolled or its credential was revoked")
+        public_key, digest = credential
+        if public_key is None:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          f"device {device_id[:64]} is enrolled with a bearer token, not a key: "
+                                          "enrol it again (python -m coordinator enrol)")
+        if not answer.verifies(handshake.public_key_from_hex(public_key)):
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
+                                          f"the signature does not verify with device {device_id[:64]}'s enrolled key")
+        connection.username = device_id  # where websockets' own auth helpers keep who is connected
+        connection.token_hash = digest  # which of the device's credentials: re-enrolling replaces it
+        return None
+
+    def _check_bearer(self, connection: ServerConnection, request: Request) -> Response | None:
+        """A bearer token (before challenge-response): only with `serve --allow-bearer`."""
+        if not self.limits.allow_bearer:
+            return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bearer_refused",
+                                          "bearer tokens are refused: answer the challenge with the device's key "
+                                          "(docs/protocol.md; python -m coordinator enrol), or serve --allow-bearer")
         token = bearer_token(request)
         if token is None:
             return self._refuse_handshake(connection, HTTPStatus.UNAUTHORIZED, "no_credential",
-                                          "no credential: send 'Authorization: Bearer <token>' (python -m coordinator enrol)")
+                                          "no token after 'Bearer'")
         device_id = self.store.authenticate(token[:256])
         if device_id is None:
             return self._refuse_handshake(connection, HTTPStatus.FORBIDDEN, "bad_credential",
                                           "the credential is not valid or was revoked")
-        connection.username = device_id  # where websockets' own auth helpers keep who is connected
-        connection.token_hash = token_hash(token[:256])  # which of the device's credentials: re-enrolling replaces it
+        connection.username = device_id
+        connection.token_hash = token_hash(token[:256])
         return None
 
     def _refuse_handshake(self, connection: ServerConnection, status: HTTPStatus, code: str, reason: str) -> Response:

@@ -28,7 +28,7 @@ from device_sdk.data import DataError, DataSpec, Partition, encode, labelled, pa
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from device_sdk.prefix_cache import cache_prefix_states
-from fwdfed import protocol
+from fwdfed import handshake, protocol
 from device_sdk.teacher import TeacherError, check_teacher, label
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, load_bundle
@@ -67,7 +67,8 @@ class DeviceConfig:
     mem_budget_bytes: int | None = None
     connect_timeout_s: float = 30.0
     seed: int = 0
-    token: str | None = None  # the credential from `python -m coordinator enrol`
+    token: str | None = None  # a bearer token from `python -m coordinator enrol --bearer` (serve --allow-bearer)
+    private_key: str | None = None  # the Ed25519 key (PEM) from `python -m coordinator enrol`: signs the challenge
     ca_file: str | None = None  # trust this CA (PEM) for wss:// besides the system's
     data_spec: DataSpec | None = None  # how the file is read (None: defaults, with the bundle's classes)
     partition: Partition = field(default_factory=Partition)  # how the training examples are dealt
@@ -329,9 +330,9 @@ class Device:
         except ValueError:
             raise DeviceError(f"{url!r} is not a websocket URL (ws://host:port)") from None
         options = {"max_size": 8 * self.bundle.manifest.adapter_dim + 64 * 1024}  # a task: adapter + reference
+        if (c.token or c.private_key) and not secure and not is_loopback(host):
+            raise DeviceError(f"refusing to send this device's credential unencrypted to {host}: use wss://")
         if c.token:
-            if not secure and not is_loopback(host):
-                raise DeviceError(f"refusing to send this device's credential unencrypted to {host}: use wss://")
             options["additional_headers"] = {"Authorization": f"Bearer {c.token}"}
         if secure:
             try:
@@ -340,20 +341,49 @@ class Device:
                 raise DeviceError(f"cannot use the CA file {c.ca_file}: {e}") from None
         return options
 
+    def _device_key(self):
+        """The device's Ed25519 private key, or None when it has none (a bearer token, or no credential)."""
+        if self.config.private_key is None:
+            return None
+        try:
+            return handshake.load_device_key(self.config.private_key)
+        except handshake.HandshakeError as e:
+            raise DeviceError(f"device {self.config.device_id}: its private key is {e}") from None
+
+    async def _open(self, options: dict, key):
+        """One connection. With a key: the request without a credential gets the challenge (401 and its nonce),
+        and the second one carries the signed answer (docs/protocol.md, The handshake)."""
+        url = self.config.coordinator
+        try:
+            return await connect(url, open_timeout=10, **options)  # a coordinator without credentials lets it in
+        except InvalidStatus as e:
+            challenge = e.response.headers.get("WWW-Authenticate")
+            if key is None or e.response.status_code != 401 or challenge is None:
+                raise
+        try:
+            nonce = handshake.parse_challenge(challenge)
+        except handshake.HandshakeError as e:
+            raise DeviceError(str(e)) from None
+        signed = handshake.answer(key, self.config.device_id, nonce, int(time.time()))
+        return await connect(url, open_timeout=10, additional_headers={"Authorization": signed}, **options)
+
     async def _connect(self):
-        options = self._connect_options()
+        options, key = self._connect_options(), self._device_key()
         deadline = time.monotonic() + self.config.connect_timeout_s
         delay, last_error = 0.2, None
         while time.monotonic() < deadline:
             try:
-                return await connect(self.config.coordinator, open_timeout=10, **options)
+                return await self._open(options, key)
             except InvalidURI:
                 raise DeviceError(f"{self.config.coordinator!r} is not a websocket URL (ws://host:port)") from None
             except InvalidStatus as e:
-                if e.response.status_code in (401, 403):
+                if key is not None and e.response.status_code == 401 and "WWW-Authenticate" in e.response.headers:
+                    last_error = e  # a stale challenge (answered too late): sign a new one
+                elif e.response.status_code in (401, 403):
                     reason = e.response.body.decode("utf-8", "replace").strip()[:200]
                     raise DeviceError(f"the coordinator refused this device's credential: {reason}") from None
-                last_error = e  # 503: the coordinator is full for now
+                else:
+                    last_error = e  # 503: the coordinator is full for now
             except ssl.SSLCertVerificationError as e:
                 raise DeviceError(f"the coordinator's TLS certificate is not trusted: {e.verify_message} "
                                   "(pass the CA that signed it with --ca-file)") from None

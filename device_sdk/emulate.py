@@ -41,7 +41,8 @@ def parse_args(argv):
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to keep trying to reach the coordinator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--credentials", type=Path,
-                        help="JSON file of device id -> token (from `python -m coordinator enrol`)")
+                        help="JSON file of device id -> credential: its private key, or a bearer token (from "
+                             "`python -m coordinator enrol`, `enrol --bearer`)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate (PEM) that signed the coordinator's wss:// certificate")
     parser.add_argument("--trust-key", type=Path,
                         help="the operator's public key (trust_key.pem from `python -m coordinator keygen`): refuse a "
@@ -100,20 +101,33 @@ def run_devices(configs: list) -> None:
     run_main(main)
 
 
-def read_credentials(path: Path, names: list[str]) -> dict[str, str]:
-    """Each emulated device's token from `coordinator enrol`'s file; every device must have one."""
+def credential_fields(value) -> dict | None:
+    """An enrol file's entry as DeviceConfig fields: {"private_key": PEM} as it is, a string as a bearer token
+    (`enrol --bearer`); None for anything else."""
+    if isinstance(value, str):
+        return {"token": value}
+    if isinstance(value, dict) and set(value) == {"private_key"} and isinstance(value["private_key"], str):
+        return {"private_key": value["private_key"]}
+    return None
+
+
+def read_credentials(path: Path, names: list[str]) -> dict[str, dict]:
+    """Each emulated device's credential from `coordinator enrol`'s file, as DeviceConfig fields; every device
+    must have one."""
     import json
 
     try:
-        tokens = json.loads(path.read_text())
+        entries = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read the credentials file {path}: {e}") from None
-    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
-        raise UserError(f"{path} must map device ids to tokens, as `python -m coordinator enrol --out` writes")
-    missing = [name for name in names if name not in tokens]
+    credentials = {k: credential_fields(v) for k, v in entries.items()} if isinstance(entries, dict) else None
+    if credentials is None or None in credentials.values():
+        raise UserError(f"{path} must map device ids to {{\"private_key\": PEM}} or to tokens, as `python -m "
+                        "coordinator enrol --out` writes")
+    missing = [name for name in names if name not in credentials]
     if missing:
         raise UserError(f"{path} has no credential for {', '.join(missing[:5])}: enrol them first")
-    return tokens
+    return credentials
 
 
 def main(argv=None) -> int:
@@ -158,7 +172,7 @@ def main(argv=None) -> int:
     tokens = read_credentials(args.credentials, names) if args.credentials else {}
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
                             shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
-                            connect_timeout_s=args.connect_timeout, seed=args.seed, token=tokens.get(name),
+                            connect_timeout_s=args.connect_timeout, seed=args.seed, **tokens.get(name, {}),
                             ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how,
                             teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None,
                             trust_key=str(args.trust_key) if args.trust_key else None)

@@ -32,6 +32,11 @@ def token_hash(token: str) -> str:
     return sha256(token.encode())
 
 
+def key_hash(public_key_hex: str) -> str:
+    """What names a key credential among a device's credentials (re-enrolling changes it)."""
+    return sha256(f"ed25519:{public_key_hex}".encode())
+
+
 def metric_rows(job_id: str, version: int, metrics: dict[str, float]) -> list[Metric]:
     """The finite metrics as rows. SQLite stores NaN as NULL, which metrics.value refuses: a non-finite
     value is left out (the coordinator records it as a refusal first), never a failed transaction."""
@@ -122,12 +127,27 @@ class Store:
 
     # ---- credentials ----
     def enrol(self, device_id: str) -> str:
-        """Issue a new token for `device_id` (replacing and so revoking any earlier one); returns it."""
+        """Issue a new bearer token for `device_id` (replacing and so revoking any earlier credential); returns it.
+        Only `serve --allow-bearer` accepts one: `enrol_key` is the credential that cannot be replayed."""
         token = secrets.token_urlsafe(32)
         with self.session() as s, s.begin():
-            s.merge(Credential(device_id=device_id, token_hash=token_hash(token), created_at=time.time(),
-                               revoked_at=None))
+            s.merge(Credential(device_id=device_id, token_hash=token_hash(token), public_key=None,
+                               created_at=time.time(), revoked_at=None))
         return token
+
+    def enrol_key(self, device_id: str, public_key_hex: str) -> None:
+        """Record `device_id`'s Ed25519 public key (raw, hex) as its credential, replacing any earlier one."""
+        with self.session() as s, s.begin():
+            s.merge(Credential(device_id=device_id, token_hash=key_hash(public_key_hex), public_key=public_key_hex,
+                               created_at=time.time(), revoked_at=None))
+
+    def device_key(self, device_id: str) -> tuple[str | None, str] | None:
+        """(public key hex or None for a token, the credential's token_hash) of an unrevoked credential, or None."""
+        with self.session() as s:
+            credential = s.get(Credential, device_id)
+        if credential is None or credential.revoked_at is not None:
+            return None
+        return credential.public_key, credential.token_hash
 
     def revoke(self, device_id: str) -> bool:
         """Revoke the device's credential; False if it has none or it is already revoked."""
@@ -139,9 +159,11 @@ class Store:
             return True
 
     def authenticate(self, token: str) -> str | None:
-        """The device a valid, unrevoked token belongs to, or None."""
+        """The device a valid, unrevoked bearer token belongs to, or None (never a key's credential: a public
+        key is public, so its hash must not open the door as a token would)."""
         with self.session() as s:
-            credential = s.scalars(select(Credential).where(Credential.token_hash == token_hash(token))).first()
+            credential = s.scalars(select(Credential).where(Credential.token_hash == token_hash(token),
+                                                            Credential.public_key.is_(None))).first()
         return credential.device_id if credential is not None and credential.revoked_at is None else None
 
     def superseded(self, held: dict[str, str]) -> set[str]:

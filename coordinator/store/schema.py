@@ -14,9 +14,10 @@ from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials; 4: operator tokens,
-# bytes each device sent and was sent; 5: a task forfeited for good (tasks.forfeited)
-SCHEMA_VERSION = 5
-UPGRADABLE = {"2", "3", "4"}  # versions whose upgrade only adds tables and nullable columns
+# bytes each device sent and was sent; 5: a task forfeited for good (tasks.forfeited); 6: a device's public key
+# (credentials.public_key)
+SCHEMA_VERSION = 6
+UPGRADABLE = {"2", "3", "4", "5"}  # versions whose upgrade only adds tables and nullable columns
 
 
 class Base(DeclarativeBase):
@@ -131,10 +132,13 @@ class Refusal(Base):
 
 
 class Credential(Base):
-    """A device's enrolment: the sha256 of its token (the token itself is never stored)."""
+    """A device's enrolment: its Ed25519 public key (challenge-response), or, enrolled with `enrol --bearer`,
+    the sha256 of its token (the token itself is never stored). `token_hash` names the credential either way
+    (for a key, the sha256 of `ed25519:` and the key's hex): re-enrolling changes it, which cuts off a session."""
     __tablename__ = "credentials"
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)  # raw 32 bytes in hex; None: a token
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 

@@ -52,3 +52,16 @@ def test_java_seed_pools_are_the_golden_ones(java_core):
     pools = GOLDEN["seed_pool"].values()
     got = json.loads(java_core.run("SeedPoolDump", *(p["key"] for p in pools), timeout=60).stdout)
     assert got == {p["key"]: p["seeds"] for p in pools}
+
+
+def test_java_replays_the_golden_versions_bit_for_bit(java_core):
+    """docs/golden/replay.json through the Java codec and Replay: every version's float32 bits and sha256.
+    Rademacher must be exact; Gaussian is exact where the platform's log, cos and sin give the golden directions
+    (a device where they do not fails the sha256 check and takes the dense adapter instead)."""
+    golden = json.loads((ROOT / "docs" / "golden" / "replay.json").read_text())
+    got = json.loads(java_core.run("ReplayDump", str(ROOT / "docs" / "golden" / "replay.json"), timeout=60).stdout)
+    assert got["rademacher"] == golden["kinds"]["rademacher"]
+    for ours, gold in zip(got["gaussian"], golden["kinds"]["gaussian"], strict=True):
+        ulps = np.abs(np.array([int(b, 16) for b in ours["float32_bits"]], np.int64)
+                      - np.array([int(b, 16) for b in gold["float32_bits"]], np.int64))
+        assert ulps.max() <= 1, ours["version"]

@@ -184,14 +184,15 @@ def test_ten_thousand_malformed_frames_while_devices_finish_their_rounds(tmp_pat
     frames = hypothesis_frames(manifest, HYPOTHESIS_FRAMES) + random_frames(manifest, RANDOM_FRAMES, random.Random(0))
     assert len(frames) >= 10_000
     db = tmp_path / "job.db"
-    fuzzers = enrol(db, tmp_path / "fuzz.json", [f"fuzz-{i}" for i in range(WORKERS)])
+    # The fuzzers hold bearer tokens (--allow-bearer): one request per frame, where the challenge takes two.
+    fuzzers = enrol(db, tmp_path / "fuzz.json", [f"fuzz-{i}" for i in range(WORKERS)], bearer=True)
     credentials = tmp_path / "devices.json"
     enrol(db, credentials, ["a-0", "b-0"])
     # Rounds need both honest devices; the second starts only once every frame was sent, so the
     # whole fuzz hits a job in progress, and the rest of the job runs under fire too. The
     # fuzzers' message rate is raised so that every frame reaches the parser (the limiter has its
     # own test); a fuzzer sampled for a task loses it with its first malformed frame.
-    coordinator = Coordinator(db, "--auth", "token", "--bundle", str(tiny_llama_bundle), "--rounds", "3",
+    coordinator = Coordinator(db, "--auth", "token", "--allow-bearer", "--bundle", str(tiny_llama_bundle), "--rounds", "3",
                               "--devices-per-round", "2", "--local-steps", "20", "--device-timeout", "1",
                               "--round-deadline", "600", "--max-messages-per-s", "1000", "--sqlite-sync", "normal")
     log = (tmp_path / "devices.log").open("w")

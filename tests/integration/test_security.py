@@ -52,17 +52,22 @@ def test_only_enrolled_devices_get_in_over_verified_tls_and_revocation_cuts_one_
     trusted = ssl.create_default_context(cafile=str(ca))
     try:
         assert coordinator.url.startswith("wss://")
-        # Refused in the handshake, before the coordinator reads any message.
+        # Refused in the handshake, before the coordinator reads any message: no credential gets the challenge
+        # (401), a bearer token is refused without --allow-bearer, emu-0's key signing for emu-1 does not verify.
         assert handshake_status(coordinator.url, tls=trusted) == 401
         assert handshake_status(coordinator.url, {"Authorization": "Bearer not-a-token"}, trusted) == 403
-        assert handshake_status(coordinator.url, {"Authorization": f"Bearer {tokens['emu-0']}x"}, trusted) == 403
-        # A credential is someone's: presenting emu-0's token with another device id is refused.
-        async def impersonate():
-            async with ProtocolClient(coordinator.url, "emu-1", manifest.base_model_hash, manifest.adapter_dim,
-                                      tokens["emu-0"], trusted):
-                pass
+
+        def impersonate(signer):
+            async def attempt():
+                async with ProtocolClient(coordinator.url, "emu-1", manifest.base_model_hash, manifest.adapter_dim,
+                                          tokens["emu-0"], trusted, signer=signer):
+                    pass
+            asyncio.run(attempt())
+        with pytest.raises(InvalidStatus, match="403"):
+            impersonate("emu-1")
+        # A credential is someone's: signed as emu-0, a hello naming another device is refused.
         with pytest.raises(RuntimeError, match="wrong_device"):
-            asyncio.run(impersonate())
+            impersonate("emu-0")
 
         # The device refuses a server whose certificate it cannot verify.
         untrusting = emulate(coordinator.url, tiny_llama_bundle, TINYSTORIES, 1, "--credentials",
@@ -83,7 +88,13 @@ def test_only_enrolled_devices_get_in_over_verified_tls_and_revocation_cuts_one_
                 with pytest.raises(ConnectionClosed):
                     await device.recv(timeout=10)
         asyncio.run(intruder())
-        assert handshake_status(coordinator.url, {"Authorization": f"Bearer {intruder_token}"}, trusted) == 403
+
+        async def intruder_again():
+            async with ProtocolClient(coordinator.url, "intruder", manifest.base_model_hash, manifest.adapter_dim,
+                                      intruder_token, trusted):
+                pass
+        with pytest.raises(InvalidStatus, match="403"):
+            asyncio.run(intruder_again())
 
         # The honest device trusts only bundles its operator signed (docs/security.md): a signed copy of the export.
         signing_key, trust_key = generate_keys(tmp_path / "keys")
@@ -98,7 +109,7 @@ def test_only_enrolled_devices_get_in_over_verified_tls_and_revocation_cuts_one_
     finally:
         coordinator.kill()
     codes = refusal_codes(db)
-    assert codes.count("no_credential") == 1 and codes.count("bad_credential") == 3
+    assert codes.count("bearer_refused") == 1 and codes.count("bad_credential") == 2
     assert {"wrong_device", "revoked"} <= set(codes)
     with open_store(db).session() as s:
         assert {u.device_id for u in s.query(UpdateRow)} == {"emu-0"}

@@ -58,9 +58,11 @@ def emulate(url: str, bundle: Path, data: Path, devices: int = 3, *args: str) ->
                        "--bundle", str(bundle), "--data", str(data), *args)
 
 
-def enrol(db: Path, out: Path, names: list[str]) -> dict[str, str]:
-    """Credentials for these devices, as an operator issues them: written to `out`, and returned."""
-    run_command("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(out), check=True)
+def enrol(db: Path, out: Path, names: list[str], bearer: bool = False) -> dict:
+    """Credentials for these devices, as an operator issues them: written to `out`, and returned (each a
+    {"private_key": PEM}; with `bearer`, a token, which only `serve --allow-bearer` accepts)."""
+    run_command("coordinator", "enrol", "--db", str(db), "--device-id", *names, "--out", str(out),
+                *(["--bearer"] if bearer else []), check=True)
     return json.loads(out.read_text())
 
 

@@ -8,23 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
-from fwdfed import protocol
+from fwdfed import handshake, protocol
 
 
 class ProtocolClient:
-    def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int, token: str | None = None,
-                 tls: ssl.SSLContext | None = None):
+    def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int, token=None,
+                 tls: ssl.SSLContext | None = None, signer: str | None = None):
+        """`token`: an entry of `coordinator enrol`'s file ({"private_key": PEM}: the challenge is answered as
+        `signer`, the device itself by default) or a bearer token (a string, `enrol --bearer`)."""
         self.url, self.device_id, self.hash, self.dim = url, device_id, base_model_hash, adapter_dim
-        self.options = {"additional_headers": {"Authorization": f"Bearer {token}"} if token else None}
+        self.key = handshake.load_device_key(token["private_key"]) if isinstance(token, dict) else None
+        self.signer = signer or device_id
+        self.options = {"additional_headers": {"Authorization": f"Bearer {token}"} if isinstance(token, str) else None}
         if tls is not None:
             self.options["ssl"] = tls
         self.ws = None
 
+    async def _connect(self):
+        options = dict(self.options, max_size=protocol.MAX_FRAME_BYTES, open_timeout=60)
+        if self.key is None:
+            return await connect(self.url, **options)
+        try:
+            return await connect(self.url, **options)
+        except InvalidStatus as e:  # the challenge: sign its nonce
+            nonce = handshake.parse_challenge(e.response.headers.get("WWW-Authenticate", ""))
+        signed = handshake.answer(self.key, self.signer, nonce, int(time.time()))
+        return await connect(self.url, **dict(options, additional_headers={"Authorization": signed}))
+
     async def __aenter__(self):
-        self.ws = await connect(self.url, max_size=protocol.MAX_FRAME_BYTES, open_timeout=60, **self.options)
+        self.ws = await self._connect()
         await self.send(protocol.Hello(device_id=self.device_id, base_model_hash=self.hash, adapter_dim=self.dim,
                                        num_examples=10, mem_budget_bytes=None))
         welcome = await self.recv()

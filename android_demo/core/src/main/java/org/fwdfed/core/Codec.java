@@ -35,7 +35,8 @@ public final class Codec {
         try (MessageBufferPacker p = MessagePack.newDefaultBufferPacker()) {
             if (message instanceof Message.Hello) {
                 Message.Hello m = (Message.Hello) message;
-                header(p, m, 5);
+                boolean held = m.heldSha256 != null;  // optional: left out, never nil
+                header(p, m, held ? 7 : 5);
                 str(p, "device_id", m.deviceId);
                 str(p, "base_model_hash", m.baseModelHash);
                 p.packString("adapter_dim").packLong(m.adapterDim);
@@ -46,6 +47,10 @@ public final class Codec {
                 } else {
                     p.packLong(m.memBudgetBytes);
                 }
+                if (held) {
+                    p.packString("held_version").packLong(m.heldVersion);
+                    str(p, "held_sha256", m.heldSha256);
+                }
             } else if (message instanceof Message.Welcome) {
                 Message.Welcome m = (Message.Welcome) message;
                 header(p, m, 2);
@@ -53,7 +58,7 @@ public final class Codec {
                 str(p, "device_id", m.deviceId);
             } else if (message instanceof Message.Task) {
                 Message.Task m = (Message.Task) message;
-                header(p, m, 11);
+                header(p, m, m.history == null ? 11 : 12);
                 str(p, "task_id", m.taskId);
                 str(p, "job_id", m.jobId);
                 p.packString("round").packLong(m.round);
@@ -78,6 +83,9 @@ public final class Codec {
                 }
                 p.packString("deadline_s").packDouble(m.deadlineS);
                 bin(p, "reference", m.reference);
+                if (m.history != null) {
+                    history(p, m.history);
+                }
             } else if (message instanceof Message.Update) {
                 Message.Update m = (Message.Update) message;
                 header(p, m, 12);
@@ -128,6 +136,27 @@ public final class Codec {
         }
     }
 
+    private static void history(MessageBufferPacker p, List<Message.HistoryStep> steps) throws IOException {
+        p.packString("history").packArrayHeader(steps.size());
+        for (Message.HistoryStep step : steps) {
+            p.packMapHeader(5);
+            p.packString("version").packLong(step.version);
+            p.packString("seeds").packArrayHeader(step.seeds.length);
+            for (long seed : step.seeds) {
+                p.packLong(seed);
+            }
+            p.packString("coefs").packArrayHeader(step.coefs.length);
+            for (double c : step.coefs) {
+                p.packDouble(c);  // float 64 always: a sum rounded to float 32 would not replay
+            }
+            p.packString("shrink").packDouble(step.shrink);
+            p.packString("block").packArrayHeader(step.block.length);
+            for (long b : step.block) {
+                p.packLong(b);
+            }
+        }
+    }
+
     private static void header(MessageBufferPacker p, Message m, int fields) throws IOException {
         p.packMapHeader(fields + 2);
         p.packString("type").packString(m.type());
@@ -159,6 +188,12 @@ public final class Codec {
         FIELDS.put("done", List.of("job_id", "reason"));
         FIELDS.put("error", List.of("code", "message"));
     }
+
+    /** Fields a sender may leave out (docs/protocol.md: the downlink in seed form); never nil when sent. */
+    private static final Map<String, List<String>> OPTIONAL = Map.of(
+            "hello", List.of("held_version", "held_sha256"), "task", List.of("history"));
+    private static final List<String> STEP_FIELDS = List.of("version", "seeds", "coefs", "shrink", "block");
+    private static final int MAX_HISTORY = 1024;
 
     /** The message types of the protocol, in docs/protocol.md's order. */
     public static Set<String> types() {
@@ -193,9 +228,10 @@ public final class Codec {
         }
         String type = (String) kind;
         List<String> names = FIELDS.get(type);
+        List<String> optional = OPTIONAL.getOrDefault(type, List.of());
         Set<String> extra = new LinkedHashSet<>();
         for (Object key : data.keySet()) {
-            if (!(key instanceof String) || !names.contains(key)) {
+            if (!(key instanceof String) || !(names.contains(key) || optional.contains(key))) {
                 extra.add(key instanceof String ? (String) key : Arrays.toString((byte[]) key));
             }
         }
@@ -210,6 +246,20 @@ public final class Codec {
             if (reason != null) {
                 throw new ProtocolException(type + "." + name + " must be " + reason);
             }
+        }
+        for (String name : optional) {
+            if (data.containsKey(name)) {
+                String reason = check(type, name, data.get(name));
+                if (reason != null) {
+                    throw new ProtocolException(type + "." + name + " must be " + reason);
+                }
+            }
+        }
+        if (type.equals("hello") && data.containsKey("held_version") != data.containsKey("held_sha256")) {
+            throw new ProtocolException("hello: held_version and held_sha256 come together or not at all");
+        }
+        if (type.equals("task") && data.containsKey("history") && ((byte[]) data.get("adapter")).length > 0) {
+            throw new ProtocolException("task: a task with a history carries no adapter");
         }
         return build(type, data);
     }
@@ -233,7 +283,12 @@ public final class Codec {
             case "num_examples":
             case "round":
             case "global_version":
+            case "held_version":
                 return integer(v, 0, COUNT_MAX);
+            case "held_sha256":
+                return text(v, 64);
+            case "history":
+                return history(v);
             case "mem_budget_bytes":
                 return v == null ? null : integer(v, 0, BYTES_COUNT_MAX);
             case "peak_rss_bytes":
@@ -320,6 +375,57 @@ public final class Codec {
         return null;
     }
 
+    private static String history(Object v) {
+        if (!(v instanceof List) || ((List<?>) v).size() > MAX_HISTORY) {
+            return "a list of at most " + MAX_HISTORY + " versions";
+        }
+        for (Object step : (List<?>) v) {
+            if (!(step instanceof Map) || !((Map<?, ?>) step).keySet().equals(new LinkedHashSet<>(STEP_FIELDS))) {
+                return "a list of maps of exactly " + STEP_FIELDS;
+            }
+            Map<?, ?> m = (Map<?, ?>) step;
+            String[] reasons = {integer(m.get("version"), 0, COUNT_MAX),
+                integerList(m.get("seeds"), 0, SEED_LIMIT_MINUS_1, Message.MAX_PAIRS),
+                finiteList(m.get("coefs"), Message.MAX_PAIRS), finite(m.get("shrink"), false),
+                integerList(m.get("block"), 0, COUNT_MAX, 2)};
+            for (int i = 0; i < reasons.length; i++) {
+                if (reasons[i] != null) {
+                    return "a list of versions whose " + STEP_FIELDS.get(i) + " is " + reasons[i];
+                }
+            }
+            int block = ((List<?>) m.get("block")).size();
+            if (((List<?>) m.get("seeds")).size() != ((List<?>) m.get("coefs")).size() || (block != 0 && block != 2)) {
+                return "a list of versions with as many coefs as seeds and a block of 0 or 2 integers";
+            }
+        }
+        return null;
+    }
+
+    private static List<Message.HistoryStep> steps(Object v) {
+        if (v == null) {
+            return null;
+        }
+        List<Message.HistoryStep> steps = new java.util.ArrayList<>();
+        for (Object step : (List<?>) v) {
+            Map<?, ?> m = (Map<?, ?>) step;
+            List<?> seedList = (List<?>) m.get("seeds");
+            List<?> coefList = (List<?>) m.get("coefs");
+            List<?> blockList = (List<?>) m.get("block");
+            long[] seeds = new long[seedList.size()];
+            double[] coefs = new double[coefList.size()];
+            long[] block = new long[blockList.size()];
+            for (int i = 0; i < seeds.length; i++) {
+                seeds[i] = (Long) seedList.get(i);
+                coefs[i] = asDouble(coefList.get(i));
+            }
+            for (int i = 0; i < block.length; i++) {
+                block[i] = (Long) blockList.get(i);
+            }
+            steps.add(new Message.HistoryStep((Long) m.get("version"), seeds, coefs, asDouble(m.get("shrink")), block));
+        }
+        return steps;
+    }
+
     private static String hparams(Object v) {
         if (!(v instanceof Map) || ((Map<?, ?>) v).size() > 64) {
             return "a map of at most 64 entries";
@@ -360,7 +466,8 @@ public final class Codec {
         switch (type) {
             case "hello":
                 return new Message.Hello(s(d, "device_id"), s(d, "base_model_hash"), l(d, "adapter_dim"),
-                        l(d, "num_examples"), (Long) d.get("mem_budget_bytes"));
+                        l(d, "num_examples"), (Long) d.get("mem_budget_bytes"), (Long) d.get("held_version"),
+                        s(d, "held_sha256"));
             case "welcome":
                 return new Message.Welcome(s(d, "job_id"), s(d, "device_id"));
             case "task": {
@@ -370,7 +477,7 @@ public final class Codec {
                 }
                 return new Message.Task(s(d, "task_id"), s(d, "job_id"), l(d, "round"), l(d, "global_version"),
                         s(d, "base_model_hash"), (byte[]) d.get("adapter"), s(d, "adapter_sha256"), s(d, "method"),
-                        hparams, f(d, "deadline_s"), (byte[]) d.get("reference"));
+                        hparams, f(d, "deadline_s"), (byte[]) d.get("reference"), steps(d.get("history")));
             }
             case "update": {
                 List<?> seedList = (List<?>) d.get("seeds");

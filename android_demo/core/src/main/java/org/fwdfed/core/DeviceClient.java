@@ -20,6 +20,11 @@ import okhttp3.OkHttpClient;
  *   `decline` (so that the task goes to another device at once), never an update.
  * - {@link #stop()} ends the loop between training steps (the user's switch, or the OS taking
  *   the job's constraints away).
+ * - It keeps the adapter of its last task and names it in its `hello`, so that a task may carry
+ *   the versions since in seed form (docs/protocol.md, Downlink in seed form): it replays them
+ *   ({@link Replay}) and checks the task's sha256; on a mismatch it drops what it kept and
+ *   reconnects, and the same task comes again with the dense adapter. It never trains on a
+ *   wrong adapter. {@link #keepAdapter(boolean)} false makes it an older device: dense tasks.
  */
 public final class DeviceClient {
     /** How to reach the coordinator and who this device is. */
@@ -79,6 +84,10 @@ public final class DeviceClient {
     private long round;
     private double lossBefore = Double.NaN;
     private double lossAfter = Double.NaN;
+    private boolean keepAdapter = true;
+    private long heldVersion;
+    private float[] heldAdapter;  // null: holds none
+    private int resyncs;
 
     public DeviceClient(Config config, Manifest manifest, TaskTrainer trainer, DeviceStatus.Listener listener,
                         FrameRecorder recorder) throws DeviceException {
@@ -96,6 +105,17 @@ public final class DeviceClient {
             builder.sslSocketFactory(trust.socketFactory, trust.trustManager);
         }
         this.http = builder.build();
+    }
+
+    /** Whether to keep the last task's adapter for seed-form tasks (default true); call before {@link #run()}. */
+    public DeviceClient keepAdapter(boolean keep) {
+        this.keepAdapter = keep;
+        return this;
+    }
+
+    /** Tasks whose history did not replay to their sha256 (each then came again with the dense adapter). */
+    public int resyncs() {
+        return resyncs;
     }
 
     /** Ask the loop to end; a training step in progress finishes first. Safe from any thread. */
@@ -196,8 +216,7 @@ public final class DeviceClient {
 
     /** One connection's life: true when the job is done, false when the connection was lost. */
     private boolean session(CoordinatorConnection c) throws DeviceException, InterruptedException {
-        send(c, new Message.Hello(config.deviceId, manifest.baseModelHash, manifest.adapterDim, trainer.numExamples(),
-                config.memBudgetBytes));
+        send(c, hello());
         boolean resent = false;
         while (true) {
             CoordinatorConnection.Event e = c.next(POLL_MS);
@@ -238,6 +257,16 @@ public final class DeviceClient {
                     }
                     continue;
                 }
+                if (task.history != null) {
+                    Message.Task dense = replayed(task);
+                    if (dense == null) {  // this connection ends; the next hello holds nothing: the task comes dense
+                        resyncs++;
+                        report(DeviceStatus.State.CONNECTING, "task " + task.taskId + ": its history did not "
+                                + "replay to its sha256; reconnecting for the dense adapter");
+                        return false;
+                    }
+                    task = dense;
+                }
                 round = task.round;
                 report(DeviceStatus.State.TRAINING, "round " + task.round + ": training");
                 Message.Update update;
@@ -251,6 +280,10 @@ public final class DeviceClient {
                     throw decline(c, task, new DeviceException("task " + task.taskId + ": " + ex.getMessage()));
                 } catch (DeviceException ex) {
                     throw decline(c, task, ex);
+                }
+                if (keepAdapter) {  // its adapter passed the trainer's checks: the version this device holds now
+                    heldVersion = task.globalVersion;
+                    heldAdapter = Replay.floats(task.adapter);
                 }
                 lossBefore = update.lossBefore;
                 lossAfter = update.lossAfter;
@@ -278,6 +311,43 @@ public final class DeviceClient {
                         + " message goes from devices to the coordinator");
             }
         }
+    }
+
+    private Message.Hello hello() {
+        if (!keepAdapter) {
+            return new Message.Hello(config.deviceId, manifest.baseModelHash, manifest.adapterDim,
+                    trainer.numExamples(), config.memBudgetBytes);
+        }
+        String sha = heldAdapter == null ? "" : Replay.sha256(Replay.bytes(heldAdapter));
+        return new Message.Hello(config.deviceId, manifest.baseModelHash, manifest.adapterDim, trainer.numExamples(),
+                config.memBudgetBytes, heldAdapter == null ? 0L : heldVersion, sha);
+    }
+
+    /** The task with its history replayed onto the kept adapter, or null (then this device holds nothing): it does
+     * not go from the held version to the task's, cannot apply, or does not give the task's sha256. */
+    private Message.Task replayed(Message.Task task) {
+        float[] held = heldAdapter;
+        heldAdapter = null;
+        if (held == null || task.history.size() != task.globalVersion - heldVersion) {
+            return null;
+        }
+        for (int k = 0; k < task.history.size(); k++) {
+            if (task.history.get(k).version != heldVersion + 1 + k) {
+                return null;
+            }
+        }
+        Object kind = task.hparams.getOrDefault("kind", Directions.RADEMACHER);
+        byte[] dense;
+        try {
+            dense = Replay.bytes(Replay.replay(held, task.history, String.valueOf(kind)));
+        } catch (IllegalArgumentException e) {
+            return null;
+        }
+        if (!Replay.sha256(dense).equals(task.adapterSha256)) {
+            return null;
+        }
+        heldAdapter = held;  // kept until the trainer's checks pass on the replayed task
+        return task.withAdapter(dense);
     }
 
     /** Say on the wire that this device cannot run `task` (it goes to another device at once); `why` stops it. */

@@ -1,7 +1,9 @@
 package org.fwdfed.core;
 
+import java.util.ArrayList;
 import java.util.Collections;
 import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 
 /**
@@ -28,13 +30,23 @@ public abstract class Message {
         public final long adapterDim;
         public final long numExamples;
         public final Long memBudgetBytes;  // null: no budget
+        /** The version this device holds and its adapter's sha256 ("": none): both null for a device that keeps none. */
+        public final Long heldVersion;
+        public final String heldSha256;
 
         public Hello(String deviceId, String baseModelHash, long adapterDim, long numExamples, Long memBudgetBytes) {
+            this(deviceId, baseModelHash, adapterDim, numExamples, memBudgetBytes, null, null);
+        }
+
+        public Hello(String deviceId, String baseModelHash, long adapterDim, long numExamples, Long memBudgetBytes,
+                     Long heldVersion, String heldSha256) {
             this.deviceId = deviceId;
             this.baseModelHash = baseModelHash;
             this.adapterDim = adapterDim;
             this.numExamples = numExamples;
             this.memBudgetBytes = memBudgetBytes;
+            this.heldVersion = heldVersion;
+            this.heldSha256 = heldSha256;
         }
 
         @Override
@@ -73,10 +85,19 @@ public abstract class Message {
         public final Map<String, Object> hparams;
         public final double deadlineS;
         public final byte[] reference;  // the previous round's global update (float32), or empty
+        /** The versions since the one this device holds, in seed form (then `adapter` is empty); null: dense. */
+        public final List<HistoryStep> history;
 
         public Task(String taskId, String jobId, long round, long globalVersion, String baseModelHash, byte[] adapter,
                     String adapterSha256, String method, Map<String, Object> hparams, double deadlineS,
                     byte[] reference) {
+            this(taskId, jobId, round, globalVersion, baseModelHash, adapter, adapterSha256, method, hparams, deadlineS,
+                    reference, null);
+        }
+
+        public Task(String taskId, String jobId, long round, long globalVersion, String baseModelHash, byte[] adapter,
+                    String adapterSha256, String method, Map<String, Object> hparams, double deadlineS,
+                    byte[] reference, List<HistoryStep> history) {
             this.taskId = taskId;
             this.jobId = jobId;
             this.round = round;
@@ -88,11 +109,39 @@ public abstract class Message {
             this.hparams = Collections.unmodifiableMap(new LinkedHashMap<>(hparams));
             this.deadlineS = deadlineS;
             this.reference = reference;
+            this.history = history == null ? null : Collections.unmodifiableList(new ArrayList<>(history));
+        }
+
+        /** The same task with the dense adapter (a history replayed onto the adapter this device kept). */
+        public Task withAdapter(byte[] dense) {
+            return new Task(taskId, jobId, round, globalVersion, baseModelHash, dense, adapterSha256, method, hparams,
+                    deadlineS, reference, null);
         }
 
         @Override
         public String type() {
             return "task";
+        }
+    }
+
+    /**
+     * One version of a task's history (docs/protocol.md, Downlink in seed form): its distinct seeds, each one's
+     * float64 coefficient sum, the shrink S, and the block ([start, end], or empty: the whole adapter; checked
+     * when replayed, not when decoded, as fwdfed/protocol.py does).
+     */
+    public static final class HistoryStep {
+        public final long version;
+        public final long[] seeds;
+        public final double[] coefs;
+        public final double shrink;
+        public final long[] block;
+
+        public HistoryStep(long version, long[] seeds, double[] coefs, double shrink, long[] block) {
+            this.version = version;
+            this.seeds = seeds;
+            this.coefs = coefs;
+            this.shrink = shrink;
+            this.block = block;
         }
     }
 
