@@ -127,9 +127,14 @@ def python_device(bundle: Path, data: Path, device_id: str, shard_index: int, sh
 
 
 def replay(device: Device, task_frame: bytes) -> protocol.Update:
-    """The Python device's update for this task frame, drawing the Java device's seeds."""
+    """The Python device's update for this task frame, drawing the Java device's seeds. Frames are given in the
+    order the Java device got them: a seed-form task (docs/protocol.md) is replayed onto the adapter the Python
+    device kept from the one before, as the Java device replayed it."""
+    task = device.task_adapter(protocol.decode(task_frame))
     with seeds_of_java_device(device.config.device_id, device.config.seed):
-        return device.train(protocol.decode(task_frame))
+        update = device.train(task)
+    device.keep(task)
+    return update
 
 
 def assert_same_update(java: protocol.Update, python: protocol.Update) -> int:
