@@ -115,6 +115,8 @@ def main(argv=None, task: str = "agnews") -> int:
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--seed-pool", type=int, help="serve's --seed-pool K (FedKSeed): at most K sums a round, "
+                        "so a task's seed-form history stays small whatever the steps (docs/protocol.md)")
     parser.add_argument("--head-init", choices=("lda", "none"), default="lda")
     parser.add_argument("--lda-shrinkage", type=float, default=0.1)
     parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid")
@@ -146,6 +148,8 @@ def main(argv=None, task: str = "agnews") -> int:
                 "--lda-shrinkage", str(args.lda_shrinkage)]
     if args.method in ("mezo", "fzoo"):
         training += ["--schedule", args.schedule]
+    if args.seed_pool is not None:
+        training += ["--seed-pool", str(args.seed_pool)]
     spec = JobSpec(bundle=bundle, data=data, rounds=args.rounds, training=training,
                    data_flags=["--data-seed", str(args.data_seed)], devices=args.devices, workers=args.workers,
                    split=args.split, alpha=args.alpha, mem=args.mem)
