@@ -5,7 +5,9 @@
 
 Each device runs the bundle's `.pte` through the ExecuTorch runtime, trains with MeZO and
 uploads (seed, coefficient) pairs. `--mem` is the per-device budget; it is reported to the
-coordinator, and each device warns when its measured peak passes it.
+coordinator, and each device warns when its measured peak passes it. With `--ray [ADDRESS]` the
+workers are Ray actors, on a local cluster or the one at ADDRESS (device_sdk.ray_fleet); the
+`--profile-*` flags give each device a speed, a dropout rate and a budget (device_sdk.profiles).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import multiprocessing
 import sys
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
+
+LOCAL_RAY = "local"  # --ray without an address
 
 
 def parse_args(argv):
@@ -29,8 +34,15 @@ def parse_args(argv):
     parser.add_argument("--mem", required=True, help="memory budget per device, e.g. 1.5GB, 1500MB, 800MiB")
     parser.add_argument("--coordinator", required=True, help="ws://host:port of the coordinator")
     parser.add_argument("--devices", type=int, default=3)
-    parser.add_argument("--workers", type=int, help="processes the devices are multiplexed over (default: one per "
-                        "device); a worker loads the program once and trains one device at a time")
+    parser.add_argument("--workers", type=int, help="processes (or Ray actors) the devices are multiplexed over "
+                        "(default: one per device; with --ray, as many as the cluster's CPUs hold); a worker loads "
+                        "the program once and trains one device at a time")
+    parser.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                        help="run the workers as actors on a Ray cluster: a local one (alone), or the one at ADDRESS "
+                             "(host:port of its head); needs the extra: pip install -e '.[ray]'")
+    parser.add_argument("--ray-cpus", type=float, default=1.0,
+                        help="with --ray: CPUs a worker reserves, those of the one device it trains at a time "
+                             "(it reserves that device's memory budget too); default 1")
     parser.add_argument("--bundle", type=Path, required=True, help="exported bundle folder")
     parser.add_argument("--data", type=Path, required=True,
                         help="training data (.txt, .csv, .tsv or .jsonl); shuffled, held-out slice left out, dealt to the devices")
@@ -51,6 +63,9 @@ def parse_args(argv):
 
     add_data_arguments(parser, "training data")
     add_partition_arguments(parser)
+    from device_sdk.profiles import add_profile_arguments, spec_of
+
+    add_profile_arguments(parser)
     args = parser.parse_args(argv)
     try:
         args.mem_bytes = parse_size(args.mem)
@@ -58,47 +73,84 @@ def parse_args(argv):
         parser.error(f"--mem: {e}")
     if args.devices < 1:
         parser.error("--devices must be at least 1")
-    if args.workers is None:
+    if args.workers is None and args.ray is None:
         args.workers = args.devices
-    if not 1 <= args.workers <= args.devices:
+    if args.workers is not None and not 1 <= args.workers <= args.devices:
         parser.error("--workers must be between 1 and --devices")
     if not args.coordinator.startswith(("ws://", "wss://")):
         parser.error(f"--coordinator must be a ws:// or wss:// URL, got {args.coordinator!r}")
     if args.connect_timeout <= 0:
         parser.error("--connect-timeout must be positive")
+    if not (math.isfinite(args.ray_cpus) and args.ray_cpus > 0):
+        parser.error(f"--ray-cpus must be a number > 0, got {args.ray_cpus!r}")
+    try:
+        args.profile_spec = spec_of(args)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
-def run_devices(configs: list) -> None:
-    """Process entry: these logical devices, start to finish, sharing one loaded program and taking
-    turns to train (each keeps its own shard, token, seeds and connection). Exit status 2 with one
-    line on a user error."""
+async def serve_devices(configs: list, profiles: list, spec_seed: int) -> list[dict]:
+    """These logical devices, start to finish, sharing one loaded program and taking turns to train (each
+    keeps its own shard, token, seeds and connection); each device's record (device_sdk.profiles)."""
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.profiles import ProfiledDevice
+
+    lock = asyncio.Lock()
+    # Every device labels its shard with its teacher (if given) before the shared student program is
+    # loaded, so that no teacher is resident beside the student.
+    devices = [ProfiledDevice(c, p, spec_seed, train_lock=lock, load_program=False) for c, p in zip(configs, profiles)]
+    engine = ProgramEngine.for_bundle(devices[0].bundle)
+    for d in devices:
+        d.engine = engine
+    done = await asyncio.gather(*(d.run() for d in devices))
+    return [d.record(tasks) for d, tasks in zip(devices, done)]
+
+
+def run_devices(configs: list, profiles: list, spec_seed: int, results) -> None:
+    """Process entry: serve_devices, its records put on `results`. Exit status 2 with one line on a user error."""
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    from device_sdk.client import Device
-    from device_sdk.engine import ProgramEngine
-    from fwdfed.memory import format_size, peak_rss
-
-    async def run_all() -> list[int]:
-        lock = asyncio.Lock()
-        # Every device labels its shard with its teacher (if given) before the shared student program is
-        # loaded, so that no teacher is resident beside the student.
-        devices = [Device(c, train_lock=lock, load_program=False) for c in configs]
-        engine = ProgramEngine.for_bundle(devices[0].bundle)
-        for d in devices:
-            d.engine = engine
-        return await asyncio.gather(*(d.run() for d in devices))
+    from fwdfed.memory import peak_rss
 
     def main(_argv):
-        done = asyncio.run(run_all())
-        budget = format_size(configs[0].mem_budget_bytes) if configs[0].mem_budget_bytes else "none"
-        for config, tasks in zip(configs, done):
-            print(f"device {config.device_id}: {tasks} updates accepted", flush=True)
-        print(f"worker of {len(configs)} device(s): peak RSS {format_size(peak_rss())} (budget {budget} per process)",
-              flush=True)
+        records = asyncio.run(serve_devices(configs, profiles, spec_seed))
+        results.put({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
+                     "devices": records})
         return 0
 
     run_main(main)
+
+
+def report(workers: list[dict], budget: str) -> list[dict]:
+    """One line per device and per worker, as the emulator has always printed; the devices' records."""
+    from fwdfed.memory import format_size
+
+    records = []
+    for w in workers:
+        for r in w["devices"]:
+            print(f"device {r['device_id']}: {r['updates_accepted']} updates accepted, simulated {r['simulated_seconds']:.3g} s "
+                  f"(speed x{r['speed']:.2f}, {r['dropouts']} dropouts)", flush=True)
+            records.append(r)
+        where = "" if w["node"] == "local" else f" on Ray node {w['node']}"
+        print(f"worker of {len(w['devices'])} device(s){where}: peak RSS {format_size(w['peak_rss'])} "
+              f"(budget {budget} per device)", flush=True)
+    return sorted(records, key=lambda r: r["device_id"])
+
+
+def run_processes(groups: list[tuple[list, list]], spec_seed: int) -> tuple[list[dict], list[str]]:
+    """Every group in its own process; (results of the workers that finished, the devices of those that failed)."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    processes = [ctx.Process(target=run_devices, args=(configs, profiles, spec_seed, results),
+                             name=",".join(c.device_id for c in configs)) for configs, profiles in groups]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    finished = [results.get() for p in processes if p.exitcode == 0]
+    failed = [c.device_id for p, (configs, _) in zip(processes, groups) if p.exitcode != 0 for c in configs]
+    return finished, failed
 
 
 def credential_fields(value) -> dict | None:
@@ -170,25 +222,57 @@ def main(argv=None) -> int:
                   + (f", {unlabelled} unlabelled" if unlabelled else ""), flush=True)
     names = [f"{args.device_prefix}-{i}" for i in range(args.devices)]
     tokens = read_credentials(args.credentials, names) if args.credentials else {}
+    profile_spec = args.profile_spec
+    profiles = [profile_spec.draw(name, args.mem_bytes) for name in names]
+    print(profiles_line(profiles, profile_spec), flush=True)
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
-                            shard_index=i, shard_count=args.devices, mem_budget_bytes=args.mem_bytes,
+                            shard_index=i, shard_count=args.devices, mem_budget_bytes=profiles[i].mem_budget_bytes,
                             connect_timeout_s=args.connect_timeout, seed=args.seed, **tokens.get(name, {}),
                             ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how,
                             teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None,
                             trust_key=str(args.trust_key) if args.trust_key else None)
                for i, name in enumerate(names)]
-    ctx = multiprocessing.get_context("spawn")
-    groups = [configs[w :: args.workers] for w in range(args.workers)]
-    processes = [ctx.Process(target=run_devices, args=(g,), name=",".join(c.device_id for c in g)) for g in groups]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join()
-    failed = [c.device_id for p, g in zip(processes, groups) if p.exitcode != 0 for c in g]
-    if failed:
-        print(f"error: {len(failed)} of {len(configs)} devices failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if args.ray is None:
+        groups = [(configs[w :: args.workers], profiles[w :: args.workers]) for w in range(args.workers)]
+        workers, failed = run_processes(groups, profile_spec.seed)
+        failures = [f"{len(failed)} of {len(configs)} devices failed: {', '.join(failed)}"] if failed else []
+    else:
+        workers, failures = run_on_ray(args, configs, profiles)
+    records = report(workers, format_size(args.mem_bytes))
+    if args.profile_out is not None:
+        from device_sdk.profiles import write_record
+
+        write_record(args.profile_out, profile_spec, records)
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run_on_ray(args, configs: list, profiles: list) -> tuple[list[dict], list[str]]:
+    import os
+
+    from device_sdk import ray_fleet
+
+    address = None if args.ray == LOCAL_RAY else args.ray
+    local_cpus = math.ceil(args.workers * args.ray_cpus) if args.workers else (os.cpu_count() or 1)
+    ray = ray_fleet.start(address, local_cpus)
+    try:
+        workers = args.workers or max(1, min(len(configs), int(ray_fleet.cluster_cpus(ray) // args.ray_cpus)))
+        print(f"Ray cluster of {ray_fleet.cluster_cpus(ray):g} CPUs: {workers} worker(s) of {args.ray_cpus:g} CPU(s)",
+              flush=True)
+        groups = [(configs[w :: workers], profiles[w :: workers]) for w in range(workers)]
+        return ray_fleet.run_workers(ray, groups, args.profile_spec.seed, args.ray_cpus)
+    finally:
+        ray.shutdown()
+
+
+def profiles_line(profiles: list, spec) -> str:
+    from fwdfed.memory import format_size
+
+    speeds = [p.speed for p in profiles]
+    mems = [p.mem_budget_bytes or 0 for p in profiles]
+    return (f"profiles (seed {spec.seed}): speed x{min(speeds):.2f}-x{max(speeds):.2f}, dropout {spec.dropout:g} per task, "
+            f"budget {format_size(min(mems))}-{format_size(max(mems))}")
 
 
 if __name__ == "__main__":
