@@ -442,7 +442,9 @@ def list_credentials(args) -> int:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
 
     for c in existing_store(args.db).credentials():
-        print(f"{c.device_id}\tenrolled {when(c.created_at)}\t" + (f"revoked {when(c.revoked_at)}" if c.revoked_at else "valid"))
+        kind = f"Ed25519 key {c.public_key[:16]}" if c.public_key else "bearer token (serve --allow-bearer only)"
+        print(f"{c.device_id}\tenrolled {when(c.created_at)}\t{kind}\t"
+              + (f"revoked {when(c.revoked_at)}" if c.revoked_at else "valid"))
     return 0
 
 

@@ -49,6 +49,7 @@ def test_enrol_revoke_credentials_and_status_run_without_torch(tmp_path):
     assert revoked.returncode == 0 and "b: revoked" in revoked.stdout, revoked.stderr
     listed = coordinator_without_torch("credentials", "--db", str(db))
     assert listed.returncode == 0 and "valid" in listed.stdout and "revoked" in listed.stdout, listed.stderr
+    assert listed.stdout.count("\tEd25519 key ") == 2  # enrol's credentials are keys (--bearer: tokens)
 
     config = JobConfig(rounds=2, devices_per_round=1, min_devices=1, round_deadline_s=10, hparams={"lr": 1e-3})
     open_store(db).create_job(job_from_bundle("job-1", "/bundle", FakeManifest, config), np.zeros(8, np.float32))
