@@ -16,7 +16,8 @@ from fwdfed import handshake
 def answers(java_core, tmp_path, credential: str, device_id: str, when: int, *challenges: str) -> list[str]:
     path = tmp_path / "credential.pem"
     path.write_text(credential)
-    return java_core.run("HandshakeCheck", path, device_id, str(when), *challenges, check=False).stdout.decode().splitlines()
+    result = java_core.run("HandshakeCheck", path, device_id, str(when), *challenges, check=False)
+    return result.stdout.decode().splitlines()
 
 
 def test_java_answers_verify_with_the_enrolled_key_and_bind_the_nonce(java_core, tmp_path):
@@ -27,7 +28,8 @@ def test_java_answers_verify_with_the_enrolled_key_and_bind_the_nonce(java_core,
     lines = answers(java_core, tmp_path, private, "téléphone-1", when, *map(handshake.challenge_header, nonces),
                     f'fwdfed-ed25519   nonce="{nonces[0]}" ', "Bearer", 'FwdFed-Ed25519 nonce="short"')
     assert [line.split(" ", 1)[0] for line in lines] == ["ok", "ok", "ok", "error", "error"]
-    assert lines[3] == "error the coordinator's challenge is not 'FwdFed-Ed25519 nonce=\"<32 bytes, base64url>\"': Bearer"
+    assert lines[3] == ("error the coordinator's challenge is not 'FwdFed-Ed25519 nonce=\"<32 bytes, base64url>\"': "
+                        "Bearer")
     parsed = [handshake.Answer(handshake.scheme_of(line[3:])[1]) for line in lines[:3]]
     assert all(a.verifies(key) for a in parsed)
     assert [(a.device_id, a.nonce, a.time) for a in parsed] == [("téléphone-1", n, when) for n in (*nonces, nonces[0])]

@@ -192,7 +192,8 @@ def test_ten_thousand_malformed_frames_while_devices_finish_their_rounds(tmp_pat
     # whole fuzz hits a job in progress, and the rest of the job runs under fire too. The
     # fuzzers' message rate is raised so that every frame reaches the parser (the limiter has its
     # own test); a fuzzer sampled for a task loses it with its first malformed frame.
-    coordinator = Coordinator(db, "--auth", "token", "--allow-bearer", "--bundle", str(tiny_llama_bundle), "--rounds", "3",
+    coordinator = Coordinator(db, "--auth", "token", "--allow-bearer", "--bundle", str(tiny_llama_bundle),
+                              "--rounds", "3",
                               "--devices-per-round", "2", "--local-steps", "20", "--device-timeout", "1",
                               "--round-deadline", "600", "--max-messages-per-s", "1000", "--sqlite-sync", "normal")
     log = (tmp_path / "devices.log").open("w")

@@ -30,8 +30,8 @@ public final class DeviceClient {
     /** How to reach the coordinator and who this device is. */
     public static final class Config {
         public final String url;
-        // The device's Ed25519 private key (PKCS#8 PEM, from `coordinator enrol`), or a bearer token (`enrol --bearer`);
-        // null: no credential (a coordinator run with --auth none). See DeviceCredential.
+        // The device's Ed25519 private key (PKCS#8 PEM, from `coordinator enrol`), or a bearer token
+        // (`enrol --bearer`); null: no credential (a coordinator run with --auth none). See DeviceCredential.
         public final String token;
         public final byte[] caPem;  // null: the system's CAs only
         public final String deviceId;

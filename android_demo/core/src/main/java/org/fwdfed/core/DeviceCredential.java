@@ -50,7 +50,8 @@ public final class DeviceCredential {
                     + "(-----BEGIN PRIVATE KEY-----), as `python -m coordinator enrol` writes");
         }
         try {
-            return KeyFactory.getInstance("Ed25519").generatePrivate(new PKCS8EncodedKeySpec(Base64.getDecoder().decode(body)));
+            byte[] der = Base64.getDecoder().decode(body);
+            return KeyFactory.getInstance("Ed25519").generatePrivate(new PKCS8EncodedKeySpec(der));
         } catch (IllegalArgumentException | GeneralSecurityException e) {
             throw new DeviceException("the device's private key is not an Ed25519 PKCS#8 PEM key: " + e.getMessage());
         }
@@ -61,7 +62,7 @@ public final class DeviceCredential {
         return key != null;
     }
 
-    /** The first request's `Authorization` value: the bearer token's; null for a key (the request gets the challenge). */
+    /** The first request's `Authorization`: the bearer token's; null for a key (that request gets the challenge). */
     public String firstAuthorization() {
         return bearer == null ? null : "Bearer " + bearer;
     }
