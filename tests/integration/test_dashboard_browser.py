@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import open_store
+from fwdfed import protocol
 from tests.conftest import ROOT, TINYSTORIES, run_command
 from tests.support.fleet import Coordinator, enrol
 
@@ -153,12 +154,17 @@ def test_the_live_page_follows_a_real_job_and_agrees_with_status(tmp_path, stori
         assert_matches_status(page, db)
         assert page.inner_text("#refusal-recent [data-field=reason]") == INJECTED
         assert page.evaluate("() => window.injected") is None
-        adapter_bytes = 4 * store.latest_job().adapter_dim
-        for device in store.devices():  # bytes: as stored, and at least an adapter per task received
+        job = store.latest_job()
+        # The smallest task frame a device can get: a seed-form task of no version (docs/protocol.md).
+        smallest_task = len(protocol.Task(task_id="", job_id=job.id, round=1, global_version=0,
+                                          base_model_hash=job.base_model_hash, adapter=b"", adapter_sha256="",
+                                          method=job.method, hparams={}, deadline_s=0.0, reference=b"",
+                                          history=[]).to_wire())
+        for device in store.devices():  # bytes: as stored, and at least a task frame per round received
             shown = page.locator(f'#devices tr[data-device="{device.id}"]')
             assert shown.get_attribute("data-bytes-up") == str(device.bytes_up) and device.bytes_up > 0
             assert shown.get_attribute("data-bytes-down") == str(device.bytes_down)
-            assert device.bytes_down > ROUNDS * adapter_bytes
+            assert device.bytes_down > ROUNDS * smallest_task
 
         # The same job as one static file: the same figures, the plot drawn with nothing fetched.
         static = tmp_path / "job.html"
