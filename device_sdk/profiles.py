@@ -14,6 +14,7 @@ Data size skew is the partition's (`--size-skew`, device_sdk.data). Profiles are
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import zlib
@@ -26,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from device_sdk.client import Device
 
 MIB = 1024 * 1024
+log = logging.getLogger("device")
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,10 @@ class DroppedOut(ConnectionClosed):
 
     def __init__(self, device_id: str, task_id: str):
         super().__init__(None, None)
-        self.reason = f"{device_id} dropped out of task {task_id} (profile)"
+        self.what = f"{device_id} dropped out of task {task_id} (profile)"
 
     def __str__(self) -> str:
-        return self.reason
+        return self.what
 
 
 class ProfiledDevice(Device):
@@ -142,6 +144,8 @@ class ProfiledDevice(Device):
                                          attempt])
             if rng.random() < self.profile.dropout:
                 self.dropouts += 1
+                log.info("%s: dropping out of task %s before uploading (profile, attempt %d)", self.config.device_id,
+                         task.task_id, attempt)
                 raise DroppedOut(self.config.device_id, task.task_id)
         return update
 

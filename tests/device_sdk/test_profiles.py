@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
+from device_sdk.client import Device
 from device_sdk.emulate import parse_args
-from device_sdk.profiles import MIB, ProfileSpec
+from device_sdk.profiles import MIB, DroppedOut, Profile, ProfiledDevice, ProfileSpec
 
 BASE = ["--mem", "1GB", "--coordinator", "ws://127.0.0.1:1", "--bundle", "b", "--data", "d"]
 
@@ -66,3 +69,51 @@ def test_speed_is_log_uniform_not_uniform():
     spec = ProfileSpec(seed=0, speed=(0.25, 4.0))
     speeds = [spec.draw(f"d{i}", None).speed for i in range(2000)]
     assert sum(s < math.sqrt(0.25 * 4.0) for s in speeds) / len(speeds) == pytest.approx(0.5, abs=0.04)
+
+
+def profiled(monkeypatch, profile: Profile, seconds: float) -> ProfiledDevice:
+    """A ProfiledDevice whose Device.train takes `seconds` of the clock and returns a marker (the one piece
+    under test is the profile's clock and dropout, not training)."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(Device, "train", lambda self, task: "update")
+    monkeypatch.setattr("device_sdk.profiles.time.perf_counter", lambda: next(clock) * seconds)
+    device = object.__new__(ProfiledDevice)
+    device.config = SimpleNamespace(device_id=profile.device_id)
+    device.profile, device.spec_seed = profile, 5
+    device.train_seconds = device.simulated_seconds = 0.0
+    device.dropouts, device.attempts = 0, {}
+    return device
+
+
+def attempts(device: ProfiledDevice, rounds: int, tries: int) -> list[list[bool]]:
+    """Per round, whether each try dropped out."""
+    out = []
+    for r in range(rounds):
+        task = SimpleNamespace(round=r, task_id=f"t{r}")
+        row = []
+        for _ in range(tries):
+            try:
+                assert device.train(task) == "update"
+                row.append(False)
+            except DroppedOut as e:
+                assert isinstance(e, ConnectionClosed) and "dropped out of task" in str(e)
+                row.append(True)
+        out.append(row)
+    return out
+
+
+def test_the_simulated_clock_runs_at_the_profiles_speed(monkeypatch):
+    device = profiled(monkeypatch, Profile("emu-0", speed=2.5), seconds=0.5)
+    assert attempts(device, 3, 1) == [[False]] * 3
+    assert device.train_seconds == pytest.approx(1.5) and device.simulated_seconds == pytest.approx(3.75)
+
+
+def test_dropout_is_seeded_by_device_round_and_attempt(monkeypatch):
+    first = attempts(profiled(monkeypatch, Profile("emu-0", dropout=0.5), 0.1), 20, 4)
+    again = attempts(profiled(monkeypatch, Profile("emu-0", dropout=0.5), 0.1), 20, 4)
+    other = attempts(profiled(monkeypatch, Profile("emu-1", dropout=0.5), 0.1), 20, 4)
+    assert first == again and first != other
+    share = sum(map(sum, first)) / 80
+    assert 0.35 < share < 0.65
+    assert any(row[0] and not row[1] for row in first)  # a retried task may go through
+    assert not any(map(any, attempts(profiled(monkeypatch, Profile("emu-0"), 0.1), 20, 4)))  # dropout 0
