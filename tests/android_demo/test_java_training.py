@@ -29,6 +29,8 @@ TASKS = {
                                     "block_start": 512, "block_end": 4096}),
     "fwdgrad-candidates": ("fwdgrad", {"lr": 0.01, "eps": 1e-2, "local_steps": 4, "directions": 4, "kind": "gaussian",
                                        "candidates": 3, "wave": 1}),
+    "fzoo-linear": ("fzoo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 3, "kind": "rademacher",
+                             "schedule": "linear"}),
     # FedKSeed: every seed one of the job's pool of 16 (docs/directions.md), drawn as each device draws them
     "mezo-seed-pool": ("mezo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 2, "kind": "rademacher",
                                 "seed_pool": 16, "seed_pool_key": f"{pool_key('job'):016x}"}),

@@ -25,6 +25,14 @@ public final class LocalRun {
         }
     }
 
+    /** Coefficients made in double (fzoo's, as fwdfed/methods/fzoo.py records them), kept as they are. */
+    void add(long[] stepSeeds, double[] coefs) {
+        for (int k = 0; k < stepSeeds.length; k++) {
+            seeds.add(stepSeeds[k]);
+            raw.add(coefs[k] / scale);
+        }
+    }
+
     void decay(double factor) {
         scale *= factor;
     }

@@ -4,11 +4,13 @@ import java.util.List;
 
 /**
  * The forward-only methods this device runs, by the name a task's `method` gives
- * (fwdfed/methods/: mezo, fwdgrad, onesided). The dense baselines (backprop, class-stats) need
- * autograd or features the Java device does not have; a task naming them is refused.
+ * (fwdfed/methods/: mezo, fwdgrad, onesided, fzoo). The others are refused by name: the dense
+ * baselines (backprop, class-stats) need autograd or a features method the Java device does not
+ * run, and fedkd needs a teacher program it does not load (tests/android_demo/test_methods_registry.py
+ * checks that this list and this comment keep in step with the Python registry).
  */
 public final class Methods {
-    public static final List<String> NAMES = List.of("mezo", "fwdgrad", "onesided");
+    public static final List<String> NAMES = List.of("mezo", "fwdgrad", "onesided", "fzoo");
 
     private Methods() {}
 
@@ -25,6 +27,8 @@ public final class Methods {
                 return ForwardGradient.Config.fromHparams(hparams);
             case "onesided":
                 return OneSided.Config.fromHparams(hparams);
+            case "fzoo":
+                return Fzoo.Config.fromHparams(hparams);
             default:
                 throw new IllegalArgumentException("unknown method " + method);
         }

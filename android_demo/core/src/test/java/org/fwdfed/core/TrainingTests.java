@@ -212,6 +212,71 @@ final class TrainingTests {
         equal(3, run.seeds().length, "n pairs");
     }
 
+    static void testFzooDividesTheOneSidedDifferencesByTheirSpread() {
+        int d = 16;
+        float[] w = vector(d, 0.3f);
+        Quadratic program = new Quadratic(vector(d, -0.2f), 8);
+        Fzoo.Config config = new Fzoo.Config(0.01, 1e-2, 3, "rademacher", "constant", null);
+        Fzoo fzoo = new Fzoo(program, w, config, seeds(4, 5, 6));
+        LocalRun run = fzoo.train(batches(1), 1, StepGuard.NONE);
+        float[][] call = program.calls.get(0);
+        equal(4, call.length, "P = n + 1");
+        check(java.util.Arrays.equals(call[0], w), "the first vector is w itself");
+        float[] losses = Losses.weightedMean(program.loss(new int[2][3], null, null, call), new float[] {1, 1});
+        double mean = ((double) losses[1] + losses[2] + losses[3]) / 3;
+        double var = 0;
+        for (int k = 1; k <= 3; k++) {
+            var += (losses[k] - mean) * (losses[k] - mean);
+        }
+        double sigma = Math.sqrt(var / 3);
+        float[] master = fzoo.adapter();
+        float[] moved = new float[d];
+        for (int k = 0; k < 3; k++) {
+            double exact = -0.01 * (losses[k + 1] - (double) losses[0]) / (sigma * 3);
+            equal(exact, run.coefs()[k], "coef_k = -lr (L_k - L_0) / (sigma n) in double, direction " + k);
+            float coef = (float) exact;
+            float[] z = Directions.rademacher(4 + k, 0, d);
+            for (int i = 0; i < d; i++) {
+                moved[i] = k == 0 ? coef * z[i] : moved[i] + coef * z[i];
+            }
+        }
+        for (int i = 0; i < d; i++) {
+            check(master[i] == w[i] + moved[i], "the master copy moved by sum coef z, element " + i);
+        }
+        // The step does not depend on the loss's scale (the point of dividing by sigma, not eps).
+        float[] steeper = new float[losses.length];
+        for (int k = 0; k < losses.length; k++) {
+            steeper[k] = 1024f * losses[k];
+        }
+        double[] a = Fzoo.normalisedCoefficients(losses, 0.01);
+        double[] b = Fzoo.normalisedCoefficients(steeper, 0.01);
+        for (int k = 0; k < 3; k++) {
+            check(Math.abs(a[k] - b[k]) <= 1e-12 * Math.abs(a[k]) + 1e-15, "the same step for 1024 x the loss, " + k);
+        }
+        raises(IllegalArgumentException.class, "at least 2 directions",
+                () -> new Fzoo.Config(0.01, 1e-2, 1, "rademacher", "constant", null));
+    }
+
+    static void testFzooSkipsAStepWhoseLossesDoNotSpread() {
+        int d = 4;
+        float[] w = vector(d, 0.3f);
+        LossProgram flat = new LossProgram() {
+            @Override
+            public float[][] loss(int[][] ids, int[][] mask, int[][] labels, float[][] adapters) {
+                return new float[adapters.length][ids.length];
+            }
+
+            @Override
+            public int maxPerturbations() {
+                return 8;
+            }
+        };
+        Fzoo fzoo = new Fzoo(flat, w, new Fzoo.Config(0.01, 1e-2, 2, "rademacher", "constant", null), seeds(1, 2));
+        LocalRun run = fzoo.train(batches(1), 1, StepGuard.NONE);
+        equal(0, run.seeds().length, "sigma = 0: no step, no pairs");
+        check(java.util.Arrays.equals(fzoo.adapter(), w), "and the adapter unchanged");
+    }
+
     static void testSeedStreamIsReproducibleAndDiffersAcrossRoundsAndDevices() {
         long[] a = new SeedStream(0, 1, 0, "java-1").next(5);
         check(java.util.Arrays.equals(a, new SeedStream(0, 1, 0, "java-1").next(5)), "the same task, the same seeds");
