@@ -83,6 +83,13 @@ def parse_args(argv):
         parser.error("--connect-timeout must be positive")
     if not (math.isfinite(args.ray_cpus) and args.ray_cpus > 0):
         parser.error(f"--ray-cpus must be a number > 0, got {args.ray_cpus!r}")
+    if args.ray not in (None, LOCAL_RAY):
+        from device_sdk.ray_fleet import split_address
+
+        try:
+            split_address(args.ray)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         args.profile_spec = spec_of(args)
     except ValueError as e:

@@ -26,11 +26,32 @@ def import_ray():
     return ray
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """ADDRESS as (host, port); ValueError unless it is host:port."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ray ADDRESS must be host:port (the head's, as `ray start --head --port` printed), "
+                         f"got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str) -> None:
+    """A plain TCP connection to the head first: ray.init would retry an unreachable one for minutes."""
+    import socket
+
+    try:
+        socket.create_connection(split_address(address), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
 def start(address: str | None, local_cpus: int):
     """Connect to the cluster at `address`, or start a local one of `local_cpus` CPUs."""
     if address is None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
     ray = import_ray()
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)

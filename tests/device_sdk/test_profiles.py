@@ -12,6 +12,7 @@ from device_sdk.client import Device
 from device_sdk.emulate import parse_args
 from device_sdk.profiles import MIB, DroppedOut, Profile, ProfiledDevice, ProfileSpec
 
+RAY_ADDRESS = "--ray ADDRESS must be host:port (the head's, as `ray start --head --port` printed)"
 BASE = ["--mem", "1GB", "--coordinator", "ws://127.0.0.1:1", "--bundle", "b", "--data", "d"]
 
 
@@ -55,6 +56,8 @@ def test_the_flags_make_the_spec():
     (["--profile-mem", "1KB"], "--profile-mem: a budget must be at least 1 MiB, got '1KB'"),
     (["--ray-cpus", "0"], "--ray-cpus must be a number > 0, got 0.0"),
     (["--workers", "5"], "--workers must be between 1 and --devices"),
+    (["--ray", "nohost"], f"{RAY_ADDRESS}, got 'nohost'"),
+    (["--ray", "h:99999"], f"{RAY_ADDRESS}, got 'h:99999'"),
 ])
 def test_bad_profile_values_get_one_clear_error(flags, error, capsys):
     with pytest.raises(SystemExit) as exit_:
