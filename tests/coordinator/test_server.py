@@ -191,6 +191,30 @@ def test_an_update_refused_for_its_content_forfeits_its_task_and_another_device_
     assert [t.device_id for t in tasks if t.abandoned_at is None] == [other]
 
 
+def test_each_content_refusal_comes_with_its_code_and_costs_the_task(tmp_path):
+    """Over one task each: the code leading the ack's reason, nothing stored, the task forfeited."""
+    c = coordinator(tmp_path, limits=Limits(require_credentials=False, max_update_rms=0.5))
+    rnd = c.store.start_round(c.job.id, 1, 0)
+    base = dict(job_id=c.job.id, round=1, global_version=0, seeds=[1, 2], coefs=[1e-3, -1e-3], scale=1.0, dense=b"",
+                num_examples=10, loss_before=1.0, loss_after=0.9, peak_rss_bytes=1)
+    poisoned = [  # the task allows local_steps 2 x directions 1 = 2 pairs; d = 16
+        ("too_many_pairs", dict(seeds=[1, 2, 3], coefs=[1e-3] * 3)),
+        ("bad_scale", dict(scale=0.0)),
+        ("wrong_dimension", dict(dense=b"\0" * 12)),
+        ("wrong_dimension", dict(dense=b"\0" * 3)),  # not whole float32 values: still a refusal, not a crash
+        ("non_finite", dict(dense=b"\xff" * 64)),
+        ("norm_bound", dict(coefs=[1.0, 1.0])),
+    ]
+    for i, (code, fields) in enumerate(poisoned):
+        device_id = f"d{i}"  # a device has one task a wave
+        c.store.touch_device(device_id, 1, None)
+        (task,) = c.store.add_tasks(rnd.id, 0, {device_id: dict(c.job.hparams)})
+        ack = c._accept(device_id, protocol.Update(task_id=task.id, **{**base, **fields}))
+        assert not ack.accepted and ack.reason.startswith(f"{code}: "), (code, ack.reason)
+        assert c.store.task(task.id).forfeited == code
+    assert c.store.updates(rnd.id) == []
+
+
 def test_the_bearer_scheme_is_read_in_any_case():
     def request(value):
         return Request("/", Headers({"Authorization": value}))

@@ -35,7 +35,9 @@ class ProtocolClient:
             return await connect(self.url, **options)
         try:
             return await connect(self.url, **options)
-        except InvalidStatus as e:  # the challenge: sign its nonce
+        except InvalidStatus as e:  # the challenge (401): sign its nonce; any other refusal (503, 403) is the answer
+            if e.response.status_code != 401:
+                raise
             nonce = handshake.parse_challenge(e.response.headers.get("WWW-Authenticate", ""))
         signed = handshake.answer(self.key, self.signer, nonce, int(time.time()))
         return await connect(self.url, **dict(options, additional_headers={"Authorization": signed}))
