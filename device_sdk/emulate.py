@@ -129,7 +129,7 @@ def run_devices(configs: list, profiles: list, spec_seed: int, results) -> None:
     run_main(main)
 
 
-def report(workers: list[dict], budget: str) -> list[dict]:
+def report(workers: list[dict]) -> list[dict]:
     """One line per device and per worker, as the emulator has always printed; the devices' records."""
     from fwdfed.memory import format_size
 
@@ -140,8 +140,9 @@ def report(workers: list[dict], budget: str) -> list[dict]:
                   f"(speed x{r['speed']:.2f}, {r['dropouts']} dropouts)", flush=True)
             records.append(r)
         where = "" if w["node"] == "local" else f" on Ray node {w['node']}"
+        budget = max(r["mem_budget_bytes"] or 0 for r in w["devices"])  # --mem, or its devices' largest profile's
         print(f"worker of {len(w['devices'])} device(s){where}: peak RSS {format_size(w['peak_rss'])} "
-              f"(budget {budget} per device)", flush=True)
+              f"(budget {format_size(budget) if budget else 'none'} per device)", flush=True)
     return sorted(records, key=lambda r: r["device_id"])
 
 
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         failures = [f"{len(failed)} of {len(configs)} devices failed: {', '.join(failed)}"] if failed else []
     else:
         workers, failures = run_on_ray(args, configs, profiles)
-    records = report(workers, format_size(args.mem_bytes))
+    records = report(workers)
     if args.profile_out is not None:
         from device_sdk.profiles import write_record
 
