@@ -107,15 +107,10 @@ public final class Fzoo implements Optimizer {
         long[] stepSeeds = seeds.next(n);
         float epsF = (float) c.eps;
         float[][] z = new float[n][];
-        float[][] adapters = new float[n + 1][];
-        adapters[0] = adapter;
         for (int k = 0; k < n; k++) {
             z[k] = Directions.blockDirection(stepSeeds[k], d, c.kind, c.block);
-            adapters[k + 1] = new float[d];
-            for (int j = 0; j < d; j++) {
-                adapters[k + 1][j] = adapter[j] + epsF * z[k][j];
-            }
         }
+        float[][] adapters = OneSided.sharedAndPerturbed(adapter, z, epsF);
         float[] losses = Losses.weightedMean(Losses.perExample(program, batch, adapters), batch.weights);
         double[] exact = normalisedCoefficients(losses, lr);
         if (exact == null) {
@@ -125,15 +120,7 @@ public final class Fzoo implements Optimizer {
         for (int k = 0; k < n; k++) {
             coefs[k] = (float) exact[k];
         }
-        float[] next = new float[d];
-        for (int j = 0; j < d; j++) {
-            float moved = coefs[0] * z[0][j];
-            for (int k = 1; k < n; k++) {
-                moved += coefs[k] * z[k][j];
-            }
-            next[j] = adapter[j] + moved;
-        }
-        adapter = next;
+        adapter = OneSided.moved(adapter, coefs, z);
         run.add(stepSeeds, exact);  // the doubles, as the Python device uploads them; the adapter moved by floats
         run.recordLoss(losses[0]);
     }

@@ -69,15 +69,10 @@ public final class OneSided implements Optimizer {
             Batch batch = batches.get(i % batches.size());
             long[] stepSeeds = seeds.next(n);
             float[][] z = new float[n][];
-            float[][] adapters = new float[n + 1][];
-            adapters[0] = adapter;
             for (int k = 0; k < n; k++) {
                 z[k] = Directions.blockDirection(stepSeeds[k], d, c.kind, c.block);
-                adapters[k + 1] = new float[d];
-                for (int j = 0; j < d; j++) {
-                    adapters[k + 1][j] = adapter[j] + epsF * z[k][j];
-                }
             }
+            float[][] adapters = sharedAndPerturbed(adapter, z, epsF);
             float[] losses = Losses.weightedMean(Losses.perExample(program, batch, adapters), batch.weights);
             float[] coefs = new float[n];
             boolean finite = true;
@@ -86,20 +81,38 @@ public final class OneSided implements Optimizer {
                 finite &= Float.isFinite(coefs[k]);
             }
             if (finite) {
-                float[] next = new float[d];
-                for (int j = 0; j < d; j++) {
-                    float moved = coefs[0] * z[0][j];
-                    for (int k = 1; k < n; k++) {
-                        moved += coefs[k] * z[k][j];
-                    }
-                    next[j] = adapter[j] + moved;
-                }
-                adapter = next;
+                adapter = moved(adapter, coefs, z);
                 run.add(stepSeeds, coefs);
                 run.recordLoss(losses[0]);
             }
             guard.afterStep();
         }
         return run;
+    }
+
+    /** [w, w + eps z_1, ..., w + eps z_n]: one call's vectors for a one-sided step (w itself shared). */
+    static float[][] sharedAndPerturbed(float[] adapter, float[][] z, float eps) {
+        float[][] adapters = new float[z.length + 1][];
+        adapters[0] = adapter;
+        for (int k = 0; k < z.length; k++) {
+            adapters[k + 1] = new float[adapter.length];
+            for (int j = 0; j < adapter.length; j++) {
+                adapters[k + 1][j] = adapter[j] + eps * z[k][j];
+            }
+        }
+        return adapters;
+    }
+
+    /** w + sum_k coef_k z_k, the sum in float32 in k's order (as numpy's coefs @ z for these sizes). */
+    static float[] moved(float[] adapter, float[] coefs, float[][] z) {
+        float[] next = new float[adapter.length];
+        for (int j = 0; j < next.length; j++) {
+            float sum = coefs[0] * z[0][j];
+            for (int k = 1; k < coefs.length; k++) {
+                sum += coefs[k] * z[k][j];
+            }
+            next[j] = adapter[j] + sum;
+        }
+        return next;
     }
 }
