@@ -128,9 +128,6 @@ REVOKED = "this device's credential was revoked, or replaced by enrolling the de
 SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this much (float rounding)
 # Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
-# An update refused for its content (_poisoning) costs its task: the device would only send the same again,
-# and the round would wait for its deadline on a task nobody will answer; another idle device takes it.
-CONTENT_REFUSALS = {"too_many_pairs", "outside_pool", "bad_scale", "wrong_dimension", "non_finite", "norm_bound"}
 
 
 class Coordinator:
@@ -428,10 +425,6 @@ class Coordinator:
             code, reason = refusal
             self.store.add_refusal(self.job.id, device_id, code, reason)
             log.warning("refused update %s from %s (%s): %s", update.task_id, device_id, code, reason)
-            if code in CONTENT_REFUSALS:
-                self.store.forfeit_task(task.id, code)
-                log.warning("%s forfeited task %s (%s), reassigning", device_id, task.id, code)
-                self.changed.set()
             # The code leads the reason (docs/protocol.md): a device can act on it without parsing words.
             return protocol.Ack(task_id=update.task_id, accepted=False, reason=f"{code}: {reason}"[: protocol.MAX_TEXT])
         log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",

@@ -100,7 +100,7 @@ def test_a_pooled_round_aggregates_by_seed_as_the_updates_would_one_by_one(tmp_p
     assert np.array_equal(strategy.aggregate(w.copy(), list(updates)), new)
 
 
-def test_an_update_with_a_seed_outside_the_pool_is_refused_and_forfeits_its_task(tmp_path):
+def test_an_update_with_a_seed_outside_the_pool_is_refused_and_the_device_keeps_its_task(tmp_path):
     async def scenario():
         c = pooled_coordinator(tmp_path)
         c.store.touch_device("d", 1, None)
@@ -115,5 +115,5 @@ def test_an_update_with_a_seed_outside_the_pool_is_refused_and_forfeits_its_task
         return c._accept("d", update), c.store.task(task.id), c
 
     ack, task, c = asyncio.run(scenario())
-    assert not ack.accepted and ack.reason.startswith("outside_pool: seed ") and task.forfeited == "outside_pool"
+    assert not ack.accepted and ack.reason.startswith("outside_pool: seed ") and task.abandoned_at is None
     assert [r.code for r in c.store.refusals(c.job.id)] == ["outside_pool"] and not c.store.updates(task.round_id)

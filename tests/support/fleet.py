@@ -77,8 +77,9 @@ def run_job(tmp_path, bundle, data, rounds, hparams, eval_examples=128, devices=
                               str(devices), "--round-deadline", "300", *hparams)
     try:
         devices_run = emulate(coordinator.url, bundle, data, devices, "--credentials", str(credentials), *emulate_args)
-        # Failed devices leave the coordinator waiting for its round: say why now, not at its timeout.
-        assert devices_run.returncode == 0, devices_run.stderr[-3000:]
+        # Failed devices leave the coordinator waiting for its round: say why now, not at its timeout,
+        # with the coordinator's side (it may be the one that died).
+        assert devices_run.returncode == 0, (devices_run.stderr[-3000:], coordinator.stderr()[-3000:])
         code, out, err = coordinator.wait()
     finally:
         coordinator.kill()
