@@ -520,8 +520,9 @@ class Coordinator:
         return None
 
     # ---- rounds ----
-    def _history(self) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-        """Per device: train loss per closed round, and its dense change in the latest one."""
+    def _lr_history(self) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+        """Per device, for the client lr strategies: train loss per closed round, and its dense change in the
+        latest one."""
         losses: dict[str, list[float]] = {}
         last: dict[str, np.ndarray] = {}
         need_deltas = self.options.lr_strategy == "model-diff"
@@ -673,7 +674,7 @@ class Coordinator:
         if scheduled is not None:
             hparams = {device_id: dict(scheduled, wave=rnd.wave) for device_id in chosen}
         else:
-            hparams = self.strategy.configure(rnd.wave, block, chosen, self._history, self.rng)
+            hparams = self.strategy.configure(rnd.wave, block, chosen, self._lr_history, self.rng)
         tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
         for task in tasks:
