@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +67,28 @@ def export_bundle(out: Path, *args: str, timeout: float = 600) -> Path:
     return out
 
 
+def exported_once(tmp_path_factory, name: str, export) -> Path:
+    """`export(folder)` run once for all of this run's xdist workers (an export is minutes of one busy
+    core, and both workers need the common bundles). The folder is shared: a test that alters a bundle
+    copies it first (as every test here does)."""
+    here = tmp_path_factory.getbasetemp()
+    shared = (here.parent if os.environ.get("PYTEST_XDIST_WORKER") else here) / "exported-once"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for this export instead of running its own
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            export(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def stories_bundle(tmp_path_factory) -> Path:
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "stories", "--model", str(STORIES))
+    return exported_once(tmp_path_factory, "stories", lambda f: export_bundle(f, "--model", str(STORIES)))
 
 
 # Prompt tuning on stories260K initialised from text, small shapes: the prompt-learning export tests and
@@ -82,22 +101,22 @@ STORIES_PROMPT_FLAGS = ("--adapter", "prompt-tuning", "--prompt-init", "text", "
 def stories_prompt_bundle(tmp_path_factory) -> Path:
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "stories-prompt", "--model", str(STORIES),
-                         *STORIES_PROMPT_FLAGS)
+    return exported_once(tmp_path_factory, "stories-prompt", lambda f: export_bundle(
+        f, "--model", str(STORIES), *STORIES_PROMPT_FLAGS))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_bundle(tmp_path_factory) -> Path:
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "tiny-llama", "--preset", "tiny-llama",
-                         "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4")
+    return exported_once(tmp_path_factory, "tiny-llama", lambda f: export_bundle(
+        f, "--preset", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4"))
 
 
 @pytest.fixture(scope="session")
 def split_bundle(tmp_path_factory) -> Path:
     """A 2-class DistilBERT (2 blocks) with LoRA on its top block, split into prefix and top; small shapes."""
-    return export_bundle(tmp_path_factory.mktemp("bundles") / "split", "--preset", "tiny-distilbert", "--num-labels",
-                         "2", "--adapter-blocks", "top:1", "--batch-size", "4", "--seq-len", "32",
-                         "--max-perturbations", "5", timeout=1200)
+    return exported_once(tmp_path_factory, "split", lambda f: export_bundle(
+        f, "--preset", "tiny-distilbert", "--num-labels", "2", "--adapter-blocks", "top:1", "--batch-size", "4",
+        "--seq-len", "32", "--max-perturbations", "5", timeout=1200))
 
 
 @pytest.fixture(scope="session")
@@ -106,10 +125,14 @@ def offsite_bundles(tmp_path_factory) -> tuple[Path, Path]:
     full model, both with LoRA on blocks 0 and 4; small shapes, exported once. (emulator, full)."""
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
-    folder = tmp_path_factory.mktemp("offsite")
-    export_bundle(folder / "emulator", "--model", str(STORIES), "--emulator", "drop-layers", "--keep-first", "1",
-                  "--keep-last", "1", "--drop-fraction", "0.5", "--full-out", str(folder / "full"),
-                  "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2", timeout=1200)  # two exports
+
+    def export_pair(folder: Path):  # one command writes both
+        folder.mkdir()
+        export_bundle(folder / "emulator", "--model", str(STORIES), "--emulator", "drop-layers", "--keep-first", "1",
+                      "--keep-last", "1", "--drop-fraction", "0.5", "--full-out", str(folder / "full"),
+                      "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2", timeout=1200)
+
+    folder = exported_once(tmp_path_factory, "offsite", export_pair)
     return folder / "emulator", folder / "full"
 
 
