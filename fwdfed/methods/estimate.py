@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -81,6 +81,39 @@ def check_count(name: str, value: int, limit: int) -> None:
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """What every estimator's step reads, checked in one place: the learning rate, the perturbation size
+    eps (the forward gradient's finite-difference step h), n directions a step, their kind
+    (docs/directions.md), and the adapter block they are restricted to. A method's config extends it with
+    its own fields, and may give these other defaults."""
+
+    lr: float = 1e-3
+    eps: float = 1e-2
+    directions: int = 1
+    kind: str = "rademacher"
+    block: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("eps", self.eps)
+        check_count("directions", self.directions, MAX_DIRECTIONS)
+        check_kind(self.kind)
+
+    @classmethod
+    def step_hparams(cls, hparams: dict) -> dict:
+        """These fields read from a task's hparams: `lr` and `eps` required, `directions` and `kind` this
+        config's defaults when absent, the block from `block_start`/`block_end`."""
+        default = {f.name: f.default for f in fields(cls)}
+        return dict(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
+                    directions=hparam(hparams, "directions", int, default["directions"]),
+                    kind=hparam(hparams, "kind", str, default["kind"]), block=parse_block(hparams))
+
+    def step_fields(self) -> dict:
+        """This config's shared fields, for the step config of the method it runs (fedkd runs MeZO's)."""
+        return {f.name: getattr(self, f.name) for f in fields(StepConfig)}
 
 
 def parse_steps(hparams: dict) -> int:

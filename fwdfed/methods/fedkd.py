@@ -34,7 +34,7 @@ import numpy as np
 from fwdfed.batch import Batch
 from fwdfed.bundle.tasks import IGNORE_INDEX
 from fwdfed.methods.base import Hparam, Method
-from fwdfed.methods.estimate import LocalRun, hparam, parse_block
+from fwdfed.methods.estimate import LocalRun, StepConfig, hparam
 from fwdfed.methods.mezo import Mezo, MezoConfig
 
 MAX_TEMPERATURE = 100.0  # softmax(z / T) is uniform to float precision well before this
@@ -94,32 +94,25 @@ def check_teacher_hash(value: str) -> None:
         raise ValueError(f"teacher_sha256 must be a program's sha256 (64 lowercase hex digits), got {value[:80]!r}")
 
 
-@dataclass(frozen=True)
-class FedKDConfig:
+@dataclass(frozen=True, kw_only=True)
+class FedKDConfig(StepConfig):
     teacher_sha256: str
-    lr: float = 1e-3
-    eps: float = 1e-2
-    directions: int = 1
-    kind: str = "rademacher"
     kd_weight: float = DEFAULT_WEIGHT  # a: the share of the teacher's distribution in the loss
     kd_temperature: float = DEFAULT_TEMPERATURE  # T
-    block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        self.mezo_config()  # the step's own values, checked as MeZO checks them
+        super().__post_init__()
         check_weight(self.kd_weight)
         check_temperature(self.kd_temperature)
         check_teacher_hash(self.teacher_sha256)
 
     def mezo_config(self) -> MezoConfig:
         """The MeZO step this method takes on the distillation objective."""
-        return MezoConfig(lr=self.lr, eps=self.eps, directions=self.directions, kind=self.kind, block=self.block)
+        return MezoConfig(**self.step_fields())
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FedKDConfig":
-        return cls(teacher_sha256=hparam(hparams, "teacher_sha256", str), lr=hparam(hparams, "lr", float),
-                   eps=hparam(hparams, "eps", float), directions=hparam(hparams, "directions", int, 1),
-                   kind=hparam(hparams, "kind", str, "rademacher"), block=parse_block(hparams),
+        return cls(teacher_sha256=hparam(hparams, "teacher_sha256", str), **cls.step_hparams(hparams),
                    **distillation_hparams(hparams))
 
 

@@ -22,31 +22,23 @@ import numpy as np
 from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
-from fwdfed.methods.estimate import (MAX_CANDIDATES, MAX_DIRECTIONS, LocalRun, central_differences, check_count,
-                                     check_kind, check_positive, draw_seeds, hparam, parse_block)
+from fwdfed.methods.estimate import (MAX_CANDIDATES, LocalRun, StepConfig, central_differences, check_count,
+                                     draw_seeds, hparam)
 
 
-@dataclass(frozen=True)
-class FwdGradConfig:
-    lr: float = 1e-3
-    h: float = 1e-2  # FwdLLM's step
+@dataclass(frozen=True, kw_only=True)
+class FwdGradConfig(StepConfig):  # eps is FwdLLM's finite-difference step h
     directions: int = 4  # K per batch
     kind: str = "gaussian"  # FwdLLM draws v ~ N(0, I)
     candidates: int = 1  # selection pool: candidates x K seeds; 1 = no selection
-    block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        check_positive("lr", self.lr)
-        check_positive("h", self.h)
-        check_count("directions", self.directions, MAX_DIRECTIONS)
+        super().__post_init__()
         check_count("candidates", self.candidates, MAX_CANDIDATES)
-        check_kind(self.kind)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FwdGradConfig":
-        return cls(lr=hparam(hparams, "lr", float), h=hparam(hparams, "h", float, hparam(hparams, "eps", float, 1e-2)),
-                   directions=hparam(hparams, "directions", int, 4), kind=hparam(hparams, "kind", str, "gaussian"),
-                   candidates=hparam(hparams, "candidates", int, 1), block=parse_block(hparams))
+        return cls(**cls.step_hparams(hparams), candidates=hparam(hparams, "candidates", int, 1))
 
 
 class ForwardGradient:
@@ -73,7 +65,7 @@ class ForwardGradient:
         c, run = self.config, LocalRun()
         for i in range(steps):
             seeds = self.select()
-            est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c.h, c.kind, c.block)
+            est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c.eps, c.kind, c.block)
             coefs = -c.lr * est.projected / (c.directions * steps)
             if np.all(np.isfinite(coefs)):
                 run.add(seeds, coefs)

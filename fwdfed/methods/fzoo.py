@@ -23,36 +23,27 @@ import numpy as np
 from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
-from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, check_count, check_kind, check_positive, draw_seeds,
-                                     hparam, parse_block, scheduled_steps, weighted_mean)
-from fwdfed.methods.mezo import SCHEDULE, SCHEDULES
+from fwdfed.methods.estimate import LocalRun, StepConfig, draw_seeds, hparam, scheduled_steps, weighted_mean
+from fwdfed.methods.mezo import SCHEDULE, check_schedule
 
 
-@dataclass(frozen=True)
-class FzooConfig:
+@dataclass(frozen=True, kw_only=True)
+class FzooConfig(StepConfig):
     lr: float = 3e-3
     eps: float = 1e-3
     directions: int = 8  # n >= 2: the spread of one loss is not defined
-    kind: str = "rademacher"
     schedule: str = "constant"  # of the learning rate over the local steps: constant, or linear to 0
-    block: tuple[int, int] | None = None
 
     def __post_init__(self):
-        check_positive("lr", self.lr)
-        check_positive("eps", self.eps)
-        check_count("directions", self.directions, MAX_DIRECTIONS)
+        super().__post_init__()
         if self.directions < 2:
             raise ValueError(f"fzoo needs at least 2 directions per step (the spread of their losses), "
                              f"got {self.directions}")
-        check_kind(self.kind)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        check_schedule(self.schedule)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FzooConfig":
-        return cls(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
-                   directions=hparam(hparams, "directions", int, 8), kind=hparam(hparams, "kind", str, "rademacher"),
-                   schedule=hparam(hparams, "schedule", str, "constant"), block=parse_block(hparams))
+        return cls(**cls.step_hparams(hparams), schedule=hparam(hparams, "schedule", str, "constant"))
 
 
 def normalised_coefficients(losses: np.ndarray, lr: float) -> np.ndarray | None:

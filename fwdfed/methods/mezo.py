@@ -16,39 +16,32 @@ import numpy as np
 
 from fwdfed.batch import Batch
 from fwdfed.methods.base import Hparam, Method
-from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, central_differences, check_count, check_kind,
-                                     check_positive, draw_seeds, hparam, parse_block, scheduled_steps)
+from fwdfed.methods.estimate import LocalRun, StepConfig, central_differences, draw_seeds, hparam, scheduled_steps
 
 SCHEDULES = ("constant", "linear")
 SCHEDULE = Hparam("schedule", str, "constant", "mezo, fzoo: the lr over the local steps", SCHEDULES)
 
 
-@dataclass(frozen=True)
-class MezoConfig:
-    lr: float = 1e-3
-    eps: float = 1e-2
-    directions: int = 1  # n: directions per step (P = 2n adapter vectors per program call)
-    kind: str = "rademacher"
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MezoConfig(StepConfig):  # n directions a step: P = 2n adapter vectors a program call
     weight_decay: float = 0.0
     schedule: str = "constant"  # of the learning rate over the local steps: constant, or linear to 0
-    block: tuple[int, int] | None = None  # perturb only this slice of the adapter
 
     def __post_init__(self):
-        check_positive("lr", self.lr)
-        check_positive("eps", self.eps)
-        check_count("directions", self.directions, MAX_DIRECTIONS)
+        super().__post_init__()
         if not 0 <= self.lr * self.weight_decay < 1:
             raise ValueError(f"MeZO needs 0 <= lr * weight_decay < 1, got lr {self.lr!r} and weight_decay {self.weight_decay!r}")
-        check_kind(self.kind)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        check_schedule(self.schedule)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "MezoConfig":
-        return cls(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
-                   directions=hparam(hparams, "directions", int, 1), kind=hparam(hparams, "kind", str, "rademacher"),
-                   weight_decay=hparam(hparams, "weight_decay", float, 0.0),
-                   schedule=hparam(hparams, "schedule", str, "constant"), block=parse_block(hparams))
+        return cls(**cls.step_hparams(hparams), weight_decay=hparam(hparams, "weight_decay", float, 0.0),
+                   schedule=hparam(hparams, "schedule", str, "constant"))
 
 
 class Mezo:

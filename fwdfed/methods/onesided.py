@@ -21,29 +21,14 @@ import numpy as np
 from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
-from fwdfed.methods.estimate import (MAX_DIRECTIONS, LocalRun, check_count, check_kind, check_positive, draw_seeds,
-                                     hparam, parse_block, weighted_mean)
+from fwdfed.methods.estimate import LocalRun, StepConfig, draw_seeds, weighted_mean
 
 
-@dataclass(frozen=True)
-class OneSidedConfig:
-    lr: float = 1e-3
-    eps: float = 1e-2
-    directions: int = 1
-    kind: str = "rademacher"
-    block: tuple[int, int] | None = None
-
-    def __post_init__(self):
-        check_positive("lr", self.lr)
-        check_positive("eps", self.eps)
-        check_count("directions", self.directions, MAX_DIRECTIONS)
-        check_kind(self.kind)
-
+@dataclass(frozen=True, kw_only=True)
+class OneSidedConfig(StepConfig):
     @classmethod
     def from_hparams(cls, hparams: dict) -> "OneSidedConfig":
-        return cls(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
-                   directions=hparam(hparams, "directions", int, 1), kind=hparam(hparams, "kind", str, "rademacher"),
-                   block=parse_block(hparams))
+        return cls(**cls.step_hparams(hparams))
 
 
 class OneSided:

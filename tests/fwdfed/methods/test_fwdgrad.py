@@ -20,7 +20,7 @@ def test_the_mean_forward_gradient_is_the_true_gradient_within_its_variance(setu
     bundle, engine, batches, adapter = setup
     truth = EagerEngine(bundle).gradient(batches[0], adapter)
     k = 2000
-    optimizer = ForwardGradient(engine, adapter, FwdGradConfig(lr=1.0, h=1e-3, directions=k), np.random.default_rng(1))
+    optimizer = ForwardGradient(engine, adapter, FwdGradConfig(lr=1.0, eps=1e-3, directions=k), np.random.default_rng(1))
     run = optimizer.train(batches[:1], steps=1)
     estimate = -combine(run.pairs, adapter.shape[0], "gaussian")  # the update is -lr * estimate
     error = np.sum((estimate - truth) ** 2)

@@ -14,41 +14,21 @@ import java.util.List;
  * m*K seeds and keeps the K whose directions are most aligned (cosine) with the reference.
  */
 public final class ForwardGradient implements Optimizer {
-    public static final class Config implements MethodConfig {
-        public final double lr;
-        public final double h;
-        public final int directions;
-        public final String kind;
+    public static final class Config extends StepConfig {  // eps is FwdLLM's finite-difference step h
         public final int candidates;
-        public final Block block;
 
-        public Config(double lr, double h, int directions, String kind, int candidates, Block block) {
-            Hparams.checkPositive("lr", lr);
-            Hparams.checkPositive("h", h);
-            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
+        public Config(double lr, double eps, int directions, String kind, int candidates, Block block) {
+            super(lr, eps, directions, kind, block);
             Hparams.checkCount("candidates", candidates, Hparams.MAX_CANDIDATES);
-            Hparams.checkKind(kind);
-            this.lr = lr;
-            this.h = h;
-            this.directions = directions;
-            this.kind = kind;
             this.candidates = candidates;
-            this.block = block;
         }
 
-        public static Config fromHparams(Hparams p) {
-            double lr = p.number("lr", null);
-            double eps = p.number("eps", 1e-2);  // Python evaluates h's default (eps) whether or not h is sent
-            double h = p.number("h", eps);
-            long directions = Hparams.checkCount("directions", p.integer("directions", 4L), Hparams.MAX_DIRECTIONS);
-            String kind = p.text("kind", Directions.GAUSSIAN);
-            long candidates = Hparams.checkCount("candidates", p.integer("candidates", 1L), Hparams.MAX_CANDIDATES);
-            return new Config(lr, h, (int) directions, kind, (int) candidates, p.block());
+        public static Config fromHparams(Hparams h) {
+            StepConfig.Fields f = StepConfig.read(h, 4L, Directions.GAUSSIAN);
+            long candidates = Hparams.checkCount("candidates", h.integer("candidates", 1L), Hparams.MAX_CANDIDATES);
+            return new Config(f.lr(), f.eps(), f.directions(), f.kind(), (int) candidates, f.block());
         }
 
-        @Override public int directions() { return directions; }
-        @Override public String kind() { return kind; }
-        @Override public Block block() { return block; }
         @Override public int adapterCopies() { return 1 + 3 * Math.max(1, directions); }
 
         @Override
@@ -121,7 +101,7 @@ public final class ForwardGradient implements Optimizer {
         for (int i = 0; i < steps; i++) {
             long[] stepSeeds = select();
             CentralDifferences est = CentralDifferences.estimate(program, batches.get(i % batches.size()), adapter,
-                    stepSeeds, c.h, c.kind, c.block);
+                    stepSeeds, c.eps, c.kind, c.block);
             float[] coefs = new float[c.directions];
             boolean finite = true;
             for (int k = 0; k < coefs.length; k++) {

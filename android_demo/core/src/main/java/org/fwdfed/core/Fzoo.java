@@ -12,45 +12,24 @@ import java.util.List;
  * float32 roundings, as the Python device's does.
  */
 public final class Fzoo implements Optimizer {
-    public static final class Config implements MethodConfig {
-        public final double lr;
-        public final double eps;
-        public final int directions;
-        public final String kind;
+    public static final class Config extends StepConfig {
         public final String schedule;  // "constant", or "linear" to 0 over the local steps
-        public final Block block;
 
         public Config(double lr, double eps, int directions, String kind, String schedule, Block block) {
-            Hparams.checkPositive("lr", lr);
-            Hparams.checkPositive("eps", eps);
-            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
+            super(lr, eps, directions, kind, block);
             if (directions < 2) {
                 throw new IllegalArgumentException("fzoo needs at least 2 directions per step (the spread of their "
                         + "losses), got " + directions);
             }
-            Hparams.checkKind(kind);
-            if (!schedule.equals("constant") && !schedule.equals("linear")) {
-                throw new IllegalArgumentException("unknown schedule '" + schedule + "'; expected one of constant, linear");
-            }
-            this.lr = lr;
-            this.eps = eps;
-            this.directions = directions;
-            this.kind = kind;
+            Mezo.checkSchedule(schedule);
             this.schedule = schedule;
-            this.block = block;
         }
 
         public static Config fromHparams(Hparams h) {
-            double lr = h.number("lr", null);
-            double eps = h.number("eps", null);
-            long directions = Hparams.checkCount("directions", h.integer("directions", 8L), Hparams.MAX_DIRECTIONS);
-            return new Config(lr, eps, (int) directions, h.text("kind", Directions.RADEMACHER),
-                    h.text("schedule", "constant"), h.block());
+            StepConfig.Fields f = StepConfig.read(h, 8L, Directions.RADEMACHER);
+            return new Config(f.lr(), f.eps(), f.directions(), f.kind(), h.text("schedule", "constant"), f.block());
         }
 
-        @Override public int directions() { return directions; }
-        @Override public String kind() { return kind; }
-        @Override public Block block() { return block; }
         @Override public int adapterCopies() { return 2 + 2 * Math.max(1, directions); }
 
         @Override

@@ -11,57 +11,40 @@ import java.util.List;
  * `scale`: the upload.
  */
 public final class Mezo implements Optimizer {
-    public static final class Config implements MethodConfig {
-        public final double lr;
-        public final double eps;
-        public final int directions;
-        public final String kind;
+    public static final class Config extends StepConfig {
         public final double weightDecay;
         public final String schedule;  // "constant", or "linear" to 0 over the local steps
-        public final Block block;
 
         public Config(double lr, double eps, int directions, String kind, double weightDecay, String schedule,
                       Block block) {
-            Hparams.checkPositive("lr", lr);
-            Hparams.checkPositive("eps", eps);
-            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
+            super(lr, eps, directions, kind, block);
             if (!(0 <= lr * weightDecay && lr * weightDecay < 1)) {
                 throw new IllegalArgumentException("MeZO needs 0 <= lr * weight_decay < 1, got lr " + lr
                         + " and weight_decay " + weightDecay);
             }
-            Hparams.checkKind(kind);
-            if (!schedule.equals("constant") && !schedule.equals("linear")) {
-                throw new IllegalArgumentException("unknown schedule '" + schedule + "'; expected one of constant, linear");
-            }
-            this.lr = lr;
-            this.eps = eps;
-            this.directions = directions;
-            this.kind = kind;
+            checkSchedule(schedule);
             this.weightDecay = weightDecay;
             this.schedule = schedule;
-            this.block = block;
         }
 
         public static Config fromHparams(Hparams h) {
-            double lr = h.number("lr", null);
-            double eps = h.number("eps", null);
-            long directions = h.integer("directions", 1L);
-            String kind = h.text("kind", Directions.RADEMACHER);
-            double weightDecay = h.number("weight_decay", 0.0);
-            String schedule = h.text("schedule", "constant");
-            Block block = h.block();
-            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
-            return new Config(lr, eps, (int) directions, kind, weightDecay, schedule, block);
+            StepConfig.Fields f = StepConfig.read(h, 1L, Directions.RADEMACHER);
+            return new Config(f.lr(), f.eps(), f.directions(), f.kind(), h.number("weight_decay", 0.0),
+                    h.text("schedule", "constant"), f.block());
         }
 
-        @Override public int directions() { return directions; }
-        @Override public String kind() { return kind; }
-        @Override public Block block() { return block; }
         @Override public int adapterCopies() { return 1 + 3 * Math.max(1, directions); }
 
         @Override
         public Optimizer optimizer(LossProgram program, float[] adapter, SeedSource seeds, float[] reference) {
             return new Mezo(program, adapter, this, seeds);
+        }
+    }
+
+    /** mezo's and fzoo's `schedule` of the learning rate over the local steps. */
+    static void checkSchedule(String schedule) {
+        if (!schedule.equals("constant") && !schedule.equals("linear")) {
+            throw new IllegalArgumentException("unknown schedule '" + schedule + "'; expected one of constant, linear");
         }
     }
 

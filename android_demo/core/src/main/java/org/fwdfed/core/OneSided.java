@@ -8,35 +8,16 @@ import java.util.List;
  * (P = n + 1); w <- w - lr sum_k g_k z_k / n. Uploads as MeZO.
  */
 public final class OneSided implements Optimizer {
-    public static final class Config implements MethodConfig {
-        public final double lr;
-        public final double eps;
-        public final int directions;
-        public final String kind;
-        public final Block block;
-
+    public static final class Config extends StepConfig {
         public Config(double lr, double eps, int directions, String kind, Block block) {
-            Hparams.checkPositive("lr", lr);
-            Hparams.checkPositive("eps", eps);
-            Hparams.checkCount("directions", directions, Hparams.MAX_DIRECTIONS);
-            Hparams.checkKind(kind);
-            this.lr = lr;
-            this.eps = eps;
-            this.directions = directions;
-            this.kind = kind;
-            this.block = block;
+            super(lr, eps, directions, kind, block);
         }
 
         public static Config fromHparams(Hparams h) {
-            double lr = h.number("lr", null);
-            double eps = h.number("eps", null);
-            long directions = Hparams.checkCount("directions", h.integer("directions", 1L), Hparams.MAX_DIRECTIONS);
-            return new Config(lr, eps, (int) directions, h.text("kind", Directions.RADEMACHER), h.block());
+            StepConfig.Fields f = StepConfig.read(h, 1L, Directions.RADEMACHER);
+            return new Config(f.lr(), f.eps(), f.directions(), f.kind(), f.block());
         }
 
-        @Override public int directions() { return directions; }
-        @Override public String kind() { return kind; }
-        @Override public Block block() { return block; }
         @Override public int adapterCopies() { return 2 + 2 * Math.max(1, directions); }
 
         @Override
