@@ -5,7 +5,7 @@
 
 Each device runs the bundle's `.pte` through the ExecuTorch runtime, trains with MeZO and
 uploads (seed, coefficient) pairs. `--mem` is the per-device budget; it is reported to the
-coordinator, and each device warns when its measured peak passes it. With `--ray [ADDRESS]` the
+coordinator, and a device stops with an error when its measured peak passes it (device_sdk.budget). With `--ray [ADDRESS]` the
 workers are Ray actors, on a local cluster or the one at ADDRESS (device_sdk.ray_fleet); the
 `--profile-*` flags give each device a speed, a dropout rate and a budget (device_sdk.profiles).
 """
