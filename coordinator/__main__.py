@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from coordinator import bundle_keys
+from coordinator import bundle_keys, lr_strategies
 from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
@@ -73,7 +73,7 @@ def parse_args(argv):
                    help="fwdgrad: ask for more perturbations while the round's estimate variance is above this")
     s.add_argument("--max-waves", type=int, default=3,
                    help="fwdgrad: waves of perturbations per round at most, the first included")
-    s.add_argument("--lr-strategy", choices=("frozen", "random", "round-wise", "five-round", "model-diff"),
+    s.add_argument("--lr-strategy", choices=lr_strategies.STRATEGIES,
                    default="frozen", help="FedMeZO client learning rates")
     s.add_argument("--lr-delta", type=float, help="spread of the client learning rates (default lr / 2)")
     s.add_argument("--blocks", type=int, default=1, help="block-cyclic: perturb one of this many adapter blocks per round")
@@ -228,7 +228,7 @@ def round_blocks(layout, options: JobOptions) -> list[tuple[int, int]] | None:
 
 
 def job_options(args) -> JobOptions:
-    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta or args.lr / 2,
+    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
                       blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
