@@ -213,7 +213,7 @@ HOSTILE_HPARAMS = {  # (method, hparams replacing HPARAMS' values, what the erro
     "NaN lr": ("fwdgrad", {"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
     "infinite lr": ("backprop", {"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
     "infinite eps": ("mezo", {"eps": float("inf")}, "eps must be a finite number > 0, got inf"),
-    "zero h": ("fwdgrad", {"h": 0.0}, "h must be a finite number > 0, got 0.0"),
+    "zero fwdgrad step": ("fwdgrad", {"eps": 0.0}, "eps must be a finite number > 0, got 0.0"),  # its h is eps
     "NaN weight decay": ("backprop", {"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0"),
     "huge weight decay": ("mezo", {"weight_decay": 1e9}, "0 <= lr * weight_decay < 1"),
     "lr as words": ("mezo", {"lr": "fast"}, "lr must be a number, got 'fast'"),
