@@ -3,7 +3,7 @@
     python -m benchmarks.aggregation [--bundle BUNDLE | --dim D] [--pool 4096] [--pairs 80] \
         [--updates 100 10000] [--free-updates 100 1000]
 
-The coordinator's own rule (coordinator.strategy.SeedFedAvg.aggregate, by seed) on synthetic
+The coordinator's own rule (coordinator.strategies.SeedFedAvg.aggregate, by seed) on synthetic
 seed-form updates of `--pairs` pairs each (MiniLM's AG News jobs: 20 local steps x 4 directions),
 for an adapter of d values (the bundle's manifest's, or `--dim`; MiniLM's LoRA adapter with its
 4-class head is 75,268). With the pool every seed is one of the job's K; without it seeds are free,
@@ -27,7 +27,7 @@ MINILM_DIM = 75_268  # all-MiniLM-L6-v2, LoRA r = 8 on query and value + the 4-c
 
 
 def make_updates(n: int, pairs: int, pool: np.ndarray | None, rng: np.random.Generator) -> list:
-    from coordinator.strategy import AcceptedUpdate
+    from coordinator.strategies import AcceptedUpdate
     from fwdfed.directions import SEED_LIMIT
 
     seeds = (rng.choice(pool, size=(n, pairs)) if pool is not None
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                         help="round sizes with free seeds (each pair a direction: 10,000 x 80 pairs are 800,000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from coordinator.strategy import SeedFedAvg
+    from coordinator.strategies import SeedFedAvg
     from fwdfed.directions import MAX_SEED_POOL, pool_key, seed_pool
 
     if not 1 <= args.pool <= MAX_SEED_POOL or min(args.pairs, args.dim, *args.updates, *args.free_updates, 1) < 1:

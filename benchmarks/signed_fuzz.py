@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_sdk.engine import ProgramEngine
-    from fwdfed.bundle.manifest import BundleError, load_bundle
-    from fwdfed.bundle.signing import SIGNATURE, sign_bundle
+    from fwdfed.bundle.manifest import BundleError, load_bundle, sign_bundle
+    from fwdfed.bundle.signing import SIGNATURE
 
     reached = []
 

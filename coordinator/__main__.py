@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from coordinator import bundle_keys, lr_strategies
+from coordinator import bundle_keys, lr_strategies, strategies
 from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
@@ -83,6 +83,13 @@ def parse_args(argv):
     s.add_argument("--seed-pool", type=int, metavar="K",
                    help="FedKSeed: every direction of the job is one of K seeds the job fixes (docs/directions.md), so "
                         "a round aggregates at most K directions whatever the number of updates (stored with the job)")
+    s.add_argument("--strategy", choices=strategies.names(),
+                   help="the aggregation rule (default: the one whose options are given, else fedavg; stored with the "
+                        "job): " + "; ".join(f"{r.name}: {r.summary}" for r in strategies.STRATEGIES.values()))
+    for spec in strategies.STRATEGIES.values():  # each strategy's own options
+        for o in spec.options:
+            s.add_argument(o.flag, type=o.type, help=f"--strategy {spec.name}: {o.help}" +
+                           ("" if o.default is None else f" (default {o.default:g})"))
     s.add_argument("--server-lr", type=float, help="the aggregate moves the adapter by this times the weighted mean "
                    "change (default 1; stored with the job)")
     s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
@@ -109,10 +116,6 @@ def parse_args(argv):
                           help="refuse updates that change the adapter by more than this RMS per value (the norm of "
                                "the coefficients, a repeated seed's summed; a dense change's own RMS): finite, "
                                "default %(default)g")
-    security.add_argument("--dp-clip", type=float, help="differential privacy: clip each device's change to this L2 norm")
-    security.add_argument("--dp-noise-multiplier", type=float,
-                          help="differential privacy: Gaussian noise of this many times --dp-clip (see docs/privacy.md)")
-    security.add_argument("--dp-delta", type=float, default=1e-5, help="differential privacy: the delta of (epsilon, delta)")
     from device_sdk.data import add_data_arguments
 
     add_data_arguments(s, "evaluation data: read as the devices read theirs")
@@ -179,16 +182,16 @@ def parse_args(argv):
             "--max-connections and --max-messages-per-s must be positive":
                 args.max_connections >= 1 and args.max_messages_per_s > 0,
             "--max-update-rms must be positive and finite": 0 < args.max_update_rms < float("inf"),
-            "--dp-clip and --dp-noise-multiplier go together, both positive":
-                (args.dp_clip is None) == (args.dp_noise_multiplier is None)
-                and (args.dp_clip is None or min(args.dp_clip, args.dp_noise_multiplier) > 0),
-            "--dp-delta must be in (0, 1)": 0 < args.dp_delta < 1,
             f"--seed-pool must be between 1 and {MAX_SEED_POOL}":
                 args.seed_pool is None or 1 <= args.seed_pool <= MAX_SEED_POOL,
         }
         for message, ok in checks.items():
             if not ok:
                 parser.error(message)
+        try:
+            args.strategy, args.strategy_options = chosen_strategy(args)
+        except ValueError as e:
+            parser.error(str(e))
         if method.needs_teacher != (args.teacher_bundle is not None):
             parser.error(f"--method {method.name} needs --teacher-bundle" if method.needs_teacher else
                          f"--teacher-bundle is for a method that distils (fedkd), not {method.name}")
@@ -205,6 +208,20 @@ def parse_args(argv):
         except ValueError as e:
             parser.error(str(e))
     return args
+
+
+def chosen_strategy(args) -> tuple[str, dict]:
+    """The job's strategy and its options' values: --strategy, or the one strategy whose options are given
+    (--dp-clip alone means dp-fedavg), or fedavg. ValueError for another strategy's option, or a bad value."""
+    given = {spec.name: {o.name: getattr(args, o.name) for o in spec.options if getattr(args, o.name) is not None}
+             for spec in strategies.STRATEGIES.values()}
+    with_options = [name for name, values in given.items() if values]
+    name = args.strategy or (with_options[0] if len(with_options) == 1 else strategies.DEFAULT)
+    for other in with_options:
+        if other != name:
+            flags = ", ".join(o.flag for o in strategies.get(other).options if o.name in given[other])
+            raise ValueError(f"{flags}: for --strategy {other}, not {name}")
+    return name, strategies.get(name).checked(given[name])
 
 
 def job_hparams(args) -> dict:
@@ -232,7 +249,7 @@ def job_options(args) -> JobOptions:
                       blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,
-                      dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
+                      strategy=args.strategy, strategy_options=args.strategy_options,
                       eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None,
                       seed_pool=args.seed_pool,
                       seed_pool_key=None if args.seed_pool is None else f"{pool_key(args.job_id):016x}")
@@ -361,20 +378,15 @@ def check_head_init(bundle, shrinkage: float) -> None:
 
 
 def strategy_for(job, options: JobOptions):
-    """The job's strategy: seed FedAvg, or its differentially private form. Every setting is the
-    job's (stored when it was created), so a resumed job aggregates as it started."""
-    from coordinator.privacy import DPSeedFedAvg, gaussian_epsilon
-    from coordinator.strategy import SeedFedAvg
-
-    common = dict(method=methods.get(job.method), hparams=job.hparams, options=options,
-                  devices_per_round=job.devices_per_round, min_devices=job.min_devices)
-    if options.dp_clip is None:
-        return SeedFedAvg(**common)
-    sigma, delta = options.dp_noise_multiplier, options.dp_delta
-    print(f"differential privacy: clip {options.dp_clip:g}, noise multiplier {sigma:g}: "
-          f"({gaussian_epsilon(sigma, job.rounds, delta):.3g}, {delta:g})-DP per device after {job.rounds} rounds",
-          flush=True)
-    return DPSeedFedAvg(**common)
+    """The job's strategy, as the job stored it, said once for the operator."""
+    strategy = strategies.build(job, options)
+    shown = ", ".join(f"{name} {value:g}" for name, value in options.strategy_options.items())
+    print(f"strategy {options.strategy}" + (f" ({shown})" if shown else ""), flush=True)
+    if options.strategy == "dp-fedavg":
+        epsilon = strategy.round_metrics(job.rounds)["dp_epsilon"]
+        print(f"differential privacy: ({epsilon:.3g}, {strategy.delta:g})-DP per device after {job.rounds} rounds",
+              flush=True)
+    return strategy
 
 
 def tls_context(cert: Path, key: Path):

@@ -34,7 +34,8 @@ def keygen(args) -> int:
 
 
 def sign(args) -> int:
-    from fwdfed.bundle.signing import SIGNATURE, fingerprint, load_private_key, sign_bundle
+    from fwdfed.bundle.manifest import sign_bundle
+    from fwdfed.bundle.signing import SIGNATURE, fingerprint, load_private_key
 
     key = load_private_key(args.key)  # a bad key is refused before any bundle is touched
     for folder in args.bundle:

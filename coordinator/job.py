@@ -8,7 +8,7 @@ the rest of the job exactly as it started, whatever flags it is given.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # One update may change the adapter by at most this RMS per value (`serve --max-update-rms`, a limit of the
 # server, not of the job): far past any honest update measured here (docs/security.md), and finite, so that
@@ -33,9 +33,9 @@ class JobOptions:
     max_waves: int = 3
     server_lr: float = 1.0  # the aggregate moves the adapter by server_lr x the weighted mean change
     clip: float | None = None  # bound on the L2 norm of each device's coefficient vector
-    dp_clip: float | None = None  # differential privacy (coordinator.privacy)
-    dp_noise_multiplier: float | None = None
-    dp_delta: float = 1e-5
+    # The aggregation rule (coordinator.strategies) and its own options, name -> value, every one given.
+    strategy: str = "fedavg"
+    strategy_options: dict = field(default_factory=dict)
     # Offsite tuning: devices train on the job's bundle, an emulator; held-out evaluation and the exported
     # adapter use this bundle, the full model with the same adapter layout (fwdfed.model.emulator).
     eval_bundle: str | None = None
@@ -56,8 +56,24 @@ class JobOptions:
 
     @classmethod
     def from_json(cls, stored: dict) -> "JobOptions":
+        stored = with_strategy(dict(stored or {}))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (stored or {}).items() if k in known})
+        return cls(**{k: v for k, v in stored.items() if k in known})
+
+
+# Jobs stored before strategies were registered kept differential privacy as three options of their own.
+OLD_DP_OPTIONS = ("dp_clip", "dp_noise_multiplier", "dp_delta")
+
+
+def with_strategy(stored: dict) -> dict:
+    """A stored job's options with its strategy named: an older job's DP options become dp-fedavg's."""
+    old = {name: stored.pop(name) for name in OLD_DP_OPTIONS if name in stored}
+    if "strategy" not in stored:
+        if old.get("dp_clip") is not None:
+            stored["strategy"], stored["strategy_options"] = "dp-fedavg", old
+        else:
+            stored["strategy"], stored["strategy_options"] = "fedavg", {}
+    return stored
 
 
 def resumed_options(stored: dict, flags: dict) -> tuple[JobOptions, list[str]]:

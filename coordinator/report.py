@@ -9,7 +9,8 @@ from pathlib import Path
 from coordinator.job import JobOptions, round_method_name
 from coordinator.store import Job, Store
 from fwdfed import methods
-from fwdfed.bundle.manifest import MANIFEST, BundleError, Manifest
+from fwdfed.bundle.files import MANIFEST, BundleError
+from fwdfed.bundle.manifest import Manifest
 
 
 def metrics_by_version(store: Store, job: Job) -> dict[int, dict[str, float]]:

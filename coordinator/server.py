@@ -25,10 +25,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, round_method_name
-from coordinator.privacy import gaussian_epsilon
 from coordinator.store import Job, Round, Store
 from coordinator.store.queries import token_hash
-from coordinator.strategy import AcceptedUpdate, Strategy, device_deltas
+from coordinator.strategies import AcceptedUpdate, Strategy, device_deltas
 from coordinator.traffic import CountingConnection, Traffic
 from fwdfed import handshake, methods, protocol
 from fwdfed.methods.estimate import parse_seed_pool
@@ -599,12 +598,11 @@ class Coordinator:
         if stored is None or before is None:
             return None
         rnd = next((r for r in self.store.closed_round_list(self.job.id) if r.id == stored.round_id), None)
-        sums_of = getattr(self.strategy, "version_sums", None)
         method = self.round_method(rnd.number) if rnd is not None else None
-        if rnd is None or sums_of is None or method is not self.method or method.coordinator_aggregate is not None:
+        if rnd is None or method is not self.method or method.coordinator_aggregate is not None:
             return None
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        sums = sums_of([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
+        sums = self.strategy.version_sums([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
         if sums is None:
             return None
         replayed = replay(np.frombuffer(before.vector, "<f4"), [sums], self.kind).astype("<f4").tobytes()
@@ -814,8 +812,7 @@ class Coordinator:
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
-        if (sigma := self.options.dp_noise_multiplier) is not None:
-            metrics["dp_epsilon"] = gaussian_epsilon(sigma, rnd.number, self.options.dp_delta)
+        metrics |= self.strategy.round_metrics(rnd.number)
         if variance is not None:
             metrics["estimate_variance"] = variance
         if frames := self.task_frames.pop(rnd.id, None):  # the task frames this process sent for the round

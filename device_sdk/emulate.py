@@ -13,8 +13,6 @@ workers are Ray actors, on a local cluster or the one at ADDRESS (device_sdk.ray
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import math
 import multiprocessing
 import sys
@@ -97,38 +95,6 @@ def parse_args(argv):
     return args
 
 
-async def serve_devices(configs: list, profiles: list, spec_seed: int) -> list[dict]:
-    """These logical devices, start to finish, sharing one loaded program and taking turns to train (each
-    keeps its own shard, token, seeds and connection); each device's record (device_sdk.profiles)."""
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.profiles import ProfiledDevice
-
-    lock = asyncio.Lock()
-    # Every device labels its shard with its teacher (if given) before the shared student program is
-    # loaded, so that no teacher is resident beside the student.
-    devices = [ProfiledDevice(c, p, spec_seed, train_lock=lock, load_program=False) for c, p in zip(configs, profiles)]
-    engine = ProgramEngine.for_bundle(devices[0].bundle)
-    for d in devices:
-        d.engine = engine
-    done = await asyncio.gather(*(d.run() for d in devices))
-    return [d.record(tasks) for d, tasks in zip(devices, done)]
-
-
-def run_devices(configs: list, profiles: list, spec_seed: int, results) -> None:
-    """Process entry: serve_devices, its records put on `results`. Exit status 2 with one line on a user error."""
-    quiet_libraries()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    from fwdfed.memory import peak_rss
-
-    def main(_argv):
-        records = asyncio.run(serve_devices(configs, profiles, spec_seed))
-        results.put({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
-                     "devices": records})
-        return 0
-
-    run_main(main)
-
-
 def report(workers: list[dict]) -> list[dict]:
     """One line per device and per worker, as the emulator has always printed; the devices' records."""
     from fwdfed.memory import format_size
@@ -148,6 +114,8 @@ def report(workers: list[dict]) -> list[dict]:
 
 def run_processes(groups: list[tuple[list, list]], spec_seed: int) -> tuple[list[dict], list[str]]:
     """Every group in its own process; (results of the workers that finished, the devices of those that failed)."""
+    from device_sdk.worker import run_devices
+
     ctx = multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
     processes = [ctx.Process(target=run_devices, args=(configs, profiles, spec_seed, results),

@@ -6,78 +6,21 @@ reference lives with the exporter (`fwdfed.model.program`); the two are compared
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from device_sdk.runtime import EngineError, runtime
+from device_sdk.stream import StreamedEngine
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, Manifest
 from fwdfed.bundle.tasks import SEQ_CLS
-from fwdfed.errors import UserError, first_line
+from fwdfed.errors import first_line
 
 # ExecuTorch's ScalarType codes of the inputs the engine passes: token ids and labels, adapters.
 INT64, FLOAT32 = 4, 6
 DTYPE_NAMES = {INT64: "int64", FLOAT32: "float32"}
-
-
-class EngineError(UserError):
-    """The program cannot be loaded or run; the message is meant for the user."""
-
-
-class _PalImpl(ctypes.Structure):
-    """ExecuTorch's table of platform functions (`executorch::runtime::PalImpl`, runtime/platform/platform.h)."""
-
-    _fields_ = [(name, ctypes.c_void_p) for name in ("init", "abort", "current_ticks", "ticks_to_ns_multiplier",
-                                                     "emit_log_message", "allocate", "free", "source_filename")]
-
-
-# et_pal_emit_log_message(timestamp, level, filename, function, line, message, length)
-_LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                           ctypes.c_void_p, ctypes.c_size_t)
-_QUIET_LEVELS = {ord("D"), ord("I")}  # debug and info: the CPU probe's chatter; errors still reach stderr
-
-
-@functools.cache
-def runtime():
-    """The ExecuTorch runtime, with its errors written to stderr as raw bytes and its info chatter off.
-
-    The Python bindings pass the runtime's log through `sys.stderr`, decoding it as UTF-8; a log
-    line quoting bytes of a corrupt program (a file identifier, say) does not decode, and the
-    failed decode aborts the process where loading should have raised. The runtime's own C logger
-    writes the bytes as they are; it gets every message but debug and info ones (the CPU probe
-    prints five at start-up) unless FWDFED_RUNTIME_LOG=all. The active table is updated in place
-    before the runtime starts: `register_pal` would log an error of its own, being called after
-    the bindings' registration.
-    """
-    from executorch.extension.pybindings import _C
-    from executorch.runtime import Runtime
-
-    try:
-        lib = ctypes.CDLL(_C.__file__)  # its symbol lookup reaches libexecutorch.so, which it links
-        get_pal_impl = lib._ZN10executorch7runtime12get_pal_implEv  # executorch::runtime::get_pal_impl()
-        c_logger = _LOG_FN(ctypes.cast(lib.et_pal_emit_log_message, ctypes.c_void_p).value)
-    except (OSError, AttributeError):
-        # Another ExecuTorch build without these symbols: keep its logger (pinned 1.5.1 has them).
-        return Runtime.get()
-    get_pal_impl.restype = ctypes.POINTER(_PalImpl)
-    if os.environ.get("FWDFED_RUNTIME_LOG") == "all":
-        logger = c_logger
-    else:
-        def logger(timestamp, level, filename, function, line, message, length):
-            if level not in _QUIET_LEVELS:
-                c_logger(timestamp, level, filename, function, line, message, length)
-
-        logger = _LOG_FN(logger)
-    _keep.append(logger)  # the runtime calls it for the life of the process
-    get_pal_impl().contents.emit_log_message = ctypes.cast(logger, ctypes.c_void_p).value
-    return Runtime.get()
-
-
-_keep: list = []
 
 
 class ProgramEngine:
@@ -130,8 +73,6 @@ class ProgramEngine:
         """The bundle's program, refused at load when it does not take the inputs its manifest describes;
         for a streamed bundle, the engine that runs its stages one at a time (`device_sdk.stream`)."""
         if bundle.manifest.streamed:
-            from device_sdk.stream import StreamedEngine
-
             return StreamedEngine.for_bundle(bundle)
         engine = cls(bundle.program_path, bundle.manifest.inputs["max_perturbations"])
         engine.check_signature(bundle.manifest)

@@ -56,7 +56,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     if method.needs_autograd:
         import device_sdk.eager  # noqa: F401
     else:
-        from device_sdk.engine import runtime as executorch_runtime
+        from device_sdk.runtime import runtime as executorch_runtime
 
         executorch_runtime()
     libraries = status_field("VmRSS") - runtime

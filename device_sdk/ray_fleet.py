@@ -1,7 +1,7 @@
 """The emulator's devices on a Ray cluster (`python -m device_sdk.emulate ... --ray [ADDRESS]`).
 
 Each worker is a Ray actor that loads the program once and trains the devices it is given one at a
-time, exactly as a worker process of the default emulator does (device_sdk.emulate.serve_devices):
+time, exactly as a worker process of the default emulator does (device_sdk.worker.serve_devices):
 each device keeps its own shard, credential, budget and state, and talks to the coordinator over
 its own websocket. An actor reserves what one training device needs, `--ray-cpus` CPUs and the
 largest memory budget among its devices, since its devices take turns; Ray packs and spreads the
@@ -76,7 +76,7 @@ class Worker:
 
         import ray
 
-        from device_sdk.emulate import serve_devices
+        from device_sdk.worker import serve_devices
         from fwdfed.cli import quiet_libraries
         from fwdfed.memory import peak_rss
 

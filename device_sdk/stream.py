@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_sdk.engine import EngineError, runtime
+from device_sdk.runtime import EngineError, runtime
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.errors import first_line

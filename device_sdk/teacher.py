@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_sdk.data import Example, encode
-from device_sdk.engine import ProgramEngine, runtime
+from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
+from device_sdk.runtime import runtime
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import UserError

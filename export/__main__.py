@@ -141,7 +141,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
-    from export.pipeline import AdapterSpec, ExportSpec, run_export
+    from export.pipeline import AdapterSpec, ExportSpec
+    from export.run import run_export
 
     sign_key = None
     if args.sign_key is not None:  # a key that cannot sign is refused before minutes of export, not after
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         top_blocks=args.top_blocks,
     )
     if args.emulator:
-        from export.pipeline import run_emulator_export
+        from export.run import run_emulator_export
 
         full, manifest = run_emulator_export(spec, args.drop_layers, args.full_out)
         print(f"full model's bundle written: {args.full_out} (base {full.model['hash'][:12]}, "
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
           + (f", {manifest.model['quantization']['scheme']} base" if manifest.model.get("quantization") else "")
           + ")")
     if sign_key is not None:
-        from fwdfed.bundle.signing import fingerprint, sign_bundle
+        from fwdfed.bundle.manifest import sign_bundle
+        from fwdfed.bundle.signing import fingerprint
 
         for folder in [args.out] + ([args.full_out] if args.emulator else []):
             sign_bundle(folder, sign_key)

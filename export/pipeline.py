@@ -19,9 +19,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,15 +26,14 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
+from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, sha256_file
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, Bundle,
-                                    Manifest, sha256_file)
+from fwdfed.bundle.manifest import Bundle, Manifest
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
-from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, read_config, write_preset
-from fwdfed.model.emulator import (DROP_LAYERS, DropLayers, EmulatorError, EmulatorRecord, layout_sha256, num_layers_of,
-                                   write_emulator_model)
+from fwdfed.model.base_model import PRESETS, infer_task, load_model, model_hash, write_preset
+from fwdfed.model.emulator import DROP_LAYERS, DropLayers, EmulatorRecord, num_layers_of, write_emulator_model
 from fwdfed.model.quantize import QUANTIZED_TOLERANCE, check_adapter_fp32, check_options, quantize_base
 from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, build_programs, peft_reference_loss,
                                   trainable_layout)
@@ -497,69 +493,8 @@ def derive_emulator(spec: ExportSpec, full_folder: Path, task: str) -> EmulatorR
                           adapter_layers=plan.adapter_layers(full_layers), full_bundle=spec.full_bundle)
 
 
-def run_emulator_export(spec: ExportSpec, plan: DropLayers, full_out: Path, log=print) -> tuple[Manifest, Manifest]:
-    """Offsite tuning's pair: the full model's bundle at `full_out`, then the emulator's at `spec.out`,
-    both with LoRA on the full model's kept first and last blocks only, so their layouts agree
-    (fwdfed.model.emulator). Each `.pte` is verified against eager peft of its own model."""
-    from fwdfed.bundle.manifest import load_bundle
-
-    if spec.adapter.kind != "lora":
-        raise EmulatorError(f"--emulator drop-layers takes --adapter lora only, not {spec.adapter.kind}: bitfit and "
-                            "prefix tuning train tensors in every block, which the emulator drops, and prompt "
-                            "learning is not wired to it")
-    if Path(full_out).resolve() == Path(spec.out).resolve():
-        raise EmulatorError("--full-out must be another folder than --out")
-    if spec.source.startswith("preset:"):
-        name = spec.source.removeprefix("preset:")
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-        config = PRESETS[name].config
-    else:
-        config = read_config(Path(spec.source))
-    num_layers = num_layers_of(config)
-    kept = plan.kept_layers(num_layers)  # refuses counts the model cannot meet, before anything is exported
-    log(f"offsite tuning: the full model ({num_layers} blocks) to {full_out}, then the emulator "
-        f"(blocks {kept}) to {spec.out}")
-    full_adapter = replace(spec.adapter, layers=plan.adapter_layers(num_layers))
-    full = run_export(replace(spec, out=Path(full_out), adapter=full_adapter), log)
-    full_bundle = load_bundle(full_out)
-    identity = {"path": str(Path(full_out).resolve()), "source": full.model["source"],
-                "base_model_hash": full.base_model_hash,
-                "program_sha256": full.program["sha256"], "layout_sha256": layout_sha256(full.layout)}
-    # The emulator's own block numbers: its first blocks, and its last ones.
-    emulator_layers = [*range(plan.keep_first), *range(len(kept) - plan.keep_last, len(kept))]
-    emulator = run_export(replace(spec, source=str(full_bundle.base_model_path.resolve()), emulator=plan,
-                                  full_bundle=identity, adapter=replace(spec.adapter, layers=emulator_layers)), log)
-    return full, emulator
-
-
-# ---- the whole pipeline -----------------------------------------------------------------
-
-def run_export(spec: ExportSpec, log=print) -> Manifest:
-    """Build the bundle in a scratch folder beside `spec.out` and move it into place at the end,
-    so that a failed export leaves an existing bundle at `spec.out` untouched."""
-    final_out = spec.out
-    final_out.parent.mkdir(parents=True, exist_ok=True)
-    spec.out = Path(tempfile.mkdtemp(prefix=f".{final_out.name}.partial-", dir=final_out.parent))
-    try:
-        if spec.stream:
-            from export.stream import export_streamed
-
-            manifest = export_streamed(spec, log)
-        else:
-            manifest = _export_into(spec, log)
-        if final_out.exists():
-            shutil.rmtree(final_out)
-        os.replace(spec.out, final_out)
-        log(f"[5/5] bundle written to {final_out}")
-        return manifest
-    finally:
-        if spec.out.exists():
-            shutil.rmtree(spec.out)
-        spec.out = final_out
-
-
-def _export_into(spec: ExportSpec, log) -> Manifest:
+def export_whole(spec: ExportSpec, log) -> Manifest:
+    """The whole-model export into `spec.out` (a scratch folder `export.run.run_export` moves into place)."""
     folder, task, recorded_folder = resolve_base(spec)
     emulator = None
     if spec.emulator is not None:
@@ -569,8 +504,8 @@ def _export_into(spec: ExportSpec, log) -> Manifest:
             f"(dropped {emulator.dropped_layers}); the adapter on {emulator.adapter_layers}")
     log(f"[1/5] loading {spec.source} ({task})")
     model, tokenizer = load_model(folder, task, spec.num_labels)
-    if task == SEQ_CLS:
-        spec.num_labels = model.config.num_labels
+    if task == SEQ_CLS:  # the model's own count, for a folder that fixes it (the spec's is the caller's, untouched)
+        spec = replace(spec, num_labels=model.config.num_labels)
     log(f"[2/5] attaching the {spec.adapter.kind} adapter")
     if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
         check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)

@@ -35,9 +35,9 @@ from torch import nn
 
 from export.pipeline import (ExportSpec, Shapes, VerificationError, attach_adapter, example_inputs, fit_memory,
                              resolve_base)
+from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import (BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR, Bundle,
-                                    Manifest)
+from fwdfed.bundle.manifest import Bundle, Manifest
 from fwdfed.bundle.tasks import CAUSAL_LM
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory
@@ -275,7 +275,7 @@ def measure_streamed_step(folder: Path, manifest: Manifest, plan) -> dict:
 # ---- the whole streamed export -----------------------------------------------------------------------
 
 def export_streamed(spec: ExportSpec, log=print) -> Manifest:
-    """Into `spec.out` (a scratch folder `export.pipeline.run_export` moves into place)."""
+    """Into `spec.out` (a scratch folder `export.run.run_export` moves into place)."""
     if spec.adapter.kind != "lora":
         raise StreamError(f"--stream takes a LoRA adapter (blocks take their slice of it); not {spec.adapter.kind}")
     preset = spec.source.removeprefix("preset:") if spec.source.startswith("preset:") else None

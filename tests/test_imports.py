@@ -1,6 +1,6 @@
 """The packages' import rules, checked on the import graph built from the source.
 
-- no cycle between packages;
+- no cycle between packages, nor between the modules of the tree (inside one folder too);
 - `device_sdk` and `export` never import `coordinator`;
 - `fwdfed` (but its demo, which runs the others as commands) imports none of the others;
 - where one package runs another's code, the edge runs one way: the exporter verifies and
@@ -76,6 +76,78 @@ def test_runtime_edges_run_one_way():
     graph = package_graph()
     assert "device_sdk" not in graph["coordinator"] or "coordinator" not in graph["device_sdk"]
     assert "export" not in graph["device_sdk"], "the device SDK must not need the exporter"
+
+
+def project_modules() -> dict[str, object]:
+    """Dotted module name -> its file, for every module of the packages (a package is its __init__)."""
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imported_modules(path, modules) -> set[str]:
+    """Project modules a module imports, at the top or inside functions: `from a.b import c` is a.b.c where
+    that is a module, else a.b."""
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {known(alias.name) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {known(f"{node.module}.{alias.name}") for alias in node.names}
+    return found - {None}
+
+
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph's strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                on_stack.discard(w)
+                component.append(w)
+            on_stack.discard(v)
+            if component:
+                cycles.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_cycle_between_modules():
+    modules = project_modules()
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    assert module_cycles(graph) == []
+
+
+def test_the_cycle_checker_finds_a_circle_through_a_function_level_import(tmp_path):
+    (tmp_path / "a.py").write_text("from p.b import thing\n")
+    (tmp_path / "b.py").write_text("def f():\n    from p.a import other\n")
+    (tmp_path / "c.py").write_text("import p.a\n")
+    modules = {f"p.{n}": tmp_path / f"{n}.py" for n in "abc"}
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    assert graph == {"p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.a"}}
+    assert module_cycles(graph) == [["p.a", "p.b"]]
 
 
 def test_the_checker_sees_function_level_imports(tmp_path):

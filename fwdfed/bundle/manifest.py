@@ -7,27 +7,18 @@ takes, and how much memory its plan needs. Reading a bundle checks it against it
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fwdfed.bundle.files import MANIFEST, BundleError, sha256_file, write_whole
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.errors import UserError
+from fwdfed.bundle.signing import SIGNATURE, check_files, check_signature, covered_files
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-PROGRAM = "model.pte"
-STAGES_DIR = "stages"  # a streamed bundle's programs, one per stage (fwdfed.model.stages)
-INITIAL_ADAPTER = "adapter_init.f32"
-TOKENIZER_DIR = "tokenizer"
-BASE_MODEL_DIR = "base_model"
-
-
-class BundleError(UserError):
-    """A bundle that is missing, corrupt or inconsistent; the message is meant for the user."""
 
 
 @dataclass
@@ -71,11 +62,6 @@ class Manifest:
             raise BundleError(f"manifest format {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
         d["layout"] = AdapterLayout.from_json(d["layout"])
         return cls(**d)
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
@@ -158,8 +144,6 @@ def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) 
         raise BundleError(f"{folder} is not a bundle: it has no {MANIFEST}")
     raw = manifest_path.read_bytes()  # read once: the bytes checked are the bytes parsed
     if trust_key is not None:
-        from fwdfed.bundle.signing import check_signature
-
         check_signature(folder, raw, trust_key)
     try:
         manifest = Manifest.from_json(raw.decode("utf-8"))
@@ -168,8 +152,6 @@ def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) 
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise BundleError(f"{manifest_path} is not a valid manifest: {e}") from None
     if trust_key is not None:
-        from fwdfed.bundle.signing import check_files
-
         try:
             check_files(folder, json.loads(raw))
         except (KeyError, TypeError, AttributeError) as e:
@@ -194,3 +176,17 @@ def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) 
         raise BundleError(f"bundle has no initial adapter ({initial.name})")
     bundle.initial_adapter()  # checks its size
     return bundle
+
+
+def sign_bundle(folder: Path, key: Ed25519PrivateKey) -> dict[str, dict]:
+    """Cover every file of the bundle in its manifest and sign the manifest. The bundle is checked first
+    (`load_bundle`: the program's hashes, the adapter's size), so a damaged bundle is never signed.
+    Returns the files covered besides the program."""
+    folder = Path(folder)
+    load_bundle(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"] = covered_files(folder, manifest)
+    text = (json.dumps(manifest, indent=2) + "\n").encode()
+    write_whole(folder / MANIFEST, text)
+    write_whole(folder / SIGNATURE, key.sign(text))
+    return manifest["files"]

@@ -2,9 +2,9 @@
 
 The operator makes a key pair once (`python -m coordinator keygen`), signs each bundle
 (`python -m coordinator sign`), and provisions devices with the public key (`--trust-key`).
-`sign_bundle` adds `files` to the manifest, the sha256 and size of every file of the bundle that
-`program` does not already hash (the initial adapter, the tokenizer, a preset's base model), and
-writes `manifest.sig`: the 64-byte signature (RFC 8032) of `manifest.json` as it is on disk. A
+`sign_bundle` (in fwdfed.bundle.manifest, which reads and writes manifests) adds `files` to the
+manifest, the sha256 and size of every file of the bundle that `program` does not already hash
+(the initial adapter, the tokenizer, a preset's base model), and writes `manifest.sig`: the 64-byte signature (RFC 8032) of `manifest.json` as it is on disk. A
 device given a trust key checks the signature before it parses the manifest, then every file
 against it, and refuses a file the manifest does not list: so nothing it reads from the bundle,
 the program least of all, is read before it is known to be what the key's holder signed.
@@ -13,7 +13,6 @@ docs/security.md describes the format for other device implementations.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fwdfed.bundle.manifest import MANIFEST, BundleError, sha256_file
+from fwdfed.bundle.files import MANIFEST, BundleError, sha256_file, write_whole
 from fwdfed.cli import write_private
 
 SIGNATURE = "manifest.sig"
@@ -52,7 +51,7 @@ def generate_keys(folder: Path) -> tuple[Path, Path]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     write_private(private_path, private.decode("ascii"))
-    _write_whole(public_path, public)
+    write_whole(public_path, public)
     return private_path, public_path
 
 
@@ -130,22 +129,6 @@ def covered_files(folder: Path, manifest: dict) -> dict[str, dict]:
             for name in bundle_files(folder) if name not in skip}
 
 
-def sign_bundle(folder: Path, key: Ed25519PrivateKey) -> dict[str, dict]:
-    """Cover every file of the bundle in its manifest and sign the manifest. The bundle is checked first
-    (`load_bundle`: the program's hashes, the adapter's size), so a damaged bundle is never signed.
-    Returns the files covered besides the program."""
-    from fwdfed.bundle.manifest import load_bundle
-
-    folder = Path(folder)
-    load_bundle(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"] = covered_files(folder, manifest)
-    text = (json.dumps(manifest, indent=2) + "\n").encode()
-    _write_whole(folder / MANIFEST, text)
-    _write_whole(folder / SIGNATURE, key.sign(text))
-    return manifest["files"]
-
-
 def check_signature(folder: Path, manifest_bytes: bytes, key: Ed25519PublicKey) -> None:
     """`manifest_bytes` (the manifest as read, before it is parsed) are signed by `key` in `folder`'s manifest.sig."""
     path = folder / SIGNATURE
@@ -182,10 +165,3 @@ def check_files(folder: Path, manifest: dict) -> None:
         if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path} does not match the signed manifest's sha256: the file was changed since the "
                               "bundle was signed")
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    """Written whole or not at all: a reader never sees half a manifest or signature."""
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_bytes(data)
-    os.replace(scratch, path)

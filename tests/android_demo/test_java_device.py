@@ -18,7 +18,7 @@ import numpy as np
 
 from coordinator.job import JobOptions
 from coordinator.store import Round, UpdateRow, open_store
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from tests.android_demo.support import HELPER_COMMAND, assert_same_update, decode, python_device, replay
 from tests.conftest import ROOT, TINYSTORIES
 from tests.support.checks import assert_beats_chance

@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fwdfed.bundle.manifest import BundleError, load_bundle
-from fwdfed.bundle.signing import SIGNATURE, fingerprint, generate_keys, load_private_key, load_public_key, sign_bundle
+from fwdfed.bundle.manifest import BundleError, load_bundle, sign_bundle
+from fwdfed.bundle.signing import SIGNATURE, fingerprint, generate_keys, load_private_key, load_public_key
 from tests.conftest import TINYSTORIES
 from tests.support.fake_bundle import write_fake_bundle
 

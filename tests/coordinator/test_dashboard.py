@@ -24,7 +24,7 @@ from coordinator.dashboard.snapshot import clean, encode, snapshot
 from coordinator.report import status_text
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
 from coordinator.store import Meta, OperatorToken, open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategies import SeedFedAvg
 from fwdfed import methods, protocol
 from tests.conftest import run_command
 from tests.coordinator.test_store import db_url  # noqa: F401  (the fixture: SQLite and PostgreSQL)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from coordinator.job import JobOptions
-from coordinator.privacy import DPSeedFedAvg
+from coordinator.strategies.dp_fedavg import DPSeedFedAvg
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle
 from coordinator.store import open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategies import SeedFedAvg
 from fwdfed import protocol
 from fwdfed.update import SeedSums, replay
 
@@ -142,7 +142,7 @@ def test_server_lr_and_clip_are_in_the_sums_and_dp_noise_goes_down_dense(tmp_pat
         await closed_round(c, 1)
         task, _, _ = await task_to(c, "a", (0, sha(c, 0)))
         assert replayed(task, vector(c, 0)) == sha(c, 1)
-        options = JobOptions(dp_clip=1.0, dp_noise_multiplier=0.5)
+        options = JobOptions(strategy="dp-fedavg", strategy_options={"dp_clip": 1.0, "dp_noise_multiplier": 0.5})
         dp = coordinator(tmp_path / "dp", options, DPSeedFedAvg(hparams=HPARAMS, options=options, seed=0))
         await closed_round(dp, 1)
         task, _, _ = await task_to(dp, "a", (0, sha(dp, 0)))

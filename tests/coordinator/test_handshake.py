@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
 from coordinator.store import open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategies import SeedFedAvg
 from device_sdk.client import Device, DeviceConfig, DeviceError
 from fwdfed import handshake, protocol
 from fwdfed.bundle.manifest import load_bundle

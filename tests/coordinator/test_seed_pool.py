@@ -13,7 +13,7 @@ from coordinator.__main__ import job_options, parse_args
 from coordinator.job import JobOptions, resumed_options
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle
 from coordinator.store import open_store
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed import protocol
 from fwdfed.directions import pool_key, seed_pool
 from fwdfed.update import SeedUpdate

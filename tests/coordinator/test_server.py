@@ -12,7 +12,7 @@ from websockets.http11 import Request
 from coordinator.job import JobOptions, resumed_options
 from coordinator.server import Coordinator, JobConfig, Limits, bearer_token, job_from_bundle
 from coordinator.store import open_store
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed import protocol
 
 

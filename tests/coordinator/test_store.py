@@ -7,7 +7,7 @@ from sqlalchemy import create_engine
 from coordinator.job import JobOptions
 from coordinator.server import JobConfig, job_from_bundle
 from coordinator.store import Meta, StoreError, open_store
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed.directions import direction
 
 
@@ -93,7 +93,7 @@ def test_seed_fedavg_applies_weight_decay_scale_and_blocks():
 
 
 def test_estimate_variance_is_the_variance_of_the_mean_estimate():
-    from coordinator.strategy import estimate_variance
+    from coordinator.strategies import estimate_variance
 
     lr, dim = 0.1, 16
     updates = [AcceptedUpdate.of(str(i), [(i, -lr * (1.0 + i))], 1) for i in range(4)]

@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
 from coordinator.store import open_store
-from coordinator.strategy import SeedFedAvg
+from coordinator.strategies import SeedFedAvg
 from device_sdk.client import Device, DeviceConfig, HistoryMismatch
 from fwdfed import protocol
 from fwdfed.bundle.manifest import load_bundle

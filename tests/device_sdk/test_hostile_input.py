@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from device_sdk.client import Device, DeviceConfig, DeviceError
-from device_sdk.engine import EngineError
+from device_sdk.runtime import EngineError
 from fwdfed import protocol
 from fwdfed.bundle.manifest import BundleError, load_bundle, sha256_file
 from fwdfed.methods.estimate import MAX_CANDIDATES, MAX_DIRECTIONS, MAX_LOCAL_STEPS

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import export.pipeline
+import export.run
 from export.__main__ import main
 from fwdfed.bundle.manifest import Manifest, load_bundle
 from fwdfed.bundle.signing import generate_keys, load_public_key
@@ -25,7 +25,7 @@ def exports(monkeypatch):
         write_fake_bundle(spec.out)
         return Manifest.from_json((spec.out / "manifest.json").read_text())
 
-    monkeypatch.setattr(export.pipeline, "run_export", run_export)
+    monkeypatch.setattr(export.run, "run_export", run_export)
     return ran
 
 

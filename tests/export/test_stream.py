@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def streamed(tmp_path_factory):
     if not STORIES.is_dir():
         pytest.skip("stories260K is missing")
-    from export.pipeline import ExportSpec, run_export
+    from export.pipeline import ExportSpec
+    from export.run import run_export
 
     out = tmp_path_factory.mktemp("stream") / "stories"
     run_export(ExportSpec(source=str(STORIES), out=out, batch_size=2, seq_len=32, max_perturbations=4, stream=True),

@@ -71,7 +71,7 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
     of it), and no update is lost or counted twice."""
     from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
-    from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+    from coordinator.strategies import AcceptedUpdate, SeedFedAvg
     from fwdfed.directions import pool_key, seed_pool
 
     db, port = tmp_path / "job.db", free_port()

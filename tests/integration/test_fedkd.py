@@ -89,8 +89,9 @@ def test_unlabelled_rows_are_learnt_from_the_teacher_and_left_out_without_one(tm
 
 def test_the_teacher_program_is_inference_only_and_the_student_has_batched_logits(bundles):
     from device_sdk.data import DataSpec, encode, read_examples
-    from device_sdk.engine import EngineError, ProgramEngine
+    from device_sdk.engine import ProgramEngine
     from device_sdk.evaluate import load_tokenizer
+    from device_sdk.runtime import EngineError
     from device_sdk.teacher import label
     from fwdfed.bundle.manifest import load_bundle
 

@@ -86,7 +86,7 @@ def test_head_init_sets_the_classifier_from_the_devices_class_statistics(tmp_pat
     job's method trains in round 2."""
     import numpy as np
 
-    from coordinator.strategy import AcceptedUpdate
+    from coordinator.strategies import AcceptedUpdate
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.methods.class_stats import aggregate, classifier_tensors, round_hparams
     from tests.conftest import SST2, export_bundle

@@ -97,7 +97,7 @@ def stored(db: Path) -> tuple[dict, list[np.ndarray]]:
     aggregation of the one before with its round's stored updates, each device's once."""
     from coordinator.job import JobOptions
     from coordinator.store import open_store
-    from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+    from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 
     store = open_store(db)
     job = store.latest_job()

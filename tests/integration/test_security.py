@@ -14,8 +14,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from coordinator.store import UpdateRow, open_store
 from fwdfed import protocol
-from fwdfed.bundle.manifest import load_bundle
-from fwdfed.bundle.signing import generate_keys, load_private_key, sign_bundle
+from fwdfed.bundle.manifest import load_bundle, sign_bundle
+from fwdfed.bundle.signing import generate_keys, load_private_key
 from tests.conftest import TINYSTORIES, run_command
 from tests.support.fleet import Coordinator, emulate, enrol
 from tests.support.protocol_client import ProtocolClient
@@ -190,7 +190,7 @@ def test_limits_and_poisoned_updates_are_refused_with_their_reason(tmp_path, tin
 
 
 def test_differential_privacy_noises_each_version_and_records_the_epsilon_spent(tmp_path, tiny_llama_bundle):
-    from coordinator.privacy import gaussian_epsilon
+    from coordinator.strategies.dp_fedavg import gaussian_epsilon
 
     db = tmp_path / "job.db"
     coordinator = Coordinator(db, "--bundle", str(tiny_llama_bundle), "--rounds", "2", "--devices-per-round", "2",

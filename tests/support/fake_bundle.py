@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdfed.bundle.files import INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, sha256_file
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, Manifest, sha256_file
+from fwdfed.bundle.manifest import Manifest
 from tests.conftest import STORIES
 
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fwdfed.bundle.manifest import BundleError, load_bundle
+from fwdfed.bundle.manifest import BundleError, load_bundle, sign_bundle
 from fwdfed.bundle.signing import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -20,7 +20,6 @@ from fwdfed.bundle.signing import (
     generate_keys,
     load_private_key,
     load_public_key,
-    sign_bundle,
 )
 from tests.support.fake_bundle import write_fake_bundle
 

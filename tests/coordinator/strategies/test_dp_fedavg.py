@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from coordinator.job import JobOptions
-from coordinator.privacy import DPSeedFedAvg, gaussian_epsilon
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies.dp_fedavg import DPSeedFedAvg, gaussian_epsilon
+from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 
 NO_NOISE = 1e-30  # with NO_CLIP, a noise std of 1e-18: below float32 resolution
 NO_CLIP = 1e12
 
 
 def dp_strategy(clip, noise_multiplier, kind: str = "rademacher", server_lr: float = 1.0, seed=None) -> DPSeedFedAvg:
-    options = JobOptions(dp_clip=clip, dp_noise_multiplier=noise_multiplier, server_lr=server_lr)
+    options = JobOptions(server_lr=server_lr, strategy="dp-fedavg",
+                         strategy_options={"dp_clip": clip, "dp_noise_multiplier": noise_multiplier})
     return DPSeedFedAvg(hparams={"kind": kind}, options=options, seed=seed)
 
 

@@ -1,10 +1,7 @@
-"""The Strategy seam between the round machinery and the rule it runs.
+"""FedAvg by seed: the default rule (`serve --strategy fedavg`).
 
-Like Flower's, a strategy both configures a round (how many devices and which, what each
-device's task says: its learning rate, the round's block, the wave; whether the round needs
-another wave of perturbations) and aggregates the answers into the next global adapter. The
-round machinery (coordinator.server) does everything else: connections, tasks stored and
-sent, deadlines, restarts. A new rule is a new Strategy class.
+Each device's seed-form change weighted by its examples and summed by seed, so the round's
+version is itself a per-seed sum a device can replay (the downlink in seed form).
 """
 
 from __future__ import annotations
@@ -13,64 +10,15 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import msgpack
 import numpy as np
 
 from coordinator.job import JobOptions
 from coordinator.lr_strategies import client_lrs
+from coordinator.strategies.base import AcceptedUpdate, Block, History, StrategySpec
 from fwdfed import methods
 from fwdfed.methods import Method
 from fwdfed.update import SeedSums, SeedUpdate, round_sums, weighted_sum
-
-Block = tuple[int, int] | None
-# Per device: its train loss in every closed round it took part in, and its change of the adapter
-# in the latest one (for FedMeZO's model-diff learning rates).
-History = tuple[dict[str, list[float]], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class AcceptedUpdate:
-    """An accepted update as aggregation reads it."""
-    device_id: str
-    num_examples: int
-    change: SeedUpdate
-
-    @property
-    def pairs(self) -> list[tuple[int, float]]:
-        return self.change.pairs
-
-    @classmethod
-    def of(cls, device_id: str, pairs: list[tuple[int, float]], num_examples: int, scale: float = 1.0,
-           dense: np.ndarray | None = None) -> "AcceptedUpdate":
-        return cls(device_id, num_examples, SeedUpdate(pairs, scale, dense))
-
-    @classmethod
-    def from_row(cls, row) -> "AcceptedUpdate":
-        """A stored update (coordinator.store's UpdateRow)."""
-        pairs = [(int(a), float(b)) for a, b in msgpack.unpackb(row.pairs)]
-        dense = np.frombuffer(row.dense, "<f4") if row.dense else None
-        return cls(row.device_id, row.num_examples, SeedUpdate(pairs, row.scale, dense))
-
-
-class Strategy(Protocol):
-    def target(self, connected: int, current: int) -> int:
-        """Devices the round samples, given how many are connected and the round's target so far."""
-
-    def sample(self, idle: list[str], count: int, rng: random.Random) -> list[str]:
-        """`count` of the idle connected devices to task."""
-
-    def configure(self, wave: int, block: Block, devices: list[str], history: Callable[[], History],
-                  rng: random.Random) -> dict[str, dict]:
-        """Each chosen device's task hyperparameters."""
-
-    def another_wave(self, updates: list[AcceptedUpdate], dim: int, wave: int,
-                     block: Block) -> tuple[bool, float | None]:
-        """Whether the round asks its devices for another wave, and the estimate variance (if any)."""
-
-    def aggregate(self, global_adapter: np.ndarray, updates: list[AcceptedUpdate], block: Block = None) -> np.ndarray:
-        """The next global adapter."""
 
 
 @dataclass
@@ -157,6 +105,9 @@ class SeedFedAvg:
         by_seed, shrink, dense = round_sums(self.terms(updates))
         return None if dense is not None else SeedSums(list(by_seed), list(by_seed.values()), shrink, block)
 
+    def round_metrics(self, number: int) -> dict[str, float]:
+        return {}
+
 
 def device_deltas(updates: list[AcceptedUpdate], dim: int, kind: str, block: Block = None) -> np.ndarray:
     """Each device's seed-form change of the adapter (scale and dense left out), [devices, dim]."""
@@ -176,3 +127,6 @@ def estimate_variance(updates: list[AcceptedUpdate], dim: int, kind: str, lr: fl
     if block is not None:
         estimates = estimates[:, block[0] : block[1]]
     return float(estimates.var(axis=0, ddof=1).mean() / len(updates))
+
+
+STRATEGY = StrategySpec("fedavg", "FedAvg by seed: devices weighted by their examples (the default)", SeedFedAvg)

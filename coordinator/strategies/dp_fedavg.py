@@ -1,4 +1,5 @@
-"""Optional differential privacy on the aggregate: DP-FedAvg (McMahan et al. 2018), device level.
+"""Differential privacy on the aggregate: DP-FedAvg (McMahan et al. 2018), device level
+(`serve --strategy dp-fedavg --dp-clip C --dp-noise-multiplier SIGMA`; --dp-clip alone selects it).
 
 What is protected: one device's whole contribution to a round. Each device's change of the
 adapter is clipped to L2 norm C on the server and Gaussian noise of std sigma*C/m (m devices in
@@ -30,13 +31,15 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.strategy import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies.base import AcceptedUpdate, Option, StrategySpec, device_change, group_by_device
+from coordinator.strategies.fedavg import SeedFedAvg
 from fwdfed.directions import KINDS
+
+DEFAULT_DELTA = 1e-5
 
 
 @dataclass
@@ -46,7 +49,8 @@ class DPSeedFedAvg(SeedFedAvg):
     delta_j = (scale - 1) w + sum_k coef_k direction(seed_k) + dense is device j's change of the
     adapter (the mean of its updates if it answered several waves), restricted to the round's
     block if any; clip_C scales it down to norm C if it is longer. C and sigma are the job's
-    `dp_clip` and `dp_noise_multiplier`. Rounds are configured as SeedFedAvg configures them.
+    `dp_clip` and `dp_noise_multiplier` (its strategy options). Rounds are configured as SeedFedAvg
+    configures them.
     """
 
     seed: int | None = None  # None: unpredictable; an int only for tests and reproducible experiments
@@ -54,11 +58,15 @@ class DPSeedFedAvg(SeedFedAvg):
 
     @property
     def clip(self) -> float:  # C: the largest L2 norm of one device's change that reaches the aggregate
-        return self.options.dp_clip
+        return self.options.strategy_options.get("dp_clip")
 
     @property
     def noise_multiplier(self) -> float:  # sigma: the noise std in units of C
-        return self.options.dp_noise_multiplier
+        return self.options.strategy_options.get("dp_noise_multiplier")
+
+    @property
+    def delta(self) -> float:
+        return self.options.strategy_options.get("dp_delta", DEFAULT_DELTA)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
@@ -94,34 +102,9 @@ class DPSeedFedAvg(SeedFedAvg):
         mean[start:stop] += self.rng.normal(0.0, self.noise_multiplier * self.clip / m, stop - start)
         return (w + self.options.server_lr * mean).astype(np.float32)
 
-
-def group_by_device(updates: list[AcceptedUpdate]) -> dict[str, list[AcceptedUpdate]]:
-    """A device that answered several waves of a round has one update per wave: the privacy unit
-    is the device, so its updates must be clipped together."""
-    groups: dict[str, list[AcceptedUpdate]] = defaultdict(list)
-    for u in updates:
-        groups[u.device_id].append(u)
-    return groups
-
-
-def device_change(w: np.ndarray, updates: list[AcceptedUpdate], kind: str,
-                  block: tuple[int, int] | None) -> np.ndarray:
-    """The mean of one device's changes of `w` (float64), zero outside `block`.
-
-    The mean keeps the aggregate equal to SeedFedAvg's (with equal example counts) when every
-    device answered every wave."""
-    return sum(update_change(w, u, kind, block) for u in updates) / len(updates)
-
-
-def update_change(w: np.ndarray, u: AcceptedUpdate, kind: str, block: tuple[int, int] | None) -> np.ndarray:
-    change = u.change.delta(w, kind, block)
-    if block is None:
-        return change
-    # A shrink (weight decay) or dense part outside the block would reach the adapter unnoised:
-    # drop it, so that the round changes the block only.
-    inside = np.zeros_like(change)
-    inside[block[0] : block[1]] = change[block[0] : block[1]]
-    return inside
+    def round_metrics(self, number: int) -> dict[str, float]:
+        """The privacy spent after `number` rounds: the epsilon at the job's delta."""
+        return {"dp_epsilon": gaussian_epsilon(self.noise_multiplier, number, self.delta)}
 
 
 def clipped(change: np.ndarray, bound: float) -> np.ndarray:
@@ -151,3 +134,22 @@ def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> floa
     log_inv_delta = math.log(1.0 / delta)
     alpha = 1.0 + math.sqrt(2.0 * noise_multiplier**2 * log_inv_delta / rounds)
     return rounds * alpha / (2.0 * noise_multiplier**2) + log_inv_delta / (alpha - 1.0)
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+STRATEGY = StrategySpec(
+    "dp-fedavg", "DP-FedAvg: each device's change clipped, Gaussian noise on their equal-weight mean (docs/privacy.md)",
+    DPSeedFedAvg,
+    options=(
+        Option("dp_clip", float, None, "differential privacy: clip each device's change to this L2 norm",
+               positive, "must be a positive number", required=True),
+        Option("dp_noise_multiplier", float, None,
+               "differential privacy: Gaussian noise of this many times --dp-clip (see docs/privacy.md)",
+               positive, "must be a positive number", required=True),
+        Option("dp_delta", float, DEFAULT_DELTA, "differential privacy: the delta of (epsilon, delta)",
+               lambda d: isinstance(d, (int, float)) and 0 < d < 1, "must be in (0, 1)"),
+    ),
+)

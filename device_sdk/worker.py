@@ -1,0 +1,46 @@
+"""One worker of the emulator: its devices sharing one loaded program, taking turns to train.
+
+The process emulator (device_sdk.emulate) runs each worker in a process of its own
+(`run_devices`); the Ray fleet (device_sdk.ray_fleet) in an actor (`serve_devices`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import sys
+
+from fwdfed.cli import quiet_libraries, run_main
+
+
+async def serve_devices(configs: list, profiles: list, spec_seed: int) -> list[dict]:
+    """These logical devices, start to finish, sharing one loaded program and taking turns to train (each
+    keeps its own shard, token, seeds and connection); each device's record (device_sdk.profiles)."""
+    from device_sdk.engine import ProgramEngine
+    from device_sdk.profiles import ProfiledDevice
+
+    lock = asyncio.Lock()
+    # Every device labels its shard with its teacher (if given) before the shared student program is
+    # loaded, so that no teacher is resident beside the student.
+    devices = [ProfiledDevice(c, p, spec_seed, train_lock=lock, load_program=False) for c, p in zip(configs, profiles)]
+    engine = ProgramEngine.for_bundle(devices[0].bundle)
+    for d in devices:
+        d.engine = engine
+    done = await asyncio.gather(*(d.run() for d in devices))
+    return [d.record(tasks) for d, tasks in zip(devices, done)]
+
+
+def run_devices(configs: list, profiles: list, spec_seed: int, results) -> None:
+    """Process entry: serve_devices, its records put on `results`. Exit status 2 with one line on a user error."""
+    quiet_libraries()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    from fwdfed.memory import peak_rss
+
+    def main(_argv):
+        records = asyncio.run(serve_devices(configs, profiles, spec_seed))
+        results.put({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
+                     "devices": records})
+        return 0
+
+    run_main(main)
