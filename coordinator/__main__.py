@@ -266,7 +266,8 @@ def check_distillation(student, teacher) -> None:
 
 
 def serve(args) -> int:
-    from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, resume_problem, serve_job
+    from coordinator.admission import Limits
+    from coordinator.server import Coordinator, JobConfig, job_from_bundle, resume_problem, serve_job
     from coordinator.store import open_store
     from device_sdk.data import data_spec
     from device_sdk.evaluate import Evaluator
@@ -472,10 +473,9 @@ def existing_job(args):
 def export_adapter(args) -> int:
     import numpy as np
 
+    from coordinator.report import best_version
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.model.peft_adapter import save_peft_adapter
-
-    from coordinator.report import best_version
 
     store, job = existing_job(args)
     if args.version in (None, "latest"):

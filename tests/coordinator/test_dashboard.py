@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from coordinator.admission import Limits
 from coordinator.dashboard.app import COOKIE, Dashboard
 from coordinator.dashboard.cli import address
 from coordinator.dashboard.page import asset, write_static
 from coordinator.dashboard.snapshot import clean, encode, snapshot
 from coordinator.report import status_text
-from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
+from coordinator.server import Coordinator, JobConfig, job_from_bundle, serve_job
 from coordinator.store import Meta, OperatorToken, open_store
 from coordinator.strategies import SeedFedAvg
 from fwdfed import methods, protocol

@@ -10,11 +10,12 @@ import hashlib
 import numpy as np
 import pytest
 
+from coordinator.admission import Limits
 from coordinator.job import JobOptions
-from coordinator.strategies.dp_fedavg import DPSeedFedAvg
-from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle
+from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategies import SeedFedAvg
+from coordinator.strategies.dp_fedavg import DPSeedFedAvg
 from fwdfed import protocol
 from fwdfed.update import SeedSums, replay
 

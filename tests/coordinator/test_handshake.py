@@ -13,7 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
+from coordinator.admission import Limits
+from coordinator.server import Coordinator, JobConfig, job_from_bundle, serve_job
 from coordinator.store import open_store
 from coordinator.strategies import SeedFedAvg
 from device_sdk.client import Device, DeviceConfig, DeviceError

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from coordinator.__main__ import job_options, parse_args
+from coordinator.admission import Limits
 from coordinator.job import JobOptions, resumed_options
-from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle
+from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed import protocol
@@ -73,13 +74,13 @@ def test_a_seed_outside_the_pool_is_refused_in_the_tables_order(tmp_path):
     hparams = c.strategy.configure(0, None, ["a"], lambda: ({}, {}), random.Random(0))["a"]
     pool = [int(s) for s in seed_pool(pool_key("job"), 8)]
     outside = next(s for s in range(100) if s not in pool)
-    assert c._poisoning([(pool[0], 1e-3), (pool[7], -1e-3)], 1.0, b"", hparams, c.method) is None
-    code, reason = c._poisoning([(pool[0], 1e-3), (outside, 1e-3)], 1.0, b"", hparams, c.method)
+    assert c.checks.poisoning([(pool[0], 1e-3), (pool[7], -1e-3)], 1.0, b"", hparams, c.method) is None
+    code, reason = c.checks.poisoning([(pool[0], 1e-3), (outside, 1e-3)], 1.0, b"", hparams, c.method)
     assert code == "outside_pool" and f"seed {outside} " in reason
     # docs/protocol.md's order: too_many_pairs before it, bad_scale after it
-    assert c._poisoning([(outside, 1e-3)] * 5, 1.0, b"", hparams, c.method)[0] == "too_many_pairs"
-    assert c._poisoning([(outside, 1e-3)], 0.5, b"", hparams, c.method)[0] == "outside_pool"
-    assert c._poisoning([(outside, 1e-3)], 1.0, b"", HPARAMS, c.method) is None  # a task without a pool: free
+    assert c.checks.poisoning([(outside, 1e-3)] * 5, 1.0, b"", hparams, c.method)[0] == "too_many_pairs"
+    assert c.checks.poisoning([(outside, 1e-3)], 0.5, b"", hparams, c.method)[0] == "outside_pool"
+    assert c.checks.poisoning([(outside, 1e-3)], 1.0, b"", HPARAMS, c.method) is None  # a task without a pool: free
 
 
 def test_a_pooled_round_aggregates_by_seed_as_the_updates_would_one_by_one(tmp_path):

@@ -9,8 +9,9 @@ import numpy as np
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
+from coordinator.admission import Limits, bearer_token
 from coordinator.job import JobOptions, resumed_options
-from coordinator.server import Coordinator, JobConfig, Limits, bearer_token, job_from_bundle
+from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed import protocol
@@ -100,17 +101,18 @@ def test_a_held_out_metric_that_was_never_finite_is_recorded_as_refused_not_stor
 
 
 def test_the_default_bound_refuses_a_huge_coefficient_and_a_repeated_seed_counts_once(tmp_path):
-    from coordinator.server import DEFAULT_MAX_UPDATE_RMS, update_rms
+    from coordinator.job import DEFAULT_MAX_UPDATE_RMS
+    from coordinator.update_checks import update_rms
 
     c = coordinator(tmp_path, limits=Limits(require_credentials=False))
     hparams, method = dict(c.job.hparams, local_steps=4), c.method
-    assert c._poisoning([(7, 1e30)], 1.0, b"", hparams, method)[0] == "norm_bound"
+    assert c.checks.poisoning([(7, 1e30)], 1.0, b"", hparams, method)[0] == "norm_bound"
     bound = DEFAULT_MAX_UPDATE_RMS
     # four times one seed is one direction four times as long: 4c, not sqrt(4) c, against the bound
     assert update_rms([(7, bound / 3)] * 4, None) == 4 * bound / 3
-    assert c._poisoning([(7, bound / 3)] * 4, 1.0, b"", hparams, method)[0] == "norm_bound"
-    assert c._poisoning([(7, bound / 3), (8, bound / 3), (9, bound / 3)], 1.0, b"", hparams, method) is None
-    code, reason = c._poisoning([], 0.5, b"", hparams, method)
+    assert c.checks.poisoning([(7, bound / 3)] * 4, 1.0, b"", hparams, method)[0] == "norm_bound"
+    assert c.checks.poisoning([(7, bound / 3), (8, bound / 3), (9, bound / 3)], 1.0, b"", hparams, method) is None
+    code, reason = c.checks.poisoning([], 0.5, b"", hparams, method)
     assert code == "bad_scale" and "[0.999999, 1.000001]" in reason  # the range it accepts, tolerance included
 
 

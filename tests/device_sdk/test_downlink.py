@@ -11,7 +11,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from coordinator.server import Coordinator, JobConfig, Limits, job_from_bundle, serve_job
+from coordinator.admission import Limits
+from coordinator.server import Coordinator, JobConfig, job_from_bundle, serve_job
 from coordinator.store import open_store
 from coordinator.strategies import SeedFedAvg
 from device_sdk.client import Device, DeviceConfig, HistoryMismatch
@@ -52,7 +53,7 @@ def run_job(tmp_path, bundle, keep_adapter: bool, corrupt_round: int | None = No
     job = store.create_job(job_from_bundle("job", str(bundle), loaded.manifest, config), loaded.initial_adapter())
     coordinator = Coordinator(store, job, SeedFedAvg(hparams=job.hparams), limits=Limits(require_credentials=False))
     if corrupt_round is not None:  # one coefficient of that round's history off by 1%, once
-        history = coordinator._history
+        history = coordinator.downlink.history
 
         def corrupted(device_id, version):
             steps = history(device_id, version)
@@ -62,7 +63,7 @@ def run_job(tmp_path, bundle, keep_adapter: bool, corrupt_round: int | None = No
             return steps
 
         corrupted.done = False
-        coordinator._history = corrupted
+        coordinator.downlink.history = corrupted
     received = []
     replay_of = Device.task_adapter
 

@@ -189,7 +189,7 @@ def test_one_huge_finite_coefficient_is_refused_by_default_and_the_job_finishes(
     finally:
         coordinator.kill()
     assert refusal_codes(db).count("norm_bound") == 6
-    from coordinator.server import DEFAULT_MAX_UPDATE_RMS
+    from coordinator.job import DEFAULT_MAX_UPDATE_RMS
 
     adapters_are_finite_and_bounded(db, DEFAULT_MAX_UPDATE_RMS)
 
@@ -227,7 +227,7 @@ def test_a_restart_on_the_database_the_old_crash_left_resumes_and_refuses_the_up
         again.kill()
     refusals = open_store(db).refusals(store.latest_job().id)
     assert [(r.device_id, r.code) for r in refusals] == [("rogue", "norm_bound")]
-    from coordinator.server import DEFAULT_MAX_UPDATE_RMS
+    from coordinator.job import DEFAULT_MAX_UPDATE_RMS
 
     adapters_are_finite_and_bounded(db, DEFAULT_MAX_UPDATE_RMS)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from coordinator.job import JobOptions
-from coordinator.strategies.dp_fedavg import DPSeedFedAvg, gaussian_epsilon
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
+from coordinator.strategies.dp_fedavg import DPSeedFedAvg, gaussian_epsilon
 
 NO_NOISE = 1e-30  # with NO_CLIP, a noise std of 1e-18: below float32 resolution
 NO_CLIP = 1e12

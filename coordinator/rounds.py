@@ -1,0 +1,354 @@
+"""The round engine: open a round, dispatch its tasks, collect its waves, aggregate, publish, go on.
+
+Every step is written to the store first, so a coordinator restarted on the same database resumes
+the open round with the updates it had already accepted. The rule each round runs is the job's
+`Strategy` (coordinator.strategies), but for the rounds a method schedules itself (the class
+statistics of `--head-init lda`), which that method aggregates. `RoundEngine` is the part of the
+`Coordinator` (coordinator.server) that runs rounds; the connections it sends tasks on and the
+updates it reads are the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed
+
+from coordinator.job import round_method_name
+from coordinator.store import Round
+from coordinator.strategies import AcceptedUpdate, device_deltas
+from coordinator.update_checks import update_rms
+from fwdfed import methods, protocol
+
+log = logging.getLogger("coordinator")
+
+COLLECT_BATCH_S = 0.05
+
+
+class RoundEngine:
+    def round_method(self, number: int) -> methods.Method:
+        """The method of round `number` (`round_method_name`)."""
+        name = round_method_name(self.method.name, self.options, number)
+        return self.method if name == self.method.name else methods.get(name)
+
+    def strategy_made(self, number: int) -> bool:
+        """Whether round `number`'s version is the strategy's aggregate (not a scheduled method's, such as the
+        class statistics' head)."""
+        method = self.round_method(number)
+        return method is self.method and method.coordinator_aggregate is None
+
+    def scheduled_dense_values(self) -> int | None:
+        """The longest dense part a scheduled round's method sends (the class statistics), if any."""
+        hparams = self.round_hparams(1)
+        method = self.round_method(1)
+        return method.dense_length(hparams) if hparams is not None and method.dense_length else None
+
+    def round_hparams(self, number: int) -> dict | None:
+        """A scheduled method's task hyperparameters (None: the strategy configures the job's)."""
+        if self.round_method(number) is self.method:
+            return None
+        from fwdfed.methods.class_stats import round_hparams
+
+        hparams = round_hparams(self.layout, self.options.lda_shrinkage)
+        if self.method.needs_teacher:  # the head round counts examples by the teacher's targets too
+            hparams |= {k: self.job.hparams[k] for k in ("teacher_sha256", "kd_weight", "kd_temperature")
+                        if k in self.job.hparams}
+        return hparams
+
+    def _lr_history(self) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+        """Per device, for the client lr strategies: train loss per closed round, and its dense change in the
+        latest one."""
+        losses: dict[str, list[float]] = {}
+        last: dict[str, np.ndarray] = {}
+        need_deltas = self.options.lr_strategy == "model-diff"
+        for rnd in self.store.closed_round_list(self.job.id):
+            block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+            for row in self.store.updates(rnd.id):
+                losses.setdefault(row.device_id, []).append((row.loss_before + row.loss_after) / 2)
+                if need_deltas:
+                    update = AcceptedUpdate.from_row(row)
+                    last[row.device_id] = device_deltas([update], self.job.adapter_dim, self.kind, block)[0]
+        return losses, last
+
+    def _reference(self, rnd: Round) -> bytes:
+        """The previous round's global update, for a method that uses it (the forward gradient's selection)."""
+        if not self.method.uses_reference or rnd.base_version == 0:
+            return b""
+        new = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, "<f4")
+        old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
+        return (new - old).astype("<f4").tobytes()
+
+    async def _send_task(self, rnd: Round, task, version=None, reference: bytes | None = None) -> None:
+        version = version or self.store.version(self.job.id, rnd.base_version)
+        reference = self._reference(rnd) if reference is None else reference
+        deadline = max(0.0, rnd.wave_opened_at + self.job.round_deadline_s - time.time())
+        message = protocol.Task(task_id=task.id, job_id=self.job.id, round=rnd.number, global_version=rnd.base_version,
+                                base_model_hash=self.job.base_model_hash, adapter=version.vector,
+                                adapter_sha256=version.sha256, method=self.round_method(rnd.number).name,
+                                hparams=task.hparams,
+                                deadline_s=deadline, reference=reference)
+        ws = self.connections.get(task.device_id)
+        if ws is not None:
+            frame, in_seed_form = message.to_wire(), False
+            if (history := self.downlink.history(task.device_id, rnd.base_version)) is not None:
+                seed_form = replace(message, adapter=b"", history=history).to_wire()
+                if len(seed_form) < len(frame):  # the smaller of the two
+                    frame, in_seed_form = seed_form, True
+            self.task_frames.setdefault(rnd.id, []).append((len(frame), in_seed_form))
+            if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
+                self.held[task.device_id] = (rnd.base_version, version.sha256)
+            try:
+                await ws.send(frame)
+            except ConnectionClosed:
+                pass
+
+    async def _resend_open_task(self, device_id: str) -> None:
+        """After a restart or reconnect, a device gets back the task it has not answered: also one
+        taken from it while it was away, if no other device has taken that task over (the wave is
+        still short of live tasks), rather than the round waiting for its deadline."""
+        rnd, tasks = self._unanswered_tasks(device_id)
+        if rnd is not None and not tasks:
+            tasks = self._restorable(rnd, device_id)
+        for task in tasks:
+            if task.wave == rnd.wave:
+                log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
+                await self._send_task(rnd, task)
+
+    def _restorable(self, rnd: Round, device_id: str) -> list:
+        """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
+        answered = self.store.answered(rnd.id)
+        mine = [t for t in self.store.tasks(rnd.id, device_id)
+                if t.wave == rnd.wave and t.abandoned_at is not None and t.forfeited is None and t.id not in answered]
+        if not mine or len(self._live_tasks(rnd)) >= self._target(rnd):
+            return []
+        log.info("round %d: %s is back and no device took over its task %s: giving it back", rnd.number,
+                 device_id, mine[0].id)
+        return [self.store.restore_task(mine[0].id)]
+
+    def _live_tasks(self, rnd: Round) -> list:
+        """This wave's tasks, after abandoning those whose device has been away too long."""
+        answered = self.store.answered(rnd.id)
+        live = []
+        for task in self.store.tasks(rnd.id):
+            if task.wave != rnd.wave or task.abandoned_at is not None:
+                continue
+            if task.id not in answered and task.device_id not in self.connections:
+                away = time.time() - self.gone_since.setdefault(task.device_id, time.time())
+                if away > self.device_timeout_s:
+                    self.store.abandon_task(task.id)
+                    log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", rnd.number,
+                                task.device_id, away, task.id)
+                    continue
+            live.append(task)
+        return live
+
+    def _target(self, rnd: Round) -> int:
+        """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""
+        wanted = self.strategy.target(len(self.connections), rnd.target)
+        if wanted > rnd.target:
+            rnd.target = self.store.raise_target(rnd.id, wanted).target
+        return max(wanted, rnd.target)
+
+    async def _dispatch(self, rnd: Round) -> None:
+        """Send tasks to idle connected devices until this wave has its target of live tasks."""
+        live = self._live_tasks(rnd)
+        # A device whose task was abandoned is not asked again in the same wave: the task moved on.
+        assigned = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
+        idle = [d for d in self.connections if d not in assigned]
+        chosen = self.strategy.sample(idle, self._target(rnd) - len(live), self.rng)
+        if not chosen:
+            return
+        block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+        scheduled = self.round_hparams(rnd.number)
+        if scheduled is not None:
+            hparams = {device_id: dict(scheduled, wave=rnd.wave) for device_id in chosen}
+        else:
+            hparams = self.strategy.configure(rnd.wave, block, chosen, self._lr_history, self.rng)
+        tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
+        version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
+        for task in tasks:
+            log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
+                     task.hparams["lr"])
+            await self._send_task(rnd, task, version, reference)
+
+    async def _collect(self, rnd: Round) -> None:
+        """Dispatch and wait until every task of the current wave is answered or its deadline passes."""
+        deadline = rnd.wave_opened_at + self.job.round_deadline_s
+        while True:
+            self.changed.clear()
+            await self._dispatch(rnd)
+            tasks = self._live_tasks(rnd)
+            answered = self.store.answered(rnd.id)
+            if len(tasks) >= self._target(rnd) and all(t.id in answered for t in tasks):
+                return
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                # Let a burst of arrivals land before re-checking: each check reads the round's tasks.
+                await asyncio.sleep(COLLECT_BATCH_S)
+            except TimeoutError:
+                pass
+
+    async def _gather(self, rnd: Round, block) -> tuple[Round, list, float | None]:
+        """Collect the round's updates, wave after wave while the strategy asks for another:
+        (the round as it stands, its updates, the estimate variance if measured)."""
+        while True:
+            await self._collect(rnd)
+            rows = self.store.updates(rnd.id)
+            if len(rows) < self.job.min_devices or self.round_method(rnd.number) is not self.method:
+                return rnd, rows, None
+            accepted = [AcceptedUpdate.from_row(row) for row in rows]
+            more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+            if not more:
+                return rnd, rows, variance
+            log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
+                     rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
+            rnd = self.store.next_wave(rnd.id)
+
+    def _combine(self, rnd: Round, base: np.ndarray, accepted: list[AcceptedUpdate], block) -> np.ndarray | None:
+        """The round's rule applied to `accepted`; None when it cannot give a finite adapter."""
+        method = self.round_method(rnd.number)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if method.coordinator_aggregate is not None:
+                    new = method.coordinator_aggregate(base, [u.change.dense for u in accepted],
+                                                       self.round_hparams(rnd.number), self.layout)
+                else:
+                    new = self.strategy.aggregate(base, accepted, block)
+        except (ValueError, ArithmeticError):  # e.g. class statistics whose head is singular or not finite
+            return None
+        return new if np.isfinite(new).all() else None
+
+    def _change_size(self, rnd: Round, row, base: np.ndarray) -> float:
+        """How far an update would move the adapter: its bound's measure, or a statistics payload's largest value."""
+        update = AcceptedUpdate.from_row(row)
+        dense = update.change.dense
+        if self.round_method(rnd.number).dense_length is not None:
+            return float(np.max(np.abs(dense))) if dense is not None else 0.0
+        scale_part = abs(update.change.scale - 1.0) * float(np.sqrt(np.mean(base.astype(np.float64) ** 2)))
+        return update_rms(update.pairs, dense) + scale_part
+
+    def _drop_updates(self, rnd: Round, offenders: list[tuple]) -> None:
+        """Take accepted updates back out of the round, each recorded as a refusal with its code, and their
+        tasks forfeited: the round collects again without them (another device may take their place)."""
+        for row, code, reason in offenders:
+            self.store.drop_update(row.id)
+            self.store.forfeit_task(row.task_id, code)
+            self.store.add_refusal(self.job.id, row.device_id, code, reason)
+            log.warning("round %d: dropped the update of %s for task %s (%s): %s; the round goes on without it",
+                        rnd.number, row.device_id, row.task_id, code, reason)
+
+    def _diverged(self, metrics: dict, base_version: int) -> str | None:
+        """A held-out metric that is not finite for the new adapter but was for the round's base version."""
+        before = {m.name for m in self.store.metrics(self.job.id) if m.version == base_version}
+        return next((name for name, value in metrics.items() if not math.isfinite(value) and name in before), None)
+
+    async def _publishable(self, rnd: Round, rows: list, block) -> tuple[np.ndarray, dict] | None:
+        """The next adapter and its held-out metrics; None when updates had to be dropped first (_drop_updates):
+        one that the limits refuse (stored by an older coordinator, or under other limits), one without
+        which the aggregate is finite, or, when a held-out metric stops being finite, the largest."""
+        method = self.round_method(rnd.number)
+        stale = [(row, *refusal) for row in rows
+                 if (refusal := self.checks.poisoning(AcceptedUpdate.from_row(row).pairs, row.scale, row.dense,
+                                                self.store.task(row.task_id).hparams, method))]
+        if stale:
+            self._drop_updates(rnd, stale)
+            return None
+        base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
+        accepted = [AcceptedUpdate.from_row(row) for row in rows]
+        new = self._combine(rnd, base, accepted, block)
+        if new is None:
+            alone = [row for row, u in zip(rows, accepted) if self._combine(rnd, base, [u], block) is None]
+            blamed = alone or [max(rows, key=lambda row: self._change_size(rnd, row, base))]
+            reason = "the round's aggregate with this update is not finite"
+            self._drop_updates(rnd, [(row, "non_finite_aggregate", reason) for row in blamed])
+            return None
+        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
+        if (name := self._diverged(metrics, rnd.base_version)) is not None:
+            largest = max(rows, key=lambda row: self._change_size(rnd, row, base))
+            reason = f"with this update, the largest of the round, the held-out {name} is {metrics[name]}"
+            self._drop_updates(rnd, [(largest, "diverged", reason)])
+            return None
+        return new, metrics
+
+    def _finite_metrics(self, version: int, metrics: dict) -> dict:
+        """The metrics that can be stored; a non-finite one is recorded as a refusal with its value instead."""
+        kept = {}
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                kept[name] = value
+            else:
+                reason = f"version {version}: {name} is {value}, not stored"
+                self.store.add_refusal(self.job.id, None, "non_finite_metric", reason)
+                log.warning("%s", reason)
+        return kept
+
+    async def run_round(self, rnd: Round) -> bool:
+        """Run one round attempt to its end; True if it closed with a new global version."""
+        block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
+        while True:
+            rnd, rows, variance = await self._gather(rnd, block)
+            if len(rows) < self.job.min_devices:
+                reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
+                          f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
+                self.store.fail_round(rnd.id, reason)
+                self.task_frames.pop(rnd.id, None)
+                log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
+                return False
+            if (published := await self._publishable(rnd, rows, block)) is not None:
+                break
+        new, metrics = published
+        metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
+        metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
+        metrics["waves"] = rnd.wave + 1
+        metrics |= self.strategy.round_metrics(rnd.number)
+        if variance is not None:
+            metrics["estimate_variance"] = variance
+        if frames := self.task_frames.pop(rnd.id, None):  # the task frames this process sent for the round
+            metrics["task_bytes_max"] = float(max(size for size, _ in frames))
+            metrics["task_bytes_mean"] = float(np.mean([size for size, _ in frames]))
+            metrics["tasks_in_seed_form"] = float(sum(seed for _, seed in frames))
+            metrics["tasks_sent"] = float(len(frames))
+        version = self.store.close_round(rnd, new, self._finite_metrics(rnd.base_version + 1, metrics))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(rows), version, shown)
+        print(f"round {rnd.number}/{self.job.rounds}: {len(rows)} updates, {shown}", flush=True)
+        return True
+
+    async def run_job(self) -> bool:
+        """Run rounds until the job has them all; False if a round failed too often."""
+        if self.evaluate and not self.store.metrics(self.job.id):
+            metrics = await asyncio.to_thread(self.evaluate, np.frombuffer(self.store.version(self.job.id, 0).vector, "<f4"))
+            self.store.add_metrics(self.job.id, 0, self._finite_metrics(0, metrics))
+            print("round 0 (initial adapter): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        failures = 0
+        while (done := self.store.closed_rounds(self.job.id)) < self.job.rounds:
+            rnd = self.store.open_round(self.job.id)
+            if rnd is None:
+                base = self.store.latest_version(self.job.id).version
+                blocks = self.blocks
+                rnd = self.store.start_round(self.job.id, done + 1, base, blocks[done % len(blocks)] if blocks else None)
+                log.info("round %d attempt %d opened from version %d", rnd.number, rnd.attempt, base)
+            else:
+                log.info("resuming open round %d attempt %d", rnd.number, rnd.attempt)
+            if await self.run_round(rnd):
+                failures = 0
+            else:
+                failures += 1
+                if failures >= self.max_attempts:
+                    return False
+        self.store.finish_job(self.job.id)
+        self.finished.set()
+        for device_id, ws in list(self.connections.items()):
+            try:
+                await ws.send(protocol.Done(job_id=self.job.id, reason="job finished").to_wire())
+            except ConnectionClosed:
+                pass
+        return True
