@@ -24,12 +24,12 @@ log = logging.getLogger("coordinator")
 
 
 class Downlink:
-    def __init__(self, store: Store, job: Job, strategy: Strategy, held: dict[str, tuple[int, str]],
-                 strategy_made: Callable[[int], bool]):
-        self.store, self.job, self.strategy = store, job, strategy
+    def __init__(self, store: Store, job: Job, held: dict[str, tuple[int, str]],
+                 round_strategy: Callable[[int], Strategy]):
+        self.store, self.job = store, job
         self.kind = str(job.hparams.get("kind", "rademacher"))
         self.held = held  # the (version, sha256) each connected device that keeps its adapter holds
-        self.strategy_made = strategy_made  # whether round n's version is the strategy's (not a scheduled method's)
+        self.round_strategy = round_strategy  # the strategy round n ran, whose version_sums say its seed form
         self._sums: dict[int, SeedSums | None] = {}  # each version's seed sums, made once (None: dense)
 
     def history(self, device_id: str, version: int) -> list[dict] | None:
@@ -64,10 +64,10 @@ class Downlink:
         if stored is None or before is None:
             return None
         rnd = next((r for r in self.store.closed_round_list(self.job.id) if r.id == stored.round_id), None)
-        if rnd is None or not self.strategy_made(rnd.number):
+        if rnd is None:
             return None
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        sums = self.strategy.version_sums([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
+        sums = self.round_strategy(rnd.number).version_sums([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
         if sums is None:
             return None
         replayed = replay(np.frombuffer(before.vector, "<f4"), [sums], self.kind).astype("<f4").tobytes()

@@ -21,7 +21,8 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator.job import round_method_name
 from coordinator.store import Round
-from coordinator.strategies import AcceptedUpdate, device_deltas
+from coordinator.strategies import AcceptedUpdate, Strategy, device_deltas
+from coordinator.strategies.scheduled import ScheduledRound
 from coordinator.update_checks import update_rms
 from fwdfed import methods, protocol
 
@@ -36,22 +37,24 @@ class RoundEngine:
         name = round_method_name(self.method.name, self.options, number)
         return self.method if name == self.method.name else methods.get(name)
 
-    def strategy_made(self, number: int) -> bool:
-        """Whether round `number`'s version is the strategy's aggregate (not a scheduled method's, such as the
-        class statistics' head)."""
+    def round_strategy(self, number: int) -> Strategy:
+        """The strategy round `number` runs: the job's, or a scheduled method's round (the class statistics)."""
         method = self.round_method(number)
-        return method is self.method and method.coordinator_aggregate is None
+        if method is self.method:
+            return self.strategy
+        if number not in self._scheduled:
+            self._scheduled[number] = ScheduledRound(method, self.scheduled_hparams(), self.layout, self.strategy)
+        return self._scheduled[number]
 
     def scheduled_dense_values(self) -> int | None:
         """The longest dense part a scheduled round's method sends (the class statistics), if any."""
-        hparams = self.round_hparams(1)
         method = self.round_method(1)
-        return method.dense_length(hparams) if hparams is not None and method.dense_length else None
-
-    def round_hparams(self, number: int) -> dict | None:
-        """A scheduled method's task hyperparameters (None: the strategy configures the job's)."""
-        if self.round_method(number) is self.method:
+        if method is self.method or method.dense_length is None:
             return None
+        return method.dense_length(self.scheduled_hparams())
+
+    def scheduled_hparams(self) -> dict:
+        """The class-statistics round's task hyperparameters."""
         from fwdfed.methods.class_stats import round_hparams
 
         hparams = round_hparams(self.layout, self.options.lda_shrinkage)
@@ -164,11 +167,7 @@ class RoundEngine:
         if not chosen:
             return
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        scheduled = self.round_hparams(rnd.number)
-        if scheduled is not None:
-            hparams = {device_id: dict(scheduled, wave=rnd.wave) for device_id in chosen}
-        else:
-            hparams = self.strategy.configure(rnd.wave, block, chosen, self._lr_history, self.rng)
+        hparams = self.round_strategy(rnd.number).configure(rnd.wave, block, chosen, self._lr_history, self.rng)
         tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
         for task in tasks:
@@ -202,10 +201,10 @@ class RoundEngine:
         while True:
             await self._collect(rnd)
             rows = self.store.updates(rnd.id)
-            if len(rows) < self.job.min_devices or self.round_method(rnd.number) is not self.method:
+            if len(rows) < self.job.min_devices:
                 return rnd, rows, None
             accepted = [AcceptedUpdate.from_row(row) for row in rows]
-            more, variance = self.strategy.another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+            more, variance = self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
             if not more:
                 return rnd, rows, variance
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
@@ -214,14 +213,9 @@ class RoundEngine:
 
     def _combine(self, rnd: Round, base: np.ndarray, accepted: list[AcceptedUpdate], block) -> np.ndarray | None:
         """The round's rule applied to `accepted`; None when it cannot give a finite adapter."""
-        method = self.round_method(rnd.number)
         try:
             with np.errstate(over="ignore", invalid="ignore"):
-                if method.coordinator_aggregate is not None:
-                    new = method.coordinator_aggregate(base, [u.change.dense for u in accepted],
-                                                       self.round_hparams(rnd.number), self.layout)
-                else:
-                    new = self.strategy.aggregate(base, accepted, block)
+                new = self.round_strategy(rnd.number).aggregate(base, accepted, block)
         except (ValueError, ArithmeticError):  # e.g. class statistics whose head is singular or not finite
             return None
         return new if np.isfinite(new).all() else None
@@ -308,7 +302,7 @@ class RoundEngine:
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
         metrics["train_loss_after"] = float(np.mean([u.loss_after for u in rows]))
         metrics["waves"] = rnd.wave + 1
-        metrics |= self.strategy.round_metrics(rnd.number)
+        metrics |= self.round_strategy(rnd.number).round_metrics(rnd.number)
         if variance is not None:
             metrics["estimate_variance"] = variance
         if frames := self.task_frames.pop(rnd.id, None):  # the task frames this process sent for the round

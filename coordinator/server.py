@@ -100,7 +100,8 @@ class Coordinator(RoundEngine):
         # The downlink in seed form: the (version, sha256) each connected device that keeps its adapter holds
         # (from its hello, then every task sent to it).
         self.held: dict[str, tuple[int, str]] = {}
-        self.downlink = Downlink(store, job, strategy, self.held, self.strategy_made)
+        self.downlink = Downlink(store, job, self.held, self.round_strategy)
+        self._scheduled: dict[int, Strategy] = {}  # the rounds a method schedules (RoundEngine.round_strategy)
         self.task_frames: dict[int, list[tuple[int, bool]]] = {}  # per round attempt: each task's bytes, in seed form
 
     # ---- connections ----
