@@ -372,7 +372,7 @@ def test_the_dashboard_of_a_missing_database_is_a_one_line_error(tmp_path):
 def test_under_tls_the_page_is_served_over_https_and_the_cookie_is_secure(job_store, tls_files):
     import ssl
 
-    from coordinator.__main__ import tls_context
+    from coordinator.serve_cli import tls_context
 
     store, job = job_store
     token = store.issue_operator_token("operator")
