@@ -20,7 +20,7 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
 SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle",
-                 "offsite_bundles", "split_bundle"}
+                 "offsite_bundles", "split_bundle", "distilbert_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -109,6 +109,15 @@ def stories_prompt_bundle(tmp_path_factory) -> Path:
 def tiny_llama_bundle(tmp_path_factory) -> Path:
     return exported_once(tmp_path_factory, "tiny-llama", lambda f: export_bundle(
         f, "--preset", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "4"))
+
+
+@pytest.fixture(scope="session")
+def distilbert_bundle(tmp_path_factory) -> Path:
+    """A 2-class DistilBERT (2 blocks, random weights) with LoRA, small shapes and the batched logits a fedkd
+    student needs: the classifier jobs (FedAvg, the head round, FedKD's student) share one export."""
+    return exported_once(tmp_path_factory, "distilbert", lambda f: export_bundle(
+        f, "--preset", "tiny-distilbert", "--num-labels", "2", "--seq-len", "32", "--batch-size", "4",
+        "--max-perturbations", "4", "--distillation"))
 
 
 @pytest.fixture(scope="session")

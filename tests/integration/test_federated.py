@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from coordinator.store import open_store
-from tests.conftest import ROOT, SST2, TINYSTORIES, export_bundle, run_command
+from tests.conftest import ROOT, SST2, TINYSTORIES, run_command
 from tests.support.checks import assert_beats_chance, assert_peft_folder_matches_program
 from tests.support.fleet import Coordinator, free_port, run_job
 
@@ -38,9 +38,8 @@ def test_stories260k_three_devices_three_rounds(tmp_path, stories_bundle):
     assert_peft_folder_matches_program(stories_bundle, out, np.frombuffer(store.latest_version(job.id).vector, "<f4"))
 
 
-def test_distilbert_classifier_three_devices_three_rounds(tmp_path_factory, tmp_path):
-    bundle = export_bundle(tmp_path_factory.mktemp("bundles") / "distilbert", "--preset", "tiny-distilbert",
-                           "--num-labels", "2", "--seq-len", "48")
+def test_distilbert_classifier_three_devices_three_rounds(tmp_path, distilbert_bundle):
+    bundle = distilbert_bundle
     db, out = run_job(tmp_path, bundle, SST2, rounds=3,
                       hparams=["--lr", "1e-3", "--eps", "1e-2", "--local-steps", "200", "--directions", "2"],
                       eval_examples=256)

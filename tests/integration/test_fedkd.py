@@ -17,11 +17,10 @@ COMMON = ["--seq-len", "32", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, distilbert_bundle):
     """(student with the logits method, teacher: another tiny-distilbert, predict alone, a data file)."""
     folder = tmp_path_factory.mktemp("fedkd")
-    student = export_bundle(folder / "student", "--preset", "tiny-distilbert", "--num-labels", "2", *COMMON,
-                            "--max-perturbations", "4", "--distillation")
+    student = distilbert_bundle  # batch 4, seq 32, P 4, with the logits method (--distillation)
     teacher = export_bundle(folder / "teacher", "--preset", "tiny-distilbert", "--num-labels", "2", *COMMON,
                             "--seed", "1", "--inference-only", "--lora-rank", "1")
     header, *rows = SST2.read_text().splitlines(keepends=True)

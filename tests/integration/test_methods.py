@@ -80,7 +80,7 @@ def test_backprop_baseline_sends_dense_updates_through_the_same_rounds(tmp_path,
     assert len(versions) == 3 and versions[0].vector != versions[-1].vector
 
 
-def test_head_init_sets_the_classifier_from_the_devices_class_statistics(tmp_path, tmp_path_factory):
+def test_head_init_sets_the_classifier_from_the_devices_class_statistics(tmp_path, distilbert_bundle):
     """--head-init lda: round 1's updates carry class statistics computed through the program's features
     method; version 1 is exactly their LDA head written into the classifier (nothing else moves); the
     job's method trains in round 2."""
@@ -89,10 +89,9 @@ def test_head_init_sets_the_classifier_from_the_devices_class_statistics(tmp_pat
     from coordinator.strategies import AcceptedUpdate
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.methods.class_stats import aggregate, classifier_tensors, round_hparams
-    from tests.conftest import SST2, export_bundle
+    from tests.conftest import SST2
 
-    bundle = export_bundle(tmp_path_factory.mktemp("bundles") / "distilbert", "--preset", "tiny-distilbert",
-                           "--num-labels", "2", "--seq-len", "32")
+    bundle = distilbert_bundle
     db, out = run_job(tmp_path, bundle, SST2, rounds=1, devices=2, eval_examples=64, hparams=[
         "--head-init", "lda", "--lr", "1e-6", "--local-steps", "2", "--lda-shrinkage", "0.2"])
     layout = load_bundle(bundle).manifest.layout
