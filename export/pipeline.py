@@ -12,6 +12,8 @@
 
 With --mem, lower..measure_step run again at a smaller P, batch, then length until the device's
 plan (with what the backend was measured to hold beyond the plan) fits the budget (fit_memory).
+Each progress line starts with the pass it reports ([lower], [verify], ...); the streamed export
+(export.stream) runs the same passes stage by stage, and export.run moves either into place.
 """
 
 from __future__ import annotations
@@ -383,17 +385,17 @@ def fit_memory(spec: ExportSpec, build_at, log):
                          "or quantized model")
 
 
-def measure_step(folder: Path, manifest: Manifest) -> dict:
-    """Run the program's largest step (MeZO at P = max) in a fresh process and attribute its peak: what
-    is left after the runtime, weights, planned buffers and adapter copies is what the backend holds
-    beyond the plan: XNNPACK's buffers inside its delegates (which ExecuTorch's memory plan does not
-    see), its thread pool and packed weights, and the first run's lazily built state."""
+def measure_step(folder: Path, mode: str, planned_bytes: int) -> dict:
+    """Run the program's largest step in a fresh process (`mode`: "batched", MeZO at P = max; "labelling" for an
+    inference-only teacher) and attribute its peak: what is left after the runtime, the `planned_bytes` the
+    plan accounts for (program and planned buffers, or a streamed program's weights and activations) and the
+    adapter copies is what the backend holds beyond the plan: XNNPACK's buffers inside its delegates (which
+    ExecuTorch's memory plan does not see), its thread pool and packed weights, and the first run's lazily
+    built state. The whole and the streamed exports both measure here."""
     from device_sdk.measure import run_fresh
 
-    # An inference-only program (a teacher) has no training step: its largest step is labelling a batch.
-    measured = run_fresh(folder, "batched" if "forward" in manifest.program["methods"] else "labelling", 0)
-    program = manifest.program
-    known = measured["runtime_bytes"] + program["bytes"] + planned_arena(program) + measured["adapter_copies_bytes"]
+    measured = run_fresh(folder, mode, 0)
+    known = measured["runtime_bytes"] + planned_bytes + measured["adapter_copies_bytes"]
     return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
             "workspace_bytes": max(0, measured["peak_bytes"] - known)}
 
@@ -502,11 +504,11 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
         folder, recorded_folder = spec.out / BASE_MODEL_DIR, BASE_MODEL_DIR
         log(f"      emulator: blocks {emulator.kept_layers} of the full model's {emulator.full_layers} "
             f"(dropped {emulator.dropped_layers}); the adapter on {emulator.adapter_layers}")
-    log(f"[1/5] loading {spec.source} ({task})")
+    log(f"[resolve_base] loading {spec.source} ({task})")
     model, tokenizer = load_model(folder, task, spec.num_labels)
     if task == SEQ_CLS:  # the model's own count, for a folder that fixes it (the spec's is the caller's, untouched)
         spec = replace(spec, num_labels=model.config.num_labels)
-    log(f"[2/5] attaching the {spec.adapter.kind} adapter")
+    log(f"[attach_adapter] attaching the {spec.adapter.kind} adapter")
     if spec.adapter.kind in PROMPT_LEARNING_ADAPTERS:
         check_positions(model.config, spec.seq_len + spec.adapter.num_virtual_tokens)
     adapter = spec.adapter if spec.top_blocks is None else top_blocks_adapter(spec, task, model.config)
@@ -520,7 +522,7 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
         report = quantize_base(peft_model, spec.quantize, spec.group_size)
         check_adapter_fp32(peft_model, layout.names)
         quantization = report.to_manifest()
-        log(f"      quantized the frozen base: {report.describe()}")
+        log(f"[quantize] the frozen base: {report.describe()}")
     log(f"      base parameters {base_params:,}, adapter dimension {layout.dim:,} in {len(layout.tensors)} tensors")
     loss_program, predict_program, features_program = build_programs(peft_model, layout, task)
     if spec.distillation and task != SEQ_CLS:
@@ -538,14 +540,14 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
         """Lower, verify, write and measure the program at these shapes."""
         at = replace(spec, batch_size=shapes.batch_size, seq_len=shapes.seq_len,
                      max_perturbations=shapes.max_perturbations)
-        log(f"[3/5] lowering to ExecuTorch (batch {at.batch_size}, seq {at.seq_len}, "
+        log(f"[lower] lowering to ExecuTorch (batch {at.batch_size}, seq {at.seq_len}, "
             f"up to {at.max_perturbations} adapters per call)")
         batch = example_inputs(at, task, model.config.vocab_size, tokenizer.pad_token_id)
         pte, planned = lower(loss_program, predict_program, batch, layout.dim, at.max_perturbations, features_program,
                              logits_program, spec.inference_only, split)
         log(f"      program {len(pte) / 1e6:.1f} MB, planned memory "
             f"{', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in planned.items())}")
-        log(f"[4/5] verifying .pte against eager peft{' (quantized)' if quantization else ''}")
+        log(f"[verify] .pte against eager peft{' (quantized)' if quantization else ''}")
         verification = verify(pte, peft_model, layout, initial, batch, task, at.max_perturbations, at.tolerance,
                               features_program, fp32_model)
         log(f"      max |loss diff| {verification['loss_max_abs_diff']:.2e}, "
@@ -580,13 +582,15 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
             emulator=emulator.to_json() if emulator else None,
         )
         write_bundle(spec.out, pte, manifest, initial, tokenizer)
-        manifest.program |= measure_step(spec.out, manifest)
+        # An inference-only program (a teacher) has no training step: its largest step is labelling a batch.
+        mode = "batched" if "forward" in manifest.program["methods"] else "labelling"
+        manifest.program |= measure_step(spec.out, mode, manifest.program["bytes"] + planned_arena(manifest.program))
         # The device's own plan (with the directions of one full call), so export and device agree.
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=shapes.max_perturbations // 2, runtime=spec.device_runtime,
                            method=None if spec.inference_only else "mezo")
         manifest.program["device_plan_bytes"] = plan.total
-        log(f"      measured step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
+        log(f"[measure_step] step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4

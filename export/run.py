@@ -31,7 +31,7 @@ def run_export(spec: ExportSpec, log=print) -> Manifest:
         if spec.out.exists():
             shutil.rmtree(spec.out)
         os.replace(scratch, spec.out)
-        log(f"[5/5] bundle written to {spec.out}")
+        log(f"[done] bundle written to {spec.out}")
         return manifest
     finally:
         if scratch.exists():

@@ -34,7 +34,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from export.pipeline import (ExportSpec, Shapes, VerificationError, attach_adapter, example_inputs, fit_memory,
-                             resolve_base)
+                             measure_step, resolve_base)
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.manifest import Bundle, Manifest
@@ -261,17 +261,6 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
     return records, eager_losses
 
 
-def measure_streamed_step(folder: Path, manifest: Manifest, plan) -> dict:
-    """The largest step (MeZO at P = max) in a fresh process; what is above the plan's parts is the
-    backend's own (as `export.pipeline.measure_step`)."""
-    from device_sdk.measure import run_fresh
-
-    measured = run_fresh(folder, "batched", 0)
-    known = measured["runtime_bytes"] + plan.weights + plan.activations + measured["adapter_copies_bytes"]
-    return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
-            "workspace_bytes": max(0, measured["peak_bytes"] - known)}
-
-
 # ---- the whole streamed export -----------------------------------------------------------------------
 
 def export_streamed(spec: ExportSpec, log=print) -> Manifest:
@@ -280,7 +269,7 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
         raise StreamError(f"--stream takes a LoRA adapter (blocks take their slice of it); not {spec.adapter.kind}")
     preset = spec.source.removeprefix("preset:") if spec.source.startswith("preset:") else None
     blockwise = preset is not None and preset in PRESETS and not PRESETS[preset].whole
-    log(f"[1/5] building {spec.source} stage by stage" if blockwise else f"[1/5] loading {spec.source}")
+    log(f"[resolve_base] building {spec.source} stage by stage" if blockwise else f"[resolve_base] loading {spec.source}")
     if blockwise:
         config = preset_config(preset)
         tokenizer = byte_level_tokenizer()
@@ -305,8 +294,8 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
                       for b in builds0]
             layout, initial, identity = layout0, initial0, identity0
             vocab, pad = identity["vocab_size"], tokenizer.pad_token_id
-        log(f"[2/5] adapter dimension {layout.dim:,}; base parameters {identity['base_parameters']:,}")
-        log(f"[3/5] lowering the stages (batch {at.batch_size}, seq {at.seq_len}, up to {at.max_perturbations} "
+        log(f"[attach_adapter] adapter dimension {layout.dim:,}; base parameters {identity['base_parameters']:,}")
+        log(f"[lower] lowering the stages (batch {at.batch_size}, seq {at.seq_len}, up to {at.max_perturbations} "
             f"adapters per call{', ' + spec.quantize if spec.quantize else ''})")
         batch = example_inputs(at, CAUSAL_LM, vocab, pad)
         g = np.random.default_rng(0)
@@ -339,12 +328,12 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
         (spec.out / INITIAL_ADAPTER).write_bytes(initial.astype("<f4").tobytes())
         tokenizer.save_pretrained(spec.out / TOKENIZER_DIR)
         (spec.out / MANIFEST).write_text(manifest.to_json())
-        log("[4/5] verifying the streamed programs against the eager stages")
+        log("[verify] verifying the streamed programs against the eager stages")
         manifest.verification = verify_streamed(Bundle(spec.out, manifest), batch, adapters, eager_losses,
                                                 None if blockwise else (peft_model, layout), at.tolerance)
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=at.max_perturbations // 2, runtime=spec.device_runtime)
-        manifest.program |= measure_streamed_step(spec.out, manifest, plan)
+        manifest.program |= measure_step(spec.out, "batched", plan.weights + plan.activations)
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=at.max_perturbations // 2, runtime=spec.device_runtime)
         manifest.program["device_plan_bytes"] = plan.total
