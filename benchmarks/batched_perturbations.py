@@ -36,21 +36,21 @@ def main(argv=None) -> int:
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
-    engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
-    b, length = m.inputs["batch_size"], m.inputs["seq_len"]
-    ids = torch.randint(4, m.model["vocab_size"], (b, length))
+    engine = ProgramEngine(bundle.program_path, m.inputs.max_perturbations)
+    b, length = m.inputs.batch_size, m.inputs.seq_len
+    ids = torch.randint(4, m.model.vocab_size, (b, length))
     labels = ids if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
     batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
     w = bundle.initial_adapter()
-    print(f"{m.model['source']}: {m.model['base_parameters']:,} base parameters, adapter {m.adapter_dim:,}, "
+    print(f"{m.model.source}: {m.model.base_parameters:,} base parameters, adapter {m.adapter_dim:,}, "
           f"batch {b} x {length} tokens, torch threads {torch.get_num_threads()}")
     print(f"{'directions':>10} {'P':>3} {'batched ms/dir':>15} {'one-by-one ms/dir':>18} {'speed-up':>9}")
     reference_ms = reference_mezo_ms(bundle, batch, args.repeats)
     print(f"MeZO reference-style eager step (in-place perturb/restore, 2 forwards): {reference_ms:.1f} ms/direction")
     for n in args.directions:
         p = 2 * n
-        if p > m.inputs["max_perturbations"]:
-            print(f"{n:>10} {p:>3}  skipped: the program takes at most {m.inputs['max_perturbations']} per call")
+        if p > m.inputs.max_perturbations:
+            print(f"{n:>10} {p:>3}  skipped: the program takes at most {m.inputs.max_perturbations} per call")
             continue
         z = np.stack([direction(s, m.adapter_dim) for s in range(n)])
         adapters = np.concatenate([w + 1e-2 * z, w - 1e-2 * z]).astype(np.float32)

@@ -35,7 +35,7 @@ def features_of(bundle, engine, examples) -> tuple[np.ndarray, np.ndarray]:
 
     m, adapter = bundle.manifest, bundle.initial_adapter()
     feats, labels = [], []
-    for batch in encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"]):
+    for batch in encode(load_tokenizer(bundle), examples, m.task, m.inputs.batch_size, m.inputs.seq_len):
         if engine.has_split:
             batch = replace(batch, prefix_states=engine.prefix_states(batch).astype(np.float16))
         real = batch.weights > 0
@@ -75,7 +75,7 @@ def measure(bundle_dir: Path, data: Path, head_lrs: list[float], head_steps: int
     from fwdfed.methods.class_stats import lda_head
 
     bundle = load_bundle(bundle_dir)
-    num_classes = bundle.manifest.model.get("num_labels")
+    num_classes = bundle.manifest.model.num_labels
     if not num_classes:
         raise UserError(f"{bundle_dir} is not a classifier")
     engine = ProgramEngine.for_bundle(bundle)

@@ -137,7 +137,7 @@ def prefix_passes(store, job, batch_size: int) -> int:
     from fwdfed.bundle.manifest import load_bundle
 
     try:
-        if not load_bundle(job.bundle).manifest.program.get("split"):
+        if not load_bundle(job.bundle).manifest.program.split:
             return 0
     except (UserError, OSError):  # a bundle moved since: the figure is unknown, not zero
         return -1

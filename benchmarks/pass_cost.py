@@ -34,9 +34,9 @@ def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -
     engine = ProgramEngine.for_bundle(bundle)
     if not getattr(engine, "has_split", False):
         raise UserError(f"{bundle_dir} is not split: export it with --adapter-blocks top:K")
-    examples = split(read_examples(data, DataSpec(num_labels=m.model.get("num_labels"))), "train")
-    size, p = m.inputs["batch_size"], m.inputs["max_perturbations"]
-    work = encode(load_tokenizer(bundle), examples[: batches * size], m.task, size, m.inputs["seq_len"])
+    examples = split(read_examples(data, DataSpec(num_labels=m.model.num_labels)), "train")
+    size, p = m.inputs.batch_size, m.inputs.max_perturbations
+    work = encode(load_tokenizer(bundle), examples[: batches * size], m.task, size, m.inputs.seq_len)
     adapters = (bundle.initial_adapter()[None] + 1e-3 * np.random.default_rng(0).standard_normal((p, m.adapter_dim)))
     adapters = adapters.astype(np.float32)
     prefix_ms, states = [], []
@@ -53,8 +53,8 @@ def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -
                 engine.losses(batch, adapters)
                 runs.append(1e3 * (time.perf_counter() - began) / p)
     whole, top = statistics.median(whole_ms), statistics.median(top_ms)
-    return {"bundle": str(bundle_dir), "batch_size": size, "seq_len": m.inputs["seq_len"], "adapters_per_call": p,
-            "split": m.program["split"], "whole_ms_per_pass": whole, "top_ms_per_pass": top,
+    return {"bundle": str(bundle_dir), "batch_size": size, "seq_len": m.inputs.seq_len, "adapters_per_call": p,
+            "split": m.program.split, "whole_ms_per_pass": whole, "top_ms_per_pass": top,
             "whole_over_top": whole / top, "prefix_ms_per_batch": statistics.median(prefix_ms),
             "calls_timed": len(whole_ms)}
 

@@ -40,10 +40,10 @@ def mezo_against_chance(bundle_dir: Path, data: Path | None = None, steps: int =
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     data = data or DEFAULT_DATA[m.task]
-    spec = DataSpec(num_labels=m.model.get("num_labels"))
-    engine = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"])
+    spec = DataSpec(num_labels=m.model.num_labels)
+    engine = ProgramEngine(bundle.program_path, m.inputs.max_perturbations)
     train = encode(load_tokenizer(bundle), split(read_examples(data, spec), "train")[:train_examples], m.task,
-                   m.inputs["batch_size"], m.inputs["seq_len"])
+                   m.inputs.batch_size, m.inputs.seq_len)
     evaluate = Evaluator(bundle, data, heldout_examples, engine=engine, spec=spec)
     start = bundle.initial_adapter()
     mezo = Mezo(engine, start, MezoConfig(lr=lr, eps=eps, directions=directions), np.random.default_rng(seed))

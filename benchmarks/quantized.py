@@ -33,7 +33,7 @@ def loss_comparison(quantized: Path, fp32: Path, data: Path, examples: int) -> d
     q, f = load_bundle(quantized), load_bundle(fp32)
     m = q.manifest
     batches = encode(load_tokenizer(q), split(read_examples(data), "heldout")[:examples], m.task,
-                     m.inputs["batch_size"], m.inputs["seq_len"])
+                     m.inputs.batch_size, m.inputs.seq_len)
     adapter = q.initial_adapter()
     engines = {"pte_quantized": ProgramEngine.for_bundle(q), "eager_quantized": EagerEngine(q),
                "pte_fp32": ProgramEngine.for_bundle(f)}

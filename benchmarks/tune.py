@@ -61,9 +61,9 @@ class TuningSplit:
         from device_sdk.prefix_cache import cache_prefix_states
 
         m = bundle.manifest
-        train = split(read_examples(data, DataSpec(num_labels=m.model.get("num_labels"))), "train")
+        train = split(read_examples(data, DataSpec(num_labels=m.model.num_labels)), "train")
         validation, rest = split(train, "heldout")[:max_validation], split(train, "train")
-        tokenizer, size, length = load_tokenizer(bundle), m.inputs["batch_size"], m.inputs["seq_len"]
+        tokenizer, size, length = load_tokenizer(bundle), m.inputs.batch_size, m.inputs.seq_len
         self.validation = encode(tokenizer, validation, m.task, size, length)
         self.shards = [encode(tokenizer, shard, m.task, size, length) for shard in partition(rest, devices)]
         self.examples = [len(shard) for shard in partition(rest, devices)]

@@ -35,7 +35,7 @@ def batch_size_of(job: Job) -> int:
     """The bundle's batch size (forward passes over a device's data count its batches), 1 when its
     manifest cannot be read (the status still shows the rest)."""
     try:
-        return int(Manifest.from_json((Path(job.bundle) / MANIFEST).read_text()).inputs["batch_size"])
+        return int(Manifest.from_json((Path(job.bundle) / MANIFEST).read_text()).inputs.batch_size)
     except (OSError, BundleError, ValueError, KeyError, TypeError):
         return 1
 

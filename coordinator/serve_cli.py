@@ -166,7 +166,7 @@ def check(parser, args) -> None:
         from fwdfed.bundle.manifest import load_bundle
 
         try:
-            args.teacher_sha256 = load_bundle(args.teacher_bundle).manifest.program["sha256"]
+            args.teacher_sha256 = load_bundle(args.teacher_bundle).manifest.program.sha256
         except UserError as e:
             parser.error(f"--teacher-bundle: {e}")
     try:  # the method's own checks, the ones every device applies to a task
@@ -224,7 +224,7 @@ def check_distillation(student, teacher) -> None:
     """The student can take a distillation loss (its logits method) and the teacher labels its classes."""
     from device_sdk.teacher import check_teacher
 
-    if "logits" not in student.manifest.program.get("methods", []):
+    if "logits" not in student.manifest.program.methods:
         raise UserError(f"{student.folder} has no logits method to distil into: export the student with "
                         "`python -m export ... --distillation`")
     check_teacher(teacher, student)
@@ -288,11 +288,11 @@ def run(args) -> int:
     if options.eval_bundle is not None:
         evaluated = full_bundle(bundle, options.eval_bundle)
         record = bundle.manifest.emulator
-        print(f"offsite tuning: devices train on the emulator (blocks {record['kept_layers']} of "
-              f"{record['full_layers']}); held-out metrics on the full model {options.eval_bundle}", flush=True)
+        print(f"offsite tuning: devices train on the emulator (blocks {record.kept_layers} of "
+              f"{record.full_layers}); held-out metrics on the full model {options.eval_bundle}", flush=True)
     evaluate = None
     if args.eval_data:
-        spec = data_spec(args, evaluated.manifest.model.get("num_labels"))
+        spec = data_spec(args, evaluated.manifest.model.num_labels)
         evaluate = Evaluator(evaluated, args.eval_data, args.eval_examples, spec=spec)
     limits = Limits(require_credentials=args.auth == "token", allow_bearer=args.allow_bearer,
                     max_connections=args.max_connections,
@@ -335,7 +335,7 @@ def check_head_init(bundle, shrinkage: float) -> None:
     """--head-init lda needs a classifier whose head is in the adapter and a program with features."""
     from fwdfed.methods.class_stats import round_hparams
 
-    if "features" not in bundle.manifest.program.get("methods", []):
+    if "features" not in bundle.manifest.program.methods:
         raise UserError(f"--head-init lda: {bundle.folder} has no features method (export the classifier again)")
     try:
         round_hparams(bundle.manifest.layout, shrinkage)

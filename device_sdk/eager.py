@@ -27,7 +27,7 @@ class EagerEngine:
     (their outputs carry no gradient), so derivatives (backprop, jvp) need an fp32 bundle."""
 
     def __init__(self, bundle: Bundle):
-        self.quantization = bundle.manifest.model.get("quantization")
+        self.quantization = bundle.manifest.quantization
         peft_model = peft_model_with(bundle, bundle.initial_adapter())
         # The math attention path: sdpa has no forward-mode AD rule, and both give the same values in fp32.
         # A quantized base keeps sdpa, as the program has it: padding rows differ between the two paths, and
@@ -50,7 +50,7 @@ class EagerEngine:
 
     def _check_differentiable(self) -> None:
         if self.quantization:
-            raise NoAutogradError(f"this bundle's base is quantized ({self.quantization['scheme']}): autograd does not "
+            raise NoAutogradError(f"this bundle's base is quantized ({self.quantization.scheme}): autograd does not "
                                   "pass through its quantized linear layers, so backprop and exact derivatives need "
                                   "a bundle exported without --quantize")
 

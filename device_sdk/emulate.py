@@ -178,14 +178,14 @@ def main(argv=None) -> int:
         check_teacher(load_bundle(args.teacher_bundle, trust_key=trust_key), bundle)
     if trust_key is not None:
         print(f"bundle signed by the trusted key {fingerprint(trust_key)}", flush=True)
-    spec, how = data_spec(args, bundle.manifest.model.get("num_labels")), partition_of(args)
+    spec, how = data_spec(args, bundle.manifest.model.num_labels), partition_of(args)
     examples = read_examples(args.data, spec)
     shards = partition(split(examples, "train"), args.devices, how)
     if min(map(len, shards)) == 0:
         raise UserError(f"{args.devices} devices are more than the {args.split} split of {args.data} can feed: "
                         "a device would have no examples")
     print(f"emulating {args.devices} devices, budget {args.mem} ({format_size(args.mem_bytes)}) each, "
-          f"{len(examples)} examples in {args.data}, model {bundle.manifest.model['source']} (bundle {args.bundle})",
+          f"{len(examples)} examples in {args.data}, model {bundle.manifest.model.source} (bundle {args.bundle})",
           flush=True)
     described = f"{how.how}" + (f", alpha {how.alpha:g}" if how.how == "dirichlet" else "") + \
         (f", size skew {how.size_skew:g}" if how.size_skew else "") + f", data seed {spec.seed}"

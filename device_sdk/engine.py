@@ -74,14 +74,14 @@ class ProgramEngine:
         for a streamed bundle, the engine that runs its stages one at a time (`device_sdk.stream`)."""
         if bundle.manifest.streamed:
             return StreamedEngine.for_bundle(bundle)
-        engine = cls(bundle.program_path, bundle.manifest.inputs["max_perturbations"])
+        engine = cls(bundle.program_path, bundle.manifest.inputs.max_perturbations)
         engine.check_signature(bundle.manifest)
         return engine
 
     def check_signature(self, manifest: Manifest) -> None:
         """Compare the methods' inputs with the manifest's shapes: a program from another export, or a
         manifest edited since, would otherwise fail (or run on misread inputs) at the first task."""
-        b, l, p = (manifest.inputs[k] for k in ("batch_size", "seq_len", "max_perturbations"))
+        b, l, p = manifest.inputs.batch_size, manifest.inputs.seq_len, manifest.inputs.max_perturbations
         d = manifest.adapter_dim
         tokens = ((b, l), INT64, "batch_size x seq_len")
         labels = ((b,), INT64, "batch_size") if manifest.task == SEQ_CLS else tokens
@@ -93,12 +93,12 @@ class ProgramEngine:
             "prefix": {"input_ids": tokens, "attention_mask": tokens},
         }
         if self._top is not None:
-            hidden = manifest.program.get("split", {}).get("hidden_size", 0)
+            hidden = manifest.program.split.hidden_size if manifest.program.split else 0
             expected["top"] = {"hidden": ((b, l, hidden), FLOAT32, "batch_size x seq_len x split.hidden_size"),
                                "attention_mask": tokens, "labels": labels, "adapters": adapters}
             expected["top_features"] = {"hidden": expected["top"]["hidden"], "attention_mask": tokens,
                                         "adapter": ((1, d), FLOAT32, "1 x adapter_dim")}
-        if self._forward is None and "forward" in manifest.program.get("methods", ["forward"]):
+        if self._forward is None and "forward" in manifest.program.methods:
             raise EngineError("the program does not match its manifest: it has no forward method")
         for name, method in (("forward", self._forward), ("predict", self._predict), ("logits", self._logits),
                              ("prefix", self._prefix), ("top", self._top), ("top_features", self._top_features)):

@@ -26,13 +26,13 @@ class Evaluator:
     def __init__(self, bundle: Bundle, data: str | Path, max_examples: int, engine: ProgramEngine | None = None,
                  spec: DataSpec | None = None):
         m = bundle.manifest
-        spec = replace(spec or DataSpec(), num_labels=m.model.get("num_labels"))
+        spec = replace(spec or DataSpec(), num_labels=m.model.num_labels)
         examples = split(read_examples(data, spec), "heldout")
         if m.task == SEQ_CLS:  # accuracy and loss need a label: the unlabelled held-out rows are not scored
             examples = labelled(examples, f"the held-out slice of {data}")
         examples = examples[:max_examples]
         self.task = m.task
-        self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
+        self.batches = encode(load_tokenizer(bundle), examples, m.task, m.inputs.batch_size, m.inputs.seq_len)
         self.engine = engine or ProgramEngine.for_bundle(bundle)
         self.num_examples = len(examples)
 

@@ -62,17 +62,17 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     libraries = status_field("VmRSS") - runtime
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    b, length = m.inputs["batch_size"], m.inputs["seq_len"]
+    b, length = m.inputs.batch_size, m.inputs.seq_len
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, m.model["vocab_size"], (b, length), generator=g)
+    ids = torch.randint(4, m.model.vocab_size, (b, length), generator=g)
     labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
     batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
     hparams = {"lr": 1e-6, "eps": 1e-2, "local_steps": 1}
     if method.needs_teacher:  # a teacher's logits of the batch (their values do not change memory or time)
-        batch.teacher_logits = np.zeros((b, m.model["num_labels"]), np.float32)
+        batch.teacher_logits = np.zeros((b, m.model.num_labels), np.float32)
         hparams["teacher_sha256"] = "0" * 64
     w = bundle.initial_adapter()
-    n = directions_of(mode, m.inputs["max_perturbations"])
+    n = directions_of(mode, m.inputs.max_perturbations)
     if method.needs_autograd:
         from device_sdk.eager import EagerEngine
 
@@ -100,25 +100,25 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     peak = status_field("VmHWM")
     copies = 1 if mode in ("inference", "labelling") else method.adapter_copies(n)
     # Reports group rows by model: a quantized or streamed bundle of the same model is its own group.
-    scheme = (m.model.get("quantization") or {}).get("scheme") or m.program.get("quantization")
-    label = m.model["source"] + (f" {scheme}" if scheme else "") + (" streamed" if m.streamed else "")
-    record = {"bundle": str(bundle_dir), "model": label, "architecture": m.model["architecture"],
+    scheme = m.quantization.scheme if m.quantization else None
+    label = m.model.source + (f" {scheme}" if scheme else "") + (" streamed" if m.streamed else "")
+    record = {"bundle": str(bundle_dir), "model": label, "architecture": m.model.architecture,
               "quantization": scheme,
-            "base_parameters": m.model["base_parameters"], "adapter_dim": m.adapter_dim, "mode": mode,
+            "base_parameters": m.model.base_parameters, "adapter_dim": m.adapter_dim, "mode": mode,
             "batch": [b, length], "runtime_bytes": runtime, "libraries_bytes": libraries,
             "weights_bytes": loaded - runtime,
             "work_bytes": max(0, peak - loaded), "peak_bytes": peak,
             "planned_arena_bytes": planned_arena(m.program),
             "adapter_copies_bytes": 4 * m.adapter_dim * copies,
             "step_seconds": statistics.median(times[1:]) if repeats else times[0],
-            "directions": n, "program_bytes": int(m.program["bytes"])}
+            "directions": n, "program_bytes": int(m.program.bytes)}
     if n:
         record["direction_seconds"] = record["step_seconds"] / n
     if m.streamed:  # what each stage held while loaded, and what was left once it was released
         trace = engine.trace
         record["streamed"] = {
-            "stages": len(m.program["stages"]), "largest_stage_bytes": m.program["largest_stage_bytes"],
-            "quantization": m.program.get("quantization"),
+            "stages": len(m.program.stages), "largest_stage_bytes": m.program.largest_stage_bytes,
+            "quantization": scheme,
             "max_rss_stage_loaded_bytes": max(r.rss_loaded for r in trace),
             "max_rss_stage_released_bytes": max(r.rss_released for r in trace),
             "max_file_rss_stage_loaded_bytes": max(r.file_rss_loaded for r in trace),

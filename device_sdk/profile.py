@@ -64,15 +64,15 @@ def emulator_rows(results: list[dict], manifests: dict[str, object]) -> list[dic
     for emulator_dir, m in manifests.items():
         if m.emulator is None:
             continue
-        full_dir = next((d for d, f in manifests.items() if f.program["sha256"] == m.emulator["full_bundle"]
-                         ["program_sha256"]), None)
+        full_dir = next((d for d, f in manifests.items()
+                         if f.program.sha256 == m.emulator.full_bundle["program_sha256"]), None)
         if full_dir is None:
             continue
         for e in (r for r in results if r["bundle"] == emulator_dir):
             f = next((r for r in results if r["bundle"] == full_dir and r["mode"] == e["mode"]), None)
             if f is not None:
                 rows.append({"mode": e["mode"], "emulator": emulator_dir, "full": full_dir,
-                             "kept_layers": m.emulator["kept_layers"], "full_layers": m.emulator["full_layers"],
+                             "kept_layers": m.emulator.kept_layers, "full_layers": m.emulator.full_layers,
                              "emulator_peak_bytes": e["peak_bytes"], "full_peak_bytes": f["peak_bytes"],
                              "emulator_step_seconds": e["step_seconds"], "full_step_seconds": f["step_seconds"],
                              "peak_ratio": e["peak_bytes"] / f["peak_bytes"],
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     manifests = {str(bundle): b.manifest for bundle, b in bundles.items()}
     results = []
     for bundle in args.bundle:
-        has_logits = "logits" in bundles[bundle].manifest.program.get("methods", [])
+        has_logits = "logits" in bundles[bundle].manifest.program.methods
         for mode in args.modes:
             if mode == "fedkd" and not has_logits:  # a bundle exported without --distillation cannot run it
                 print(f"{bundle}: no logits method (export --distillation): fedkd not measured", flush=True)

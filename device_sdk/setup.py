@@ -71,7 +71,7 @@ def set_up(config: DeviceConfig) -> Setup:
     trust_key = load_public_key(Path(config.trust_key)) if config.trust_key else None
     bundle = load_bundle(config.bundle, trust_key=trust_key)
     m = bundle.manifest
-    spec = replace(config.data_spec or DataSpec(), num_labels=m.model.get("num_labels"))
+    spec = replace(config.data_spec or DataSpec(), num_labels=m.model.num_labels)
     train = split(read_examples(config.data, spec), "train")
     examples = partition(train, config.shard_count, config.partition)[config.shard_index]
     if not examples:
@@ -86,7 +86,7 @@ def set_up(config: DeviceConfig) -> Setup:
     plan = None
     if config.mem_budget_bytes is not None:
         # Before the program is loaded: a budget that cannot hold a step is refused here.
-        directions = m.inputs["max_perturbations"] // 2
+        directions = m.inputs.max_perturbations // 2
         if teacher is None:
             plan = plan_memory(bundle, config.mem_budget_bytes, len(examples), directions)
             log.info("%s: %s", config.device_id, plan.describe())
@@ -94,7 +94,7 @@ def set_up(config: DeviceConfig) -> Setup:
             phased = plan_teacher_then_student(teacher, bundle, config.mem_budget_bytes, len(examples), directions)
             plan = phased.phases[-1]
             log.info("%s: %s", config.device_id, phased.describe())
-    tokenizer, size, length = load_tokenizer(bundle), m.inputs["batch_size"], m.inputs["seq_len"]
+    tokenizer, size, length = load_tokenizer(bundle), m.inputs.batch_size, m.inputs.seq_len
     # A task without a teacher trains on the labelled rows, one that names the teacher on all of them.
     batches = encode(tokenizer, [e for e in examples if e.label is not None or m.task != SEQ_CLS], m.task, size,
                      length)
@@ -120,7 +120,7 @@ def teacher_bundle(config: DeviceConfig, student: Bundle, trust_key) -> Bundle |
         check_teacher(teacher, student)
     except TeacherError as e:
         raise DeviceError(f"device {config.device_id}: teacher {config.teacher_bundle}: {e}") from None
-    if "logits" not in student.manifest.program.get("methods", []):
+    if "logits" not in student.manifest.program.methods:
         raise DeviceError(f"device {config.device_id}: the student bundle {config.bundle} has no logits "
                           "method to distil into: export it with `python -m export ... --distillation`")
     return teacher

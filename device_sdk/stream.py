@@ -40,11 +40,11 @@ class StageRecord:
 class StreamedEngine:
     def __init__(self, bundle: Bundle):
         m = bundle.manifest
-        if not m.program.get("streamed"):
+        if not m.program.streamed:
             raise EngineError("not a streamed bundle: use ProgramEngine")
         self.folder = bundle.program_path
-        self.stages = m.program["stages"]
-        self.max_perturbations = m.inputs["max_perturbations"]
+        self.stages = m.program.stages
+        self.max_perturbations = m.inputs.max_perturbations
         self.trace: list[StageRecord] = []
         self.max_live_programs = 0  # the most stage programs alive at once (1 when each is released in time)
         self._live: list[weakref.ref] = []
@@ -53,8 +53,8 @@ class StreamedEngine:
     def for_bundle(cls, bundle: Bundle) -> "StreamedEngine":
         engine = cls(bundle)
         for stage in engine.stages:
-            if not (engine.folder / stage["file"]).is_file():
-                raise EngineError(f"the streamed bundle lacks its stage program {stage['file']}")
+            if not (engine.folder / stage.file).is_file():
+                raise EngineError(f"the streamed bundle lacks its stage program {stage.file}")
         return engine
 
     # ---- one stage at a time ----
@@ -62,22 +62,22 @@ class StreamedEngine:
         """Load `stage`'s program, run each input list through its forward, release it."""
         self._live = [r for r in self._live if r() is not None]
         try:
-            program = runtime().load_program(str(self.folder / stage["file"]))
+            program = runtime().load_program(str(self.folder / stage.file))
             method = program.load_method("forward")
         except Exception as e:
-            raise EngineError(f"cannot load the stage program {stage['file']}: {first_line(e)}") from None
+            raise EngineError(f"cannot load the stage program {stage.file}: {first_line(e)}") from None
         self._live.append(weakref.ref(program))
         self.max_live_programs = max(self.max_live_programs, len(self._live))
         try:
             outputs = [method.execute(inputs)[0] for inputs in calls]
         except (RuntimeError, ValueError) as e:
-            raise EngineError(f"the stage program {stage['name']}'s forward failed: {first_line(e)}") from None
+            raise EngineError(f"the stage program {stage.name}'s forward failed: {first_line(e)}") from None
         loaded, file_loaded = status_field("VmRSS"), status_field("RssFile")
         # The runtime unmaps the program's file when the Program (and its Method) are gone.
         del method, program
         gc.collect()
         self._live = [r for r in self._live if r() is not None]
-        self.trace.append(StageRecord(stage["name"], loaded, status_field("VmRSS"), file_loaded,
+        self.trace.append(StageRecord(stage.name, loaded, status_field("VmRSS"), file_loaded,
                                       status_field("RssFile")))
         return outputs
 
@@ -90,7 +90,7 @@ class StreamedEngine:
         # Every adapter copy starts from the same embedding: the embedding takes no adapter.
         hiddens = [hidden.unsqueeze(0).expand(len(adapters[g]), *hidden.shape).contiguous() for g in groups]
         for stage in blocks:
-            start, stop = stage["adapter"]
+            start, stop = stage.adapter
             # A copy of the block's slice (small): torch warns on read-only arrays, and the caller's may be one.
             hiddens = self._run_stage(stage, [[h, batch.attention_mask, torch.from_numpy(
                 np.array(adapters[g, start:stop]))] for h, g in zip(hiddens, groups)])

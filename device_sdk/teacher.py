@@ -45,9 +45,9 @@ def check_teacher(teacher: Bundle, student: Bundle) -> None:
     t, s = teacher.manifest, student.manifest
     if t.task != SEQ_CLS or s.task != SEQ_CLS:
         raise TeacherError(f"distillation needs two classifiers; the teacher is {t.task}, the student {s.task}")
-    if t.model.get("num_labels") != s.model.get("num_labels"):
-        raise TeacherError(f"the teacher has {t.model.get('num_labels')} classes, the student "
-                           f"{s.model.get('num_labels')}")
+    if t.model.num_labels != s.model.num_labels:
+        raise TeacherError(f"the teacher has {t.model.num_labels} classes, the student "
+                           f"{s.model.num_labels}")
 
 
 def return_freed_memory() -> None:
@@ -70,7 +70,7 @@ def label(teacher: Bundle, examples: list[Example]) -> Labelling:
         reset_peak()  # the phase's peak its own, where the kernel allows it
     except OSError:
         pass
-    batches = encode(load_tokenizer(teacher), examples, m.task, m.inputs["batch_size"], m.inputs["seq_len"])
+    batches = encode(load_tokenizer(teacher), examples, m.task, m.inputs.batch_size, m.inputs.seq_len)
     engine = ProgramEngine.for_bundle(teacher)
     adapter = teacher.initial_adapter()  # a teacher is trained whole: its adapter is the identity (or its head)
     rows = [engine.logits(b, adapter)[: b.num_examples] for b in batches]
@@ -80,5 +80,5 @@ def label(teacher: Bundle, examples: list[Example]) -> Labelling:
     del engine, batches
     gc.collect()
     return_freed_memory()
-    return Labelling(logits=logits, sha256=m.program["sha256"], peak_bytes=peak, rss_before_bytes=before,
+    return Labelling(logits=logits, sha256=m.program.sha256, peak_bytes=peak, rss_before_bytes=before,
                      rss_after_bytes=current_rss(), seconds=time.perf_counter() - started)

@@ -176,16 +176,16 @@ def main(argv=None) -> int:
         from export.run import run_emulator_export
 
         full, manifest = run_emulator_export(spec, args.drop_layers, args.full_out)
-        print(f"full model's bundle written: {args.full_out} (base {full.model['hash'][:12]}, "
-              f"{full.model['base_parameters']:,} base parameters)")
-        print(f"emulator: blocks {manifest.emulator['kept_layers']} of {manifest.emulator['full_layers']}, "
-              f"{manifest.model['base_parameters']:,} base parameters")
+        print(f"full model's bundle written: {args.full_out} (base {full.model.hash[:12]}, "
+              f"{full.model.base_parameters:,} base parameters)")
+        print(f"emulator: blocks {manifest.emulator.kept_layers} of {manifest.emulator.full_layers}, "
+              f"{manifest.model.base_parameters:,} base parameters")
     else:
         manifest = run_export(spec)
-    print(f"bundle written: {args.out} (base {manifest.model['hash'][:12]}, adapter dim {manifest.adapter_dim:,}, "
-          f"batch {manifest.inputs['batch_size']}, seq {manifest.inputs['seq_len']}, "
-          f"P {manifest.inputs['max_perturbations']}"
-          + (f", {manifest.model['quantization']['scheme']} base" if manifest.model.get("quantization") else "")
+    print(f"bundle written: {args.out} (base {manifest.model.hash[:12]}, adapter dim {manifest.adapter_dim:,}, "
+          f"batch {manifest.inputs.batch_size}, seq {manifest.inputs.seq_len}, "
+          f"P {manifest.inputs.max_perturbations}"
+          + (f", {manifest.quantization.scheme} base" if manifest.quantization else "")
           + ")")
     if sign_key is not None:
         from fwdfed.bundle.manifest import sign_bundle

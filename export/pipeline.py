@@ -30,7 +30,8 @@ from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, sha256_file
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import Bundle, Manifest
+from fwdfed.bundle.manifest import Bundle
+from fwdfed.bundle.schema import AdapterRecord, Inputs, Manifest, ModelRecord, Program
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory, planned_arena
@@ -475,13 +476,15 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
     return result
 
 
-def write_bundle(out: Path, pte: bytes, manifest: Manifest, initial: np.ndarray, tokenizer) -> None:
+def write_bundle(out: Path, pte: bytes, manifest: Manifest, initial: np.ndarray, tokenizer) -> Manifest:
+    """The bundle's files, and the manifest with the program's sha256."""
     (out / PROGRAM).write_bytes(pte)
     (out / INITIAL_ADAPTER).write_bytes(initial.astype("<f4").tobytes())
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
-    manifest.program["sha256"] = sha256_file(out / PROGRAM)
+    manifest = replace(manifest, program=replace(manifest.program, sha256=sha256_file(out / PROGRAM)))
     # The manifest goes last: a folder with a manifest is a complete bundle.
     (out / MANIFEST).write_text(manifest.to_json())
+    return manifest
 
 
 def derive_emulator(spec: ExportSpec, full_folder: Path, task: str) -> EmulatorRecord:
@@ -559,41 +562,42 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
                 f"{verification['pte_mean_loss']:.4f} .pte)")
         manifest = Manifest(
             task=task,
-            model={
-                "source": spec.source if emulator is None else
+            model=ModelRecord(
+                source=spec.source if emulator is None else
                 f"{spec.full_bundle['source']} emulator (blocks {', '.join(map(str, emulator.kept_layers))} "
                 f"of {emulator.full_layers})",
-                "folder": recorded_folder,
-                "hash": model_hash(folder),
-                "architecture": type(model).__name__,
-                "num_labels": spec.num_labels if task == SEQ_CLS else None,
-                "vocab_size": int(model.config.vocab_size),
-                "base_parameters": int(base_params),
-                "quantization": quantization,
-            },
-            adapter={"kind": adapter.kind, "dim": layout.dim, "initial": INITIAL_ADAPTER, "peft_config": peft_config},
+                folder=recorded_folder,
+                hash=model_hash(folder),
+                architecture=type(model).__name__,
+                num_labels=spec.num_labels if task == SEQ_CLS else None,
+                vocab_size=int(model.config.vocab_size),
+                base_parameters=int(base_params),
+            ),
+            adapter=AdapterRecord(kind=adapter.kind, dim=layout.dim, initial=INITIAL_ADAPTER, peft_config=peft_config),
             layout=layout,
             tokenizer=TOKENIZER_DIR,
-            inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
-            program={"file": PROGRAM, "sha256": "", "methods": list(planned), "planned_memory_bytes": planned,
-                     "bytes": len(pte), "mem_budget_bytes": spec.mem_budget,
-                     **({"split": split.record(hidden_size_of(model.config))} if split else {})},
+            inputs=Inputs(at.batch_size, at.seq_len, at.max_perturbations),
+            program=Program(file=PROGRAM, methods=tuple(planned), planned_memory_bytes=planned, bytes=len(pte),
+                            mem_budget_bytes=spec.mem_budget,
+                            split=split.record(hidden_size_of(model.config)) if split else None),
+            quantization=quantization,
             verification=verification,
-            emulator=emulator.to_json() if emulator else None,
+            emulator=emulator,
         )
-        write_bundle(spec.out, pte, manifest, initial, tokenizer)
+        manifest = write_bundle(spec.out, pte, manifest, initial, tokenizer)
         # An inference-only program (a teacher) has no training step: its largest step is labelling a batch.
-        mode = "batched" if "forward" in manifest.program["methods"] else "labelling"
-        manifest.program |= measure_step(spec.out, mode, manifest.program["bytes"] + planned_arena(manifest.program))
+        mode = "batched" if manifest.program.has("forward") else "labelling"
+        measured = measure_step(spec.out, mode, manifest.program.bytes + planned_arena(manifest.program))
+        manifest = replace(manifest, program=replace(manifest.program, **measured))
         # The device's own plan (with the directions of one full call), so export and device agree.
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=shapes.max_perturbations // 2, runtime=spec.device_runtime,
                            method=None if spec.inference_only else "mezo")
-        manifest.program["device_plan_bytes"] = plan.total
-        log(f"[measure_step] step peak {manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB "
+        manifest = replace(manifest, program=replace(manifest.program, device_plan_bytes=plan.total))
+        log(f"[measure_step] step peak {manifest.program.measured_step_peak_bytes / 2**20:.0f} MiB "
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
-        return manifest, manifest.program["device_plan_bytes"], planned_arena(manifest.program), fixed
+        return manifest, plan.total, planned_arena(manifest.program), fixed
 
     return fit_memory(spec, build_at, log)

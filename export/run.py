@@ -62,9 +62,9 @@ def run_emulator_export(spec: ExportSpec, plan: DropLayers, full_out: Path, log=
     full_adapter = replace(spec.adapter, layers=plan.adapter_layers(num_layers))
     full = run_export(replace(spec, out=Path(full_out), adapter=full_adapter), log)
     full_bundle = load_bundle(full_out)
-    identity = {"path": str(Path(full_out).resolve()), "source": full.model["source"],
+    identity = {"path": str(Path(full_out).resolve()), "source": full.model.source,
                 "base_model_hash": full.base_model_hash,
-                "program_sha256": full.program["sha256"], "layout_sha256": layout_sha256(full.layout)}
+                "program_sha256": full.program.sha256, "layout_sha256": layout_sha256(full.layout)}
     # The emulator's own block numbers: its first blocks, and its last ones.
     emulator_layers = [*range(plan.keep_first), *range(len(kept) - plan.keep_last, len(kept))]
     emulator = run_export(replace(spec, source=str(full_bundle.base_model_path.resolve()), emulator=plan,

@@ -12,7 +12,7 @@ LoRA is attached to it whole, so the layout and initial adapter are those of the
 export. The `llama-7b` preset never exists whole (27 GB of fp32 here): its stages are built from
 the config with seeded random weights (N(0, 0.02), as Hugging Face initialises LLaMA) and peft's
 LoRA injected per layer, under the names peft gives them in the whole model. Its 32 blocks are
-lowered once and written under 32 file names (`program["block_weights"]` says so): memory and
+lowered once and written under 32 file names (`program.block_weights` says so): memory and
 time do not depend on the weights' values, and distinct files keep the page cache from sharing
 them; each block still takes its own adapter slice, with its own initial values.
 
@@ -37,7 +37,8 @@ from export.pipeline import (ExportSpec, Shapes, VerificationError, attach_adapt
                              measure_step, resolve_base)
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import Bundle, Manifest
+from fwdfed.bundle.manifest import Bundle
+from fwdfed.bundle.schema import AdapterRecord, Inputs, Manifest, ModelRecord, Program, Quantization, Stage
 from fwdfed.bundle.tasks import CAUSAL_LM
 from fwdfed.errors import UserError
 from fwdfed.memory_plan import plan_memory
@@ -60,12 +61,12 @@ class StageBuild:
     kind: str  # embed, block, head
     module: nn.Module
     copies: list[tuple[str, tuple[int, int]]]
-    quantized: dict | None = None  # what `quantize_stage` quantized in it
+    quantized: Quantization | None = None  # what `quantize_stage` quantized in it
 
 
 # ---- quantization: one place, so that every stage goes through the same scheme --------------------
 
-def quantize_stage(module: nn.Module, scheme: str | None, group_size: int | None = None) -> dict | None:
+def quantize_stage(module: nn.Module, scheme: str | None, group_size: int | None = None) -> Quantization | None:
     """Quantize the stage's frozen base linears in place (`scheme`; None: keep fp32), the adapter left
     fp32 and an input; returns what was quantized, for the manifest. An embedding stage has no
     linear layer: it stays fp32 (an int8 table would need the quantized kernels the wheel lacks)."""
@@ -252,9 +253,9 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
         for name, adapter_slice in build.copies:
             path = stage_dir / f"{name}.pte"
             path.write_bytes(pte)
-            records.append({"name": name, "file": path.name, "sha256": digest, "bytes": len(pte),
-                            "adapter": list(adapter_slice), "planned_memory_bytes": planned,
-                            "quantized": build.quantized})
+            records.append(Stage(name=name, file=path.name, sha256=digest, bytes=len(pte),
+                                 adapter=tuple(adapter_slice), planned_memory_bytes=planned,
+                                 quantized=build.quantized))
         del pte, module, build
     if not torch.isfinite(eager_losses).all():
         raise VerificationError("the eager stages give a non-finite loss: the weights or inputs are broken")
@@ -301,47 +302,50 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
         g = np.random.default_rng(0)
         adapters = (initial[None, :] + 0.05 * g.standard_normal((2, layout.dim))).astype(np.float32)
         records, eager_losses = build_stages(builds, at, batch, adapters, spec.out, log)
-        stage_bytes = [r["bytes"] for r in records]
-        program = {"streamed": True, "file": STAGES_DIR, "stages": records, "methods": ["forward"],
-                   "planned_memory_bytes": {"forward": max(r["planned_memory_bytes"] for r in records)},
-                   "bytes": int(sum(stage_bytes)), "largest_stage_bytes": int(max(stage_bytes)),
-                   "hidden_bytes": 4 * at.max_perturbations * at.batch_size * at.seq_len * int(
-                       (config if blockwise else peft_model.config).hidden_size),
-                   "quantization": spec.quantize, "mem_budget_bytes": spec.mem_budget}
+        stage_bytes = [r.bytes for r in records]
+        program = Program(
+            streamed=True, file=STAGES_DIR, stages=tuple(records), methods=("forward",),
+            planned_memory_bytes={"forward": max(r.planned_memory_bytes for r in records)},
+            bytes=int(sum(stage_bytes)), largest_stage_bytes=int(max(stage_bytes)),
+            hidden_bytes=4 * at.max_perturbations * at.batch_size * at.seq_len * int(
+                (config if blockwise else peft_model.config).hidden_size),
+            mem_budget_bytes=spec.mem_budget,
+            block_weights=("one block's seeded random weights, lowered once and written under each block's file "
+                           "name (memory and time do not depend on the values); every block takes its own adapter "
+                           "slice") if blockwise else None)
         if blockwise:
-            program["block_weights"] = ("one block's seeded random weights, lowered once and written under each "
-                                        "block's file name (memory and time do not depend on the values); every "
-                                        "block takes its own adapter slice")
             h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
             for r in records:
-                h.update(r["sha256"].encode())
+                h.update(r.sha256.encode())
             identity = {**identity, "folder": BASE_MODEL_DIR, "hash": h.hexdigest()}
         manifest = Manifest(
-            task=CAUSAL_LM, model={**identity, "num_labels": None},
-            adapter={"kind": "lora", "dim": layout.dim, "initial": INITIAL_ADAPTER,
-                     "peft_config": json.loads(json.dumps(spec.adapter.lora_config(CAUSAL_LM, "llama").to_dict(),
-                                                          default=list))},
+            task=CAUSAL_LM, model=ModelRecord(**identity),
+            adapter=AdapterRecord(kind="lora", dim=layout.dim, initial=INITIAL_ADAPTER, peft_config=json.loads(
+                json.dumps(spec.adapter.lora_config(CAUSAL_LM, "llama").to_dict(), default=list))),
             layout=layout, tokenizer=TOKENIZER_DIR,
-            inputs={"batch_size": at.batch_size, "seq_len": at.seq_len, "max_perturbations": at.max_perturbations},
+            inputs=Inputs(at.batch_size, at.seq_len, at.max_perturbations),
             program=program,
+            quantization=Quantization(scheme=spec.quantize) if spec.quantize else None,
         )
         (spec.out / INITIAL_ADAPTER).write_bytes(initial.astype("<f4").tobytes())
         tokenizer.save_pretrained(spec.out / TOKENIZER_DIR)
         (spec.out / MANIFEST).write_text(manifest.to_json())
         log("[verify] verifying the streamed programs against the eager stages")
-        manifest.verification = verify_streamed(Bundle(spec.out, manifest), batch, adapters, eager_losses,
-                                                None if blockwise else (peft_model, layout), at.tolerance)
+        manifest = replace(manifest, verification=verify_streamed(
+            Bundle(spec.out, manifest), batch, adapters, eager_losses, None if blockwise else (peft_model, layout),
+            at.tolerance))
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=at.max_perturbations // 2, runtime=spec.device_runtime)
-        manifest.program |= measure_step(spec.out, "batched", plan.weights + plan.activations)
+        manifest = replace(manifest, program=replace(manifest.program, **measure_step(
+            spec.out, "batched", plan.weights + plan.activations)))
         plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
                            directions=at.max_perturbations // 2, runtime=spec.device_runtime)
-        manifest.program["device_plan_bytes"] = plan.total
-        log(f"      stages {len(records)}, on disk {program['bytes'] / 1e6:,.1f} MB, largest "
-            f"{program['largest_stage_bytes'] / 1e6:,.1f} MB; measured step peak "
-            f"{manifest.program['measured_step_peak_bytes'] / 2**20:.0f} MiB")
+        manifest = replace(manifest, program=replace(manifest.program, device_plan_bytes=plan.total))
+        log(f"      stages {len(records)}, on disk {program.bytes / 1e6:,.1f} MB, largest "
+            f"{program.largest_stage_bytes / 1e6:,.1f} MB; measured step peak "
+            f"{manifest.program.measured_step_peak_bytes / 2**20:.0f} MiB")
         (spec.out / MANIFEST).write_text(manifest.to_json())
-        fixed = spec.device_runtime + program["largest_stage_bytes"] + 4 * layout.dim * 4
+        fixed = spec.device_runtime + program.largest_stage_bytes + 4 * layout.dim * 4
         return manifest, plan.total, plan.activations, fixed
 
     return fit_memory(spec, build_at, log)
@@ -359,7 +363,7 @@ def verify_streamed(bundle: Bundle, batch: dict, adapters: np.ndarray, eager_los
     streamed = engine.losses(b, adapters)
     result = {"loss_max_abs_diff": float(np.max(np.abs(streamed - eager_losses.numpy()))), "tolerance": tolerance,
               "reference": "the eager stages"}
-    if whole is not None and bundle.manifest.program.get("quantization") is None:
+    if whole is not None and bundle.manifest.quantization is None:
         peft_model, layout = whole
         reference = np.stack([peft_reference_loss(peft_model, layout, torch.from_numpy(a), batch, CAUSAL_LM).numpy()
                               for a in adapters])

@@ -102,10 +102,10 @@ def main(argv=None) -> int:
                                      adapter=AdapterSpec(rank=1, alpha=1.0), batch_size=args.batch_size,
                                      seq_len=args.seq_len, inference_only=True))
     record |= {"command": "python -m export.teacher " + " ".join(sys.argv[1:] if argv is None else argv),
-               "program_sha256": manifest.program["sha256"], "bundle": str(args.out / "bundle"),
+               "program_sha256": manifest.program.sha256, "bundle": str(args.out / "bundle"),
                "verification": manifest.verification}
     (args.out / "teacher.json").write_text(json.dumps(record, indent=2))
-    print(f"teacher bundle written: {args.out / 'bundle'} (program sha256 {manifest.program['sha256'][:12]}, "
+    print(f"teacher bundle written: {args.out / 'bundle'} (program sha256 {manifest.program.sha256[:12]}, "
           f"trained on {record['rows']} rows, last loss {record['last_50_mean_loss']:.4f})", flush=True)
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwdfed.bundle.manifest import Bundle
+from fwdfed.bundle.schema import Program
 from fwdfed.errors import UserError
 from fwdfed import methods
 from fwdfed.memory import current_rss, format_size
@@ -58,28 +59,28 @@ class MemoryPlan:
                 f"({what})")
 
 
-def planned_arena(program: dict) -> int:
+def planned_arena(program: Program) -> int:
     """The planned buffers the runtime allocates for the manifest's `program`: ExecuTorch's Python
     runtime gives the host-only methods of one program one set of arenas, sized to the largest
     method's plan, so predict loaded beside forward adds nothing (measured: running predict after
     forward added 0.1 MB to the resident memory, for a 4.1 MB predict plan)."""
-    return int(max(program["planned_memory_bytes"].values()))
+    return int(max(program.planned_memory_bytes.values()))
 
 
-def streamed_activations(program: dict) -> int:
+def streamed_activations(program: Program) -> int:
     """A streamed program's activations: the largest stage's planned arena (one stage is loaded at a
     time) and the hidden states the engine carries between stages, a block's input and output both
     alive, for each of its calls (`device_sdk.stream`)."""
-    return int(max(s["planned_memory_bytes"] for s in program["stages"]) + 2 * program["hidden_bytes"])
+    return int(max(s.planned_memory_bytes for s in program.stages) + 2 * program.hidden_bytes)
 
 
 def prefix_state_bytes(manifest, num_examples: int) -> int:
     """The float16 prefix states a device keeps for its examples, in whole batches (0 unless split)."""
-    split = manifest.program.get("split")
-    if not split:
+    split = manifest.program.split
+    if split is None:
         return 0
-    b, length = manifest.inputs["batch_size"], manifest.inputs["seq_len"]
-    return -(-num_examples // b) * b * length * int(split["hidden_size"]) * 2
+    b, length = manifest.inputs.batch_size, manifest.inputs.seq_len
+    return -(-num_examples // b) * b * length * int(split.hidden_size) * 2
 
 
 def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
@@ -93,25 +94,25 @@ def plan_memory(bundle: Bundle, budget: int, num_examples: int, directions: int,
     d = m.adapter_dim
     n = max(1, directions)
     if m.streamed:  # one stage's weights at a time: the largest stage's file
-        weights, activations = int(m.program["largest_stage_bytes"]), streamed_activations(m.program)
+        weights, activations = int(m.program.largest_stage_bytes), streamed_activations(m.program)
     else:
-        weights = int(m.program.get("bytes") or bundle.program_path.stat().st_size)
+        weights = int(m.program.bytes or bundle.program_path.stat().st_size)
         activations = planned_arena(m.program)
     plan = MemoryPlan(
         budget=budget,
         runtime=current_rss() if runtime is None else runtime,
         weights=weights,
         activations=activations,
-        workspace=int(m.program.get("workspace_bytes", 0)),
+        workspace=int(m.program.workspace_bytes),
         adapters=(1 if method is None else methods.get(method).adapter_copies(n)) * d * 4,
-        data=num_examples * m.inputs["seq_len"] * 8 * 3,
+        data=num_examples * m.inputs.seq_len * 8 * 3,
         directions=n,
         phase=phase,
         prefix_states=prefix_state_bytes(m, num_examples) if method is not None else 0,
     )
     if plan.total > budget:
         over = plan.total - budget
-        quantized = bool(m.model.get("quantization"))
+        quantized = m.quantization is not None
         quantize_hint = [] if quantized else ["a quantized base (export --quantize 8da4w)"]
         hints = ["a smaller base model", "a smaller adapter (a lower LoRA rank, fewer virtual tokens)",
                  "a smaller --batch-size or --seq-len at export", *quantize_hint]

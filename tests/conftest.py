@@ -49,9 +49,9 @@ def program_and_batches(bundle_dir: Path, count: int):
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:count], m.task, m.inputs["batch_size"],
-                     m.inputs["seq_len"])
-    return bundle, ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]), batches
+    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:count], m.task, m.inputs.batch_size,
+                     m.inputs.seq_len)
+    return bundle, ProgramEngine(bundle.program_path, m.inputs.max_perturbations), batches
 
 
 def away_from_init(bundle, seed: int = 0):

@@ -1,68 +1,21 @@
 """The bundle: `model.pte` plus `manifest.json`, the initial adapter and the tokenizer.
 
-The manifest is the contract between the exporter, the devices and the coordinator: which
-base model (and its hash), how the adapter vector is laid out, what shapes the program
-takes, and how much memory its plan needs. Reading a bundle checks it against itself.
+The manifest (fwdfed.bundle.schema) is the contract between the exporter, the devices and the
+coordinator: which base model (and its hash), how the adapter vector is laid out, what shapes the
+program takes, and how much memory its plan needs. Reading a bundle checks it against itself.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fwdfed.bundle.files import MANIFEST, BundleError, sha256_file, write_whole
-from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.schema import Manifest
 from fwdfed.bundle.signing import SIGNATURE, check_files, check_signature, covered_files
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class Manifest:
-    task: str
-    model: dict  # source, folder, hash, architecture, num_labels, vocab_size
-    adapter: dict  # kind, dim, initial (file), peft_config
-    layout: AdapterLayout
-    tokenizer: str  # folder in the bundle
-    inputs: dict  # batch_size, seq_len, max_perturbations
-    program: dict  # file, sha256, methods, planned_memory_bytes
-    verification: dict = field(default_factory=dict)
-    # Offsite tuning: an emulator's blocks and the full bundle it stands for (fwdfed.model.emulator); None otherwise.
-    emulator: dict | None = None
-    format_version: int = FORMAT_VERSION
-    # A signed bundle's other files, path -> {sha256, bytes}: what `program` does not hash (fwdfed.bundle.signing).
-    files: dict | None = None
-
-    @property
-    def adapter_dim(self) -> int:
-        return self.layout.dim
-
-    @property
-    def base_model_hash(self) -> str:
-        return self.model["hash"]
-
-    @property
-    def streamed(self) -> bool:
-        """Whether the program is a sequence of stage programs run one at a time (`program["stages"]`)."""
-        return bool(self.program.get("streamed"))
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["layout"] = self.layout.to_json()
-        return json.dumps(d, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        d = json.loads(text)
-        if d.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"manifest format {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-        d["layout"] = AdapterLayout.from_json(d["layout"])
-        return cls(**d)
-
 
 @dataclass
 class Bundle:
@@ -71,7 +24,7 @@ class Bundle:
 
     @property
     def program_path(self) -> Path:
-        return self.folder / self.manifest.program["file"]
+        return self.folder / self.manifest.program.file
 
     @property
     def tokenizer_path(self) -> Path:
@@ -79,11 +32,11 @@ class Bundle:
 
     @property
     def base_model_path(self) -> Path:
-        folder = Path(self.manifest.model["folder"])
+        folder = Path(self.manifest.model.folder or "")
         return folder if folder.is_absolute() else self.folder / folder
 
     def initial_adapter(self) -> np.ndarray:
-        return read_adapter(self.folder / self.manifest.adapter["initial"], self.manifest.adapter_dim)
+        return read_adapter(self.folder / self.manifest.adapter.initial, self.manifest.adapter_dim)
 
 
 def read_adapter(path: Path, dim: int) -> np.ndarray:
@@ -100,7 +53,7 @@ INPUT_LIMITS = {"batch_size": 4096, "seq_len": 1 << 16, "max_perturbations": 409
 
 def check_inputs(manifest: Manifest, path: Path) -> None:
     for name, limit in INPUT_LIMITS.items():
-        value = manifest.inputs.get(name) if isinstance(manifest.inputs, dict) else None
+        value = getattr(manifest.inputs, name)
         if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit):
             raise BundleError(f"{path}: inputs.{name} must be an integer in [1, {limit}], got {value!r}")
 
@@ -108,20 +61,20 @@ def check_inputs(manifest: Manifest, path: Path) -> None:
 def check_stages(bundle: Bundle, manifest_path: Path) -> None:
     """Every stage program of a streamed bundle is present and intact, and the blocks' adapter slices
     tile the adapter vector in order."""
-    stages = bundle.manifest.program.get("stages")
-    if not isinstance(stages, list) or len(stages) < 3:
+    stages = bundle.manifest.program.stages
+    if len(stages) < 3:
         raise BundleError(f"{manifest_path}: a streamed program needs its stages (embedding, blocks, head)")
     expected = 0
     for stage in stages:
-        start, stop = stage["adapter"]
+        start, stop = stage.adapter
         if start != stop and start != expected:
-            raise BundleError(f"{manifest_path}: stage {stage['name']}'s adapter slice [{start}, {stop}) does not "
+            raise BundleError(f"{manifest_path}: stage {stage.name}'s adapter slice [{start}, {stop}) does not "
                               "follow the previous stage's")
         expected = max(expected, stop)
-        path = bundle.program_path / stage["file"]
+        path = bundle.program_path / stage.file
         if not path.is_file():
             raise BundleError(f"bundle stage program {path} is missing")
-        if path.stat().st_size != stage["bytes"] or sha256_file(path) != stage["sha256"]:
+        if path.stat().st_size != stage.bytes or sha256_file(path) != stage.sha256:
             raise BundleError(f"{path} does not match the manifest's sha256: the file is corrupt or from another "
                               "export")
     if expected != bundle.manifest.adapter_dim:
@@ -147,19 +100,19 @@ def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) 
         check_signature(folder, raw, trust_key)
     try:
         manifest = Manifest.from_json(raw.decode("utf-8"))
-    except BundleError:
-        raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except BundleError as e:
+        raise BundleError(f"{manifest_path}: {e}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise BundleError(f"{manifest_path} is not a valid manifest: {e}") from None
     if trust_key is not None:
         try:
-            check_files(folder, json.loads(raw))
+            check_files(folder, manifest)
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(f"{manifest_path}: its program or files are malformed ({e!r})") from None
     bundle = Bundle(folder, manifest)
     check_inputs(manifest, manifest_path)
-    if manifest.adapter.get("dim") != manifest.adapter_dim:
-        raise BundleError(f"{manifest_path}: adapter dim {manifest.adapter.get('dim')} disagrees with its layout")
+    if manifest.adapter.dim != manifest.adapter_dim:
+        raise BundleError(f"{manifest_path}: adapter dim {manifest.adapter.dim} disagrees with its layout")
     if check_program and manifest.streamed:
         try:
             check_stages(bundle, manifest_path)
@@ -169,9 +122,9 @@ def load_bundle(folder: str | Path, check_program: bool = True, trust_key=None) 
         program = bundle.program_path
         if not program.is_file():
             raise BundleError(f"bundle program {program} is missing")
-        if sha256_file(program) != manifest.program["sha256"]:
+        if sha256_file(program) != manifest.program.sha256:
             raise BundleError(f"{program} does not match the manifest's sha256: the file is corrupt or from another export")
-    initial = folder / manifest.adapter.get("initial", "")
+    initial = folder / manifest.adapter.initial
     if not initial.is_file():
         raise BundleError(f"bundle has no initial adapter ({initial.name})")
     bundle.initial_adapter()  # checks its size
@@ -183,10 +136,9 @@ def sign_bundle(folder: Path, key: Ed25519PrivateKey) -> dict[str, dict]:
     (`load_bundle`: the program's hashes, the adapter's size), so a damaged bundle is never signed.
     Returns the files covered besides the program."""
     folder = Path(folder)
-    load_bundle(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"] = covered_files(folder, manifest)
-    text = (json.dumps(manifest, indent=2) + "\n").encode()
+    manifest = load_bundle(folder).manifest
+    manifest = replace(manifest, files=covered_files(folder, manifest))
+    text = (manifest.to_json() + "\n").encode()
     write_whole(folder / MANIFEST, text)
     write_whole(folder / SIGNATURE, key.sign(text))
-    return manifest["files"]
+    return manifest.files

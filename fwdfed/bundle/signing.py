@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fwdfed.bundle.files import MANIFEST, BundleError, sha256_file, write_whole
 from fwdfed.cli import write_private
+
+if TYPE_CHECKING:
+    from fwdfed.bundle.schema import Manifest
 
 SIGNATURE = "manifest.sig"
 SIGNATURE_BYTES = 64
@@ -99,13 +103,12 @@ def _kind(key) -> str:
     return type(key).__name__.removesuffix("PrivateKey").removesuffix("PublicKey").lstrip("_")
 
 
-def program_files(folder: Path, manifest: dict) -> set[str]:
+def program_files(folder: Path, manifest: Manifest) -> set[str]:
     """The bundle paths (relative, '/'-separated) of the program files that `program` hashes itself."""
-    program = manifest.get("program") or {}
-    base = str(program.get("file", ""))
-    if program.get("streamed"):
-        return {f"{base}/{stage['file']}" for stage in program.get("stages") or []}
-    return {base}
+    program = manifest.program
+    if program.streamed:
+        return {f"{program.file}/{stage.file}" for stage in program.stages}
+    return {program.file}
 
 
 def bundle_files(folder: Path) -> list[str]:
@@ -121,7 +124,7 @@ def bundle_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def covered_files(folder: Path, manifest: dict) -> dict[str, dict]:
+def covered_files(folder: Path, manifest: Manifest) -> dict[str, dict]:
     """The `files` entry for `folder`: sha256 and size of every file but the manifest, its signature and the
     program files `program` hashes."""
     skip = {MANIFEST, SIGNATURE} | program_files(folder, manifest)
@@ -145,10 +148,10 @@ def check_signature(folder: Path, manifest_bytes: bytes, key: Ed25519PublicKey) 
                           "since it was signed, or another key signed it") from None
 
 
-def check_files(folder: Path, manifest: dict) -> None:
+def check_files(folder: Path, manifest: Manifest) -> None:
     """Every file the signed manifest lists is there and intact, and the bundle holds no file it does not list
     (the program files are checked against `program` by `load_bundle`)."""
-    files = manifest.get("files")
+    files = manifest.files
     if not isinstance(files, dict):
         raise BundleError(f"{folder / MANIFEST} is signed but lists no files: sign it again with "
                           "`python -m coordinator sign`")
@@ -162,6 +165,6 @@ def check_files(folder: Path, manifest: dict) -> None:
         path = folder / name
         if not path.is_file():
             raise BundleError(f"{path}, which the signed manifest lists, is missing")
-        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
             raise BundleError(f"{path} does not match the signed manifest's sha256: the file was changed since the "
                               "bundle was signed")

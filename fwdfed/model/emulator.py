@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from fwdfed.bundle.layout import AdapterLayout
@@ -90,13 +90,6 @@ class EmulatorRecord:
     adapter_layers: list[int]  # full-model indices
     full_bundle: dict  # path, base_model_hash, program_sha256, layout_sha256
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "EmulatorRecord":
-        return cls(**d)
-
     def full_name(self, name: str) -> str:
         """An emulator layout tensor's name in the full model: its block index mapped back."""
         pattern = re.compile(rf"(^|\.){re.escape(self.blocks)}\.(\d+)\.")
@@ -118,7 +111,7 @@ def check_pair(emulator_manifest, full_manifest, full_folder) -> EmulatorRecord:
     if getattr(emulator_manifest, "emulator", None) is None:
         raise EmulatorError("the training bundle is not an emulator (export it with python -m export --emulator "
                             "drop-layers): evaluating on another bundle needs the two to share the adapter layout")
-    record = EmulatorRecord.from_json(emulator_manifest.emulator)
+    record = emulator_manifest.emulator
     if full_manifest.base_model_hash != record.full_bundle["base_model_hash"]:
         raise EmulatorError(f"{full_folder} is not the full model this emulator was made from (base model hash "
                             f"{full_manifest.base_model_hash[:12]}, the emulator records "

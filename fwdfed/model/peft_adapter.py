@@ -35,22 +35,22 @@ def peft_config(manifest_config: dict, base: Path) -> PeftConfig:
 
 def peft_model_with(bundle: Bundle, vector: np.ndarray, quantized: bool = True):
     """The bundle's base model with its peft adapter set to `vector`. With `quantized` (the default),
-    the base's linear layers are quantized as the manifest records (`model.quantization`), so that the
+    the base's linear layers are quantized as the manifest records (`quantization`), so that the
     eager model is the one the bundle's program was verified against; without, the fp32 base (the
     adapter itself is fp32 either way, and a saved peft adapter loads on the fp32 base)."""
     m = bundle.manifest
     base = bundle.base_model_path
     if model_hash(base) != m.base_model_hash:
         raise BundleError(f"the base model in {base} is not the one this bundle was exported from (hash differs)")
-    model, _ = load_model(base, m.task, m.model.get("num_labels") or 2)
-    if m.adapter["peft_config"] is not None:
-        peft_model = get_peft_model(model, peft_config(m.adapter["peft_config"], base)).eval()
+    model, _ = load_model(base, m.task, m.num_labels or 2)
+    if m.adapter.peft_config is not None:
+        peft_model = get_peft_model(model, peft_config(m.adapter.peft_config, base)).eval()
     else:
         peft_model = model  # bitfit: the layout names the model's own parameters
-    if quantized and m.model.get("quantization"):
+    if quantized and m.quantization is not None:
         # After peft attached the adapter, as at export: peft wraps fp32 layers, then their base is quantized.
         try:
-            quantize_like(peft_model, m.model["quantization"])
+            quantize_like(peft_model, m.quantization)
             check_adapter_fp32(peft_model, m.layout.names)
         except (QuantizationError, KeyError, TypeError) as e:
             raise BundleError(f"the bundle's recorded quantization cannot be applied: {e}") from None
@@ -79,7 +79,7 @@ def save_peft_adapter(bundle: Bundle, vector: np.ndarray, out: str | Path) -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if m.adapter["peft_config"] is not None:
+        if m.adapter.peft_config is not None:
             # The fp32 base: the adapter does not depend on how the program held the base.
             peft_model_with(bundle, vector, quantized=False).save_pretrained(scratch)
         else:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fwdfed.bundle.schema import Quantization
 from fwdfed.errors import UserError
 
 SCHEMES = ("8da4w", "8da8w")
@@ -62,11 +63,11 @@ class QuantizationReport:
     weight_bytes_before: int = 0  # fp32 bytes of the quantized layers' weights
     weight_bytes_after: int = 0  # their quantized bytes (values + scales + zero points)
 
-    def to_manifest(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size,
-                "weight_scale_dtype": SCALE_DTYPES[self.scheme], "modules": list(self.quantized),
-                "left_fp32": dict(self.left_fp32), "weight_bytes_fp32": self.weight_bytes_before,
-                "weight_bytes_quantized": self.weight_bytes_after}
+    def to_manifest(self) -> Quantization:
+        return Quantization(scheme=self.scheme, group_size=self.group_size,
+                            weight_scale_dtype=SCALE_DTYPES[self.scheme], modules=tuple(self.quantized),
+                            left_fp32=dict(self.left_fp32), weight_bytes_fp32=self.weight_bytes_before,
+                            weight_bytes_quantized=self.weight_bytes_after)
 
     def describe(self) -> str:
         kept = ", ".join(f"{p} ({why})" for p, why in self.left_fp32.items())
@@ -177,8 +178,9 @@ def check_adapter_fp32(model: nn.Module, adapter_names: Iterable[str]) -> None:
                                     "(the adapter cannot be kept out of the quantized layers)")
 
 
-def quantize_like(model: nn.Module, recorded: dict | None) -> QuantizationReport | None:
-    """Quantize `model` as a manifest's `model.quantization` records (None: an fp32 bundle)."""
-    if not recorded:
+def quantize_like(model: nn.Module, recorded) -> QuantizationReport | None:
+    """Quantize `model` as a manifest's `quantization` records (fwdfed.bundle.schema.Quantization; None: an
+    fp32 bundle)."""
+    if recorded is None:
         return None
-    return quantize_base(model, recorded["scheme"], recorded.get("group_size"), only=recorded["modules"])
+    return quantize_base(model, recorded.scheme, recorded.group_size, only=list(recorded.modules))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.schema import Split
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.model.loss import per_example_loss
 from fwdfed.model.program import BatchedLoraLinear
@@ -209,11 +210,11 @@ class SplitPrograms(NamedTuple):
     top: TopProgram
     top_features: TopFeaturesProgram
 
-    def record(self, hidden_size: int) -> dict:
+    def record(self, hidden_size: int) -> Split:
         """What the manifest says of the split (`program.split`): where it is cut, and the states kept."""
         frozen = self.prefix.frozen
-        return {"frozen_blocks": frozen, "adapted_blocks": len(self.top.parts.layers) - frozen,
-                "hidden_size": hidden_size, "states_dtype": "float16"}
+        return Split(frozen_blocks=frozen, adapted_blocks=len(self.top.parts.layers) - frozen,
+                     hidden_size=hidden_size, states_dtype="float16")
 
 
 def split_programs(model: nn.Module, layout: AdapterLayout, binding) -> SplitPrograms:

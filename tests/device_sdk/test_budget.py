@@ -13,8 +13,8 @@ def test_the_plan_adds_up_what_a_step_holds(tiny_llama_bundle):
     assert plan.directions == 99  # all held at once, however many program calls evaluate them
     assert plan_memory(bundle, 2**40, 100, 99, runtime=123).runtime == 123
     # The methods share one arena, sized to the largest plan.
-    assert plan.activations == max(m.program["planned_memory_bytes"].values()) and plan.weights == m.program["bytes"]
-    assert plan.workspace == m.program["workspace_bytes"]  # measured by the exporter
+    assert plan.activations == max(m.program.planned_memory_bytes.values()) and plan.weights == m.program.bytes
+    assert plan.workspace == m.program.workspace_bytes  # measured by the exporter
     assert plan.adapters == (1 + 3 * plan.directions) * m.adapter_dim * 4
     assert plan.total == (plan.runtime + plan.weights + plan.activations + plan.workspace + plan.adapters
                           + plan.data)

@@ -15,7 +15,7 @@ def test_bias_adapters_export_verify_and_write_back(tmp_path, flags, kind):
     out = export_bundle(tmp_path / "bundle", "--preset", "tiny-distilbert", "--seq-len", "32", *flags)
     bundle = load_bundle(out)
     names = [t.name for t in bundle.manifest.layout.tensors]
-    assert bundle.manifest.adapter["kind"] == kind and bundle.manifest.verification["loss_max_abs_diff"] < 1e-4
+    assert bundle.manifest.adapter.kind == kind and bundle.manifest.verification["loss_max_abs_diff"] < 1e-4
     assert any(n.endswith("sa_layer_norm.bias") for n in names)  # LayerNorm biases are trained too
     if kind == "bitfit":
         assert all(n.endswith(".bias") or "classifier" in n for n in names)

@@ -7,25 +7,25 @@ import pytest
 import torch
 
 from fwdfed.bundle.manifest import load_bundle
-from fwdfed.model.emulator import EmulatorRecord, block_list, check_pair, full_layout, layout_sha256
+from fwdfed.model.emulator import block_list, check_pair, full_layout, layout_sha256
 from tests.conftest import STORIES, away_from_init, program_and_batches, run_command
 
 
 def test_emulator_and_full_bundles_share_the_adapter_layout(offsite_bundles):
     emulator, full = (load_bundle(b) for b in offsite_bundles)
-    record = EmulatorRecord.from_json(emulator.manifest.emulator)
+    record = emulator.manifest.emulator
     assert (record.kept_layers, record.dropped_layers, record.adapter_layers) == ([0, 2, 4], [1, 3], [0, 4])
     assert record.full_bundle == {"path": str(offsite_bundles[1].resolve()), "source": str(STORIES.resolve()),
                                   "base_model_hash": full.manifest.base_model_hash,
-                                  "program_sha256": full.manifest.program["sha256"],
+                                  "program_sha256": full.manifest.program.sha256,
                                   "layout_sha256": layout_sha256(full.manifest.layout)}
     assert check_pair(emulator.manifest, full.manifest, offsite_bundles[1]) == record
     assert full_layout(record, emulator.manifest.layout) == full.manifest.layout
     # LoRA on the full model's first and last blocks only, and the same initial vector in both.
     assert {t.name.split(".")[4] for t in full.manifest.layout.tensors} == {"0", "4"}
     np.testing.assert_array_equal(emulator.initial_adapter(), full.initial_adapter())
-    assert emulator.manifest.model["source"] == f"{STORIES.resolve()} emulator (blocks 0, 2, 4 of 5)"
-    assert emulator.manifest.model["base_parameters"] < full.manifest.model["base_parameters"]
+    assert emulator.manifest.model.source == f"{STORIES.resolve()} emulator (blocks 0, 2, 4 of 5)"
+    assert emulator.manifest.model.base_parameters < full.manifest.model.base_parameters
     for bundle in (emulator, full):
         assert bundle.manifest.verification["loss_max_abs_diff"] < 1e-4
     assert full.manifest.emulator is None

@@ -46,14 +46,14 @@ def test_pte_agrees_with_eager_peft(prompt_learning_bundle):
     assert m.verification["loss_max_abs_diff"] < 1e-4
     names = [t.name for t in m.layout.tensors]
     assert "prompt_encoder.default.embedding.weight" in names
-    if m.adapter["kind"] == "p-tuning":  # the MLP encoder runs inside the program on the P copies
+    if m.adapter.kind == "p-tuning":  # the MLP encoder runs inside the program on the P copies
         assert any(".mlp_head." in n for n in names)
 
 
 def test_prompt_initialised_from_text_is_the_texts_embeddings(prompt_learning_bundle):
     out, _ = prompt_learning_bundle
     bundle = load_bundle(out)
-    config = bundle.manifest.adapter["peft_config"]
+    config = bundle.manifest.adapter.peft_config
     if config.get("prompt_tuning_init") != "TEXT":
         pytest.skip("not initialised from text")
     from transformers import AutoModel, AutoTokenizer

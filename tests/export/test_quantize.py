@@ -19,11 +19,11 @@ def quantized_bundle(tmp_path_factory):
 @pytest.mark.slow
 def test_the_manifest_records_the_quantization_and_its_verification(quantized_bundle):
     m = load_bundle(quantized_bundle).manifest
-    q = m.model["quantization"]
-    assert q["scheme"] == "8da4w" and q["group_size"] == 32 and not q["left_fp32"]
+    q = m.quantization
+    assert q.scheme == "8da4w" and q.group_size == 32 and not q.left_fp32
     # Every frozen linear of tiny-llama (hidden 64, MLP 128: groups of 32 divide all), the head too; no adapter.
-    assert len(q["modules"]) == 2 * 7 + 1 and "base_model.model.lm_head" in q["modules"]
-    assert not any("lora_" in path for path in q["modules"])
+    assert len(q.modules) == 2 * 7 + 1 and "base_model.model.lm_head" in q.modules
+    assert not any("lora_" in path for path in q.modules)
     v = m.verification
     assert v["reference"] == "eager quantized peft model" and v["tolerance"] == QUANTIZED_TOLERANCE
     assert v["loss_max_abs_diff"] <= v["tolerance"]

@@ -7,20 +7,20 @@ from device_sdk.data import encode, read_examples
 from device_sdk.engine import ProgramEngine
 from device_sdk.evaluate import load_tokenizer
 from fwdfed.bundle.manifest import load_bundle
+from fwdfed.bundle.schema import Split
 from tests.conftest import SST2, away_from_init, run_command
 
 
 def real_batches(bundle, count=16):
     m = bundle.manifest
-    return encode(load_tokenizer(bundle), read_examples(SST2)[:count], m.task, m.inputs["batch_size"],
-                  m.inputs["seq_len"])
+    return encode(load_tokenizer(bundle), read_examples(SST2)[:count], m.task, m.inputs.batch_size,
+                  m.inputs.seq_len)
 
 
 def test_the_manifest_records_the_split_and_export_verified_top_of_prefix_against_eager_peft(split_bundle):
     m = load_bundle(split_bundle).manifest
-    assert m.program["split"] == {"frozen_blocks": 1, "adapted_blocks": 1, "hidden_size": 64,
-                                  "states_dtype": "float16"}
-    assert {"prefix", "top", "forward", "predict", "features"} <= set(m.program["methods"])
+    assert m.program.split == Split(frozen_blocks=1, adapted_blocks=1, hidden_size=64, states_dtype="float16")
+    assert {"prefix", "top", "forward", "predict", "features"} <= set(m.program.methods)
     assert m.verification["split_loss_max_abs_diff"] <= 1e-4
     # LoRA sits on the top block only (peft's layers_to_transform), beside the trained head
     lora = [t.name for t in m.layout.tensors if "lora" in t.name]

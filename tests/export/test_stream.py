@@ -35,8 +35,8 @@ def loaded(streamed):
 
     bundle = load_bundle(streamed)
     m = bundle.manifest
-    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:4], m.task, m.inputs["batch_size"],
-                     m.inputs["seq_len"])
+    batches = encode(load_tokenizer(bundle), read_examples(TINYSTORIES)[:4], m.task, m.inputs.batch_size,
+                     m.inputs.seq_len)
     return bundle, ProgramEngine.for_bundle(bundle), batches
 
 
@@ -57,7 +57,7 @@ def test_streamed_losses_equal_the_unstreamed_peft_model(loaded):
              "labels": batches[0].labels}
     reference = np.stack([peft_reference_loss(peft_model, m.layout, torch.from_numpy(a), batch, m.task).numpy()
                           for a in adapters])
-    assert streamed.shape == (6, m.inputs["batch_size"])
+    assert streamed.shape == (6, m.inputs.batch_size)
     np.testing.assert_allclose(streamed, reference, atol=2e-5)
     assert np.ptp(streamed[:, 0]) > 1e-3  # the adapters do change the loss: the slices reach the blocks
 
@@ -81,12 +81,12 @@ def test_the_streamed_manifest_lists_stages_that_tile_the_adapter(streamed, load
 
     bundle = loaded[0]
     m = bundle.manifest
-    stages = m.program["stages"]
-    assert m.streamed and [s["name"] for s in stages] == ["embed", *(f"block.{k}" for k in range(5)), "head"]
-    slices = [tuple(s["adapter"]) for s in stages[1:-1]]
+    stages = m.program.stages
+    assert m.streamed and [s.name for s in stages] == ["embed", *(f"block.{k}" for k in range(5)), "head"]
+    slices = [s.adapter for s in stages[1:-1]]
     assert slices[0][0] == 0 and slices[-1][1] == m.adapter_dim
     assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
-    assert tuple(stages[0]["adapter"]) == tuple(stages[-1]["adapter"]) == (0, 0)
+    assert stages[0].adapter == stages[-1].adapter == (0, 0)
     # The layout and the initial adapter are those of the whole peft model (the unstreamed export's).
     model, _ = load_model(STORIES, m.task, 2)
     _, layout, initial = attach_adapter(model, m.task, AdapterSpec())
@@ -94,9 +94,9 @@ def test_the_streamed_manifest_lists_stages_that_tile_the_adapter(streamed, load
     np.testing.assert_array_equal(initial, bundle.initial_adapter())
     for s, (start, stop) in zip(stages[1:-1], slices):
         names = {t.name for t in m.layout.tensors if start <= t.offset < stop}
-        assert names and all(f".layers.{s['name'].split('.')[1]}." in n for n in names)
-    assert m.program["bytes"] == sum(s["bytes"] for s in stages)
-    assert m.program["largest_stage_bytes"] == max(s["bytes"] for s in stages)
+        assert names and all(f".layers.{s.name.split('.')[1]}." in n for n in names)
+    assert m.program.bytes == sum(s.bytes for s in stages)
+    assert m.program.largest_stage_bytes == max(s.bytes for s in stages)
     # A damaged stage file is refused when the bundle is read.
     victim = streamed / "stages" / "block.2.pte"
     original = victim.read_bytes()
@@ -114,10 +114,10 @@ def test_the_memory_plan_counts_one_stage_at_a_time(loaded):
     bundle = loaded[0]
     p = bundle.manifest.program
     plan = plan_memory(bundle, 2**40, num_examples=0, directions=2, runtime=100)
-    assert plan.weights == p["largest_stage_bytes"] < p["bytes"]
+    assert plan.weights == p.largest_stage_bytes < p.bytes
     b, length, h = 2, 32, 64
-    assert p["hidden_bytes"] == 4 * 4 * b * length * h
-    assert plan.activations == max(s["planned_memory_bytes"] for s in p["stages"]) + 2 * p["hidden_bytes"]
+    assert p.hidden_bytes == 4 * 4 * b * length * h
+    assert plan.activations == max(s.planned_memory_bytes for s in p.stages) + 2 * p.hidden_bytes
     assert plan.total == 100 + plan.weights + plan.activations + plan.workspace + plan.adapters + plan.data
 
 

@@ -95,12 +95,12 @@ def test_the_teacher_program_is_inference_only_and_the_student_has_batched_logit
     from fwdfed.bundle.manifest import load_bundle
 
     student, teacher, data = (load_bundle(bundles[0]), load_bundle(bundles[1]), bundles[2])
-    assert teacher.manifest.program["methods"] == ["predict"]
-    assert "logits" in student.manifest.program["methods"]
+    assert teacher.manifest.program.methods == ("predict",)
+    assert "logits" in student.manifest.program.methods
     assert student.manifest.verification["batched_logits_max_abs_diff"] < 1e-4
     examples = read_examples(data, DataSpec(num_labels=2))[:10]
     labelling = label(teacher, examples)
-    assert labelling.logits.shape == (10, 2) and labelling.sha256 == teacher.manifest.program["sha256"]
+    assert labelling.logits.shape == (10, 2) and labelling.sha256 == teacher.manifest.program.sha256
     assert labelling.peak_bytes >= labelling.rss_after_bytes
     engine = ProgramEngine.for_bundle(teacher)
     batch = encode(load_tokenizer(teacher), examples, "seq-cls", 4, 32)[0]

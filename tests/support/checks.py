@@ -49,18 +49,18 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     if m.task == CAUSAL_LM:
         base, data = AutoModelForCausalLM.from_pretrained(bundle.base_model_path), TINYSTORIES
     else:
-        base = AutoModelForSequenceClassification.from_pretrained(bundle.base_model_path, num_labels=m.model["num_labels"])
+        base = AutoModelForSequenceClassification.from_pretrained(bundle.base_model_path, num_labels=m.model.num_labels)
         data = SST2
-    if m.adapter["peft_config"] is not None:  # LoRA, prompt learning
+    if m.adapter.peft_config is not None:  # LoRA, prompt learning
         model = PeftModel.from_pretrained(base, peft_folder).eval()
     else:
         missing, unexpected = base.load_state_dict(load_file(peft_folder / "bitfit.safetensors"), strict=False)
         assert not unexpected
         model = base.eval()
-    batch = encode(load_tokenizer(bundle), read_examples(data)[:8], m.task, m.inputs["batch_size"],
-                   m.inputs["seq_len"])[0]
+    batch = encode(load_tokenizer(bundle), read_examples(data)[:8], m.task, m.inputs.batch_size,
+                   m.inputs.seq_len)[0]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     eager = per_example_loss(logits, labels_for(logits, batch.labels, m.task), m.task).numpy()
-    program = ProgramEngine(bundle.program_path, m.inputs["max_perturbations"]).losses(batch, vector)[0]
+    program = ProgramEngine(bundle.program_path, m.inputs.max_perturbations).losses(batch, vector)[0]
     np.testing.assert_allclose(program, eager, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 
 from fwdfed.bundle.files import INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, sha256_file
 from fwdfed.bundle.layout import AdapterLayout
-from fwdfed.bundle.manifest import Manifest
+from fwdfed.bundle.schema import AdapterRecord, Inputs, Manifest, ModelRecord, Program
 from tests.conftest import STORIES
 
 
@@ -30,10 +30,12 @@ def write_fake_bundle(folder: Path, program: bytes = b"ET12 not a real program",
     config = json.loads((STORIES / "tokenizer_config.json").read_text())  # padded as export pads stories260K
     config.update(pad_token="<unk>", padding_side="left")
     (folder / TOKENIZER_DIR / "tokenizer_config.json").write_text(json.dumps(config))
-    manifest = Manifest(task="causal-lm", model={"source": "fake", "folder": "base_model", "hash": "0" * 64},
-                        adapter={"kind": "lora", "dim": layout.dim, "initial": INITIAL_ADAPTER}, layout=layout,
-                        tokenizer=TOKENIZER_DIR, inputs={"batch_size": 2, "seq_len": 16, "max_perturbations": 2},
-                        program={"file": PROGRAM, "sha256": sha256_file(folder / PROGRAM), "methods": ["forward"],
-                                 "planned_memory_bytes": {"forward": 1 << 20}})
+    manifest = Manifest(task="causal-lm",
+                        model=ModelRecord(source="fake", folder="base_model", hash="0" * 64, architecture="fake",
+                                          vocab_size=512, base_parameters=0),
+                        adapter=AdapterRecord(kind="lora", dim=layout.dim, initial=INITIAL_ADAPTER, peft_config=None),
+                        layout=layout, tokenizer=TOKENIZER_DIR, inputs=Inputs(batch_size=2, seq_len=16, max_perturbations=2),
+                        program=Program(file=PROGRAM, sha256=sha256_file(folder / PROGRAM), methods=("forward",),
+                                        planned_memory_bytes={"forward": 1 << 20}, bytes=len(program)))
     (folder / MANIFEST).write_text(manifest.to_json())
     return folder

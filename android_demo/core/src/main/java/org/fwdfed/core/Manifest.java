@@ -15,7 +15,9 @@ import java.util.Map;
  * folder. Read and checked before anything it sizes is allocated.
  */
 public final class Manifest {
-    public static final int FORMAT_VERSION = 1;
+    // Format 2 (fwdfed/bundle/schema.py) moved only the quantization, which this device does not read: it takes both.
+    public static final long OLDEST_FORMAT = 1;
+    public static final long FORMAT_VERSION = 2;
     public static final String CAUSAL_LM = "causal-lm";
     public static final String SEQ_CLS = "seq-cls";
     // Bounds on the program's input shapes (fwdfed/bundle/manifest.py INPUT_LIMITS).
@@ -40,8 +42,9 @@ public final class Manifest {
     private Manifest(Path folder, Map<String, Object> m) throws BundleException {
         this.folder = folder;
         Object version = m.get("format_version");
-        if (!(version instanceof Long) || (Long) version != FORMAT_VERSION) {
-            throw new BundleException("manifest format " + version + " is not supported (expected " + FORMAT_VERSION + ")");
+        if (!(version instanceof Long) || (Long) version < OLDEST_FORMAT || (Long) version > FORMAT_VERSION) {
+            throw new BundleException("manifest format " + version + " is not supported (this reader takes "
+                    + OLDEST_FORMAT + " to " + FORMAT_VERSION + ")");
         }
         Map<String, Object> model = Json.object(m.get("model"), "model");
         Map<String, Object> adapter = Json.object(m.get("adapter"), "adapter");
