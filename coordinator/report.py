@@ -6,8 +6,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy import select
+
 from coordinator.job import JobOptions, round_method_name
-from coordinator.store import Job, Store
+from coordinator.store import Job, Round, Store, Task
 from fwdfed import methods
 from fwdfed.bundle.files import MANIFEST, BundleError
 from fwdfed.bundle.manifest import Manifest
@@ -40,6 +42,17 @@ def batch_size_of(job: Job) -> int:
         return 1
 
 
+def first_tasks(store: Store, job_id: str) -> dict[int, dict]:
+    """Each round's first task's hyperparameters, by round id (as sent: class-stats rounds differ)."""
+    first: dict[int, dict] = {}
+    with store.session() as s:
+        rows = s.execute(select(Task.round_id, Task.hparams).join(Round, Round.id == Task.round_id)
+                         .where(Round.job_id == job_id).order_by(Task.sent_at))
+        for round_id, hparams in rows:
+            first.setdefault(round_id, hparams)
+    return first
+
+
 def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
     """Every round attempt's figures, as `status` prints them and the dashboard shows them: number,
     attempt, status, version (closed rounds), method, updates, waves, opened_at, seconds (so far, for an open round),
@@ -49,7 +62,7 @@ def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
     updates_by_round: dict[int, list] = {}
     for u in store.update_figures(job.id):
         updates_by_round.setdefault(u.round_id, []).append(u)
-    first_hparams = store.first_tasks(job.id)
+    first_hparams = first_tasks(store, job.id)
     now = time.time() if now is None else now
     rows = []
     for rnd in store.rounds(job.id):

@@ -105,6 +105,7 @@ class RoundEngine:
             self.task_frames.setdefault(rnd.id, []).append((len(frame), in_seed_form))
             if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
                 self.held[task.device_id] = (rnd.base_version, version.sha256)
+            self.store.mark_sent(task.id)  # before the send: an answer cannot come earlier than its task
             try:
                 await ws.send(frame)
             except ConnectionClosed:
