@@ -294,10 +294,12 @@ class Store:
             s.add_all(tasks)
         return tasks
 
-    def mark_sent(self, task_id: str) -> None:
-        """The task goes to its device now (again, for a resent task): its sent_at is this send."""
+    def mark_sent(self, sent: dict[str, float | None]) -> None:
+        """Each task's sent_at: when it went to its device (its latest send); None: it was not sent."""
         with self.session() as s, s.begin():
-            s.execute(update(Task).where(Task.id == task_id).values(sent_at=time.time()))
+            for task_id, at in sent.items():
+                if at is not None:
+                    s.execute(update(Task).where(Task.id == task_id).values(sent_at=at))
 
     def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
         query = select(Task).where(Task.round_id == round_id)
