@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy import select
+
 from coordinator.job import JobOptions, round_method_name
-from coordinator.store import Job, Store
+from coordinator.store import Job, Round, Store, Task, UpdateRow
 from fwdfed import methods
 from fwdfed.bundle.files import MANIFEST, BundleError
 from fwdfed.bundle.manifest import Manifest
@@ -40,16 +43,48 @@ def batch_size_of(job: Job) -> int:
         return 1
 
 
+def first_tasks(store: Store, job_id: str) -> dict[int, dict]:
+    """Each round's first task's hyperparameters, by round id (as sent: class-stats rounds differ)."""
+    first: dict[int, dict] = {}
+    with store.session() as s:
+        rows = s.execute(select(Task.round_id, Task.hparams).join(Round, Round.id == Task.round_id)
+                         .where(Round.job_id == job_id).order_by(Task.sent_at))
+        for round_id, hparams in rows:
+            first.setdefault(round_id, hparams)
+    return first
+
+
+def turnarounds(store: Store, job_id: str) -> dict[int, list[float]]:
+    """Per round id, each accepted update's turnaround: seconds from its task sent (the latest send, for a
+    resent task) to the update received."""
+    by_round: dict[int, list[float]] = {}
+    with store.session() as s:
+        rows = s.execute(select(UpdateRow.round_id, UpdateRow.received_at - Task.sent_at)
+                         .join(Task, Task.id == UpdateRow.task_id).join(Round, Round.id == UpdateRow.round_id)
+                         .where(Round.job_id == job_id).order_by(UpdateRow.id))
+        for round_id, seconds in rows:
+            by_round.setdefault(round_id, []).append(seconds)
+    return by_round
+
+
+def turnaround_figures(seconds: list[float]) -> dict | None:
+    """The median and the largest of a round's turnarounds, and how many; None for a round without updates."""
+    if not seconds:
+        return None
+    return {"median": statistics.median(seconds), "max": max(seconds), "count": len(seconds)}
+
+
 def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
     """Every round attempt's figures, as `status` prints them and the dashboard shows them: number,
     attempt, status, version (closed rounds), method, updates, waves, opened_at, seconds (so far, for an open round),
-    forward passes, peak_bytes (the largest device peak), the version's held-out metrics, reason."""
+    forward passes, peak_bytes (the largest device peak), the version's held-out metrics, reason, and turnaround
+    (`turnaround_figures` of its accepted updates)."""
     options, batch_size = JobOptions.from_json(job.options), batch_size_of(job)
     by_version = metrics_by_version(store, job)
     updates_by_round: dict[int, list] = {}
     for u in store.update_figures(job.id):
         updates_by_round.setdefault(u.round_id, []).append(u)
-    first_hparams = store.first_tasks(job.id)
+    first_hparams, turnaround_by_round = first_tasks(store, job.id), turnarounds(store, job.id)
     now = time.time() if now is None else now
     rows = []
     for rnd in store.rounds(job.id):
@@ -65,7 +100,8 @@ def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
                      "opened_at": rnd.opened_at, "seconds": (rnd.closed_at or now) - rnd.opened_at,
                      "forward_passes": passes,
                      "peak_bytes": max((u.peak_rss_bytes for u in updates), default=0),
-                     "metrics": by_version.get(version, {}) if version is not None else {}, "reason": rnd.reason})
+                     "metrics": by_version.get(version, {}) if version is not None else {}, "reason": rnd.reason,
+                     "turnaround": turnaround_figures(turnaround_by_round.get(rnd.id, []))})
     return rows
 
 
@@ -76,7 +112,7 @@ def status_text(store: Store, job: Job) -> str:
     shown = [n for n in ("heldout_loss", "heldout_accuracy") if any(n in m for m in by_version.values())]
     lines.append("rounds:  round attempt status  version  updates waves  seconds  forward passes  peak MiB  "
                  + "  ".join(n.removeprefix("heldout_") for n in shown)
-                 + "  tasks: KiB max, mean, in seed form")
+                 + "  tasks: KiB max, mean, in seed form  turnaround s: median, max of updates")
     if 0 in by_version:
         lines.append(f"  {'start':>5} {'':>7} {'':<6} {0:>8} {'':>8} {'':>5} {'':>8} {'':>15} {'':>9} "
                      + "  ".join(f"{by_version[0].get(n, float('nan')):.4f}" for n in shown))
@@ -87,7 +123,7 @@ def status_text(store: Store, job: Job) -> str:
                      f"{version if version is not None else '-':>8} {row['updates']:>8} {row['waves']:>5} "
                      f"{row['seconds']:>8.1f} {row['forward_passes']:>15,} {row['peak_bytes'] / 2**20:>9.0f} "
                      + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown)
-                     + f"  {downlink(values)}" + extra)
+                     + f"  {downlink(values)}  {turnaround(row['turnaround'])}" + extra)
     best = best_version(store, job)
     if best is not None:
         lines.append(f"best version: {best[0]} ({best[1]} {best[2]:.4f}); "
@@ -111,6 +147,13 @@ def downlink(metrics: dict) -> str:
         return "-"
     return (f"{metrics['task_bytes_max'] / 1024:.1f}, {metrics['task_bytes_mean'] / 1024:.1f}, "
             f"{metrics['tasks_in_seed_form']:.0f}/{metrics['tasks_sent']:.0f}")
+
+
+def turnaround(figures: dict | None) -> str:
+    """A round's turnaround figures as the round line prints them: "median, max of count"; "-" without updates."""
+    if figures is None:
+        return "-"
+    return f"{figures['median']:.1f}, {figures['max']:.1f} of {figures['count']}"
 
 
 def plot_metrics(store: Store, job: Job, out: Path) -> Path:

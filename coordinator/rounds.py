@@ -86,7 +86,8 @@ class RoundEngine:
         old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
         return (new - old).astype("<f4").tobytes()
 
-    async def _send_task(self, rnd: Round, task, version=None, reference: bytes | None = None) -> None:
+    async def _send_task(self, rnd: Round, task, version=None, reference: bytes | None = None) -> float | None:
+        """Send the task to its device if it is connected: the time it was sent (for `Store.mark_sent`), or None."""
         version = version or self.store.version(self.job.id, rnd.base_version)
         reference = self._reference(rnd) if reference is None else reference
         deadline = max(0.0, rnd.wave_opened_at + self.job.round_deadline_s - time.time())
@@ -105,10 +106,12 @@ class RoundEngine:
             self.task_frames.setdefault(rnd.id, []).append((len(frame), in_seed_form))
             if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
                 self.held[task.device_id] = (rnd.base_version, version.sha256)
+            sent_at = time.time()  # before the send: an answer cannot come earlier than its task
             try:
                 await ws.send(frame)
             except ConnectionClosed:
                 pass
+            return sent_at
 
     async def _resend_open_task(self, device_id: str) -> None:
         """After a restart or reconnect, a device gets back the task it has not answered: also one
@@ -117,10 +120,12 @@ class RoundEngine:
         rnd, tasks = self._unanswered_tasks(device_id)
         if rnd is not None and not tasks:
             tasks = self._restorable(rnd, device_id)
+        sent = {}
         for task in tasks:
             if task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
-                await self._send_task(rnd, task)
+                sent[task.id] = await self._send_task(rnd, task)
+        self.store.mark_sent(sent)
 
     def _restorable(self, rnd: Round, device_id: str) -> list:
         """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
@@ -170,10 +175,12 @@ class RoundEngine:
         hparams = self.round_strategy(rnd.number).configure(rnd.wave, block, chosen, self._lr_history, self.rng)
         tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
+        sent = {}
         for task in tasks:
             log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
                      task.hparams["lr"])
-            await self._send_task(rnd, task, version, reference)
+            sent[task.id] = await self._send_task(rnd, task, version, reference)
+        self.store.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
 
     async def _collect(self, rnd: Round) -> None:
         """Dispatch and wait until every task of the current wave is answered or its deadline passes."""

@@ -55,8 +55,8 @@ def snapshot(store: Store, job_id: str) -> dict:
 
 
 def device_rows(store: Store, job_id: str, refusals: list) -> list[dict]:
-    """Each device: connected or away, examples, bytes up and down, its peak memory in this job
-    against its budget, updates, and its refusals (how many, the last one's code and reason)."""
+    """Each device: connected or away, first seen (its first hello), examples, bytes up and down, its peak
+    memory in this job against its budget, updates, and its refusals (how many, the last one's code and reason)."""
     peak: dict[str, int] = {}
     updates: Counter = Counter()
     for u in store.update_figures(job_id):
@@ -66,7 +66,8 @@ def device_rows(store: Store, job_id: str, refusals: list) -> list[dict]:
     for r in refusals:
         if r.device_id is not None:
             refused.setdefault(r.device_id, []).append(r)
-    return [{"id": d.id, "state": "connected" if d.status == "online" else "away", "last_seen": d.last_seen,
+    return [{"id": d.id, "state": "connected" if d.status == "online" else "away", "first_seen": d.first_seen,
+             "last_seen": d.last_seen,
              "examples": d.num_examples, "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
              "peak_bytes": peak.get(d.id), "budget_bytes": d.mem_budget_bytes, "updates": updates[d.id],
              "refusals": len(refused.get(d.id, [])),

@@ -287,12 +287,19 @@ class Store:
 
     # ---- tasks and updates ----
     def add_tasks(self, round_id: int, wave: int, hparams_by_device: dict[str, dict]) -> list[Task]:
-        """New tasks for these devices, stored in one transaction before any is sent."""
+        """New tasks for these devices, stored in one transaction before any is sent (`mark_sent` dates each send)."""
         tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h)
                  for d, h in hparams_by_device.items()]
         with self.session() as s, s.begin():
             s.add_all(tasks)
         return tasks
+
+    def mark_sent(self, sent: dict[str, float | None]) -> None:
+        """Each task's sent_at: when it went to its device (its latest send); None: it was not sent."""
+        with self.session() as s, s.begin():
+            for task_id, at in sent.items():
+                if at is not None:
+                    s.execute(update(Task).where(Task.id == task_id).values(sent_at=at))
 
     def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
         query = select(Task).where(Task.round_id == round_id)
@@ -326,16 +333,6 @@ class Store:
                 select(UpdateRow.round_id, UpdateRow.device_id, UpdateRow.num_pairs, UpdateRow.num_examples,
                        UpdateRow.loss_before, UpdateRow.loss_after, UpdateRow.peak_rss_bytes)
                 .join(Round, Round.id == UpdateRow.round_id).where(Round.job_id == job_id).order_by(UpdateRow.id)))
-
-    def first_tasks(self, job_id: str) -> dict[int, dict]:
-        """Each round's first task's hyperparameters, by round id (as sent: class-stats rounds differ)."""
-        first: dict[int, dict] = {}
-        with self.session() as s:
-            rows = s.execute(select(Task.round_id, Task.hparams).join(Round, Round.id == Task.round_id)
-                             .where(Round.job_id == job_id).order_by(Task.sent_at))
-            for round_id, hparams in rows:
-                first.setdefault(round_id, hparams)
-        return first
 
     def drop_update(self, update_id: int) -> None:
         """Take an accepted update back out of its round (the aggregate refused it; a refusal says why)."""

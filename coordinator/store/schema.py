@@ -52,7 +52,7 @@ class Device(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
     mem_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    first_seen: Mapped[float] = mapped_column(Float, default=time.time)
+    first_seen: Mapped[float] = mapped_column(Float, default=time.time)  # its first hello; never changed
     last_seen: Mapped[float] = mapped_column(Float, default=time.time)
     status: Mapped[str] = mapped_column(String(16), default="online")  # online | gone
     # Bytes of the websocket messages it sent (up) and was sent (down); None: seen before they were counted.
@@ -90,7 +90,7 @@ class Task(Base):
     abandoned_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its device went away; reassigned
     # Why its device lost it for good (it broke the protocol, declined it, ...): never given back to it.
     forfeited: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    sent_at: Mapped[float] = mapped_column(Float, default=time.time)
+    sent_at: Mapped[float] = mapped_column(Float, default=time.time)  # its latest send (a resent task: the resend)
 
 
 class UpdateRow(Base):
@@ -107,7 +107,7 @@ class UpdateRow(Base):
     loss_before: Mapped[float] = mapped_column(Float)
     loss_after: Mapped[float] = mapped_column(Float)
     peak_rss_bytes: Mapped[int] = mapped_column(BigInteger)
-    received_at: Mapped[float] = mapped_column(Float, default=time.time)
+    received_at: Mapped[float] = mapped_column(Float, default=time.time)  # when it arrived (and was accepted)
 
 
 class AdapterVersion(Base):

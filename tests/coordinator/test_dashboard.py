@@ -87,8 +87,10 @@ def test_the_snapshot_shows_what_the_store_holds_and_status_prints_the_same_roun
     assert state["metrics"] == {"heldout_loss": [[0, 2.5], [1, 2.25]]}
     assert state["best"] == {"version": 1, "metric": "heldout_loss", "value": 2.25}
     devices = {d["id"]: d for d in state["devices"]}
-    assert devices["d1"] | {"last_seen": None} == {
-        "id": "d1", "state": "connected", "last_seen": None, "examples": 40, "bytes_up": 1000, "bytes_down": 5000,
+    stored = {d.id: d for d in store.devices()}
+    assert devices["d1"]["first_seen"] == stored["d1"].first_seen <= devices["d1"]["last_seen"]
+    assert devices["d1"] | {"first_seen": None, "last_seen": None} == {
+        "id": "d1", "state": "connected", "first_seen": None, "last_seen": None, "examples": 40, "bytes_up": 1000, "bytes_down": 5000,
         "peak_bytes": 500 << 20, "budget_bytes": 1 << 30, "updates": 2, "refusals": 0, "last_refusal": None}
     assert devices["d2"]["state"] == "away" and devices["d2"]["refusals"] == 2
     assert devices["d2"]["last_refusal"] == {"code": "late", "reason": "the task's round is closed"}

@@ -4,6 +4,7 @@ the behaviour over real sockets is in tests/integration)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 from websockets.datastructures import Headers
@@ -149,6 +150,40 @@ def test_an_abandoned_task_goes_back_to_its_device_when_no_other_took_it_over(tm
 
     sent, task = asyncio.run(scenario())
     assert [m.TYPE for m in sent] == ["task"] and sent[0].task_id == task.id and task.abandoned_at is None
+
+
+class SlowConnection:
+    """A connection whose every send takes `SEND_S` (a large adapter down a slow link), each frame's start noted."""
+    SEND_S = 0.2
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    async def send(self, frame: bytes) -> None:
+        self.starts.append(time.time())
+        await asyncio.sleep(self.SEND_S)
+
+
+def test_a_tasks_sent_at_is_its_send_not_the_moment_it_was_stored(tmp_path):
+    """Tasks are stored in one transaction before the first is sent: each one's sent_at is still its own send,
+    and a task resent after a reconnect is dated by the resend."""
+    async def scenario():
+        c = coordinator(tmp_path, devices_per_round=2)
+        for device_id in ("a", "b"):
+            c.store.touch_device(device_id, 1, None)
+            c.connections[device_id] = SlowConnection()
+        rnd = c.store.start_round(c.job.id, 1, 0)
+        await c._dispatch(rnd)  # one device's frame, then the other's 0.2 s later
+        dispatched = {t.device_id: t.sent_at for t in c.store.tasks(rnd.id)}
+        c.connections["a"] = SlowConnection()  # a reconnects
+        await c._resend_open_task("a")
+        return c.connections, dispatched, {t.device_id: t.sent_at for t in c.store.tasks(rnd.id)}
+
+    connections, dispatched, resent = asyncio.run(scenario())
+    assert abs(dispatched["b"] - dispatched["a"]) >= SlowConnection.SEND_S  # stored together, sent 0.2 s apart
+    assert dispatched["b"] <= connections["b"].starts[0]
+    assert resent["b"] == dispatched["b"] and max(dispatched.values()) + SlowConnection.SEND_S <= resent["a"]
+    assert resent["a"] <= connections["a"].starts[0]
 
 
 def test_a_task_forfeited_for_breaking_the_protocol_is_not_given_back(tmp_path):

@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from coordinator.job import JobOptions
 from coordinator.server import JobConfig, job_from_bundle
@@ -52,6 +52,18 @@ def test_updates_are_stored_once_per_task(db_url):
     assert [AcceptedUpdate.from_row(u).pairs for u in store.updates(rnd.id)] == [[(1, 0.5)]]
     version = store.close_round(rnd, np.ones(16, np.float32), {"heldout_loss": 1.0})
     assert version == 1 and store.open_round(job.id) is None and store.closed_rounds(job.id) == 1
+
+
+def test_a_device_s_first_seen_is_its_first_hello_and_later_ones_leave_it(db_url):
+    store = open_store(db_url)
+    store.touch_device("d", 5, None)
+    with store.session() as s, s.begin():  # as if its first hello was long ago
+        s.execute(text("UPDATE devices SET first_seen = 1000.0, last_seen = 1000.0"))
+    store.touch_device("d", 6, None)  # a later hello, a disconnect, traffic
+    store.set_device_status("d", "gone")
+    store.add_traffic({"d": (1, 2)})
+    (device,) = store.devices()
+    assert device.first_seen == 1000.0 < device.last_seen and device.num_examples == 6
 
 
 def test_schema_version_is_checked(db_url):

@@ -122,7 +122,8 @@
   function renderDevices() {
     const rows = state.devices.map((d) => {
       const tr = row([
-        ["id", d.id, "text"], ["state", d.state], ["examples", count(d.examples)], ["updates", d.updates],
+        ["id", d.id, "text"], ["state", d.state], ["first_seen", utc(d.first_seen)], ["examples", count(d.examples)],
+        ["updates", d.updates],
         ["bytes_up", bytes(d.bytes_up)], ["bytes_down", bytes(d.bytes_down)],
       ], {"data-device": d.id, "data-state": d.state, "data-bytes-up": d.bytes_up ?? "",
           "data-bytes-down": d.bytes_down ?? ""});
