@@ -141,7 +141,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
-    from export.pipeline import AdapterSpec, ExportSpec
+    from export.spec import AdapterSpec, ExportSpec
     from export.run import run_export
 
     sign_key = None

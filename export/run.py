@@ -13,7 +13,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from export.pipeline import ExportSpec, export_whole
+from export.pipeline import export_whole
+from export.spec import ExportSpec
 from export.stream import export_streamed
 from fwdfed.bundle.manifest import Manifest, load_bundle
 from fwdfed.model.base_model import PRESETS, read_config

@@ -33,8 +33,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from export.pipeline import (ExportSpec, Shapes, VerificationError, attach_adapter, example_inputs, fit_memory,
-                             measure_step, resolve_base)
+from export.passes import VerificationError, attach_adapter, example_inputs, fit_memory, measure_step, resolve_base
+from export.spec import ExportSpec, Shapes
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.manifest import Bundle

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         if not path.exists():
             raise UserError(f"{path} does not exist")
     quiet_libraries()
-    from export.pipeline import AdapterSpec, ExportSpec
+    from export.spec import AdapterSpec, ExportSpec
     from export.run import run_export
 
     print(f"[teacher] fine-tuning {args.model} on {args.data} ({args.epochs} epoch(s), AdamW lr {args.lr:g})",

@@ -111,7 +111,7 @@ class Program:
     largest_stage_bytes: int | None = None
     hidden_bytes: int | None = None  # one hidden state a streamed engine carries between stages
     block_weights: str | None = None  # a blockwise preset's note on its seeded block weights
-    # Measured at export (export.pipeline.measure_step): a fresh process running the largest step.
+    # Measured at export (export.passes.measure_step): a fresh process running the largest step.
     measured_step_peak_bytes: int | None = None
     measured_runtime_bytes: int | None = None
     workspace_bytes: int = 0  # what the backend holds beyond the plan

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from export.loss_chunks import order_depth_first
-from export.pipeline import AdapterSpec, ExportSpec, attach_adapter, example_inputs, lower, verify
+from export.passes import attach_adapter, example_inputs, lower, verify
+from export.spec import AdapterSpec, ExportSpec
 from fwdfed.bundle.tasks import CAUSAL_LM
 from fwdfed.model.program import build_programs
 

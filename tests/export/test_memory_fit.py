@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.pipeline import ExportSpec, MemoryFitError, Shapes, fit_memory
+from export.passes import MemoryFitError, fit_memory
+from export.spec import ExportSpec, Shapes
 from tests.conftest import export_bundle
 
 MiB = 2**20

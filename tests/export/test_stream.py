@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def streamed(tmp_path_factory):
     if not STORIES.is_dir():
         pytest.skip("stories260K is missing")
-    from export.pipeline import ExportSpec
+    from export.spec import ExportSpec
     from export.run import run_export
 
     out = tmp_path_factory.mktemp("stream") / "stories"
@@ -75,7 +75,8 @@ def test_each_block_is_released_before_the_next_is_loaded(loaded, streamed):
 
 
 def test_the_streamed_manifest_lists_stages_that_tile_the_adapter(streamed, loaded):
-    from export.pipeline import AdapterSpec, attach_adapter
+    from export.passes import attach_adapter
+    from export.spec import AdapterSpec
     from fwdfed.bundle.manifest import BundleError, load_bundle
     from fwdfed.model.base_model import load_model
 
