@@ -24,6 +24,7 @@ from device_sdk.prefix_cache import cache_prefix_states
 from device_sdk.setup import DeviceConfig, DeviceError, Setup
 from fwdfed import methods, protocol
 from fwdfed import task_keys as keys
+from fwdfed.directions import task_kind
 from fwdfed.memory import format_size, peak_rss
 from fwdfed.memory_plan import plan_memory
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
@@ -172,7 +173,7 @@ class Trainer:
             numbers = [step["version"] for step in task.history]
             if first != version or numbers != list(range(version + 1, task.global_version + 1)):
                 raise ValueError(f"it goes from version {first}, this device holds {version}")
-            kind = str(task.hparams.get(keys.KIND, "rademacher"))
+            kind = task_kind(task.hparams)
             steps = [SeedSums(step["seeds"], step["coefs"], step["shrink"], self._block(step["block"], adapter))
                      for step in task.history]
             data = replay(adapter, steps, kind).astype("<f4").tobytes()

@@ -18,6 +18,7 @@ from coordinator.lr_strategies import client_lrs
 from coordinator.strategies.base import AcceptedUpdate, Block, History, StrategySpec
 from fwdfed import methods
 from fwdfed import task_keys as keys
+from fwdfed.directions import task_kind
 from fwdfed.methods import Method
 from fwdfed.update import SeedSums, SeedUpdate, round_sums, weighted_sum
 
@@ -42,7 +43,7 @@ class SeedFedAvg:
 
     @property
     def kind(self) -> str:
-        return str(self.hparams.get(keys.KIND, "rademacher"))
+        return task_kind(self.hparams)
 
     # ---- configuring a round ----
     def target(self, connected: int, current: int) -> int:
