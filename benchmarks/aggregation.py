@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.cli import run_main
 from fwdfed.errors import UserError
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         from fwdfed.bundle.manifest import load_bundle
 
         dim = load_bundle(args.bundle, check_program=False).manifest.adapter_dim
-    strategy, rng = SeedFedAvg(hparams={"kind": "rademacher"}), np.random.default_rng(args.seed)
+    strategy, rng = SeedFedAvg(hparams={keys.KIND: "rademacher"}), np.random.default_rng(args.seed)
     pool = seed_pool(pool_key("benchmark"), args.pool)
     w = rng.normal(0.0, 0.02, dim).astype(np.float32)
     print(f"d = {dim:,}, {args.pairs} pairs per update, rademacher; pool K = {args.pool:,}", flush=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 
@@ -98,9 +99,9 @@ def base_hparams(method, local_steps: int) -> dict:
     """What a setting leaves unsaid: the method's defaults (its config's lr and eps, its directions and kind)."""
     from dataclasses import MISSING, fields
 
-    defaults = {f.name: f.default for f in fields(method.config)
-                if f.name in ("lr", "eps") and f.default is not MISSING}
-    return {"local_steps": local_steps, "kind": method.default_kind, "directions": method.default_directions,
+    defaults = {f.name: f.default for f in fields(method.config)  # the config's fields of the keys' names
+                if f.name in (keys.LR, keys.EPS) and f.default is not MISSING}
+    return {keys.LOCAL_STEPS: local_steps, keys.KIND: method.default_kind, keys.DIRECTIONS: method.default_directions,
             **defaults}
 
 

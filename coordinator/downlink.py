@@ -18,6 +18,7 @@ import numpy as np
 from coordinator.store import Job, Store
 from coordinator.strategies import AcceptedUpdate, Strategy
 from fwdfed import protocol
+from fwdfed.directions import task_kind
 from fwdfed.update import SeedSums, replay
 
 log = logging.getLogger("coordinator")
@@ -27,7 +28,7 @@ class Downlink:
     def __init__(self, store: Store, job: Job, held: dict[str, tuple[int, str]],
                  round_strategy: Callable[[int], Strategy]):
         self.store, self.job = store, job
-        self.kind = str(job.hparams.get("kind", "rademacher"))
+        self.kind = task_kind(job.hparams)
         self.held = held  # the (version, sha256) each connected device that keeps its adapter holds
         self.round_strategy = round_strategy  # the strategy round n ran, whose version_sums say its seed form
         self._sums: dict[int, SeedSums | None] = {}  # each version's seed sums, made once (None: dense)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from fwdfed import task_keys as keys
+
 # One update may change the adapter by at most this RMS per value (`serve --max-update-rms`, a limit of the
 # server, not of the job): far past any honest update measured here (docs/security.md), and finite, so that
 # one coefficient such as 1e30 can neither make the aggregate non-finite nor blow the adapter up.
@@ -52,7 +54,7 @@ class JobOptions:
         """What a task says of the job's seed pool: nothing without one."""
         if self.seed_pool is None:
             return {}
-        return {"seed_pool": self.seed_pool, "seed_pool_key": self.seed_pool_key}
+        return {keys.SEED_POOL: self.seed_pool, keys.SEED_POOL_KEY: self.seed_pool_key}
 
     @classmethod
     def from_json(cls, stored: dict) -> "JobOptions":

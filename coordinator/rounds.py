@@ -25,6 +25,7 @@ from coordinator.strategies import AcceptedUpdate, Strategy, device_deltas
 from coordinator.strategies.scheduled import ScheduledRound
 from coordinator.update_checks import update_rms
 from fwdfed import methods, protocol
+from fwdfed import task_keys as keys
 
 log = logging.getLogger("coordinator")
 
@@ -59,8 +60,7 @@ class RoundEngine:
 
         hparams = round_hparams(self.layout, self.options.lda_shrinkage)
         if self.method.needs_teacher:  # the head round counts examples by the teacher's targets too
-            hparams |= {k: self.job.hparams[k] for k in ("teacher_sha256", "kd_weight", "kd_temperature")
-                        if k in self.job.hparams}
+            hparams |= {k: self.job.hparams[k] for k in keys.TEACHER if k in self.job.hparams}
         return hparams
 
     def _lr_history(self) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
@@ -178,7 +178,7 @@ class RoundEngine:
         sent = {}
         for task in tasks:
             log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
-                     task.hparams["lr"])
+                     task.hparams[keys.LR])
             sent[task.id] = await self._send_task(rnd, task, version, reference)
         self.store.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
 

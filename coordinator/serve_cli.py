@@ -17,6 +17,7 @@ from coordinator import lr_strategies, strategies
 from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
+from fwdfed import task_keys as keys
 from fwdfed.directions import KINDS, MAX_SEED_POOL, pool_key
 from fwdfed.errors import UserError
 from fwdfed.methods.estimate import MAX_LOCAL_STEPS
@@ -192,10 +193,10 @@ def chosen_strategy(args) -> tuple[str, dict]:
 def job_hparams(args) -> dict:
     """The task hyperparameters of a new job: the common ones and the method's own."""
     method = methods.get(args.method)
-    hparams = {"lr": args.lr, "eps": args.eps, "local_steps": args.local_steps, "directions": args.directions,
-               "kind": args.kind}
+    hparams = {keys.LR: args.lr, keys.EPS: args.eps, keys.LOCAL_STEPS: args.local_steps,
+               keys.DIRECTIONS: args.directions, keys.KIND: args.kind}
     if getattr(args, "teacher_sha256", None):
-        hparams["teacher_sha256"] = args.teacher_sha256
+        hparams[keys.TEACHER_SHA256] = args.teacher_sha256
     return hparams | {h.name: getattr(args, h.name) for h in method.hparams}
 
 

@@ -35,6 +35,7 @@ from coordinator.strategies import Strategy
 from coordinator.traffic import CountingConnection, Traffic
 from coordinator.update_checks import UpdateChecks
 from fwdfed import methods, protocol
+from fwdfed.directions import task_kind
 
 log = logging.getLogger("coordinator")
 
@@ -82,7 +83,7 @@ class Coordinator(RoundEngine):
         self.limits = limits or Limits()
         self.rate = RateLimiter(self.limits.messages_per_s, self.limits.burst)
         self.blocks = blocks  # block-cyclic: round r perturbs blocks[(r - 1) % len(blocks)]
-        self.kind = str(job.hparams.get("kind", "rademacher"))
+        self.kind = task_kind(job.hparams)
         self.method = methods.get(job.method)
         self.options = JobOptions.from_json(job.options)
         self.layout = layout  # the bundle's adapter layout: a method that writes the adapter itself needs it

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from fwdfed import methods
+from fwdfed import task_keys as keys
 from fwdfed.methods.estimate import parse_seed_pool
 
 SCALE_TOLERANCE = 1e-6  # an update's scale may pass its method's range by this much (float rounding)
@@ -39,7 +40,7 @@ class UpdateChecks:
 
     def _pool(self, hparams: dict) -> frozenset[int] | None:
         """The seeds of the pool a task names (FedKSeed), made once per pool; None for a task without one."""
-        key = (hparams.get("seed_pool"), hparams.get("seed_pool_key"))
+        key = (hparams.get(keys.SEED_POOL), hparams.get(keys.SEED_POOL_KEY))
         if key == (None, None):
             return None
         if key not in self._pools:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from fwdfed import methods
+from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 
@@ -67,10 +68,10 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     ids = torch.randint(4, m.model.vocab_size, (b, length), generator=g)
     labels = ids.clone() if m.task == "causal-lm" else torch.zeros(b, dtype=torch.long)
     batch = Batch(ids, torch.ones(b, length, dtype=torch.long), labels, np.ones(b, np.float32))
-    hparams = {"lr": 1e-6, "eps": 1e-2, "local_steps": 1}
+    hparams = {keys.LR: 1e-6, keys.EPS: 1e-2, keys.LOCAL_STEPS: 1}
     if method.needs_teacher:  # a teacher's logits of the batch (their values do not change memory or time)
         batch.teacher_logits = np.zeros((b, m.model.num_labels), np.float32)
-        hparams["teacher_sha256"] = "0" * 64
+        hparams[keys.TEACHER_SHA256] = "0" * 64
     w = bundle.initial_adapter()
     n = directions_of(mode, m.inputs.max_perturbations)
     if method.needs_autograd:
@@ -87,7 +88,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
         step = lambda: engine.logits(batch, w)  # noqa: E731
     else:
         # A tiny lr: memory and time do not depend on it, and every repeat starts near the same point.
-        config = method.config.from_hparams(hparams | {"directions": n})
+        config = method.config.from_hparams(hparams | {keys.DIRECTIONS: n})
         optimizer = method.make_optimizer(engine, w, config, np.random.default_rng(0))
         step = lambda: optimizer.train([batch], 1)  # noqa: E731
     loaded = status_field("VmRSS")

@@ -23,6 +23,8 @@ from device_sdk.engine import ProgramEngine
 from device_sdk.prefix_cache import cache_prefix_states
 from device_sdk.setup import DeviceConfig, DeviceError, Setup
 from fwdfed import methods, protocol
+from fwdfed import task_keys as keys
+from fwdfed.directions import task_kind
 from fwdfed.memory import format_size, peak_rss
 from fwdfed.memory_plan import plan_memory
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
@@ -64,8 +66,8 @@ class Trainer:
         if task.method not in methods.METHODS:
             raise DeviceError(f"task {task.task_id} asks for method {task.method!r}; this device runs "
                               f"{methods.names()}")
-        if methods.get(task.method).needs_teacher or "teacher_sha256" in task.hparams:
-            wanted = str(task.hparams.get("teacher_sha256", ""))
+        if methods.get(task.method).needs_teacher or keys.TEACHER_SHA256 in task.hparams:
+            wanted = str(task.hparams.get(keys.TEACHER_SHA256, ""))
             if self.labelling is None:
                 raise DeviceError(f"task {task.task_id} asks for teacher {wanted[:12]} ({task.method}); this device "
                                   "was given no teacher bundle")
@@ -88,7 +90,7 @@ class Trainer:
         try:
             config = method.config.from_hparams(task.hparams)
             steps = parse_steps(task.hparams)
-            wave = hparam(task.hparams, "wave", int, 0)
+            wave = hparam(task.hparams, keys.WAVE, int, 0)
             pool = parse_seed_pool(task.hparams)
             if wave < 0:
                 raise ValueError(f"wave must be >= 0, got {wave}")
@@ -106,7 +108,7 @@ class Trainer:
         reference = np.frombuffer(task.reference, dtype="<f4") if task.reference else None
         # A task that names the teacher trains on every row, scored by the distillation loss (which
         # needs no label); any other on the labelled rows, by the program's own loss.
-        if "teacher_sha256" in task.hparams:
+        if keys.TEACHER_SHA256 in task.hparams:
             batches, scored_by = self.distillation_batches, teacher_objective(self.engine, task.hparams)
         else:
             batches, scored_by = self.batches, self.engine
@@ -171,7 +173,7 @@ class Trainer:
             numbers = [step["version"] for step in task.history]
             if first != version or numbers != list(range(version + 1, task.global_version + 1)):
                 raise ValueError(f"it goes from version {first}, this device holds {version}")
-            kind = str(task.hparams.get("kind", "rademacher"))
+            kind = task_kind(task.hparams)
             steps = [SeedSums(step["seeds"], step["coefs"], step["shrink"], self._block(step["block"], adapter))
                      for step in task.history]
             data = replay(adapter, steps, kind).astype("<f4").tobytes()

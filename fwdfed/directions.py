@@ -24,11 +24,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from fwdfed import task_keys as keys
+
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
 SEED_LIMIT = 1 << 63
 KINDS = ("rademacher", "gaussian")
+
+
+def task_kind(hparams: dict) -> str:
+    """The kind a task's directions are drawn from: its `kind`, rademacher when it names none."""
+    return str(hparams.get(keys.KIND, KINDS[0]))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from coordinator.job import JobOptions
 from coordinator.lr_strategies import client_lrs
 from coordinator.strategies.base import AcceptedUpdate, Block, History, StrategySpec
 from fwdfed import methods
+from fwdfed import task_keys as keys
+from fwdfed.directions import task_kind
 from fwdfed.methods import Method
 from fwdfed.update import SeedSums, SeedUpdate, round_sums, weighted_sum
 
@@ -41,7 +43,7 @@ class SeedFedAvg:
 
     @property
     def kind(self) -> str:
-        return str(self.hparams.get("kind", "rademacher"))
+        return task_kind(self.hparams)
 
     # ---- configuring a round ----
     def target(self, connected: int, current: int) -> int:
@@ -55,15 +57,15 @@ class SeedFedAvg:
     def configure(self, wave: int, block: Block, devices: list[str], history: Callable[[], History],
                   rng: random.Random) -> dict[str, dict]:
         o = self.options
-        eta0 = float(self.hparams["lr"])
+        eta0 = float(self.hparams[keys.LR])
         losses, last = history() if o.lr_strategy != "frozen" else ({}, {})
         lrs = client_lrs(o.lr_strategy, eta0, o.lr_delta if o.lr_delta is not None else eta0 / 2, devices, losses,
                          last, rng)
         out = {}
         for device_id in devices:
-            hparams = {**self.hparams, **o.pool_hparams(), "lr": lrs[device_id], "wave": wave}
+            hparams = {**self.hparams, **o.pool_hparams(), keys.LR: lrs[device_id], keys.WAVE: wave}
             if block is not None:
-                hparams |= {"block_start": block[0], "block_end": block[1]}
+                hparams |= {keys.BLOCK_START: block[0], keys.BLOCK_END: block[1]}
             out[device_id] = hparams
         return out
 
@@ -72,7 +74,7 @@ class SeedFedAvg:
         threshold = self.options.variance_threshold
         if not self.method.estimates_gradient or len(updates) < 2:
             return False, None
-        variance = estimate_variance(updates, dim, self.kind, float(self.hparams["lr"]), block)
+        variance = estimate_variance(updates, dim, self.kind, float(self.hparams[keys.LR]), block)
         more = threshold is not None and variance > threshold and wave + 1 < self.options.max_waves
         return more, variance
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from coordinator.strategies.base import AcceptedUpdate, Block, History, Strategy
+from fwdfed import task_keys as keys
 from fwdfed.methods import Method
 
 
@@ -35,7 +36,7 @@ class ScheduledRound:
 
     def configure(self, wave: int, block: Block, devices: list[str], history: Callable[[], History],
                   rng: random.Random) -> dict[str, dict]:
-        return {device_id: dict(self.hparams, wave=wave) for device_id in devices}
+        return {device_id: {**self.hparams, keys.WAVE: wave} for device_id in devices}
 
     def another_wave(self, updates: list[AcceptedUpdate], dim: int, wave: int,
                      block: Block) -> tuple[bool, float | None]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, check_positive, hparam
@@ -30,7 +31,7 @@ class BackpropConfig:
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "BackpropConfig":
-        return cls(lr=hparam(hparams, "lr", float), weight_decay=hparam(hparams, "weight_decay", float, 0.0))
+        return cls(lr=hparam(hparams, keys.LR, float), weight_decay=hparam(hparams, keys.WEIGHT_DECAY, float, 0.0))
 
 
 class Backprop:
@@ -61,7 +62,7 @@ METHOD = Method(
     summary="the baseline phones cannot afford: local AdamW steps through eager PyTorch autograd, dense updates",
     config=BackpropConfig,
     optimizer=Backprop,
-    hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay"),),
+    hparams=(Hparam(keys.WEIGHT_DECAY, float, 0.0, "mezo, backprop: decoupled weight decay"),),
     needs_autograd=True,
     passes_per_step=1,  # and a backward pass each
     adapter_copies=lambda directions: 4,  # weights, gradient and AdamW's two moments

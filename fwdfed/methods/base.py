@@ -16,18 +16,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.methods.estimate import LocalRun
 
-# The task hyperparameters every method reads (the coordinator's --lr, --eps, --local-steps,
-# --directions, --kind); a method's own are declared in its `hparams`.
-COMMON_HPARAMS = ("lr", "eps", "local_steps", "directions", "kind")
+COMMON_HPARAMS = keys.COMMON  # the task hyperparameters every method reads; a method's own are its `hparams`
 
 
 @dataclass(frozen=True)
 class Hparam:
     """A task hyperparameter of one method: `python -m coordinator serve --<name>` sets it."""
-    name: str  # as in the task's hparams; the flag is --name-with-dashes
+    name: str  # as in the task's hparams (fwdfed.task_keys); the flag is --name-with-dashes
     type: type  # int, float or str
     default: Any
     help: str
@@ -80,12 +79,12 @@ class Method:
 
     def allowed_pairs(self, hparams: dict) -> int:
         """(seed, coefficient) pairs an honest answer has at most: one per direction per local step."""
-        return int(hparams.get("local_steps", 1)) * int(hparams.get("directions", 1))
+        return int(hparams.get(keys.LOCAL_STEPS, 1)) * int(hparams.get(keys.DIRECTIONS, 1))
 
     def forward_passes(self, num_pairs: int, hparams: dict, num_examples: int = 0, batch_size: int = 1) -> int:
         """Forward passes (one batch, one adapter vector each) an update of `num_pairs` pairs took, on a
         device of `num_examples` examples in batches of `batch_size`."""
-        return (self.passes_per_pair * num_pairs + self.passes_per_step * int(hparams.get("local_steps", 1))
+        return (self.passes_per_pair * num_pairs + self.passes_per_step * int(hparams.get(keys.LOCAL_STEPS, 1))
                 + self.passes_per_batch * -(-num_examples // max(batch_size, 1)))
 
     def make_optimizer(self, engine, adapter: np.ndarray, config, rng: np.random.Generator,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.tasks import IGNORE_INDEX
@@ -66,10 +67,10 @@ class ClassStatsConfig:
     @classmethod
     def from_hparams(cls, hparams: dict) -> "ClassStatsConfig":
         teacher = {}
-        if "teacher_sha256" in hparams:
-            check_teacher_hash(hparam(hparams, "teacher_sha256", str))
+        if keys.TEACHER_SHA256 in hparams:
+            check_teacher_hash(hparam(hparams, keys.TEACHER_SHA256, str))
             teacher = distillation_hparams(hparams)
-        return cls(num_classes=hparam(hparams, "num_classes", int), feature_dim=hparam(hparams, "feature_dim", int),
+        return cls(num_classes=hparam(hparams, keys.NUM_CLASSES, int), feature_dim=hparam(hparams, keys.FEATURE_DIM, int),
                    **teacher)
 
     def targets(self, batch: Batch) -> np.ndarray:
@@ -88,7 +89,7 @@ class ClassStatsConfig:
 
 
 def stats_length(hparams: dict) -> int:
-    c, h = int(hparams["num_classes"]), int(hparams["feature_dim"])
+    c, h = int(hparams[keys.NUM_CLASSES]), int(hparams[keys.FEATURE_DIM])
     return c * h + c + h * h
 
 
@@ -149,8 +150,8 @@ def lda_head(updates_dense: list[np.ndarray], num_classes: int, feature_dim: int
 def aggregate(global_adapter: np.ndarray, dense: list[np.ndarray], hparams: dict, layout: AdapterLayout) -> np.ndarray:
     """The global adapter with its classifier replaced by the LDA head of the pooled statistics."""
     weight, bias = classifier_tensors(layout)
-    w, b, seen = lda_head(dense, int(hparams["num_classes"]), int(hparams["feature_dim"]),
-                          float(hparams.get("shrinkage", 0.1)))
+    w, b, seen = lda_head(dense, int(hparams[keys.NUM_CLASSES]), int(hparams[keys.FEATURE_DIM]),
+                          float(hparams.get(keys.SHRINKAGE, 0.1)))
     new = global_adapter.astype(np.float32).copy()
     old_w = new[weight.offset : weight.end].reshape(weight.shape)
     old_w[seen] = w[seen]
@@ -166,8 +167,8 @@ def round_hparams(layout: AdapterLayout, shrinkage: float) -> dict:
     weight, _ = classifier_tensors(layout)
     if not (math.isfinite(shrinkage) and 0 <= shrinkage <= 1):
         raise ValueError(f"the LDA shrinkage must be in [0, 1], got {shrinkage!r}")
-    return {"num_classes": weight.shape[0], "feature_dim": weight.shape[1], "shrinkage": shrinkage, "local_steps": 1,
-            "lr": 1.0}
+    return {keys.NUM_CLASSES: weight.shape[0], keys.FEATURE_DIM: weight.shape[1], keys.SHRINKAGE: shrinkage,
+            keys.LOCAL_STEPS: 1, keys.LR: 1.0}
 
 
 METHOD = Method(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.directions import KINDS, SEED_LIMIT, block_direction, seed_pool
 from fwdfed.update import SeedUpdate
@@ -107,9 +108,9 @@ class StepConfig:
         """These fields read from a task's hparams: `lr` and `eps` required, `directions` and `kind` this
         config's defaults when absent, the block from `block_start`/`block_end`."""
         default = {f.name: f.default for f in fields(cls)}
-        return dict(lr=hparam(hparams, "lr", float), eps=hparam(hparams, "eps", float),
-                    directions=hparam(hparams, "directions", int, default["directions"]),
-                    kind=hparam(hparams, "kind", str, default["kind"]), block=parse_block(hparams))
+        return dict(lr=hparam(hparams, keys.LR, float), eps=hparam(hparams, keys.EPS, float),
+                    directions=hparam(hparams, keys.DIRECTIONS, int, default["directions"]),
+                    kind=hparam(hparams, keys.KIND, str, default["kind"]), block=parse_block(hparams))
 
     def step_fields(self) -> dict:
         """This config's shared fields, for the step config of the method it runs (fedkd runs MeZO's)."""
@@ -118,17 +119,17 @@ class StepConfig:
 
 def parse_steps(hparams: dict) -> int:
     """The local steps a task asks for (batches, for the forward gradient)."""
-    steps = hparam(hparams, "local_steps", int)
-    check_count("local_steps", steps, MAX_LOCAL_STEPS)
+    steps = hparam(hparams, keys.LOCAL_STEPS, int)
+    check_count(keys.LOCAL_STEPS, steps, MAX_LOCAL_STEPS)
     return steps
 
 
 def parse_block(hparams: dict) -> tuple[int, int] | None:
     """The adapter block a task restricts perturbations to (block-cyclic updates), if any.
     Its end is checked against the adapter's dimension by the device, which knows it."""
-    if "block_start" not in hparams:
+    if keys.BLOCK_START not in hparams:
         return None
-    start, end = hparam(hparams, "block_start", int), hparam(hparams, "block_end", int)
+    start, end = hparam(hparams, keys.BLOCK_START, int), hparam(hparams, keys.BLOCK_END, int)
     if not 0 <= start < end:
         raise ValueError(f"the adapter block must have 0 <= block_start < block_end, got [{start}, {end})")
     return start, end
@@ -139,9 +140,9 @@ POOL_KEY_TEXT = re.compile(r"[0-9a-f]{16}")
 
 def parse_seed_pool(hparams: dict) -> np.ndarray | None:
     """The seed pool a task names (`seed_pool` K and `seed_pool_key`, docs/directions.md), or None."""
-    if "seed_pool" not in hparams and "seed_pool_key" not in hparams:
+    if keys.SEED_POOL not in hparams and keys.SEED_POOL_KEY not in hparams:
         return None
-    size, key = hparam(hparams, "seed_pool", int), hparams.get("seed_pool_key")
+    size, key = hparam(hparams, keys.SEED_POOL, int), hparams.get(keys.SEED_POOL_KEY)
     if not (isinstance(key, str) and POOL_KEY_TEXT.fullmatch(key) and int(key, 16) < SEED_LIMIT):
         raise ValueError(f"seed_pool_key must be 16 lowercase hex digits of a number below 2^63, got {key!r}")
     return seed_pool(int(key, 16), size)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.bundle.tasks import IGNORE_INDEX
 from fwdfed.methods.base import Hparam, Method
@@ -84,9 +85,10 @@ def check_temperature(temperature: float) -> None:
 
 
 def distillation_hparams(hparams: dict) -> dict:
-    """A task's `kd_weight` and `kd_temperature` (the fedkd rounds' and their head round's), defaults filled in."""
-    return {"kd_weight": hparam(hparams, "kd_weight", float, DEFAULT_WEIGHT),
-            "kd_temperature": hparam(hparams, "kd_temperature", float, DEFAULT_TEMPERATURE)}
+    """A task's `kd_weight` and `kd_temperature` (the fedkd rounds' and their head round's), defaults filled in,
+    as the configs' fields of those names."""
+    return dict(kd_weight=hparam(hparams, keys.KD_WEIGHT, float, DEFAULT_WEIGHT),
+                kd_temperature=hparam(hparams, keys.KD_TEMPERATURE, float, DEFAULT_TEMPERATURE))
 
 
 def check_teacher_hash(value: str) -> None:
@@ -112,7 +114,7 @@ class FedKDConfig(StepConfig):
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FedKDConfig":
-        return cls(teacher_sha256=hparam(hparams, "teacher_sha256", str), **cls.step_hparams(hparams),
+        return cls(teacher_sha256=hparam(hparams, keys.TEACHER_SHA256, str), **cls.step_hparams(hparams),
                    **distillation_hparams(hparams))
 
 
@@ -160,9 +162,9 @@ METHOD = Method(
             "once and is freed before training (--teacher-bundle, --kd-weight, --kd-temperature)",
     config=FedKDConfig,
     optimizer=FedKD,
-    hparams=(Hparam("kd_weight", float, DEFAULT_WEIGHT,
+    hparams=(Hparam(keys.KD_WEIGHT, float, DEFAULT_WEIGHT,
                     "fedkd: a, the teacher distribution's share of the loss, in [0, 1]"),
-             Hparam("kd_temperature", float, DEFAULT_TEMPERATURE,
+             Hparam(keys.KD_TEMPERATURE, float, DEFAULT_TEMPERATURE,
                     f"fedkd: T, the softmax temperature, in (0, {MAX_TEMPERATURE:g}]")),
     needs_teacher=True,
 )

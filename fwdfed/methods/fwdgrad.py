@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
@@ -38,7 +39,7 @@ class FwdGradConfig(StepConfig):  # eps is FwdLLM's finite-difference step h
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FwdGradConfig":
-        return cls(**cls.step_hparams(hparams), candidates=hparam(hparams, "candidates", int, 1))
+        return cls(**cls.step_hparams(hparams), candidates=hparam(hparams, keys.CANDIDATES, int, 1))
 
 
 class ForwardGradient:
@@ -80,7 +81,7 @@ METHOD = Method(
     summary="FwdLLM's forward gradient at the global adapter: K directions per batch, finite-difference JVPs",
     config=FwdGradConfig,
     optimizer=ForwardGradient,
-    hparams=(Hparam("candidates", int, 1, "fwdgrad: draw this many times the directions and keep the most "
+    hparams=(Hparam(keys.CANDIDATES, int, 1, "fwdgrad: draw this many times the directions and keep the most "
                                           "aligned with the last global update"),),
     default_directions=4,
     default_kind="gaussian",

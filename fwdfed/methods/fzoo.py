@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
@@ -43,7 +44,7 @@ class FzooConfig(StepConfig):
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "FzooConfig":
-        return cls(**cls.step_hparams(hparams), schedule=hparam(hparams, "schedule", str, "constant"))
+        return cls(**cls.step_hparams(hparams), schedule=hparam(hparams, keys.SCHEDULE, str, "constant"))
 
 
 def normalised_coefficients(losses: np.ndarray, lr: float) -> np.ndarray | None:

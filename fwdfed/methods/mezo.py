@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, StepConfig, central_differences, draw_seeds, hparam, scheduled_steps
 
 SCHEDULES = ("constant", "linear")
-SCHEDULE = Hparam("schedule", str, "constant", "mezo, fzoo: the lr over the local steps", SCHEDULES)
+SCHEDULE = Hparam(keys.SCHEDULE, str, "constant", "mezo, fzoo: the lr over the local steps", SCHEDULES)
 
 
 def check_schedule(schedule: str) -> None:
@@ -40,8 +41,8 @@ class MezoConfig(StepConfig):  # n directions a step: P = 2n adapter vectors a p
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "MezoConfig":
-        return cls(**cls.step_hparams(hparams), weight_decay=hparam(hparams, "weight_decay", float, 0.0),
-                   schedule=hparam(hparams, "schedule", str, "constant"))
+        return cls(**cls.step_hparams(hparams), weight_decay=hparam(hparams, keys.WEIGHT_DECAY, float, 0.0),
+                   schedule=hparam(hparams, keys.SCHEDULE, str, "constant"))
 
 
 class Mezo:
@@ -69,7 +70,8 @@ class Mezo:
 
 def scale_range(hparams: dict) -> tuple[float, float]:
     """Weight decay shrinks the adapter by (1 - lr wd) per step (less on a linear schedule)."""
-    lowest = (1.0 - float(hparams["lr"]) * float(hparams.get("weight_decay", 0.0))) ** int(hparams.get("local_steps", 1))
+    lr, decay = float(hparams[keys.LR]), float(hparams.get(keys.WEIGHT_DECAY, 0.0))
+    lowest = (1.0 - lr * decay) ** int(hparams.get(keys.LOCAL_STEPS, 1))
     return lowest, 1.0
 
 
@@ -78,7 +80,7 @@ METHOD = Method(
     summary="local MeZO/SPSA steps: n directions per step, both signs of all n in one program call",
     config=MezoConfig,
     optimizer=Mezo,
-    hparams=(Hparam("weight_decay", float, 0.0, "mezo, backprop: decoupled weight decay (mezo: sent as `scale`)"),
+    hparams=(Hparam(keys.WEIGHT_DECAY, float, 0.0, "mezo, backprop: decoupled weight decay (mezo: sent as `scale`)"),
              SCHEDULE),
     scale_range=scale_range,
 )
