@@ -49,7 +49,7 @@ def test_a_layer_the_group_size_does_not_divide_stays_fp32_and_is_named():
     down = "base_model.model.model.layers.0.mlp.down_proj"
     assert down in report.left_fp32 and "172" in report.left_fp32[down] and down not in report.quantized
     assert quantized_type(model, down) is torch.Tensor
-    assert report.to_manifest()["left_fp32"] == report.left_fp32
+    assert report.to_manifest().left_fp32 == report.left_fp32
 
 
 def test_8da8w_quantizes_every_width():
