@@ -287,4 +287,3 @@ def decode(frame: Any) -> Message:
     if isinstance(message, Task) and message.history is not None and message.adapter:
         raise ProtocolError("task: a task with a history carries no adapter")
     return message
-    return message

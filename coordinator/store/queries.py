@@ -174,13 +174,6 @@ class Store:
                                   .where(Credential.device_id.in_(list(held)), Credential.revoked_at.is_(None))))
         return {device_id for device_id, digest in held.items() if (device_id, digest) not in valid}
 
-    def revoked(self, device_ids: list[str]) -> set[str]:
-        """Those of `device_ids` whose credential was revoked (or removed) since they connected."""
-        with self.session() as s:
-            valid = set(s.scalars(select(Credential.device_id).where(Credential.device_id.in_(device_ids),
-                                                                     Credential.revoked_at.is_(None))))
-        return set(device_ids) - valid
-
     def credentials(self) -> list[Credential]:
         with self.session() as s:
             return list(s.scalars(select(Credential).order_by(Credential.device_id)))

@@ -7,6 +7,7 @@ from sqlalchemy import create_engine, text
 from coordinator.job import JobOptions
 from coordinator.server import JobConfig, job_from_bundle
 from coordinator.store import Meta, StoreError, open_store
+from coordinator.store.queries import token_hash
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed.directions import direction
 
@@ -124,7 +125,7 @@ def test_credentials_are_stored_hashed_and_revocation_holds(db_url):
     assert token not in stored.values() and len(stored["phone-1"]) == 64  # only the sha256 is kept
     assert store.revoke("phone-1") and not store.revoke("phone-1") and not store.revoke("nobody")
     assert store.authenticate(token) is None and store.authenticate(other) == "phone-2"
-    assert store.revoked(["phone-1", "phone-2", "never-enrolled"]) == {"phone-1", "never-enrolled"}
+    assert store.superseded({"phone-1": token_hash(token), "phone-2": token_hash(other)}) == {"phone-1"}
     fresh = store.enrol("phone-1")  # re-enrolment issues a new token; the old one stays dead
     assert store.authenticate(fresh) == "phone-1" and store.authenticate(token) is None
 
