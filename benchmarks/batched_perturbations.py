@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     quiet_libraries()
     import torch
 
-    from device_sdk.engine import ProgramEngine
     from fwdfed.batch import Batch
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.directions import direction
+    from runtime.engine import ProgramEngine
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -74,8 +74,8 @@ def reference_mezo_ms(bundle, batch, repeats: int) -> float:
     of perturb(+eps), perturb(-2 eps), restore(+eps) and update, over the peft model's tensors."""
     import torch
 
-    from fwdfed.model.peft_adapter import peft_model_with
     from fwdfed.model.loss import per_example_loss
+    from fwdfed.model.peft_adapter import peft_model_with
 
     model = peft_model_with(bundle, bundle.initial_adapter())
     params = [p for p in model.parameters() if p.requires_grad]

@@ -58,7 +58,7 @@ def keep_labels(data: Path, labelled: int) -> int:
     """Empty the label cell of all but `labelled` of the devices' training rows (the coordinator's
     held-out rows keep theirs): the first in the devices' shuffled order, so every IID shard keeps a
     like share. Returns how many training rows `data` holds."""
-    from device_sdk.data import shuffled, split
+    from runtime.data import shuffled, split
 
     header, *body = data.read_text(encoding="utf-8").splitlines(keepends=True)
     # Row numbers in the order the coordinator and devices read them (data seed 0), cut as they cut it.
@@ -73,7 +73,7 @@ def score_model_folder(model: Path, data: Path, num_labels: int, seq_len: int) -
     """Accuracy of a whole fine-tuned classifier (the teacher) on every row of `data`, as transformers loads it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from device_sdk.data import DataSpec, read_examples
+    from runtime.data import DataSpec, read_examples
 
     examples = read_examples(data, DataSpec(num_labels=num_labels))
     net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=num_labels).eval()

@@ -30,8 +30,8 @@ def features_of(bundle, engine, examples) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, H], labels [N]) at the bundle's initial adapter; through the top when the bundle is split."""
     from dataclasses import replace
 
-    from device_sdk.data import encode
-    from device_sdk.evaluate import load_tokenizer
+    from runtime.data import encode
+    from runtime.evaluate import load_tokenizer
 
     m, adapter = bundle.manifest, bundle.initial_adapter()
     feats, labels = [], []
@@ -69,10 +69,10 @@ def exact_head_step(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, 
 
 
 def measure(bundle_dir: Path, data: Path, head_lrs: list[float], head_steps: int, shrinkage: float) -> dict:
-    from device_sdk.data import DataSpec, read_examples, split
-    from device_sdk.engine import ProgramEngine
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.methods.class_stats import lda_head
+    from runtime.data import DataSpec, read_examples, split
+    from runtime.engine import ProgramEngine
 
     bundle = load_bundle(bundle_dir)
     num_classes = bundle.manifest.model.num_labels

@@ -29,9 +29,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
 from fwdfed.cli import quiet_libraries
@@ -68,7 +67,7 @@ def score_peft_folder(model: Path, adapter: Path, data: Path, num_labels: int = 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from device_sdk.data import DataSpec, read_examples, split
+    from runtime.data import DataSpec, read_examples, split
 
     examples = read_examples(data, DataSpec(num_labels=num_labels))
     if rows == "heldout":

@@ -178,7 +178,7 @@ def task_frame_bytes(job, rnd, method, hparams: dict) -> int:
 
 def chance_gains(evaluate, start: np.ndarray, start_loss: float, length: float, count: int) -> list[float]:
     """The held-out gain of `count` random steps of `length` from `start` (whose held-out loss is
-    `start_loss`): what chance alone moves it. `evaluate(adapter)` is a `device_sdk.evaluate.Evaluator`."""
+    `start_loss`): what chance alone moves it. `evaluate(adapter)` is a `runtime.evaluate.Evaluator`."""
     from fwdfed.directions import direction
 
     gains = []
@@ -206,8 +206,8 @@ def first_and_last_adapters(db: Path) -> tuple[np.ndarray, np.ndarray]:
 def gain_against_chance(bundle_dir: Path, db: Path, data: Path, examples: int, controls: int = 8) -> dict:
     """The latest job's first and last global adapters on `examples` held-out rows of `data`, and `controls`
     random steps of the same length from the first (benchmarks.quantized, benchmarks.prompt_learning)."""
-    from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.evaluate import Evaluator
 
     start, final = first_and_last_adapters(db)
     evaluate = Evaluator(load_bundle(bundle_dir), data, examples)

@@ -46,8 +46,8 @@ def profile_pair(emulator: Path, full: Path, out: Path, repeats: int) -> list[di
 
 def score_job(db: Path, emulator: Path, full: Path, data: Path, eval_examples: int, controls: int) -> dict:
     """Start and final adapters of a job, on the full model and on the emulator, and chance."""
-    from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.evaluate import Evaluator
 
     start, final = first_and_last_adapters(db)
     on_full = Evaluator(load_bundle(full), data, eval_examples)

@@ -24,10 +24,10 @@ from fwdfed.errors import UserError
 def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -> dict:
     from dataclasses import replace
 
-    from device_sdk.data import DataSpec, encode, read_examples, split
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import DataSpec, encode, read_examples, split
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

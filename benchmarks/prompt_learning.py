@@ -30,12 +30,12 @@ def mezo_against_chance(bundle_dir: Path, data: Path | None = None, steps: int =
                         eps: float = 1e-2, directions: int = 1, train_examples: int = 64, heldout_examples: int = 32,
                         controls: int = 8, seed: int = 0) -> dict:
     """{start, final, gain, chance: the gains of `controls` random steps as long as MeZO's}."""
-    from device_sdk.data import DataSpec, encode, read_examples, split
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import Evaluator, load_tokenizer
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.directions import direction
     from fwdfed.methods.mezo import Mezo, MezoConfig
+    from runtime.data import DataSpec, encode, read_examples, split
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import Evaluator, load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

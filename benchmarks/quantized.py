@@ -24,11 +24,11 @@ TRAINING = ["--method", "mezo", "--lr", "1e-3", "--eps", "1e-2", "--local-steps"
 
 
 def loss_comparison(quantized: Path, fp32: Path, data: Path, examples: int) -> dict:
-    from device_sdk.data import encode, read_examples, split
-    from device_sdk.eager import EagerEngine
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import encode, read_examples, split
+    from runtime.eager import EagerEngine
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
 
     q, f = load_bundle(quantized), load_bundle(fp32)
     m = q.manifest

@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from device_sdk.engine import ProgramEngine
     from fwdfed.bundle.manifest import BundleError, load_bundle, sign_bundle
     from fwdfed.bundle.signing import SIGNATURE
+    from runtime.engine import ProgramEngine
 
     reached = []
 

@@ -1,6 +1,6 @@
 """python -m benchmarks.tune: choose a forward-only method's settings on a split of the training rows.
 
-The held-out rows of a job (every 10th row of the file, `device_sdk.data.split`) are never read
+The held-out rows of a job (every 10th row of the file, `runtime.data.split`) are never read
 here. The training rows are split again the same way: every 10th of them is this command's
 validation set, the rest are dealt to the emulated devices. Each setting of the grid runs the
 job's shape in one process, through the bundle's ExecuTorch program: the class-statistics head
@@ -57,9 +57,9 @@ class TuningSplit:
     """The training rows' own split: validation rows and the devices' shards, encoded, with prefix states."""
 
     def __init__(self, bundle, data: Path, devices: int, engine, cache: Path, max_validation: int):
-        from device_sdk.data import DataSpec, encode, partition, read_examples, split
-        from device_sdk.evaluate import load_tokenizer
-        from device_sdk.prefix_cache import cache_prefix_states
+        from runtime.data import DataSpec, encode, partition, read_examples, split
+        from runtime.evaluate import load_tokenizer
+        from runtime.prefix_cache import cache_prefix_states
 
         m = bundle.manifest
         train = split(read_examples(data, DataSpec(num_labels=m.model.num_labels)), "train")
@@ -149,9 +149,9 @@ def main(argv=None) -> int:
     quiet_libraries()
     import tempfile
 
-    from device_sdk.engine import ProgramEngine
     from fwdfed import methods
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.engine import ProgramEngine
 
     if args.rounds < 1 or args.local_steps < 1 or args.devices < 1:
         raise UserError("--rounds, --local-steps and --devices must be at least 1")

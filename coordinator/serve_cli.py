@@ -112,7 +112,7 @@ def add_command(commands) -> None:
                           help="refuse updates that change the adapter by more than this RMS per value (the norm of "
                                "the coefficients, a repeated seed's summed; a dense change's own RMS): finite, "
                                "default %(default)g")
-    from device_sdk.data import add_data_arguments
+    from runtime.data import add_data_arguments
 
     add_data_arguments(s, "evaluation data: read as the devices read theirs")
 
@@ -223,7 +223,7 @@ def job_options(args) -> JobOptions:
 
 def check_distillation(student, teacher) -> None:
     """The student can take a distillation loss (its logits method) and the teacher labels its classes."""
-    from device_sdk.teacher import check_teacher
+    from runtime.teacher import check_teacher
 
     if "logits" not in student.manifest.program.methods:
         raise UserError(f"{student.folder} has no logits method to distil into: export the student with "
@@ -235,9 +235,9 @@ def run(args) -> int:
     from coordinator.admission import Limits
     from coordinator.server import Coordinator, JobConfig, job_from_bundle, resume_problem, serve_job
     from coordinator.store import open_store
-    from device_sdk.data import data_spec
-    from device_sdk.evaluate import Evaluator
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import data_spec
+    from runtime.evaluate import Evaluator
 
     store = open_store(args.db, sqlite_sync=args.sqlite_sync)
     job = store.running_job()

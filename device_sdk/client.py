@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from device_sdk.engine import ProgramEngine
 from device_sdk.setup import DeviceConfig, DeviceError, set_up
 from device_sdk.training import HistoryMismatch, Trainer
 from fwdfed import handshake, protocol
 from fwdfed.net import is_loopback
+from runtime.engine import ProgramEngine
 
 __all__ = ["Device", "DeviceConfig", "DeviceError", "HistoryMismatch"]
 

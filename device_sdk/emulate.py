@@ -57,7 +57,7 @@ def parse_args(argv):
     parser.add_argument("--trust-key", type=Path,
                         help="the operator's public key (trust_key.pem from `python -m coordinator keygen`): refuse a "
                              "bundle or teacher it did not sign (docs/security.md); without it bundles are unchecked")
-    from device_sdk.data import add_data_arguments, add_partition_arguments
+    from runtime.data import add_data_arguments, add_partition_arguments
 
     add_data_arguments(parser, "training data")
     add_partition_arguments(parser)
@@ -164,16 +164,16 @@ def main(argv=None) -> int:
     from collections import Counter
 
     from device_sdk.client import DeviceConfig
-    from device_sdk.data import data_spec, partition, partition_of, read_examples, split
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.bundle.signing import fingerprint, load_public_key
     from fwdfed.memory import format_size
+    from runtime.data import data_spec, partition, partition_of, read_examples, split
 
     # Check everything the devices share before starting any of them.
     trust_key = load_public_key(args.trust_key) if args.trust_key else None
     bundle = load_bundle(args.bundle, trust_key=trust_key)
     if args.teacher_bundle is not None:
-        from device_sdk.teacher import check_teacher
+        from runtime.teacher import check_teacher
 
         check_teacher(load_bundle(args.teacher_bundle, trust_key=trust_key), bundle)
     if trust_key is not None:

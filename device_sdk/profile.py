@@ -9,7 +9,7 @@ same batch, and measures (the kernel's own counters, /proc/self/status):
   weights and the backend's initialisation;
 - work: what the step added above that, at its peak (activations, planned buffers, adapter
   copies, optimizer state);
-and the median time per step. Modes (`device_sdk.measure`): inference (one forward, P = 1),
+and the median time per step. Modes (`runtime.measure`): inference (one forward, P = 1),
 one step of every training method in `fwdfed.methods` at its default directions (mezo: one
 direction, P = 2; fwdgrad: 4 directions, P = 8; backprop: peft LoRA with AdamW in eager
 PyTorch, the baseline), and batched (MeZO at the program's largest P). It writes report.json
@@ -33,8 +33,7 @@ import json
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
-
-from device_sdk.measure import MODES, run_fresh
+from runtime.measure import MODES, run_fresh
 
 
 def breakdown(r: dict) -> dict[str, int]:

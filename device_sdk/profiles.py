@@ -7,7 +7,7 @@ depend on the fleet's size or on which worker runs it):
 - a dropout probability per task (`--profile-dropout P`): the device drops its connection after
   training, before uploading, and reconnects, as a phone that loses its network mid-task;
 - a memory budget (`--profile-mem LO:HI`, uniform, whole MiB), in place of `--mem`.
-Data size skew is the partition's (`--size-skew`, device_sdk.data). Profiles are printed, and with
+Data size skew is the partition's (`--size-skew`, runtime.data). Profiles are printed, and with
 `--profile-out FILE` written, with each device's simulated clock, tasks and dropouts, as JSON.
 """
 

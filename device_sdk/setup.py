@@ -14,9 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from device_sdk.data import DataError, DataSpec, Partition, encode, labelled, partition, read_examples, split
-from device_sdk.evaluate import load_tokenizer
-from device_sdk.teacher import Labelling, TeacherError, check_teacher, label
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, load_bundle
 from fwdfed.bundle.signing import load_public_key
@@ -24,6 +21,9 @@ from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory import format_size
 from fwdfed.memory_plan import MemoryPlan, plan_memory, plan_teacher_then_student
+from runtime.data import DataError, DataSpec, Partition, encode, labelled, partition, read_examples, split
+from runtime.evaluate import load_tokenizer
+from runtime.teacher import Labelling, TeacherError, check_teacher, label
 
 log = logging.getLogger("device")
 

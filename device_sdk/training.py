@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from device_sdk.budget import BudgetGuard
-from device_sdk.engine import ProgramEngine
-from device_sdk.prefix_cache import cache_prefix_states
 from device_sdk.setup import DeviceConfig, DeviceError, Setup
 from fwdfed import methods, protocol
 from fwdfed import task_keys as keys
@@ -30,6 +28,8 @@ from fwdfed.memory_plan import plan_memory
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
 from fwdfed.methods.fedkd import teacher_objective
 from fwdfed.update import SeedSums, replay
+from runtime.engine import ProgramEngine
+from runtime.prefix_cache import cache_prefix_states
 
 log = logging.getLogger("device")
 
@@ -141,7 +141,7 @@ class Trainer:
 
     def _cache_prefix_states(self) -> None:
         """Once, before the first forward-only step: a split program's frozen prefix over the shard
-        (device_sdk.prefix_cache); every pass after it runs the adapted top alone."""
+        (runtime.prefix_cache); every pass after it runs the adapted top alone."""
         if self.prefix_cache is not None or not getattr(self.engine, "has_split", False) or not self.batches:
             return
         self._prefix_folder = tempfile.TemporaryDirectory(prefix="fwdfed-prefix-")
@@ -154,7 +154,7 @@ class Trainer:
         if not method.needs_autograd:
             return self.engine
         if self._eager is None:
-            from device_sdk.eager import EagerEngine
+            from runtime.eager import EagerEngine
 
             self._eager = EagerEngine(self.bundle)
         return self._eager

@@ -17,8 +17,8 @@ from fwdfed.cli import quiet_libraries, run_main
 async def serve_devices(configs: list, profiles: list, spec_seed: int) -> list[dict]:
     """These logical devices, start to finish, sharing one loaded program and taking turns to train (each
     keeps its own shard, token, seeds and connection); each device's record (device_sdk.profiles)."""
-    from device_sdk.engine import ProgramEngine
     from device_sdk.profiles import ProfiledDevice
+    from runtime.engine import ProgramEngine
 
     lock = asyncio.Lock()
     # Every device labels its shard with its teacher (if given) before the shared student program is

@@ -19,9 +19,10 @@ from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.model.base_model import PRESETS, infer_task, write_preset
 from fwdfed.model.emulator import num_layers_of
-from fwdfed.model.program import (LogitsProgram, LossProgram, PredictProgram, peft_reference_loss,
-                                  trainable_layout)
+from fwdfed.model.program import LogitsProgram, LossProgram, PredictProgram, peft_reference_loss, trainable_layout
 from fwdfed.model.split import SplitError, SplitPrograms
+
+
 class VerificationError(UserError):
     """The `.pte` and eager PyTorch disagree past the tolerance."""
 
@@ -215,7 +216,7 @@ def measure_step(folder: Path, mode: str, planned_bytes: int) -> dict:
     adapter copies is what the backend holds beyond the plan: XNNPACK's buffers inside its delegates (which
     ExecuTorch's memory plan does not see), its thread pool and packed weights, and the first run's lazily
     built state. The whole and the streamed exports both measure here."""
-    from device_sdk.measure import run_fresh
+    from runtime.measure import run_fresh
 
     measured = run_fresh(folder, mode, 0)
     known = measured["runtime_bytes"] + planned_bytes + measured["adapter_copies_bytes"]
@@ -230,8 +231,8 @@ def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, b
     quantized base, `peft_model` is the eager quantized model the `.pte` must match, and `fp32_model` the model
     before quantization, whose losses on the same inputs say what the quantization itself changed (reported,
     not checked: that is the scheme's cost, not an export error)."""
-    from device_sdk.engine import ProgramEngine
     from fwdfed.batch import Batch
+    from runtime.engine import ProgramEngine
 
     g = np.random.default_rng(0)
     # Perturbed adapters, so that the (zero-initialised) LoRA B path is exercised too.

@@ -2,7 +2,7 @@
 
 The stages (`fwdfed.model.stages`): the embedding, every decoder block, the final norm with the
 LM head and the chunked loss. Each is lowered to its own `.pte` under `stages/`, so that a device
-(`device_sdk.stream.StreamedEngine`) holds one stage's weights at a time; each block takes its
+(`runtime.stream.StreamedEngine`) holds one stage's weights at a time; each block takes its
 slice of the flat adapter vector. The manifest lists the stages, their files, hashes, sizes,
 adapter slices and planned arenas.
 
@@ -354,8 +354,8 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
 def verify_streamed(bundle: Bundle, batch: dict, adapters: np.ndarray, eager_losses: torch.Tensor, whole,
                     tolerance: float) -> dict:
     """The streamed engine on the written stages against the eager stages (and the whole peft model)."""
-    from device_sdk.stream import StreamedEngine
     from fwdfed.batch import Batch
+    from runtime.stream import StreamedEngine
 
     engine = StreamedEngine.for_bundle(bundle)
     b = Batch(batch["input_ids"], batch["attention_mask"], batch["labels"],

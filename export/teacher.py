@@ -32,7 +32,7 @@ def train_teacher(model: Path, data: Path, out: Path, num_labels: int, epochs: i
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from device_sdk.data import DataSpec, labelled, read_examples
+    from runtime.data import DataSpec, labelled, read_examples
 
     examples = labelled(read_examples(data, DataSpec(num_labels=num_labels, seed=None)), str(data))
     torch.manual_seed(seed)
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
         if not path.exists():
             raise UserError(f"{path} does not exist")
     quiet_libraries()
-    from export.spec import AdapterSpec, ExportSpec
     from export.run import run_export
+    from export.spec import AdapterSpec, ExportSpec
 
     print(f"[teacher] fine-tuning {args.model} on {args.data} ({args.epochs} epoch(s), AdamW lr {args.lr:g})",
           flush=True)

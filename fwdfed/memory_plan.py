@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fwdfed import methods
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.schema import Program
 from fwdfed.errors import UserError
-from fwdfed import methods
 from fwdfed.memory import current_rss, format_size
 
 
@@ -70,7 +70,7 @@ def planned_arena(program: Program) -> int:
 def streamed_activations(program: Program) -> int:
     """A streamed program's activations: the largest stage's planned arena (one stage is loaded at a
     time) and the hidden states the engine carries between stages, a block's input and output both
-    alive, for each of its calls (`device_sdk.stream`)."""
+    alive, for each of its calls (`runtime.stream`)."""
     return int(max(s.planned_memory_bytes for s in program.stages) + 2 * program.hidden_bytes)
 
 

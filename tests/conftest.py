@@ -42,10 +42,10 @@ def run_command(*args: str, timeout: float = 600, check: bool = False) -> subpro
 
 def program_and_batches(bundle_dir: Path, count: int):
     """The bundle, its ExecuTorch engine, and `count` TinyStories examples in the program's batch shape."""
-    from device_sdk.data import encode, read_examples
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import encode, read_examples
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

@@ -3,9 +3,9 @@
 - no cycle between packages, nor between the modules of the tree (inside one folder too);
 - `device_sdk` and `export` never import `coordinator`;
 - `fwdfed` (but its demo, which runs the others as commands) imports none of the others;
-- where one package runs another's code, the edge runs one way: the exporter verifies and
-  measures with the device runtime (export -> device_sdk), the coordinator evaluates through it
-  (coordinator -> device_sdk).
+- `runtime`, the library that runs programs, stands on `fwdfed` alone: the device app
+  (device_sdk), the exporter's verification and the coordinator's evaluation all run through it,
+  and neither the coordinator nor the exporter imports the device app.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import itertools
 
 from tests.conftest import ROOT
 
-PACKAGES = ("fwdfed", "coordinator", "device_sdk", "export")
+PACKAGES = ("fwdfed", "runtime", "coordinator", "device_sdk", "export")
 
 
 def imported_packages(path) -> set[str]:
@@ -72,9 +72,11 @@ def test_the_ground_floor_imports_no_other_package():
     assert graph["fwdfed"] == set(), graph["fwdfed"]
 
 
-def test_runtime_edges_run_one_way():
+def test_the_runtime_library_stands_on_fwdfed_alone_and_the_device_app_on_no_server():
     graph = package_graph()
-    assert "device_sdk" not in graph["coordinator"] or "coordinator" not in graph["device_sdk"]
+    assert graph["runtime"] == {"fwdfed"}, graph["runtime"]
+    assert "device_sdk" not in graph["coordinator"], "the coordinator runs programs through runtime, not the app"
+    assert "device_sdk" not in graph["export"], "the exporter verifies through runtime, not the app"
     assert "export" not in graph["device_sdk"], "the device SDK must not need the exporter"
 
 

@@ -4,7 +4,7 @@ A teacher (a model fine-tuned on the server with backprop, on public data: `pyth
 export.teacher`) is exported as an inference-only program and given to every device beside the
 student's bundle. Before its first task the device runs the teacher over its shard once, keeps
 the teacher's logits per example (B x C floats a batch), and frees the teacher's program
-(`device_sdk.teacher`): the teacher and the student are never resident together, so the
+(`runtime.teacher`): the teacher and the student are never resident together, so the
 device's peak is the larger of the two phases, not their sum (`fwdfed.memory_plan`). Each
 local step is then MeZO's (central differences along seeded directions, the same upload) on
 

@@ -5,7 +5,7 @@
     head    (hidden[P,B,L,H], labels[B,L])                      -> loss[P,B]
 
 Each stage is exported as its own program (`export.stream`), so a device holds one stage's
-weights at a time (`device_sdk.stream`). A block takes its own slice [start, stop) of the flat
+weights at a time (`runtime.stream`). A block takes its own slice [start, stop) of the flat
 adapter vector (its LoRA tensors are contiguous in the manifest's layout), so the adapter stays
 one flat fp32 vector whatever the stages. The maths is Hugging Face's own: each block builds the
 causal mask and the rotary embedding as `LlamaModel.forward` does and calls the decoder layer;

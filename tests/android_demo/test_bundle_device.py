@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from device_sdk.data import partition, read_examples, split
+from runtime.data import partition, read_examples, split
 from tests.conftest import TINYSTORIES
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from device_sdk.client import Device, DeviceConfig, DeviceError
-from device_sdk.runtime import EngineError
 from fwdfed import protocol
 from fwdfed.bundle.manifest import BundleError, load_bundle, sha256_file
 from fwdfed.methods.estimate import MAX_CANDIDATES, MAX_DIRECTIONS, MAX_LOCAL_STEPS
 from fwdfed.model.peft_adapter import save_peft_adapter
+from runtime.executorch import EngineError
 from tests.conftest import ROOT, TINYSTORIES
 
 HPARAMS = {"lr": 1e-3, "eps": 1e-2, "local_steps": 1}

@@ -7,10 +7,10 @@ import pytest
 
 from device_sdk import emulate
 from device_sdk.client import Device, DeviceConfig
-from device_sdk.engine import ProgramEngine
 from fwdfed.bundle.manifest import BundleError, sign_bundle
 from fwdfed.bundle.signing import generate_keys, load_private_key
 from fwdfed.cli import run_main
+from runtime.engine import ProgramEngine
 from tests.conftest import TINYSTORIES
 from tests.support.fake_bundle import write_fake_bundle
 

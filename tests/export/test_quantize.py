@@ -33,10 +33,10 @@ def test_the_manifest_records_the_quantization_and_its_verification(quantized_bu
 
 @pytest.mark.slow
 def test_the_adapter_is_an_fp32_input_and_the_rebuilt_eager_model_is_the_quantized_one(quantized_bundle):
-    from device_sdk.eager import EagerEngine
-    from device_sdk.engine import ProgramEngine
     from fwdfed.model.peft_adapter import peft_model_with
     from fwdfed.model.program import build_programs
+    from runtime.eager import EagerEngine
+    from runtime.engine import ProgramEngine
 
     bundle, _, batches = program_and_batches(quantized_bundle, 2)
     engine = ProgramEngine.for_bundle(bundle)  # checks forward's adapters input is float32 [P, d]

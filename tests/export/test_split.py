@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from device_sdk.data import encode, read_examples
-from device_sdk.engine import ProgramEngine
-from device_sdk.evaluate import load_tokenizer
 from fwdfed.bundle.manifest import load_bundle
 from fwdfed.bundle.schema import Split
+from runtime.data import encode, read_examples
+from runtime.engine import ProgramEngine
+from runtime.evaluate import load_tokenizer
 from tests.conftest import SST2, away_from_init, run_command
 
 

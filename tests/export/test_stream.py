@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 def streamed(tmp_path_factory):
     if not STORIES.is_dir():
         pytest.skip("stories260K is missing")
-    from export.spec import ExportSpec
     from export.run import run_export
+    from export.spec import ExportSpec
 
     out = tmp_path_factory.mktemp("stream") / "stories"
     run_export(ExportSpec(source=str(STORIES), out=out, batch_size=2, seq_len=32, max_perturbations=4, stream=True),
@@ -28,10 +28,10 @@ def streamed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(streamed):
-    from device_sdk.data import encode, read_examples
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import encode, read_examples
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
 
     bundle = load_bundle(streamed)
     m = bundle.manifest
@@ -41,9 +41,9 @@ def loaded(streamed):
 
 
 def test_streamed_losses_equal_the_unstreamed_peft_model(loaded):
-    from device_sdk.stream import StreamedEngine
     from fwdfed.model.peft_adapter import peft_model_with
     from fwdfed.model.program import peft_reference_loss
+    from runtime.stream import StreamedEngine
 
     bundle, engine, batches = loaded
     assert isinstance(engine, StreamedEngine)
@@ -124,8 +124,8 @@ def test_the_memory_plan_counts_one_stage_at_a_time(loaded):
 
 def test_a_budget_the_streamed_plan_cannot_meet_is_refused_before_loading(streamed, monkeypatch):
     from device_sdk.client import Device, DeviceConfig
-    from device_sdk.stream import StreamedEngine
     from fwdfed.memory_plan import BudgetError
+    from runtime.stream import StreamedEngine
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the program was loaded before the budget was checked")
@@ -141,8 +141,8 @@ def test_a_budget_the_streamed_plan_cannot_meet_is_refused_before_loading(stream
 def test_forward_only_methods_step_through_the_streamed_engine(loaded, method):
     """A step through the streamed programs makes the same (seed, coefficient) pairs as one through
     eager PyTorch (the reference engine) from the same random state."""
-    from device_sdk.eager import EagerEngine
     from fwdfed import methods
+    from runtime.eager import EagerEngine
 
     bundle, engine, batches = loaded
     m = methods.get(method)

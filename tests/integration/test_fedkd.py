@@ -54,7 +54,7 @@ def test_unlabelled_rows_are_learnt_from_the_teacher_and_left_out_without_one(tm
     """Three rows in four without a label: the fedkd job's head round and its MeZO round use every row
     (counted by the teacher's targets), a device without a teacher trains on the labelled rows alone."""
     from device_sdk.client import Device, DeviceConfig, DeviceError
-    from device_sdk.data import DataSpec, read_examples, split
+    from runtime.data import DataSpec, read_examples, split
 
     student, teacher, data = bundles
     header, *rows = data.read_text().splitlines(keepends=True)
@@ -87,12 +87,12 @@ def test_unlabelled_rows_are_learnt_from_the_teacher_and_left_out_without_one(tm
 
 
 def test_the_teacher_program_is_inference_only_and_the_student_has_batched_logits(bundles):
-    from device_sdk.data import DataSpec, encode, read_examples
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
-    from device_sdk.runtime import EngineError
-    from device_sdk.teacher import label
     from fwdfed.bundle.manifest import load_bundle
+    from runtime.data import DataSpec, encode, read_examples
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
+    from runtime.executorch import EngineError
+    from runtime.teacher import label
 
     student, teacher, data = (load_bundle(bundles[0]), load_bundle(bundles[1]), bundles[2])
     assert teacher.manifest.program.methods == ("predict",)

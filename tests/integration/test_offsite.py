@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from coordinator.store import open_store
-from device_sdk.evaluate import Evaluator
 from fwdfed.bundle.manifest import load_bundle
+from runtime.evaluate import Evaluator
 from tests.conftest import TINYSTORIES, run_command
 from tests.support.checks import assert_peft_folder_matches_program
 from tests.support.fleet import Coordinator, emulate

@@ -38,11 +38,11 @@ def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vect
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from device_sdk.data import encode, read_examples
-    from device_sdk.engine import ProgramEngine
-    from device_sdk.evaluate import load_tokenizer
     from fwdfed.bundle.tasks import CAUSAL_LM
     from fwdfed.model.loss import labels_for, per_example_loss
+    from runtime.data import encode, read_examples
+    from runtime.engine import ProgramEngine
+    from runtime.evaluate import load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

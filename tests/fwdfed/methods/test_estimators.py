@@ -6,9 +6,9 @@ The finite differences come from the real `.pte`; the truths from the eager refe
 import numpy as np
 import pytest
 
-from device_sdk.eager import EagerEngine
 from fwdfed.directions import direction
 from fwdfed.methods.estimate import weighted_mean
+from runtime.eager import EagerEngine
 from tests.conftest import away_from_init, program_and_batches
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from device_sdk.eager import EagerEngine
 from fwdfed.directions import combine, direction
 from fwdfed.methods.fwdgrad import ForwardGradient, FwdGradConfig
+from runtime.eager import EagerEngine
 from tests.conftest import away_from_init, program_and_batches
 
 

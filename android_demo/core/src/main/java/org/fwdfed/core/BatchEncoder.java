@@ -4,7 +4,7 @@ import java.util.ArrayList;
 import java.util.List;
 
 /**
- * Examples to batches in the program's static shapes [B][L], as device_sdk/data.py's `encode`
+ * Examples to batches in the program's static shapes [B][L], as runtime/data.py's `encode`
  * makes them: each text tokenized and truncated to L, padded to L (on the tokenizer's side)
  * with its pad id and a 0 mask; the last batch filled up with rows of pad ids that attend to
  * one token (so that no softmax row is empty), weight 0 and labels all ignored. Causal LM

@@ -6,7 +6,7 @@ import java.util.List;
  * Losses as the Python device computes them from the program's output, in the same float32
  * operations and the same order, so that a Java device and a Python device given the same
  * program output produce the same bits (fwdfed/methods/estimate.py: `weighted_mean`,
- * `mean_loss`; device_sdk/engine.py: P split into calls of at most max_perturbations).
+ * `mean_loss`; runtime/engine.py: P split into calls of at most max_perturbations).
  */
 public final class Losses {
     private Losses() {}

@@ -12,7 +12,7 @@ import java.util.Arrays;
 import java.util.List;
 
 /**
- * A device's training examples, cut as docs/data.md defines and device_sdk/data.py implements:
+ * A device's training examples, cut as docs/data.md defines and runtime/data.py implements:
  * read the file's documents, shuffle them by the direction generator's words, hold out every
  * 10th, and take this device's IID shard (every N-th of the rest). Plain text (`.txt`:
  * documents separated by blank lines) is what the Java device reads.

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from device_sdk.evaluate import Evaluator
 from fwdfed.bundle.manifest import load_bundle
 from fwdfed.methods.estimate import mean_loss
+from runtime.evaluate import Evaluator
 from tests.conftest import SST2, away_from_init
 
 

@@ -4,11 +4,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from device_sdk.data import (DataError, DataSpec, Partition, encode, labelled, partition, read_examples, shard,
-                             shuffled, split)
 from fwdfed.bundle.tasks import CAUSAL_LM, IGNORE_INDEX, SEQ_CLS
 from fwdfed.directions import words
 from fwdfed.model.base_model import byte_level_tokenizer
+from runtime.data import (DataError, DataSpec, Partition, encode, labelled, partition, read_examples, shard, shuffled,
+                          split)
 from tests.conftest import SHARED
 
 AG_NEWS = SHARED / "data" / "ag_news" / "train_8000.csv"

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from device_sdk.engine import ProgramEngine
-from device_sdk.prefix_cache import cache_prefix_states
 from fwdfed.bundle.manifest import load_bundle
 from fwdfed.memory_plan import plan_memory, prefix_state_bytes
+from runtime.engine import ProgramEngine
+from runtime.prefix_cache import cache_prefix_states
 from tests.conftest import away_from_init
 from tests.export.test_split import real_batches
 

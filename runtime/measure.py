@@ -1,6 +1,6 @@
-"""python -m device_sdk.measure: one training step's peak memory and time, in this fresh process.
+"""python -m runtime.measure: one training step's peak memory and time, in this fresh process.
 
-    python -m device_sdk.measure --bundle B --mode batched [--repeats 3]
+    python -m runtime.measure --bundle B --mode batched [--repeats 3]
 
 prints one JSON line: resident memory after the imports of Python and torch (the runtime), what
 the mode's libraries add (the ExecuTorch runtime; transformers + peft for a method that needs
@@ -55,9 +55,9 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     # The mode's own libraries (the ExecuTorch runtime, or transformers + peft for autograd) are
     # imported before the model, so that what they take is told apart from what the model takes.
     if method.needs_autograd:
-        import device_sdk.eager  # noqa: F401
+        import runtime.eager  # noqa: F401
     else:
-        from device_sdk.runtime import runtime as executorch_runtime
+        from runtime.executorch import runtime as executorch_runtime
 
         executorch_runtime()
     libraries = status_field("VmRSS") - runtime
@@ -75,11 +75,11 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     w = bundle.initial_adapter()
     n = directions_of(mode, m.inputs.max_perturbations)
     if method.needs_autograd:
-        from device_sdk.eager import EagerEngine
+        from runtime.eager import EagerEngine
 
         engine = EagerEngine(bundle)
     else:
-        from device_sdk.engine import ProgramEngine
+        from runtime.engine import ProgramEngine
 
         engine = ProgramEngine.for_bundle(bundle)
     if mode == "inference":
@@ -130,7 +130,7 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
 
 def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
     """`measure` in a fresh process: this process's own memory stays out of the figures."""
-    out = subprocess.run([sys.executable, "-m", "device_sdk.measure", "--mode", mode, "--bundle", str(bundle),
+    out = subprocess.run([sys.executable, "-m", "runtime.measure", "--mode", mode, "--bundle", str(bundle),
                           "--repeats", str(repeats)], capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"measuring {mode} on {bundle} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -138,7 +138,7 @@ def run_fresh(bundle: Path, mode: str, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m device_sdk.measure", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m runtime.measure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--mode", choices=MODES, required=True)

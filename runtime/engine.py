@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_sdk.runtime import EngineError, runtime
-from device_sdk.stream import StreamedEngine
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle, Manifest
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import first_line
+from runtime.executorch import EngineError, runtime
+from runtime.stream import StreamedEngine
 
 # ExecuTorch's ScalarType codes of the inputs the engine passes: token ids and labels, adapters.
 INT64, FLOAT32 = 4, 6
@@ -71,7 +71,7 @@ class ProgramEngine:
     @classmethod
     def for_bundle(cls, bundle: Bundle):
         """The bundle's program, refused at load when it does not take the inputs its manifest describes;
-        for a streamed bundle, the engine that runs its stages one at a time (`device_sdk.stream`)."""
+        for a streamed bundle, the engine that runs its stages one at a time (`runtime.stream`)."""
         if bundle.manifest.streamed:
             return StreamedEngine.for_bundle(bundle)
         engine = cls(bundle.program_path, bundle.manifest.inputs.max_perturbations)

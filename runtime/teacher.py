@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_sdk.data import Example, encode
-from device_sdk.engine import ProgramEngine
-from device_sdk.evaluate import load_tokenizer
-from device_sdk.runtime import runtime
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.errors import UserError
 from fwdfed.memory import current_rss, peak_rss, reset_peak
+from runtime.data import Example, encode
+from runtime.engine import ProgramEngine
+from runtime.evaluate import load_tokenizer
+from runtime.executorch import runtime
 
 
 class TeacherError(UserError):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from device_sdk.runtime import EngineError, runtime
 from fwdfed.batch import Batch
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.errors import first_line
 from fwdfed.memory import status_field
+from runtime.executorch import EngineError, runtime
 
 
 @dataclass

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device_sdk.data import DataSpec, encode, labelled, read_examples, split
-from device_sdk.engine import ProgramEngine
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.methods.estimate import mean_loss
+from runtime.data import DataSpec, encode, labelled, read_examples, split
+from runtime.engine import ProgramEngine
 
 
 def load_tokenizer(bundle: Bundle):
