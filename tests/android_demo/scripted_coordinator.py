@@ -26,6 +26,7 @@ class ScriptedCoordinator:
         self.errors: list[BaseException] = []
         self._ready = threading.Event()
         self._stop: asyncio.Future | None = None
+        self._active = 0  # connections whose script is still playing
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
@@ -45,11 +46,14 @@ class ScriptedCoordinator:
         async def handle(ws: ServerConnection):
             n = self.connections
             self.connections += 1
+            self._active += 1
             try:
                 await self.script(ws, n)
             except Exception as e:  # noqa: BLE001 - a failed expectation of the script: the test reports it
                 if not type(e).__name__.startswith("ConnectionClosed"):
                     self.errors.append(e)
+            finally:
+                self._active -= 1
 
         async with serve(handle, "127.0.0.1", 0, process_request=handshake, max_size=None) as server:
             self.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -61,7 +65,15 @@ class ScriptedCoordinator:
         self.received.append(frame)
         return frame
 
-    def close(self):
+    async def _drain_and_stop(self, timeout: float):
+        """Stop once every script has played to its end (a device that sent its last frame and left: its
+        script reads that frame before the connection's close ends it), or after `timeout`."""
+        deadline = self._loop.time() + timeout
+        while self._active and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self._stop.set_result(None)
+
+    def close(self, timeout: float = 10):
         if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set_result, None)
-        self._thread.join(10)
+            asyncio.run_coroutine_threadsafe(self._drain_and_stop(timeout), self._loop)
+        self._thread.join(timeout + 10)
