@@ -34,6 +34,7 @@ from benchmarks.job import SHARED, JobSpec, earlier_results, export_bundle, run_
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.demo import python_module, run
 from fwdfed.errors import UserError
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
 STUDENT_EXPORT = ["--task", "seq-cls", "--num-labels", "2", "--batch-size", "16", "--max-perturbations", "2",
                   "--distillation"]
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labelled", type=int, help="how many of the devices' training rows keep their label "
                         "(default: all); the others are unlabelled: the mezo arm leaves them out, fedkd learns them "
                         "from the teacher")
-    parser.add_argument("--lda-shrinkage", type=float, default=0.1, help="serve's, for both arms' head round")
+    parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="serve's, for both arms' head round")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="training rounds after the head round")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -24,6 +24,7 @@ import numpy as np
 
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
 
 def features_of(bundle, engine, examples) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--head-lr", type=float, nargs="+", default=[1e-2, 1e-1])
     parser.add_argument("--head-steps", type=int, default=1000)
-    parser.add_argument("--shrinkage", type=float, default=0.1, help="the LDA head's (serve --lda-shrinkage)")
+    parser.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="the LDA head's (serve --lda-shrinkage)")
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
     args = parser.parse_args(argv)
     quiet_libraries()

@@ -35,6 +35,7 @@ from pathlib import Path
 from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
 from fwdfed.cli import quiet_libraries
 from fwdfed.errors import UserError
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
 
 def minilm_folder() -> Path:
@@ -117,7 +118,7 @@ def main(argv=None, task: str = "agnews") -> int:
     parser.add_argument("--seed-pool", type=int, help="serve's --seed-pool K (FedKSeed): at most K sums a round, "
                         "so a task's seed-form history stays small whatever the steps (docs/protocol.md)")
     parser.add_argument("--head-init", choices=("lda", "none"), default="lda")
-    parser.add_argument("--lda-shrinkage", type=float, default=0.1)
+    parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE)
     parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--data-seed", type=int, default=0)

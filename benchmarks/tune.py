@@ -28,6 +28,7 @@ import numpy as np
 from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=200)
     parser.add_argument("--devices", type=int, default=3)
-    parser.add_argument("--lda-shrinkage", type=float, default=0.1)
+    parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE)
     parser.add_argument("--max-validation", type=int, default=720)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="JSON file of every setting's curve")

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from fwdfed import task_keys as keys
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
 # One update may change the adapter by at most this RMS per value (`serve --max-update-rms`, a limit of the
 # server, not of the job): far past any honest update measured here (docs/security.md), and finite, so that
@@ -25,7 +26,7 @@ ADDED_LATER = ("server_lr", "clip")
 @dataclass(frozen=True)
 class JobOptions:
     head_init: str = "none"  # lda: round 1 sets the classifier from class statistics (fwdfed.methods.class_stats)
-    lda_shrinkage: float = 0.1
+    lda_shrinkage: float = DEFAULT_SHRINKAGE
     fraction: float | None = None  # sample this share of the connected devices (at least min_devices)
     lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
     lr_delta: float | None = None  # their spread; None: half the job's lr

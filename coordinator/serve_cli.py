@@ -18,6 +18,7 @@ from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import DEFAULT_MAX_UPDATE_RMS, JobOptions, resumed_options
 from fwdfed import methods
 from fwdfed import task_keys as keys
+from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 from fwdfed.directions import KINDS, MAX_SEED_POOL, pool_key
 from fwdfed.errors import UserError
 from fwdfed.methods.estimate import MAX_LOCAL_STEPS
@@ -49,6 +50,9 @@ def add_command(commands) -> None:
                    help="lda: round 1 collects class statistics through the program's features method and sets "
                         "the classifier to their linear discriminant (fwdfed/methods/class_stats.py); the training "
                         "rounds follow")
+    s.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE,
+                   help="--head-init lda: shrink the pooled covariance towards a multiple of the identity by this "
+                        "much, in [0, 1]")
     s.add_argument("--teacher-bundle", type=Path,
                    help="methods that distil (fedkd): the teacher's inference-only bundle; tasks name its program by "
                         "sha256, and a device holding another teacher refuses them")

@@ -36,13 +36,16 @@ from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.tasks import IGNORE_INDEX
-from fwdfed.methods.base import Hparam, Method
+from fwdfed.methods.base import Method
 from fwdfed.methods.estimate import LocalRun, hparam
 from fwdfed.methods.fedkd import (check_teacher_hash, check_temperature, check_weight, distillation_hparams,
                                   soft_targets)
 
 MAX_CLASSES = 4096
 MAX_FEATURES = 16384
+# The covariance shrinkage s: a job's option (`serve --lda-shrinkage`, JobOptions.lda_shrinkage), sent in the
+# head round's tasks as `shrinkage`, which the coordinator's aggregate reads back.
+DEFAULT_SHRINKAGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def aggregate(global_adapter: np.ndarray, dense: list[np.ndarray], hparams: dict
     """The global adapter with its classifier replaced by the LDA head of the pooled statistics."""
     weight, bias = classifier_tensors(layout)
     w, b, seen = lda_head(dense, int(hparams[keys.NUM_CLASSES]), int(hparams[keys.FEATURE_DIM]),
-                          float(hparams.get(keys.SHRINKAGE, 0.1)))
+                          float(hparams.get(keys.SHRINKAGE, DEFAULT_SHRINKAGE)))
     new = global_adapter.astype(np.float32).copy()
     old_w = new[weight.offset : weight.end].reshape(weight.shape)
     old_w[seen] = w[seen]
@@ -177,8 +180,6 @@ METHOD = Method(
             "closed-form (LDA) head: the first round of --head-init lda",
     config=ClassStatsConfig,
     optimizer=ClassStats,
-    hparams=(Hparam("lda_shrinkage", float, 0.1, "--head-init lda: shrink the pooled covariance towards a multiple "
-                                                  "of the identity by this much, in [0, 1]"),),
     adapter_copies=lambda directions: 1,
     passes_per_pair=0,
     passes_per_batch=1,

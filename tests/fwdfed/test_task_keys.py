@@ -36,8 +36,7 @@ def test_the_protocol_document_names_exactly_the_task_keys():
 def test_every_methods_own_hyperparameter_is_a_task_key():
     assert set(task_keys.COMMON) <= task_keys.TASK_KEYS
     for method in methods.METHODS.values():
-        if method.selectable:  # class-stats' --lda-shrinkage is the job's option, sent as `shrinkage`
-            assert {h.name for h in method.hparams} <= task_keys.TASK_KEYS, method.name
+        assert {h.name for h in method.hparams} <= task_keys.TASK_KEYS, method.name
 
 
 def is_hparams(node: ast.AST) -> bool:
