@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
+from fwdfed.progress import progress
 
 LOCAL_RAY = "local"  # --ray without an address
 
@@ -122,8 +123,11 @@ def run_processes(groups: list[tuple[list, list]], spec_seed: int) -> tuple[list
                              name=",".join(c.device_id for c in configs)) for configs, profiles in groups]
     for p in processes:
         p.start()
-    for p in processes:
+    bar = progress(total=sum(len(configs) for configs, _ in groups), desc="devices", unit="device")
+    for p, (configs, _) in zip(processes, groups):
         p.join()
+        bar.update(len(configs))
+    bar.close()
     finished = [results.get() for p in processes if p.exitcode == 0]
     failed = [c.device_id for p, (configs, _) in zip(processes, groups) if p.exitcode != 0 for c in configs]
     return finished, failed

@@ -42,6 +42,7 @@ from fwdfed.memory_plan import plan_memory
 from fwdfed.model.base_model import PRESETS, byte_level_tokenizer, preset_config
 from fwdfed.model.program import peft_reference_loss
 from fwdfed.model.stages import EMBED, HEAD, HeadStage
+from fwdfed.progress import progress
 
 # ---- lowering ------------------------------------------------------------------------------------
 
@@ -81,6 +82,9 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
     stage_dir.mkdir(parents=True, exist_ok=True)
     records, hidden, eager_losses = [], None, None
     p = spec.max_perturbations
+    # A bar updated by hand, not wrapped around `builds`: a generator's stage would stay referenced by the
+    # bar while the next one is built (the blockwise export builds one stage at a time to bound memory).
+    bar = progress(total=len(builds) if hasattr(builds, "__len__") else None, desc="stages", unit="stage")
     for build in builds:
         module = build.module
         names, perturbed = STAGE_INPUTS[build.kind]
@@ -109,6 +113,8 @@ def build_stages(builds, spec: ExportSpec, batch: dict, adapters: np.ndarray, ou
                                  adapter=tuple(adapter_slice), planned_memory_bytes=planned,
                                  quantized=build.quantized))
         del pte, module, build
+        bar.update()
+    bar.close()
     if not torch.isfinite(eager_losses).all():
         raise VerificationError("the eager stages give a non-finite loss: the weights or inputs are broken")
     return records, eager_losses

@@ -13,6 +13,7 @@ each step can be repeated by hand.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -21,9 +22,11 @@ from pathlib import Path
 
 from fwdfed.cli import run_main
 from fwdfed.errors import UserError
+from fwdfed.progress import echo, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+ROUND_LINE = re.compile(r"round (\d+)/(\d+): ")
 
 
 def python_module(*args: str) -> list[str]:
@@ -63,8 +66,13 @@ def run_fleet(serve: list[str], emulate: Callable[[str], list[str]], logs: Path)
         print("$ " + shlex.join(command), flush=True)
         with (logs / "devices.log").open("w") as device_log:
             devices = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=device_log, text=True)
+            bar = progress(desc="rounds", unit="round")
             for line in coordinator.stdout:
-                print("  coordinator | " + line, end="", flush=True)
+                echo(bar, "  coordinator | " + line)
+                if done := ROUND_LINE.match(line):  # `round 3/5: ...`, as the coordinator closes a round
+                    bar.total = int(done[2])
+                    bar.update(int(done[1]) - bar.n)
+            bar.close()
             device_lines = devices.communicate()[0]
         print("".join("  devices | " + line for line in device_lines.splitlines(keepends=True)), end="")
         if coordinator.wait() != 0 or devices.returncode != 0:

@@ -15,6 +15,7 @@ from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import LocalRun, check_positive, hparam
+from fwdfed.progress import progress
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Backprop:
         w = torch.tensor(self.start, requires_grad=True)
         optimizer = torch.optim.AdamW([w], lr=self.config.lr, weight_decay=self.config.weight_decay)
         run = LocalRun()
-        for i in range(steps):
+        for i in progress(range(steps), desc="local steps", unit="step"):
             optimizer.zero_grad()
             loss = self.engine.mean_loss(batches[i % len(batches)], w)
             loss.backward()

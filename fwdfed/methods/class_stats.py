@@ -40,6 +40,7 @@ from fwdfed.methods.base import Method
 from fwdfed.methods.estimate import LocalRun, hparam
 from fwdfed.methods.fedkd import (check_teacher_hash, check_temperature, check_weight, distillation_hparams,
                                   soft_targets)
+from fwdfed.progress import progress
 
 MAX_CLASSES = 4096
 MAX_FEATURES = 16384
@@ -105,7 +106,7 @@ class ClassStats:
         """One pass over every batch (statistics need each example once; `steps` is not used)."""
         c, h = self.config.num_classes, self.config.feature_dim
         sums, counts, outer = np.zeros((c, h)), np.zeros(c), np.zeros((h, h))
-        for batch in batches:
+        for batch in progress(batches, desc="class statistics", unit="batch"):
             features = self.engine.features(batch, self.adapter).astype(np.float64)
             if features.shape[-1] != h:
                 raise ValueError(f"the program's features have {features.shape[-1]} values, the task says {h}")

@@ -17,6 +17,7 @@ import numpy as np
 from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.directions import KINDS, SEED_LIMIT, block_direction, seed_pool
+from fwdfed.progress import progress
 from fwdfed.update import SeedUpdate
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
@@ -152,7 +153,7 @@ def scheduled_steps(step, batches: list[Batch], steps: int, lr: float, schedule:
     """`step(batch, run, lr_t)` for `steps` steps cycling over `batches`, the learning rate constant or linear to 0
     (mezo's and fzoo's `schedule`); `guard()` after each (the memory budget)."""
     run = LocalRun()
-    for i in range(steps):
+    for i in progress(range(steps), desc="local steps", unit="step"):
         step(batches[i % len(batches)], run, lr * (1.0 - i / steps if schedule == "linear" else 1.0))
         if guard:
             guard()

@@ -25,6 +25,7 @@ from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import (MAX_CANDIDATES, LocalRun, StepConfig, central_differences, check_count,
                                      draw_seeds, hparam)
+from fwdfed.progress import progress
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class ForwardGradient:
     def train(self, batches: list[Batch], steps: int, guard=None) -> LocalRun:
         """Estimate the gradient at w over `steps` batches (cycling); the update is -lr * estimate."""
         c, run = self.config, LocalRun()
-        for i in range(steps):
+        for i in progress(range(steps), desc="local steps", unit="step"):
             seeds = self.select()
             est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c.eps, c.kind, c.block)
             coefs = -c.lr * est.projected / (c.directions * steps)
