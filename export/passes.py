@@ -14,9 +14,11 @@ from peft import get_peft_model
 from export.spec import HEAD_MODULES, PROMPT_LEARNING_ADAPTERS, AdapterSpec, ExportSpec, Shapes
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR, sha256_file
 from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.schema import Manifest
 from fwdfed.bundle.tasks import IGNORE_INDEX, SEQ_CLS
 from fwdfed.errors import UserError
+from fwdfed.memory_plan import MemoryPlan, plan_memory
 from fwdfed.model.base_model import PRESETS, infer_task, write_preset
 from fwdfed.model.emulator import num_layers_of
 from fwdfed.model.program import LogitsProgram, LossProgram, PredictProgram, peft_reference_loss, trainable_layout
@@ -222,6 +224,22 @@ def measure_step(folder: Path, mode: str, planned_bytes: int) -> dict:
     known = measured["runtime_bytes"] + planned_bytes + measured["adapter_copies_bytes"]
     return {"measured_step_peak_bytes": measured["peak_bytes"], "measured_runtime_bytes": measured["runtime_bytes"],
             "workspace_bytes": max(0, measured["peak_bytes"] - known)}
+
+
+def measure_and_plan(folder: Path, manifest: Manifest, mode: str, directions: int, runtime: int,
+                     method: str | None = "mezo") -> tuple[Manifest, MemoryPlan]:
+    """`measure_step` on the written bundle, then the device's own plan of one step (`directions`: those of one
+    full call, so that export and device agree) with the workspace it measured: the manifest with both, and
+    that plan. The planned bytes the measurement attributes are the plan's weights and activations."""
+    def plan_of(m: Manifest) -> MemoryPlan:
+        return plan_memory(Bundle(folder, m), budget=2**62, num_examples=0, directions=directions, runtime=runtime,
+                           method=method)
+
+    first = plan_of(manifest)
+    manifest = replace(manifest, program=replace(manifest.program, **measure_step(
+        folder, mode, first.weights + first.activations)))
+    plan = plan_of(manifest)
+    return replace(manifest, program=replace(manifest.program, device_plan_bytes=plan.total)), plan
 
 
 def verify(pte: bytes, peft_model, layout: AdapterLayout, initial: np.ndarray, batch: dict, task: str,

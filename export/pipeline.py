@@ -8,7 +8,8 @@
     verify          .pte vs eager peft          -> max abs difference (fails past a tolerance); quantized:
                                                    against the eager quantized model, and its loss vs fp32
     write_bundle    everything above            -> model.pte, manifest.json, adapter, tokenizer
-    measure_step    the bundle                  -> a training step's measured peak, in a fresh process
+    measure_step    the bundle                  -> a training step's measured peak, in a fresh process, and
+                                                   the device's plan with it (measure_and_plan)
 
 With --mem, lower..measure_step run again at a smaller P, batch, then length until the device's
 plan (with what the backend was measured to hold beyond the plan) fits the budget (fit_memory).
@@ -26,13 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from export.passes import (attach_adapter, check_positions, example_inputs, fit_memory, hidden_size_of, lower,
-                           measure_step, resolve_base, top_blocks_adapter, verify, write_bundle)
+                           measure_and_plan, resolve_base, top_blocks_adapter, verify, write_bundle)
 from export.spec import PROMPT_LEARNING_ADAPTERS, ExportSpec, Shapes
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, PROGRAM, TOKENIZER_DIR
-from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.schema import AdapterRecord, Inputs, Manifest, ModelRecord, Program
 from fwdfed.bundle.tasks import SEQ_CLS
-from fwdfed.memory_plan import plan_memory, planned_arena
 from fwdfed.model.base_model import load_model, model_hash
 from fwdfed.model.emulator import DROP_LAYERS, EmulatorRecord, write_emulator_model
 from fwdfed.model.quantize import check_adapter_fp32, quantize_base
@@ -138,18 +137,13 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
         )
         manifest = write_bundle(spec.out, pte, manifest, initial, tokenizer)
         # An inference-only program (a teacher) has no training step: its largest step is labelling a batch.
-        mode = "batched" if manifest.program.has("forward") else "labelling"
-        measured = measure_step(spec.out, mode, manifest.program.bytes + planned_arena(manifest.program))
-        manifest = replace(manifest, program=replace(manifest.program, **measured))
-        # The device's own plan (with the directions of one full call), so export and device agree.
-        plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
-                           directions=shapes.max_perturbations // 2, runtime=spec.device_runtime,
-                           method=None if spec.inference_only else "mezo")
-        manifest = replace(manifest, program=replace(manifest.program, device_plan_bytes=plan.total))
+        mode = "batched" if "forward" in manifest.program.methods else "labelling"
+        manifest, plan = measure_and_plan(spec.out, manifest, mode, shapes.max_perturbations // 2,
+                                          spec.device_runtime, None if spec.inference_only else "mezo")
         log(f"[measure_step] step peak {manifest.program.measured_step_peak_bytes / 2**20:.0f} MiB "
             f"(the backend beyond the plan: {plan.workspace / 2**20:.0f} MiB)")
         (spec.out / MANIFEST).write_text(manifest.to_json())
         fixed = spec.device_runtime + len(pte) + 4 * layout.dim * 4
-        return manifest, plan.total, planned_arena(manifest.program), fixed
+        return manifest, plan.total, plan.activations, fixed
 
     return fit_memory(spec, build_at, log)

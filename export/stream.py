@@ -31,14 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.passes import VerificationError, example_inputs, fit_memory, measure_step
+from export.passes import VerificationError, example_inputs, fit_memory, measure_and_plan
 from export.spec import ExportSpec, Shapes
 from export.stages import StageBuild, StreamError, blockwise_preset_stages, whole_model_stages
 from fwdfed.bundle.files import BASE_MODEL_DIR, INITIAL_ADAPTER, MANIFEST, STAGES_DIR, TOKENIZER_DIR
 from fwdfed.bundle.manifest import Bundle
 from fwdfed.bundle.schema import AdapterRecord, Inputs, Manifest, ModelRecord, Program, Quantization, Stage
 from fwdfed.bundle.tasks import CAUSAL_LM
-from fwdfed.memory_plan import plan_memory
 from fwdfed.model.base_model import PRESETS, byte_level_tokenizer, preset_config
 from fwdfed.model.program import peft_reference_loss
 from fwdfed.model.stages import EMBED, HEAD, HeadStage
@@ -192,13 +191,8 @@ def export_streamed(spec: ExportSpec, log=print) -> Manifest:
         manifest = replace(manifest, verification=verify_streamed(
             Bundle(spec.out, manifest), batch, adapters, eager_losses, None if blockwise else (peft_model, layout),
             at.tolerance))
-        plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
-                           directions=at.max_perturbations // 2, runtime=spec.device_runtime)
-        manifest = replace(manifest, program=replace(manifest.program, **measure_step(
-            spec.out, "batched", plan.weights + plan.activations)))
-        plan = plan_memory(Bundle(spec.out, manifest), budget=2**62, num_examples=0,
-                           directions=at.max_perturbations // 2, runtime=spec.device_runtime)
-        manifest = replace(manifest, program=replace(manifest.program, device_plan_bytes=plan.total))
+        manifest, plan = measure_and_plan(spec.out, manifest, "batched", at.max_perturbations // 2,
+                                          spec.device_runtime)
         log(f"      stages {len(records)}, on disk {program.bytes / 1e6:,.1f} MB, largest "
             f"{program.largest_stage_bytes / 1e6:,.1f} MB; measured step peak "
             f"{manifest.program.measured_step_peak_bytes / 2**20:.0f} MiB")

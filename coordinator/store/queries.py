@@ -289,10 +289,10 @@ class Store:
 
     def mark_sent(self, sent: dict[str, float | None]) -> None:
         """Each task's sent_at: when it went to its device (its latest send); None: it was not sent."""
-        with self.session() as s, s.begin():
-            for task_id, at in sent.items():
-                if at is not None:
-                    s.execute(update(Task).where(Task.id == task_id).values(sent_at=at))
+        rows = [{"id": task_id, "sent_at": at} for task_id, at in sent.items() if at is not None]
+        if rows:
+            with self.session() as s, s.begin():
+                s.execute(update(Task), rows)  # one UPDATE by primary key, executed for every row
 
     def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
         query = select(Task).where(Task.round_id == round_id)

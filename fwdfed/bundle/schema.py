@@ -117,9 +117,6 @@ class Program:
     workspace_bytes: int = 0  # what the backend holds beyond the plan
     device_plan_bytes: int | None = None  # the device's own plan of one step (fwdfed.memory_plan)
 
-    def has(self, method: str) -> bool:
-        return method in self.methods
-
 
 @dataclass(frozen=True)
 class Manifest:
@@ -143,10 +140,6 @@ class Manifest:
     @property
     def base_model_hash(self) -> str:
         return self.model.hash
-
-    @property
-    def num_labels(self) -> int | None:
-        return self.model.num_labels
 
     @property
     def streamed(self) -> bool:

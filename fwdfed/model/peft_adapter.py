@@ -42,7 +42,7 @@ def peft_model_with(bundle: Bundle, vector: np.ndarray, quantized: bool = True):
     base = bundle.base_model_path
     if model_hash(base) != m.base_model_hash:
         raise BundleError(f"the base model in {base} is not the one this bundle was exported from (hash differs)")
-    model, _ = load_model(base, m.task, m.num_labels or 2)
+    model, _ = load_model(base, m.task, m.model.num_labels or 2)
     if m.adapter.peft_config is not None:
         peft_model = get_peft_model(model, peft_config(m.adapter.peft_config, base)).eval()
     else:

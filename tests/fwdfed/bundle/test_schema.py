@@ -38,9 +38,9 @@ def test_a_manifest_reads_into_typed_records_and_writes_back_the_same_json():
     d = manifest_json(quantization={"scheme": "8da4w", "group_size": 32, "modules": ["a.b"]})
     m = Manifest.from_json(json.dumps(d))
     assert m.program.split == Split(frozen_blocks=1, adapted_blocks=1, hidden_size=64, states_dtype="float16")
-    assert m.program.methods == ("forward", "prefix", "top") and m.program.has("top") and not m.program.has("logits")
+    assert m.program.methods == ("forward", "prefix", "top") and "top" in m.program.methods and "logits" not in m.program.methods
     assert m.quantization == Quantization(scheme="8da4w", group_size=32, modules=("a.b",))
-    assert (m.num_labels, m.inputs.seq_len, m.adapter_dim, m.base_model_hash) == (4, 16, 8, "a" * 64)
+    assert (m.model.num_labels, m.inputs.seq_len, m.adapter_dim, m.base_model_hash) == (4, 16, 8, "a" * 64)
     again = Manifest.from_json(m.to_json())
     assert again == m
     written = json.loads(m.to_json())
