@@ -20,7 +20,7 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
 SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle",
-                 "offsite_bundles", "split_bundle", "distilbert_bundle"}
+                 "offsite_bundles", "split_bundle", "minilm_split_bundle", "distilbert_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -126,6 +126,17 @@ def split_bundle(tmp_path_factory) -> Path:
     return exported_once(tmp_path_factory, "split", lambda f: export_bundle(
         f, "--preset", "tiny-distilbert", "--num-labels", "2", "--adapter-blocks", "top:1", "--batch-size", "4",
         "--seq-len", "32", "--max-perturbations", "5", timeout=1200))
+
+
+@pytest.fixture(scope="session")
+def minilm_split_bundle(tmp_path_factory) -> Path:
+    """The headline's encoder with its real weights (all-MiniLM-L6-v2, 6 blocks), 2 classes, LoRA on its top
+    block and the head, split into prefix and top; small shapes."""
+    from benchmarks.headline import minilm_folder
+
+    return exported_once(tmp_path_factory, "minilm-split", lambda f: export_bundle(
+        f, "--model", str(minilm_folder()), "--task", "seq-cls", "--num-labels", "2", "--adapter-blocks", "top:1",
+        "--batch-size", "8", "--seq-len", "32", "--max-perturbations", "5", timeout=1200))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from benchmarks.compare import sample_rows
 from coordinator.store import UpdateRow, open_store
 from tests.conftest import SST2
+from tests.support.checks import assert_beats_chance
 from tests.support.fleet import run_job
 
 
@@ -29,3 +31,17 @@ def test_a_head_round_then_fzoo_rounds_run_through_the_top(tmp_path, split_bundl
     versions = [np.frombuffer(v.vector, "<f4") for v in store.versions(store.latest_job().id)]
     assert len(versions) == 4 and all(np.isfinite(v).all() for v in versions)
     assert not np.array_equal(versions[1], versions[3])  # the FZOO rounds moved the adapter
+
+
+def test_fzoo_through_the_top_of_the_pretrained_encoder_beats_random_steps(tmp_path, minilm_split_bundle):
+    """all-MiniLM-L6-v2's real weights, split at its top block: two FZOO rounds through the top, from the initial
+    adapter, lower the held-out loss by more than random steps of the same length do.
+
+    From the class-statistics head instead (round 1 of the headline jobs), this suite's budget does not clear
+    the chance bar: 2 devices x 300 steps on 3,600 rows moved the held-out loss 0.4753 -> 0.4652 against
+    random-step gains from -0.0999 to 0.0068 (bar 0.0746). The headline's budget does (docs/BENCHMARKS.md)."""
+    data = sample_rows(SST2, tmp_path / "sst2_2000.tsv", 2000)
+    db, out = run_job(tmp_path, minilm_split_bundle, data, rounds=2, devices=2, eval_examples=200, hparams=[
+        "--method", "fzoo", "--lr", "3e-3", "--eps", "1e-3", "--local-steps", "150", "--directions", "4"])
+    assert "round 2/2: 2 updates" in out
+    assert_beats_chance(minilm_split_bundle, db, data, 200)
