@@ -45,9 +45,11 @@ def check_ranges(value) -> ScaleRanges:
                              f"overlapping, got [{start}, {stop}) after one ending at {last}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise ValueError(f"tensor_scales: a scale must be a number, got {scale!r}")
-        if not (math.isfinite(scale) and scale > 0 and math.isfinite(np.float32(scale)) and np.float32(scale) > 0):
+        with np.errstate(over="ignore"):  # past float32's range is what is being checked
+            single = np.float32(scale) if math.isfinite(scale) else np.float32("nan")
+        if not (scale > 0 and math.isfinite(single) and single > 0):
             raise ValueError(f"tensor_scales: a scale must be a finite number > 0 in float32, got {scale!r}")
-        ranges.append((start, stop, float(np.float32(scale))))
+        ranges.append((start, stop, float(single)))
         last = stop
     return tuple(ranges)
 
