@@ -92,6 +92,10 @@ public final class TaskTrainer {
     public Message.Update train(Message.Task task, StepGuard stop) throws DeviceException {
         float[] adapter = checkTask(task);
         Hparams hparams = new Hparams(task.hparams);
+        if (hparams.has(Codec.TENSOR_SCALES)) {  // declined, so that the task goes to a device that applies them
+            throw new DeviceException("task " + task.taskId + " carries per-tensor perturbation scales (tensor_scales), "
+                    + "which this device does not apply; it will not train unscaled");
+        }
         MethodConfig config;
         int steps;
         long wave;
