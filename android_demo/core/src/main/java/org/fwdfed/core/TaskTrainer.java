@@ -92,10 +92,6 @@ public final class TaskTrainer {
     public Message.Update train(Message.Task task, StepGuard stop) throws DeviceException {
         float[] adapter = checkTask(task);
         Hparams hparams = new Hparams(task.hparams);
-        if (hparams.has(Codec.TENSOR_SCALES)) {  // declined, so that the task goes to a device that applies them
-            throw new DeviceException("task " + task.taskId + " carries per-tensor perturbation scales (tensor_scales), "
-                    + "which this device does not apply; it will not train unscaled");
-        }
         MethodConfig config;
         int steps;
         long wave;
@@ -111,6 +107,9 @@ public final class TaskTrainer {
             if (config.block() != null && config.block().end > adapter.length) {
                 throw new IllegalArgumentException("the adapter block [" + config.block().start + ", "
                         + config.block().end + ") passes the adapter's dimension " + adapter.length);
+            }
+            if (config.scales() != null) {
+                config.scales().checkDim(adapter.length);
             }
             if ((long) steps * config.directions() > Message.MAX_PAIRS) {
                 throw new IllegalArgumentException(steps + " steps of " + config.directions()
@@ -147,7 +146,7 @@ public final class TaskTrainer {
             }
             Optimizer optimizer = config.optimizer(program, adapter, seeds, reference);
             LocalRun run = optimizer.train(rotated, steps, guard);
-            double lossAfter = Losses.meanLoss(program, probe, run.applyTo(adapter, config.kind(), config.block()));
+            double lossAfter = Losses.meanLoss(program, probe, run.applyTo(adapter, config.kind(), config.block(), config.scales()));
             memory.check();  // the probe evaluations count too
             return new Message.Update(task.taskId, task.jobId, task.round, task.globalVersion, run.seeds(), run.coefs(),
                     run.scale(), new byte[0], numExamples, lossBefore, lossAfter, Math.max(0, peakRss.getAsLong()));
