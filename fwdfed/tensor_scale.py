@@ -59,7 +59,7 @@ def check_dim(ranges: ScaleRanges | None, dim: int) -> None:
         raise ValueError(f"tensor_scales: the range ending at {ranges[-1][1]} passes the adapter's dimension {dim}")
 
 
-@lru_cache(maxsize=8)  # one round's scales serve every direction of every step: expand them once
+@lru_cache(maxsize=2)  # a round's scales serve every direction of every step: expand them once (2: d floats each)
 def expand(ranges: ScaleRanges, dim: int) -> np.ndarray:
     """The float32 scale of every element: each range's scale over [start, stop), 1.0 outside every range."""
     check_dim(ranges, dim)
