@@ -60,7 +60,7 @@ def test_tensor_scales_are_the_coordinators_made_from_each_rounds_base(tmp_path,
     monkeypatch.setattr(FzooConfig, "from_hparams", classmethod(from_hparams))
     out = tmp_path / "tune.json"
     assert main(["--bundle", str(split_bundle), "--data", str(SST2), "--method", "fzoo", "--grid", "lr=1e-2",
-                 "directions=4", "--rounds", "2", "--local-steps", "3", "--devices", "2", "--max-validation", "40",
+                 "directions=2", "--rounds", "2", "--local-steps", "1", "--devices", "1", "--max-validation", "8",
                  "--tensor-scale", "rms", "--tensor-scale-floor", "0.5", "--out", str(out)]) == 0
     assert len(made) == 2 and not (made[0][0] == made[1][0]).all()  # round 2's base is round 1's result
     assert [h["tensor_scales"] for h in used[-2:]] == [scales for _, scales in made]
