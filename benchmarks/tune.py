@@ -29,6 +29,7 @@ from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
+from fwdfed.tensor_scale import DEFAULT_FLOOR, MODES
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -107,13 +108,16 @@ def base_hparams(method, local_steps: int) -> dict:
 
 
 def run_setting(engine, method, start, split: TuningSplit, setting: dict, rounds: int, local_steps: int,
-                seed: int, log) -> list[dict]:
-    """The job's rounds at one setting: validation figures after each, and the passes spent."""
+                seed: int, log, options=None, layout=None) -> list[dict]:
+    """The job's rounds at one setting: validation figures after each, and the passes spent. With `options`
+    (a job's, coordinator.job.JobOptions) asking for per-tensor scales, each round's tasks carry the ones the
+    coordinator would make from the round's base adapter, by the coordinator's own function."""
     hparams = base_hparams(method, local_steps) | setting
-    config = method.config.from_hparams(hparams)
     adapter, passes, curve = start.copy(), 0, []
     for r in range(1, rounds + 1):
         began = time.perf_counter()
+        scales = options.round_scales(adapter, layout, None) if options is not None else None
+        config = method.config.from_hparams(hparams if scales is None else hparams | {keys.TENSOR_SCALES: scales})
         changes = []
         for d, batches in enumerate(split.shards):
             offset = (r * local_steps) % len(batches)  # a different slice each round, as the device takes
@@ -145,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE)
     parser.add_argument("--max-validation", type=int, default=720)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-scale", choices=MODES, default="none", help="as `coordinator serve --tensor-scale`")
+    parser.add_argument("--tensor-scale-floor", type=float, default=DEFAULT_FLOOR,
+                        help="as `coordinator serve --tensor-scale-floor`")
     parser.add_argument("--out", type=Path, required=True, help="JSON file of every setting's curve")
     args = parser.parse_args(argv)
     quiet_libraries()
@@ -156,6 +163,11 @@ def main(argv=None) -> int:
 
     if args.rounds < 1 or args.local_steps < 1 or args.devices < 1:
         raise UserError("--rounds, --local-steps and --devices must be at least 1")
+    if not args.tensor_scale_floor > 0:
+        raise UserError(f"--tensor-scale-floor must be a number > 0, got {args.tensor_scale_floor}")
+    from coordinator.job import JobOptions
+
+    options = JobOptions(tensor_scale=args.tensor_scale, tensor_scale_floor=args.tensor_scale_floor)
     method = methods.get(args.method)
     grid = settings(parse_grid(args.grid))
     for setting in grid:  # every setting checked before any work
@@ -176,11 +188,12 @@ def main(argv=None) -> int:
         results = []
         for setting in grid:
             curve = run_setting(engine, method, start, split, setting, args.rounds, args.local_steps, args.seed,
-                                lambda line: print(line, flush=True))
+                                lambda line: print(line, flush=True), options, bundle.manifest.layout)
             results.append({"setting": setting, "curve": curve})
     best = max(results, key=lambda r: (r["curve"][-1]["accuracy"], -r["curve"][-1]["loss"])) if results else None
     record = {"command": "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv),
-              "method": args.method, "rounds": args.rounds, "local_steps": args.local_steps, "devices": args.devices,
+              "method": args.method, "tensor_scale": args.tensor_scale,
+              "tensor_scale_floor": args.tensor_scale_floor if args.tensor_scale != "none" else None, "rounds": args.rounds, "local_steps": args.local_steps, "devices": args.devices,
               "head": head, "prefix_passes": split.prefix_passes, "results": results,
               "best": best and best["setting"], "seconds": time.perf_counter() - began}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fwdfed import task_keys as keys
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
+from fwdfed.tensor_scale import DEFAULT_FLOOR, ScaleRanges, round_scales
 
 # One update may change the adapter by at most this RMS per value (`serve --max-update-rms`, a limit of the
 # server, not of the job): far past any honest update measured here (docs/security.md), and finite, so that
@@ -47,6 +48,10 @@ class JobOptions:
     # Not in ADDED_LATER: a job stored before it cannot have been started with a pool.
     seed_pool: int | None = None
     seed_pool_key: str | None = None
+    # Per-tensor perturbation scales (`serve --tensor-scale rms`, fwdfed.tensor_scale): each round's, from its base
+    # adapter, sent in its tasks. Not in ADDED_LATER: a job stored before them ran unscaled, and goes on so.
+    tensor_scale: str = "none"
+    tensor_scale_floor: float = DEFAULT_FLOOR
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,6 +61,13 @@ class JobOptions:
         if self.seed_pool is None:
             return {}
         return {keys.SEED_POOL: self.seed_pool, keys.SEED_POOL_KEY: self.seed_pool_key}
+
+    def round_scales(self, base, layout, block: tuple[int, int] | None) -> ScaleRanges | None:
+        """The scales of a round of the job's method from its base adapter (None: unscaled): the one function the
+        round's tasks and its aggregation both read, so that the two agree, on a resume too."""
+        if self.tensor_scale == "none":
+            return None
+        return round_scales(base, layout, self.tensor_scale_floor, block)
 
     @classmethod
     def from_json(cls, stored: dict) -> "JobOptions":

@@ -86,6 +86,16 @@ class RoundEngine:
         old = np.frombuffer(self.store.version(self.job.id, rnd.base_version - 1).vector, "<f4")
         return (new - old).astype("<f4").tobytes()
 
+    def _round_scales(self, rnd: Round, version, block):
+        """The per-tensor scales of the round's tasks (`--tensor-scale`), None when unscaled: from its base version,
+        as the job's strategy makes them again to aggregate; made once per round attempt (its waves share them)."""
+        if self.round_method(rnd.number) is not self.method:  # the class statistics take no directions
+            return None
+        if rnd.id not in self._scales:
+            base = np.frombuffer(version.vector, "<f4")
+            self._scales = {rnd.id: self.options.round_scales(base, self.layout, block)}
+        return self._scales[rnd.id]
+
     async def _send_task(self, rnd: Round, task, version=None, reference: bytes | None = None) -> float | None:
         """Send the task to its device if it is connected: the time it was sent (for `Store.mark_sent`), or None."""
         version = version or self.store.version(self.job.id, rnd.base_version)
@@ -173,8 +183,10 @@ class RoundEngine:
             return
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         hparams = self.round_strategy(rnd.number).configure(rnd.wave, block, chosen, self._lr_history, self.rng)
-        tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
+        if (scales := self._round_scales(rnd, version, block)) is not None:
+            hparams = {device: h | {keys.TENSOR_SCALES: [list(r) for r in scales]} for device, h in hparams.items()}
+        tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
         sent = {}
         for task in tasks:
             log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,

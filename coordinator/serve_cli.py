@@ -10,6 +10,7 @@ the job stored.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from fwdfed import task_keys as keys
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 from fwdfed.directions import KINDS, MAX_SEED_POOL, pool_key
 from fwdfed.errors import UserError
-from fwdfed.methods.estimate import MAX_LOCAL_STEPS
+from fwdfed.methods.estimate import MAX_LOCAL_STEPS, StepConfig
 from fwdfed.net import is_loopback
+from fwdfed.tensor_scale import DEFAULT_FLOOR
+from fwdfed.tensor_scale import MODES as TENSOR_SCALE_MODES
 
 
 def add_command(commands) -> None:
@@ -83,6 +86,13 @@ def add_command(commands) -> None:
     s.add_argument("--seed-pool", type=int, metavar="K",
                    help="FedKSeed: every direction of the job is one of K seeds the job fixes (docs/directions.md), so "
                         "a round aggregates at most K directions whatever the number of updates (stored with the job)")
+    s.add_argument("--tensor-scale", choices=TENSOR_SCALE_MODES, default="none",
+                   help="rms: every direction multiplied per adapter tensor by the tensor's RMS in the round's base "
+                        "adapter (at least --tensor-scale-floor), normalised to RMS 1, so that a large head and a "
+                        "near-zero LoRA are perturbed at comparable relative size (fwdfed.tensor_scale; stored with "
+                        "the job); none: unscaled (the default)")
+    s.add_argument("--tensor-scale-floor", type=float, default=DEFAULT_FLOOR,
+                   help=f"--tensor-scale rms: the least RMS a tensor counts as (default {DEFAULT_FLOOR:g})")
     s.add_argument("--strategy", choices=strategies.names(),
                    help="the aggregation rule (default: the one whose options are given, else fedavg; stored with the "
                         "job): " + "; ".join(f"{r.name}: {r.summary}" for r in strategies.STRATEGIES.values()))
@@ -178,6 +188,24 @@ def check(parser, args) -> None:
         method.config.from_hparams(job_hparams(args))
     except ValueError as e:
         parser.error(str(e))
+    if (problem := tensor_scale_problem(args, method)) is not None:
+        parser.error(problem)
+
+
+def tensor_scale_problem(args, method) -> str | None:
+    """Why --tensor-scale cannot run with the other flags, or None. Its scales multiply the directions of a
+    zeroth-order step (a StepConfig's), so a method without one has nothing to scale; fedavg alone aggregates
+    with them (the other rules rebuild each device's change without them), and the lr strategies and the
+    variance waves that read a device's change would read it unscaled."""
+    if not (math.isfinite(args.tensor_scale_floor) and args.tensor_scale_floor > 0):
+        return f"--tensor-scale-floor must be a finite number > 0, got {args.tensor_scale_floor!r}"
+    if args.tensor_scale == "none":
+        return None
+    needs = {f"--method {method.name} takes no directions": issubclass(method.config, StepConfig),
+             f"--strategy {args.strategy}: only fedavg aggregates with the scales": args.strategy == strategies.DEFAULT,
+             f"--lr-strategy {args.lr_strategy} reads devices' changes unscaled": args.lr_strategy != "model-diff",
+             "--variance-threshold reads devices' changes unscaled": args.variance_threshold is None}
+    return next((f"--tensor-scale {args.tensor_scale}: {why}" for why, ok in needs.items() if not ok), None)
 
 
 def chosen_strategy(args) -> tuple[str, dict]:
@@ -222,7 +250,8 @@ def job_options(args) -> JobOptions:
                       strategy=args.strategy, strategy_options=args.strategy_options,
                       eval_bundle=str(args.eval_bundle.resolve()) if args.eval_bundle else None,
                       seed_pool=args.seed_pool,
-                      seed_pool_key=None if args.seed_pool is None else f"{pool_key(args.job_id):016x}")
+                      seed_pool_key=None if args.seed_pool is None else f"{pool_key(args.job_id):016x}",
+                      tensor_scale=args.tensor_scale, tensor_scale_floor=args.tensor_scale_floor)
 
 
 def check_distillation(student, teacher) -> None:
@@ -308,7 +337,7 @@ def run(args) -> int:
     if args.cert is None and not is_loopback(args.host):
         print(f"warning: serving {args.host} without TLS: credentials and adapters cross the network in the clear; "
               "pass --cert and --key", file=sys.stderr, flush=True)
-    coordinator = Coordinator(store, job, strategy_for(job, options), evaluate, seed=args.seed,
+    coordinator = Coordinator(store, job, strategy_for(job, options, bundle.manifest.layout), evaluate, seed=args.seed,
                               max_attempts=args.max_attempts, blocks=block_bounds, device_timeout_s=args.device_timeout,
                               limits=limits, layout=bundle.manifest.layout)
     tls = tls_context(args.cert, args.key) if args.cert else None
@@ -348,9 +377,9 @@ def check_head_init(bundle, shrinkage: float) -> None:
         raise UserError(f"--head-init lda: {e}") from None
 
 
-def strategy_for(job, options: JobOptions):
+def strategy_for(job, options: JobOptions, layout):
     """The job's strategy, as the job stored it, said once for the operator."""
-    strategy = strategies.build(job, options)
+    strategy = strategies.build(job, options, layout)
     shown = ", ".join(f"{name} {value:g}" for name, value in options.strategy_options.items())
     print(f"strategy {options.strategy}" + (f" ({shown})" if shown else ""), flush=True)
     if options.strategy == "dp-fedavg":

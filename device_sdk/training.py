@@ -27,6 +27,7 @@ from fwdfed.memory import format_size, peak_rss
 from fwdfed.memory_plan import plan_memory
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
 from fwdfed.methods.fedkd import teacher_objective
+from fwdfed.tensor_scale import check_dim
 from fwdfed.update import SeedSums, replay
 from runtime.engine import ProgramEngine
 from runtime.prefix_cache import cache_prefix_states
@@ -97,6 +98,8 @@ class Trainer:
             if config.block is not None and config.block[1] > adapter.shape[0]:
                 raise ValueError(f"the adapter block [{config.block[0]}, {config.block[1]}) passes the adapter's "
                                  f"dimension {adapter.shape[0]}")
+            scales = getattr(config, "scales", None)  # a zeroth-order method's (StepConfig); backprop has none
+            check_dim(scales, adapter.shape[0])
             if steps * getattr(config, "directions", 0) > protocol.MAX_PAIRS:  # backprop sends no pairs
                 raise ValueError(f"{steps} steps of {config.directions} directions make more (seed, coefficient) "
                                  f"pairs than an update may carry ({protocol.MAX_PAIRS})")
@@ -128,7 +131,7 @@ class Trainer:
         optimizer = method.make_optimizer(self._engine_for(method), adapter, config, rng, reference)
         run = optimizer.train(batches, steps, guard)
         if method.dense_length is None:
-            loss_after = mean_loss(scored_by, probe, run.update.apply(adapter, config.kind, config.block))
+            loss_after = mean_loss(scored_by, probe, run.update.apply(adapter, config.kind, config.block, scales))
         else:  # the dense part is the method's own payload (class statistics), not a change of the adapter
             loss_after = loss_before
         guard()  # the probe evaluations count too

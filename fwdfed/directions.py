@@ -112,15 +112,20 @@ def check_seed(seed: int) -> None:
 
 
 def combine(pairs: list[tuple[int, float]], dim: int, kind: str = "rademacher",
-            block: tuple[int, int] | None = None) -> np.ndarray:
-    """sum_k coef_k * direction(seed_k) (restricted to `block`), accumulated in float64."""
+            block: tuple[int, int] | None = None, scales=None) -> np.ndarray:
+    """sum_k coef_k * direction(seed_k) (restricted to `block`, times `scales`: fwdfed.tensor_scale), in float64."""
+    from fwdfed.tensor_scale import expand  # which imports nothing of this module's
+
+
     by_seed: dict[int, float] = {}
     for seed, coef in pairs:
         by_seed[int(seed)] = by_seed.get(int(seed), 0.0) + float(coef)
     start, stop = block or (0, dim)
     total = np.zeros(dim, dtype=np.float64)
+    factor = None if scales is None else expand(scales, dim)[start:stop]
     for seed, coef in by_seed.items():
-        total[start:stop] += coef * direction_slice(seed, start, stop, kind)
+        z = direction_slice(seed, start, stop, kind)
+        total[start:stop] += coef * (z if factor is None else z * factor)
     return total
 
 

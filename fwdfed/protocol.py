@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from fwdfed import task_keys as keys
 from fwdfed.directions import SEED_LIMIT
+from fwdfed.tensor_scale import MAX_RANGES as MAX_SCALE_RANGES
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a task carries the global adapter: 16M float32 at most
@@ -107,7 +109,11 @@ def _hparams(v):
     for k, x in v.items():
         if not isinstance(k, str) or len(k) > 64:
             return "a map with string keys"
-        if not (isinstance(x, str) and len(x) <= 64) and _float()(x) is not None:
+        if k == keys.TENSOR_SCALES:  # the one list: its ranges' meaning is the device's check (tensor_scale)
+            if not (isinstance(x, list) and len(x) <= MAX_SCALE_RANGES
+                    and all(isinstance(r, list) and len(r) == 3 and all(_float()(n) is None for n in r) for r in x)):
+                return f"a map whose {k} is a list of at most {MAX_SCALE_RANGES} lists of 3 finite numbers"
+        elif not (isinstance(x, str) and len(x) <= 64) and _float()(x) is not None:
             return "a map of finite numbers or short strings"
     return None
 

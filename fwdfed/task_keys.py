@@ -20,6 +20,8 @@ DIRECTIONS = "directions"  # int: n directions a local step (FwdLLM: K a batch)
 KIND = "kind"  # str: the directions' distribution, rademacher or gaussian (docs/directions.md)
 BLOCK_START = "block_start"  # int: with BLOCK_END, the adapter block [start, end) the round perturbs,
 BLOCK_END = "block_end"  # int:   absent when it perturbs the whole adapter (--blocks, --perturb-only)
+TENSOR_SCALES = "tensor_scales"  # list of [start, stop, scale]: each direction's per-tensor scales (--tensor-scale,
+#                                  fwdfed.tensor_scale); absent when directions are unscaled
 
 # ---- the job's round: how much a device does, and which wave of the round it answers ----
 LOCAL_STEPS = "local_steps"  # int: local steps (batches, for the forward gradient) a task asks for

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.directions import RademacherSigns, combine, direction_slice
+from fwdfed.tensor_scale import ScaleRanges, expand
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,22 @@ class SeedUpdate:
     scale: float = 1.0
     dense: np.ndarray | None = None  # float32 [d], or None
 
-    def delta(self, w: np.ndarray, kind: str, block: tuple[int, int] | None = None) -> np.ndarray:
-        """w' - w in float64: (scale - 1) w + sum coef * direction(seed) (restricted to `block`) + dense."""
+    def delta(self, w: np.ndarray, kind: str, block: tuple[int, int] | None = None,
+              scales: ScaleRanges | None = None) -> np.ndarray:
+        """w' - w in float64: (scale - 1) w + sum coef * direction(seed) (restricted to `block`, times the
+        per-tensor `scales`) + dense."""
         w64 = np.asarray(w, dtype=np.float64)
-        change = combine(self.pairs, w64.shape[0], kind, block)
+        change = combine(self.pairs, w64.shape[0], kind, block, scales)
         if self.scale != 1.0:
             change += (self.scale - 1.0) * w64
         if self.dense is not None:
             change += self.dense.astype(np.float64)
         return change
 
-    def apply(self, w: np.ndarray, kind: str, block: tuple[int, int] | None = None) -> np.ndarray:
+    def apply(self, w: np.ndarray, kind: str, block: tuple[int, int] | None = None,
+              scales: ScaleRanges | None = None) -> np.ndarray:
         """w' as float32: what the device's adapter became."""
-        return (np.asarray(w, dtype=np.float64) + self.delta(w, kind, block)).astype(np.float32)
+        return (np.asarray(w, dtype=np.float64) + self.delta(w, kind, block, scales)).astype(np.float32)
 
     def with_pairs(self, pairs: list[tuple[int, float]]) -> "SeedUpdate":
         return SeedUpdate(pairs, self.scale, self.dense)
@@ -70,19 +74,23 @@ def round_sums(terms: list[tuple[float, SeedUpdate]]) -> tuple[dict[int, float],
 
 
 def apply_sums(w: np.ndarray, by_seed: dict[int, float], shrink: float, kind: str,
-               block: tuple[int, int] | None = None, dense: np.ndarray | None = None) -> np.ndarray:
+               block: tuple[int, int] | None = None, dense: np.ndarray | None = None,
+               scales: ScaleRanges | None = None) -> np.ndarray:
     """Steps 2 to 4 of `weighted_sum` (float64): the one place both aggregation and a device's replay of a
     version's seed sums compute w', so that the two cannot drift apart by a bit."""
     w64 = np.asarray(w, dtype=np.float64)
     start, stop = block or (0, w64.shape[0])
     new = w64.copy()
-    if kind == "rademacher":  # C_s * (+-1.0) is +-C_s exactly: the same bits, without the float32 direction
-        signs = RademacherSigns(start, stop)
+    factor = None if scales is None else expand(scales, w64.shape[0])[start:stop]  # float32, exact in float64
+    if kind == "rademacher":  # C_s * (+-1.0) is +-C_s exactly: the same bits, without the float32 direction;
+        signs = RademacherSigns(start, stop)  # and C_s * float32(+-1 * scale) is (+-C_s) * scale exactly
         for seed, coef in by_seed.items():
-            new[start:stop] += np.where(signs.negative(seed), -coef, coef)
+            step = np.where(signs.negative(seed), -coef, coef)
+            new[start:stop] += step if factor is None else step * factor
     else:
         for seed, coef in by_seed.items():
-            new[start:stop] += coef * direction_slice(seed, start, stop, kind).astype(np.float64)
+            z = direction_slice(seed, start, stop, kind)
+            new[start:stop] += coef * (z if factor is None else z * factor).astype(np.float64)
     if shrink != 0.0:
         new += shrink * w64
     if dense is not None:
@@ -103,16 +111,17 @@ def replay(w: np.ndarray, history: list[SeedSums], kind: str) -> np.ndarray:
 
 
 def weighted_sum(w: np.ndarray, terms: list[tuple[float, SeedUpdate]], kind: str,
-                 block: tuple[int, int] | None = None) -> np.ndarray:
+                 block: tuple[int, int] | None = None, scales: ScaleRanges | None = None) -> np.ndarray:
     """w + sum_i weight_i * delta_i in float64, computed by seed, in this fixed order (docs/protocol.md,
     Aggregation), so that a version recomputed from the stored updates has the same bits:
 
     1. C_s = sum over the terms in order, and over each one's pairs in order, of weight_i * coef (float64),
        for every distinct seed s, kept in order of first appearance;
-    2. from w (float64), add C_s * z_s (z_s the float32 direction, exact in float64, restricted to `block`)
-       for each seed in that order;
+    2. from w (float64), add C_s * z_s (z_s the float32 direction, exact in float64, restricted to `block`,
+       and with per-tensor `scales` the float32 product z_s * scale: fwdfed.tensor_scale) for each seed in
+       that order;
     3. add S * w, S = sum_i weight_i * (scale_i - 1) (skipped when S is 0);
     4. add D = sum_i weight_i * dense_i (float64, from zero; skipped when no term has a dense part).
     """
     by_seed, shrink, dense = round_sums(terms)
-    return apply_sums(w, by_seed, shrink, kind, block, dense)
+    return apply_sums(w, by_seed, shrink, kind, block, dense, scales)

@@ -54,8 +54,9 @@ def get(name: str) -> StrategySpec:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(names())}") from None
 
 
-def build(job, options: JobOptions) -> Strategy:
-    """The job's rule, from what the job stored: a resumed job aggregates as it started."""
+def build(job, options: JobOptions, layout=None) -> Strategy:
+    """The job's rule, from what the job stored: a resumed job aggregates as it started. `layout`, the bundle's
+    adapter layout, is what the rule's per-tensor scales (`--tensor-scale`) are made of."""
     spec = get(options.strategy)
     return spec.make(method=methods.get(job.method), hparams=job.hparams, options=options,
-                     devices_per_round=job.devices_per_round, min_devices=job.min_devices)
+                     devices_per_round=job.devices_per_round, min_devices=job.min_devices, layout=layout)

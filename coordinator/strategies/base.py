@@ -99,7 +99,7 @@ class Option:
 class StrategySpec:
     name: str  # what `serve --strategy` and the stored job say
     summary: str  # one line, for --help
-    make: Callable[..., Strategy]  # (method=, hparams=, options=, devices_per_round=, min_devices=) -> Strategy
+    make: Callable[..., Strategy]  # (method=, hparams=, options=, devices_per_round=, min_devices=, layout=)
     options: tuple[Option, ...] = ()
 
     def checked(self, given: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class SeedFedAvg:
     options: JobOptions = field(default_factory=JobOptions)
     devices_per_round: int = 1
     min_devices: int = 1
+    layout: object = None  # the bundle's adapter layout (fwdfed.bundle.layout): the per-tensor scales' tensors
 
     @property
     def kind(self) -> str:
@@ -95,13 +96,18 @@ class SeedFedAvg:
         if not updates or sum(u.num_examples for u in updates) <= 0:
             return global_adapter.copy()
         # By seed (fwdfed.update.weighted_sum): one direction per distinct seed of the round, at most the
-        # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes.
-        return weighted_sum(global_adapter, self.terms(updates), self.kind, block).astype(np.float32)
+        # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes; with
+        # the scales the round's tasks carried, made again from the same base (JobOptions.round_scales).
+        scales = self.options.round_scales(global_adapter, self.layout, block)
+        return weighted_sum(global_adapter, self.terms(updates), self.kind, block, scales).astype(np.float32)
 
     def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> SeedSums | None:
         """What `aggregate` adds to the adapter, in seed form (the per-seed sums C_s and the shrink S), for a
         device to replay (the downlink in seed form); None when the round has a dense part, which goes down
-        dense. server_lr and clip are in the sums already."""
+        dense. server_lr and clip are in the sums already. A version made with per-tensor scales goes down dense
+        too: the history has no place for them (docs/protocol.md, Downlink in seed form)."""
+        if self.options.tensor_scale != "none":
+            return None
         if not updates or sum(u.num_examples for u in updates) <= 0:
             return SeedSums([], [], 0.0, block)  # the version is its base's values
         by_seed, shrink, dense = round_sums(self.terms(updates))

@@ -18,6 +18,7 @@ from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.directions import KINDS, SEED_LIMIT, block_direction, seed_pool
 from fwdfed.progress import progress
+from fwdfed.tensor_scale import ScaleRanges, check_ranges, scaled
 from fwdfed.update import SeedUpdate
 
 # Bounds on what a task may ask of a device, checked before anything is allocated: the task
@@ -89,14 +90,16 @@ def check_kind(kind: str) -> None:
 class StepConfig:
     """What every estimator's step reads, checked in one place: the learning rate, the perturbation size
     eps (the forward gradient's finite-difference step h), n directions a step, their kind
-    (docs/directions.md), and the adapter block they are restricted to. A method's config extends it with
-    its own fields, and may give these other defaults."""
+    (docs/directions.md), the adapter block they are restricted to, and the per-tensor scales they are
+    multiplied by (fwdfed.tensor_scale). A method's config extends it with its own fields, and may give these
+    other defaults."""
 
     lr: float = 1e-3
     eps: float = 1e-2
     directions: int = 1
     kind: str = "rademacher"
     block: tuple[int, int] | None = None
+    scales: ScaleRanges | None = None
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -107,11 +110,16 @@ class StepConfig:
     @classmethod
     def step_hparams(cls, hparams: dict) -> dict:
         """These fields read from a task's hparams: `lr` and `eps` required, `directions` and `kind` this
-        config's defaults when absent, the block from `block_start`/`block_end`."""
+        config's defaults when absent, the block from `block_start`/`block_end`, the scales from `tensor_scales`."""
         default = {f.name: f.default for f in fields(cls)}
         return dict(lr=hparam(hparams, keys.LR, float), eps=hparam(hparams, keys.EPS, float),
                     directions=hparam(hparams, keys.DIRECTIONS, int, default["directions"]),
-                    kind=hparam(hparams, keys.KIND, str, default["kind"]), block=parse_block(hparams))
+                    kind=hparam(hparams, keys.KIND, str, default["kind"]), block=parse_block(hparams),
+                    scales=check_ranges(hparams[keys.TENSOR_SCALES]) if keys.TENSOR_SCALES in hparams else None)
+
+    def direction(self, seed: int, dim: int) -> np.ndarray:
+        """The float32 direction a step moves along: seed's, restricted to the block, times the scales."""
+        return scaled(block_direction(seed, dim, self.kind, self.block), self.scales)
 
     def step_fields(self) -> dict:
         """This config's shared fields, for the step config of the method it runs (fedkd runs MeZO's)."""
@@ -167,9 +175,9 @@ class Estimate:
     loss: float  # mean loss over the 2n evaluations (~ L(w))
 
 
-def central_differences(engine, batch: Batch, adapter: np.ndarray, seeds: list[int], eps: float, kind: str,
-                        block: tuple[int, int] | None = None) -> Estimate:
-    z = np.stack([block_direction(s, adapter.shape[0], kind, block) for s in seeds])
+def central_differences(engine, batch: Batch, adapter: np.ndarray, seeds: list[int], config: StepConfig) -> Estimate:
+    eps = config.eps
+    z = np.stack([config.direction(s, adapter.shape[0]) for s in seeds])
     adapters = np.concatenate([adapter + eps * z, adapter - eps * z])  # [2n, d], fresh copies
     losses = weighted_mean(engine.losses(batch, adapters), batch.weights)
     n = len(seeds)

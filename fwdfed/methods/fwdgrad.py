@@ -21,7 +21,6 @@ import numpy as np
 
 from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
-from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.estimate import (MAX_CANDIDATES, LocalRun, StepConfig, central_differences, check_count,
                                      draw_seeds, hparam)
@@ -57,7 +56,7 @@ class ForwardGradient:
         pool = draw_seeds(self.rng, c.candidates * c.directions)
         dim = self.adapter.shape[0]
         ref = self.reference / np.linalg.norm(self.reference)
-        directions = (block_direction(s, dim, c.kind, c.block) for s in pool)
+        directions = (c.direction(s, dim) for s in pool)
         cosines = [float(z @ ref) / float(np.linalg.norm(z)) for z in directions]
         best = np.argsort(cosines)[::-1][: c.directions]
         return [pool[i] for i in best]
@@ -67,7 +66,7 @@ class ForwardGradient:
         c, run = self.config, LocalRun()
         for i in progress(range(steps), desc="local steps", unit="step"):
             seeds = self.select()
-            est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c.eps, c.kind, c.block)
+            est = central_differences(self.engine, batches[i % len(batches)], self.adapter, seeds, c)
             coefs = -c.lr * est.projected / (c.directions * steps)
             if np.all(np.isfinite(coefs)):
                 run.add(seeds, coefs)

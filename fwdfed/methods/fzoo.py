@@ -22,7 +22,6 @@ import numpy as np
 
 from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
-from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
 from fwdfed.methods.estimate import LocalRun, StepConfig, draw_seeds, hparam, scheduled_steps, weighted_mean
 from fwdfed.methods.mezo import SCHEDULE, check_schedule
@@ -64,7 +63,7 @@ class Fzoo:
     def step(self, batch: Batch, run: LocalRun, lr: float) -> None:
         c = self.config
         seeds = draw_seeds(self.rng, c.directions)
-        z = np.stack([block_direction(s, self.adapter.shape[0], c.kind, c.block) for s in seeds])
+        z = np.stack([c.direction(s, self.adapter.shape[0]) for s in seeds])
         adapters = np.concatenate([self.adapter[None, :], self.adapter + c.eps * z])  # [n + 1, d]
         losses = weighted_mean(self.engine.losses(batch, adapters), batch.weights)
         coefs = normalised_coefficients(losses, lr)

@@ -53,7 +53,7 @@ class Mezo:
     def step(self, batch: Batch, run: LocalRun, lr: float) -> None:
         c = self.config
         seeds = draw_seeds(self.rng, c.directions)
-        est = central_differences(self.engine, batch, self.adapter, seeds, c.eps, c.kind, c.block)
+        est = central_differences(self.engine, batch, self.adapter, seeds, c)
         coefs = -lr * est.projected / c.directions
         if not np.all(np.isfinite(coefs)):
             return  # a non-finite loss would poison the adapter: skip the step, record nothing

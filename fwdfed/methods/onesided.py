@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdfed.batch import Batch
-from fwdfed.directions import block_direction
 from fwdfed.methods.base import Method
 from fwdfed.methods.estimate import LocalRun, StepConfig, draw_seeds, weighted_mean
 
@@ -41,7 +40,7 @@ class OneSided:
         for i in range(steps):
             batch = batches[i % len(batches)]
             seeds = draw_seeds(self.rng, c.directions)
-            z = np.stack([block_direction(s, self.adapter.shape[0], c.kind, c.block) for s in seeds])
+            z = np.stack([c.direction(s, self.adapter.shape[0]) for s in seeds])
             adapters = np.concatenate([self.adapter[None, :], self.adapter + c.eps * z])  # [n + 1, d]
             losses = weighted_mean(self.engine.losses(batch, adapters), batch.weights)
             coefs = -c.lr * (losses[1:] - losses[0]) / c.eps / c.directions

@@ -65,3 +65,20 @@ def test_java_replays_the_golden_versions_bit_for_bit(java_core):
         ulps = np.abs(np.array([int(b, 16) for b in ours["float32_bits"]], np.int64)
                       - np.array([int(b, 16) for b in gold["float32_bits"]], np.int64))
         assert ulps.max() <= 1, ours["version"]
+
+
+def test_java_scales_directions_as_the_golden_file_says(java_core):
+    """docs/golden/tensor_scales.json through the Java codec and a task's config (StepConfig.direction): the
+    scaled directions, whole and restricted to the block. Rademacher must be exact (±scale); Gaussian within
+    1 ulp, as its unscaled directions are."""
+    golden = json.loads((ROOT / "docs" / "golden" / "tensor_scales.json").read_text())
+    got = json.loads(java_core.run("TensorScalesDump", str(ROOT / "docs" / "golden" / "tensor_scales.json"),
+                                   timeout=60).stdout)
+    for kind, expected in golden["kinds"].items():
+        for name in ("directions_float32_bits", "block_directions_float32_bits"):
+            if kind == "rademacher":
+                assert got[kind][name] == expected[name], name
+            else:
+                ulps = np.abs(np.array([[int(b, 16) for b in z] for z in got[kind][name]], np.int64)
+                              - np.array([[int(b, 16) for b in z] for z in expected[name]], np.int64))
+                assert ulps.max() <= 1, name

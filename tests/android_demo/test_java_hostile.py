@@ -65,6 +65,13 @@ def hostile_frames(bundle) -> dict[str, tuple[bytes | str, str]]:
         "absurd local steps": (pack(task_map(bundle, hparams={**good["hparams"], "local_steps": 10**9})),
                                "unusable hyperparameter: local_steps must be between 1 and 100000"),
         "a method it lacks": (pack(task_map(bundle, method="backprop")), "asks for method 'backprop'"),
+        "a negative tensor scale": (pack(task_map(bundle, hparams={**good["hparams"], "tensor_scales": [[0, d, -0.5]]})),
+                                    "unusable hyperparameter: tensor_scales: a scale must be a finite number > 0"),
+        "tensor scales past the adapter": (
+            pack(task_map(bundle, hparams={**good["hparams"], "tensor_scales": [[0, 4, 2.0], [4, d + 1, 0.5]]})),
+            f"unusable hyperparameter: tensor_scales: the range ending at {d + 1} passes the adapter's dimension {d}"),
+        "malformed tensor scales": (pack(task_map(bundle, hparams={**good["hparams"], "tensor_scales": [[0, d]]})),
+                                    "tensor_scales is a list of at most 4096 lists of 3 finite numbers"),
         "an extra field": (pack({**good, "extra": 1}), "the coordinator sent a bad frame: task: unexpected fields"),
         "a text frame": ("hello", "frames must be binary msgpack, not text"),
         "not msgpack": (b"\xc1\x00", "the coordinator sent a bad frame: not valid msgpack"),
@@ -76,7 +83,7 @@ def hostile_frames(bundle) -> dict[str, tuple[bytes | str, str]]:
 
 
 TASK_CASES = {"truncated adapter", "adapter not its sha256", "NaN in the adapter", "another base model",
-              "absurd local steps", "a method it lacks"}
+              "absurd local steps", "a method it lacks", "a negative tensor scale", "tensor scales past the adapter"}
 
 
 def run_java(java_core, bundle, url, tmp_path, *extra, timeout=120) -> subprocess.CompletedProcess:

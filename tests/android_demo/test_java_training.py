@@ -5,8 +5,8 @@ bundle's program in an ExecuTorch helper process; the Python device trains the s
 the same shard, drawing the Java device's seeds. Their updates must agree: the same seeds,
 coefficients within float tolerance (in practice bit for bit), the same scale, example count
 and probe losses. The tasks cover MeZO (Rademacher, Gaussian with several directions, weight
-decay, a linear schedule), one-sided MeZO on a block of the adapter, and the forward gradient
-selecting among candidates with a reference.
+decay, a linear schedule), one-sided MeZO on a block of the adapter, the forward gradient
+selecting among candidates with a reference, and FZOO and MeZO with per-tensor scales.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ TASKS = {
     # FedKSeed: every seed one of the job's pool of 16 (docs/directions.md), drawn as each device draws them
     "mezo-seed-pool": ("mezo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 2, "kind": "rademacher",
                                 "seed_pool": 16, "seed_pool_key": f"{pool_key('job'):016x}"}),
+    # per-tensor scales (docs/directions.md): a gap at scale 1, a scale that is no power of two, one below 1
+    "fzoo-tensor-scales": ("fzoo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 3, "kind": "rademacher",
+                                    "tensor_scales": [[0, 1024, 0.5], [1024, 3000, 3.1], [3500, 4096, 1e-3]]}),
+    "mezo-gaussian-block-tensor-scales": ("mezo", {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 2,
+                                                   "kind": "gaussian", "block_start": 512, "block_end": 4096,
+                                                   "tensor_scales": [[0, 2048, 2.5], [2048, 4096, 0.3]]}),
 }
 
 

@@ -37,3 +37,35 @@ def test_a_bad_setting_is_refused_before_any_work(tmp_path, split_bundle):
     with pytest.raises(UserError, match="directions"):
         main(["--bundle", str(split_bundle), "--data", str(SST2), "--grid", "directions=1", "--out",
               str(tmp_path / "t.json")])
+
+
+def test_tensor_scales_are_the_coordinators_made_from_each_rounds_base(tmp_path, split_bundle, monkeypatch):
+    """--tensor-scale rms: each round's tasks carry what coordinator.job.JobOptions.round_scales makes from the
+    round's base adapter, as the coordinator's would."""
+    from coordinator.job import JobOptions
+    from fwdfed.methods.fzoo import FzooConfig
+
+    made, used = [], []
+    real_scales, real_config = JobOptions.round_scales, FzooConfig.from_hparams.__func__
+
+    def round_scales(self, base, layout, block):
+        made.append((base.copy(), real_scales(self, base, layout, block)))
+        return made[-1][1]
+
+    def from_hparams(cls, hparams):
+        used.append(hparams)
+        return real_config(cls, hparams)
+
+    monkeypatch.setattr(JobOptions, "round_scales", round_scales)
+    monkeypatch.setattr(FzooConfig, "from_hparams", classmethod(from_hparams))
+    out = tmp_path / "tune.json"
+    assert main(["--bundle", str(split_bundle), "--data", str(SST2), "--method", "fzoo", "--grid", "lr=1e-2",
+                 "directions=2", "--rounds", "2", "--local-steps", "1", "--devices", "1", "--max-validation", "8",
+                 "--tensor-scale", "rms", "--tensor-scale-floor", "0.5", "--out", str(out)]) == 0
+    assert len(made) == 2 and not (made[0][0] == made[1][0]).all()  # round 2's base is round 1's result
+    assert [h["tensor_scales"] for h in used[-2:]] == [scales for _, scales in made]
+    record = json.loads(out.read_text())
+    assert (record["tensor_scale"], record["tensor_scale_floor"]) == ("rms", 0.5)
+    with pytest.raises(UserError, match="--tensor-scale-floor"):
+        main(["--bundle", str(split_bundle), "--data", str(SST2), "--tensor-scale-floor", "0", "--out",
+              str(tmp_path / "t.json")])

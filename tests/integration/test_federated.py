@@ -62,21 +62,26 @@ def test_prompt_tuning_through_the_coordinator_and_devices(tmp_path, stories_pro
     assert_peft_folder_matches_program(bundle, peft_folder, vector)
 
 
-@pytest.mark.parametrize("pool", [None, 64], ids=["free-seeds", "seed-pool"])
-def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle, pool):
+@pytest.mark.parametrize("pool, tensor_scale", [(None, "none"), (64, "none"), (None, "rms")],
+                         ids=["free-seeds", "seed-pool", "tensor-scale"])
+def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle, pool, tensor_scale):
     """kill -9 the coordinator after round 1; a new one on the same database, started without the
     job's flags, finishes the job with the devices that reconnect, aggregating as the first did
-    (server lr and clip are the job's, and so is the seed pool: every seed of every round is one
-    of it), and no update is lost or counted twice."""
+    (server lr and clip are the job's, and so are the seed pool: every seed of every round is one
+    of it, and the per-tensor scales: every task of a round carries its base version's), and no update
+    is lost or counted twice."""
     from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
     from coordinator.strategies import AcceptedUpdate, SeedFedAvg
+    from fwdfed import task_keys as keys
+    from fwdfed.bundle.manifest import load_bundle
     from fwdfed.directions import pool_key, seed_pool
 
     db, port = tmp_path / "job.db", free_port()
     job_args = ["--bundle", str(tiny_llama_bundle), "--rounds", "3", "--devices-per-round", "2",
                 "--local-steps", "20", "--round-deadline", "120", "--server-lr", "0.5", "--clip", "0.002",
-                *(["--seed-pool", str(pool)] if pool else [])]
+                *(["--seed-pool", str(pool)] if pool else []), "--tensor-scale", tensor_scale,
+                "--tensor-scale-floor", "0.003"]
     first = Coordinator(db, *job_args, port=port)
     devices = subprocess.Popen(
         [sys.executable, "-m", "device_sdk.emulate", "--mem", "1.5GB", "--coordinator", first.url, "--devices", "2",
@@ -107,13 +112,22 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
             assert sorted(u.device_id for u in updates) == ["emu-0", "emu-1"]
     # The same result as an uninterrupted run given the same updates: every version is exactly
     # the aggregation of the previous one with its round's stored updates, by the job's own rule.
-    strategy = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
+    options = JobOptions(server_lr=0.5, clip=0.002, tensor_scale=tensor_scale, tensor_scale_floor=0.003)
+    layout = load_bundle(tiny_llama_bundle).manifest.layout
+    strategy = SeedFedAvg(hparams=job.hparams, options=options, layout=layout)
     versions = [np.frombuffer(v.vector, "<f4") for v in store.versions(job.id)]
     seeds = set()
     for r, before, after in zip(closed, versions, versions[1:]):
         updates = [AcceptedUpdate.from_row(u) for u in store.updates(r.id)]
         np.testing.assert_array_equal(strategy.aggregate(before, updates), after)
         seeds |= {s for u in updates for s, _ in u.pairs}
+        scales = options.round_scales(before, layout, None)  # what every task of the round carried
+        carried = [t.hparams.get(keys.TENSOR_SCALES) for t in store.tasks(r.id)]
+        assert carried == [None if scales is None else [list(s) for s in scales]] * len(carried)
+    if tensor_scale == "rms":  # the scales differ by tensor (LoRA B starts at 0: the floor), and they did move it
+        assert len({s for _, _, s in scales}) > 1
+        unscaled = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
+        assert not np.array_equal(unscaled.aggregate(before, updates), after)
     assert JobOptions.from_json(job.options).seed_pool == pool
     if pool:
         assert "seed pool: every direction is one of 64 seeds" in out

@@ -17,15 +17,16 @@ final class CentralDifferences {
         this.loss = loss;
     }
 
-    static CentralDifferences estimate(LossProgram program, Batch batch, float[] adapter, long[] seeds, double eps,
-                                       String kind, Block block) {
+    static CentralDifferences estimate(LossProgram program, Batch batch, float[] adapter, long[] seeds,
+                                       StepConfig config) {
+        double eps = config.eps;
         int n = seeds.length;
         int d = adapter.length;
         float epsF = (float) eps;  // numpy casts the Python float to the float32 array's type
         float[][] z = new float[n][];
         float[][] adapters = new float[2 * n][d];
         for (int k = 0; k < n; k++) {
-            z[k] = Directions.blockDirection(seeds[k], d, kind, block);
+            z[k] = config.direction(seeds[k], d);
             for (int i = 0; i < d; i++) {
                 float step = epsF * z[k][i];
                 adapters[k][i] = adapter[i] + step;

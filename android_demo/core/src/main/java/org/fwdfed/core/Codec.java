@@ -73,6 +73,8 @@ public final class Codec {
                     Object v = e.getValue();
                     if (v instanceof String) {
                         p.packString((String) v);
+                    } else if (v instanceof List) {  // tensor_scales, as it came
+                        packRanges(p, (List<?>) v);
                     } else if (v instanceof Double) {
                         p.packDouble((Double) v);
                     } else if (v instanceof BigInteger) {
@@ -351,6 +353,39 @@ public final class Codec {
         return ok ? null : nonNegative ? "a finite non-negative number" : "a finite number";
     }
 
+    /** A task's per-tensor scales (docs/directions.md), which this device declines to train with (TaskTrainer). */
+    static final String TENSOR_SCALES = "tensor_scales";
+    static final int MAX_SCALE_RANGES = 4096;
+
+    private static void packRanges(MessageBufferPacker p, List<?> ranges) throws IOException {
+        p.packArrayHeader(ranges.size());
+        for (Object range : ranges) {
+            p.packArrayHeader(3);
+            for (Object n : (List<?>) range) {
+                if (n instanceof Double) {
+                    p.packDouble((Double) n);
+                } else if (n instanceof BigInteger) {
+                    p.packBigInteger((BigInteger) n);
+                } else {
+                    p.packLong(((Number) n).longValue());
+                }
+            }
+        }
+    }
+
+    private static boolean scaleRanges(Object v) {
+        if (!(v instanceof List) || ((List<?>) v).size() > MAX_SCALE_RANGES) {
+            return false;
+        }
+        for (Object range : (List<?>) v) {
+            if (!(range instanceof List) || ((List<?>) range).size() != 3
+                    || !((List<?>) range).stream().allMatch(Codec::isFiniteNumber)) {
+                return false;
+            }
+        }
+        return true;
+    }
+
     private static String integerList(Object v, long lo, long hi, int limit) {
         if (!(v instanceof List) || ((List<?>) v).size() > limit) {
             return "a list of at most " + limit + " integers";
@@ -435,6 +470,13 @@ public final class Codec {
                 return "a map with string keys";
             }
             Object x = e.getValue();
+            if (TENSOR_SCALES.equals(e.getKey())) {  // the one list (fwdfed/protocol.py's _hparams)
+                if (!scaleRanges(x)) {
+                    return "a map whose tensor_scales is a list of at most " + MAX_SCALE_RANGES
+                            + " lists of 3 finite numbers";
+                }
+                continue;
+            }
             boolean shortText = x instanceof String && characters((String) x) <= 64;
             if (!shortText && !isFiniteNumber(x)) {
                 return "a map of finite numbers or short strings";

@@ -70,7 +70,7 @@ public final class ForwardGradient implements Optimizer {
         refNorm = Math.sqrt(refNorm);
         double[] cosines = new double[pool.length];
         for (int j = 0; j < pool.length; j++) {
-            float[] z = Directions.blockDirection(pool[j], adapter.length, c.kind, c.block);
+            float[] z = c.direction(pool[j], adapter.length);
             double dot = 0.0;
             double norm = 0.0;
             for (int i = 0; i < z.length; i++) {
@@ -101,7 +101,7 @@ public final class ForwardGradient implements Optimizer {
         for (int i = 0; i < steps; i++) {
             long[] stepSeeds = select();
             CentralDifferences est = CentralDifferences.estimate(program, batches.get(i % batches.size()), adapter,
-                    stepSeeds, c.eps, c.kind, c.block);
+                    stepSeeds, c);
             float[] coefs = new float[c.directions];
             boolean finite = true;
             for (int k = 0; k < coefs.length; k++) {

@@ -87,7 +87,7 @@ public final class Fzoo implements Optimizer {
         float epsF = (float) c.eps;
         float[][] z = new float[n][];
         for (int k = 0; k < n; k++) {
-            z[k] = Directions.blockDirection(stepSeeds[k], d, c.kind, c.block);
+            z[k] = c.direction(stepSeeds[k], d);
         }
         float[][] adapters = OneSided.sharedAndPerturbed(adapter, z, epsF);
         float[] losses = Losses.weightedMean(Losses.perExample(program, batch, adapters), batch.weights);

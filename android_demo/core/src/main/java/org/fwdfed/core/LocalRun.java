@@ -69,9 +69,10 @@ public final class LocalRun {
      * w' as float32, exactly as fwdfed/update.py's SeedUpdate.apply computes it: coefficients of a
      * repeated seed summed first (in order of first appearance); each coef * z formed in float32
      * (numpy casts the Python float to the array's float32) and accumulated in float64; then the
-     * (scale - 1) w term; then rounded to float32.
+     * (scale - 1) w term; then rounded to float32. With per-tensor `scales` (or null), z is the scaled
+     * direction the steps moved along.
      */
-    public float[] applyTo(float[] w, String kind, Block block) {
+    public float[] applyTo(float[] w, String kind, Block block, TensorScales scales) {
         Map<Long, Double> bySeed = new LinkedHashMap<>();
         double[] coefs = coefs();
         long[] s = seeds();
@@ -84,6 +85,11 @@ public final class LocalRun {
         for (Map.Entry<Long, Double> e : bySeed.entrySet()) {
             float c = (float) (double) e.getValue();
             float[] z = Directions.slice(e.getKey(), start, stop, kind);
+            if (scales != null) {  // the scaled direction d_s, element by element as a step made it
+                float[] whole = new float[w.length];
+                System.arraycopy(z, 0, whole, start, stop - start);
+                z = java.util.Arrays.copyOfRange(scales.apply(whole), start, stop);
+            }
             for (int i = start; i < stop; i++) {
                 change[i] += c * z[i - start];
             }

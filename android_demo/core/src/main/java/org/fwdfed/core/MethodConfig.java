@@ -13,6 +13,9 @@ public interface MethodConfig {
     /** The adapter slice perturbed, or null for all of it. */
     Block block();
 
+    /** The per-tensor scales of the directions, or null. */
+    TensorScales scales();
+
     /** Adapter-sized float vectors a step holds (the memory plan): fwdfed/methods/base.py's adapter_copies. */
     int adapterCopies();
 

@@ -20,17 +20,23 @@ public final class Methods {
 
     /** The checked settings of `method` from the task's hyperparameters; IllegalArgumentException says why not. */
     public static MethodConfig config(String method, Hparams hparams) {
+        StepConfig config;
         switch (method) {
             case "mezo":
-                return Mezo.Config.fromHparams(hparams);
+                config = Mezo.Config.fromHparams(hparams);
+                break;
             case "fwdgrad":
-                return ForwardGradient.Config.fromHparams(hparams);
+                config = ForwardGradient.Config.fromHparams(hparams);
+                break;
             case "onesided":
-                return OneSided.Config.fromHparams(hparams);
+                config = OneSided.Config.fromHparams(hparams);
+                break;
             case "fzoo":
-                return Fzoo.Config.fromHparams(hparams);
+                config = Fzoo.Config.fromHparams(hparams);
+                break;
             default:
                 throw new IllegalArgumentException("unknown method " + method);
         }
+        return config.withScales(TensorScales.fromHparams(hparams));  // every one of them honours the scales
     }
 }

@@ -67,7 +67,7 @@ public final class Mezo implements Optimizer {
     void step(Batch batch, LocalRun run, double lr) {
         Config c = config;
         long[] stepSeeds = seeds.next(c.directions);
-        CentralDifferences est = CentralDifferences.estimate(program, batch, adapter, stepSeeds, c.eps, c.kind, c.block);
+        CentralDifferences est = CentralDifferences.estimate(program, batch, adapter, stepSeeds, c);
         float minusLr = (float) -lr;
         float n = c.directions;
         float[] coefs = new float[c.directions];

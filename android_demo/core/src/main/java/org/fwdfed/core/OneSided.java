@@ -51,7 +51,7 @@ public final class OneSided implements Optimizer {
             long[] stepSeeds = seeds.next(n);
             float[][] z = new float[n][];
             for (int k = 0; k < n; k++) {
-                z[k] = Directions.blockDirection(stepSeeds[k], d, c.kind, c.block);
+                z[k] = c.direction(stepSeeds[k], d);
             }
             float[][] adapters = sharedAndPerturbed(adapter, z, epsF);
             float[] losses = Losses.weightedMean(Losses.perExample(program, batch, adapters), batch.weights);

@@ -108,6 +108,9 @@ public final class TaskTrainer {
                 throw new IllegalArgumentException("the adapter block [" + config.block().start + ", "
                         + config.block().end + ") passes the adapter's dimension " + adapter.length);
             }
+            if (config.scales() != null) {
+                config.scales().checkDim(adapter.length);
+            }
             if ((long) steps * config.directions() > Message.MAX_PAIRS) {
                 throw new IllegalArgumentException(steps + " steps of " + config.directions()
                         + " directions make more (seed, coefficient) pairs than an update may carry ("
@@ -143,7 +146,7 @@ public final class TaskTrainer {
             }
             Optimizer optimizer = config.optimizer(program, adapter, seeds, reference);
             LocalRun run = optimizer.train(rotated, steps, guard);
-            double lossAfter = Losses.meanLoss(program, probe, run.applyTo(adapter, config.kind(), config.block()));
+            double lossAfter = Losses.meanLoss(program, probe, run.applyTo(adapter, config.kind(), config.block(), config.scales()));
             memory.check();  // the probe evaluations count too
             return new Message.Update(task.taskId, task.jobId, task.round, task.globalVersion, run.seeds(), run.coefs(),
                     run.scale(), new byte[0], numExamples, lossBefore, lossAfter, Math.max(0, peakRss.getAsLong()));

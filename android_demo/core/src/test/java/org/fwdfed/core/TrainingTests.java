@@ -106,7 +106,7 @@ final class TrainingTests {
             check(master[i] == w[i] + expected * z[i], "the master copy moved by coef z, element " + i);
         }
         // The seed form reproduces the master copy: w + coef z.
-        check(java.util.Arrays.equals(master, run.applyTo(w, "rademacher", null)), "applyTo(w) is the trained adapter");
+        check(java.util.Arrays.equals(master, run.applyTo(w, "rademacher", null, null)), "applyTo(w) is the trained adapter");
     }
 
     static void testMezoWithWeightDecayAndLinearScheduleRecordsTheScale() {
@@ -122,7 +122,7 @@ final class TrainingTests {
         }
         check(Math.abs(run.scale() - scale) < 1e-15, "scale = prod (1 - lr_t wd): " + run.scale() + " vs " + scale);
         equal(8, run.seeds().length, "4 steps x 2 directions");
-        float[] replayed = run.applyTo(w, "gaussian", null);
+        float[] replayed = run.applyTo(w, "gaussian", null, null);
         float[] master = mezo.adapter();
         for (int i = 0; i < d; i++) {
             check(Math.abs(replayed[i] - master[i]) <= 1e-6f * Math.max(1f, Math.abs(master[i])),
