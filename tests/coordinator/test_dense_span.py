@@ -6,12 +6,17 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
+from coordinator.__main__ import parse_args
 from coordinator.admission import Limits
+from coordinator.serve_cli import job_hparams, job_options, round_blocks
 from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
 from fwdfed import methods, protocol
+from fwdfed.bundle.layout import AdapterLayout
+from fwdfed.errors import UserError
 from fwdfed.update import SeedUpdate, weighted_sum
 
 D, BODY = 16, 10  # the head: 2 classes x 2 features + 2 biases = 6 values at [10, 16)
@@ -84,3 +89,24 @@ def test_a_stored_update_without_a_span_reads_as_it_was_sent():
     assert AcceptedUpdate.from_row(row).change.dense.shape == (6,)
     placed = AcceptedUpdate.from_row(row, (BODY, D), D).change.dense
     assert placed.shape == (D,) and not placed[:BODY].any() and (placed[BODY:] == 1).all()
+
+
+def test_a_hybrid_jobs_hparams_carry_the_head_and_its_rounds_perturb_the_body_alone():
+    layout = AdapterLayout.from_shapes([("lora_A.weight", (2, 5)), ("classifier.modules_to_save.default.weight", (2, 2)),
+                                        ("classifier.modules_to_save.default.bias", (2,))])
+    args = parse_args(["serve", "--db", "x.db", "--bundle", "b", "--method", "hybrid", "--head-lr", "0.2"])
+    hparams = job_hparams(args, layout)
+    assert {k: hparams[k] for k in (*HEAD, "head_lr")} == {**HEAD, "head_lr": 0.2}
+    assert round_blocks(layout, job_options(args), hparams) == [(0, BODY)]
+
+
+def test_a_hybrid_job_refuses_other_blocks_and_a_layout_without_a_head_at_its_end(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--db", "x.db", "--bundle", "b", "--method", "hybrid", "--blocks", "2"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --method hybrid perturbs the adapter without its head, one block: not with --blocks or --perturb-only")
+    args = parse_args(["serve", "--db", "x.db", "--bundle", "b", "--method", "hybrid"])
+    head_first = AdapterLayout.from_shapes([("classifier.modules_to_save.default.weight", (2, 2)),
+                                            ("classifier.modules_to_save.default.bias", (2,)), ("lora_A.weight", (2, 5))])
+    with pytest.raises(UserError, match="--method hybrid: hybrid needs the classifier's weight then bias"):
+        job_hparams(args, head_first)
