@@ -97,26 +97,29 @@ def lda_start(engine, bundle, split: TuningSplit, shrinkage: float) -> np.ndarra
     return aggregate(start, dense, hparams, bundle.manifest.layout)
 
 
-def base_hparams(method, local_steps: int) -> dict:
-    """What a setting leaves unsaid: the method's defaults (its config's lr and eps, its directions and kind)."""
+def base_hparams(method, local_steps: int, layout) -> dict:
+    """What a setting leaves unsaid: the method's defaults (its config's lr and eps, its directions and kind),
+    and what the coordinator computes from the bundle's layout (hybrid's head)."""
     from dataclasses import MISSING, fields
 
     defaults = {f.name: f.default for f in fields(method.config)  # the config's fields of the keys' names
                 if f.name in (keys.LR, keys.EPS) and f.default is not MISSING}
+    fixed = method.layout_hparams(layout) if method.layout_hparams else {}
     return {keys.LOCAL_STEPS: local_steps, keys.KIND: method.default_kind, keys.DIRECTIONS: method.default_directions,
-            **defaults}
+            **defaults, **fixed}
 
 
 def run_setting(engine, method, start, split: TuningSplit, setting: dict, rounds: int, local_steps: int,
-                seed: int, log, options=None, layout=None) -> list[dict]:
+                seed: int, log, layout, options=None) -> list[dict]:
     """The job's rounds at one setting: validation figures after each, and the passes spent. With `options`
     (a job's, coordinator.job.JobOptions) asking for per-tensor scales, each round's tasks carry the ones the
     coordinator would make from the round's base adapter, by the coordinator's own function."""
-    hparams = base_hparams(method, local_steps) | setting
+    hparams = base_hparams(method, local_steps, layout) | setting
+    block = (hparams[keys.BLOCK_START], hparams[keys.BLOCK_END]) if keys.BLOCK_START in hparams else None
     adapter, passes, curve = start.copy(), 0, []
     for r in range(1, rounds + 1):
         began = time.perf_counter()
-        scales = options.round_scales(adapter, layout, None) if options is not None else None
+        scales = options.round_scales(adapter, layout, block) if options is not None else None
         config = method.config.from_hparams(hparams if scales is None else hparams | {keys.TENSOR_SCALES: scales})
         changes = []
         for d, batches in enumerate(split.shards):
@@ -170,12 +173,12 @@ def main(argv=None) -> int:
     options = JobOptions(tensor_scale=args.tensor_scale, tensor_scale_floor=args.tensor_scale_floor)
     method = methods.get(args.method)
     grid = settings(parse_grid(args.grid))
+    bundle = load_bundle(args.bundle)
     for setting in grid:  # every setting checked before any work
         try:
-            method.config.from_hparams(base_hparams(method, 1) | setting)
+            method.config.from_hparams(base_hparams(method, 1, bundle.manifest.layout) | setting)
         except ValueError as e:
             raise UserError(f"--grid {setting}: {e}") from None
-    bundle = load_bundle(args.bundle)
     engine = ProgramEngine.for_bundle(bundle)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fwdfed-tune-") as cache:
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
         results = []
         for setting in grid:
             curve = run_setting(engine, method, start, split, setting, args.rounds, args.local_steps, args.seed,
-                                lambda line: print(line, flush=True), options, bundle.manifest.layout)
+                                lambda line: print(line, flush=True), bundle.manifest.layout, options)
             results.append({"setting": setting, "curve": curve})
     best = max(results, key=lambda r: (r["curve"][-1]["accuracy"], -r["curve"][-1]["loss"])) if results else None
     record = {"command": "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv),

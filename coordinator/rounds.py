@@ -222,13 +222,20 @@ class RoundEngine:
             rows = self.store.updates(rnd.id)
             if len(rows) < self.job.min_devices:
                 return rnd, rows, None
-            accepted = [AcceptedUpdate.from_row(row) for row in rows]
+            accepted = [self._accepted(rnd, row) for row in rows]
             more, variance = self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
             if not more:
                 return rnd, rows, variance
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
                      rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
             rnd = self.store.next_wave(rnd.id)
+
+    def _accepted(self, rnd: Round, row) -> AcceptedUpdate:
+        """A stored update as the round's rule reads it: a dense part that covers one span of the adapter
+        (the round's method's `dense_span`, hybrid's head) placed there."""
+        method = self.round_method(rnd.number)
+        span = method.dense_span(self.store.task(row.task_id).hparams) if method.dense_span else None
+        return AcceptedUpdate.from_row(row, span, self.job.adapter_dim)
 
     def _combine(self, rnd: Round, base: np.ndarray, accepted: list[AcceptedUpdate], block) -> np.ndarray | None:
         """The round's rule applied to `accepted`; None when it cannot give a finite adapter."""
@@ -241,7 +248,7 @@ class RoundEngine:
 
     def _change_size(self, rnd: Round, row, base: np.ndarray) -> float:
         """How far an update would move the adapter: its bound's measure, or a statistics payload's largest value."""
-        update = AcceptedUpdate.from_row(row)
+        update = self._accepted(rnd, row)
         dense = update.change.dense
         if self.round_method(rnd.number).dense_length is not None:
             return float(np.max(np.abs(dense))) if dense is not None else 0.0
@@ -275,7 +282,7 @@ class RoundEngine:
             self._drop_updates(rnd, stale)
             return None
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        accepted = [AcceptedUpdate.from_row(row) for row in rows]
+        accepted = [self._accepted(rnd, row) for row in rows]
         new = self._combine(rnd, base, accepted, block)
         if new is None:
             alone = [row for row, u in zip(rows, accepted) if self._combine(rnd, base, [u], block) is None]

@@ -184,10 +184,14 @@ def check(parser, args) -> None:
             args.teacher_sha256 = load_bundle(args.teacher_bundle).manifest.program.sha256
         except UserError as e:
             parser.error(f"--teacher-bundle: {e}")
-    try:  # the method's own checks, the ones every device applies to a task
-        method.config.from_hparams(job_hparams(args))
-    except ValueError as e:
-        parser.error(str(e))
+    if method.layout_hparams and (args.perturb_only or args.blocks > 1):
+        parser.error(f"--method {method.name} perturbs the adapter without its head, one block: not with --blocks or "
+                     "--perturb-only")
+    if not method.layout_hparams:  # those of a method with layout hparams are checked with the bundle's (`run`)
+        try:  # the method's own checks, the ones every device applies to a task
+            method.config.from_hparams(job_hparams(args))
+        except ValueError as e:
+            parser.error(str(e))
     if (problem := tensor_scale_problem(args, method)) is not None:
         parser.error(problem)
 
@@ -222,18 +226,29 @@ def chosen_strategy(args) -> tuple[str, dict]:
     return name, strategies.get(name).checked(given[name])
 
 
-def job_hparams(args) -> dict:
-    """The task hyperparameters of a new job: the common ones and the method's own."""
+def job_hparams(args, layout=None) -> dict:
+    """The task hyperparameters of a new job: the common ones, the method's own, and those it computes from
+    the bundle's `layout` (hybrid's head); UserError where the layout does not suit the method."""
     method = methods.get(args.method)
     hparams = {keys.LR: args.lr, keys.EPS: args.eps, keys.LOCAL_STEPS: args.local_steps,
                keys.DIRECTIONS: args.directions, keys.KIND: args.kind}
     if getattr(args, "teacher_sha256", None):
         hparams[keys.TEACHER_SHA256] = args.teacher_sha256
-    return hparams | {h.name: getattr(args, h.name) for h in method.hparams}
+    hparams |= {h.name: getattr(args, h.name) for h in method.hparams}
+    if layout is not None and method.layout_hparams:
+        try:
+            hparams |= method.layout_hparams(layout)
+            method.config.from_hparams(hparams)
+        except ValueError as e:
+            raise UserError(f"--method {method.name}: {e}") from None
+    return hparams
 
 
-def round_blocks(layout, options: JobOptions) -> list[tuple[int, int]] | None:
-    """The blocks the rounds perturb in turn: one fixed block (--perturb-only), the block-cyclic split, or none."""
+def round_blocks(layout, options: JobOptions, hparams: dict) -> list[tuple[int, int]] | None:
+    """The blocks the rounds perturb in turn: the one the job's method keeps to (hybrid: the adapter without
+    its head, in the job's `hparams`), one fixed block (--perturb-only), the block-cyclic split, or none."""
+    if keys.BLOCK_START in hparams:
+        return [(hparams[keys.BLOCK_START], hparams[keys.BLOCK_END])]
     try:
         if options.perturb_only:
             return [layout.span(options.perturb_only)]
@@ -289,9 +304,10 @@ def run(args) -> int:
         head_rounds = 1 if args.head_init == "lda" else 0
         config = JobConfig(rounds=args.rounds + head_rounds, devices_per_round=args.devices_per_round,
                            min_devices=args.min_devices,
-                           round_deadline_s=args.round_deadline, hparams=job_hparams(args), method=args.method,
+                           round_deadline_s=args.round_deadline, hparams=job_hparams(args, bundle.manifest.layout),
+                           method=args.method,
                            options=job_options(args))
-        block_bounds = round_blocks(bundle.manifest.layout, config.options)  # refused before the job is stored
+        block_bounds = round_blocks(bundle.manifest.layout, config.options, config.hparams)  # refused before the job is stored
         job = store.create_job(job_from_bundle(args.job_id, str(args.bundle.resolve()), bundle.manifest, config),
                                bundle.initial_adapter())
         options = config.options
@@ -310,7 +326,7 @@ def run(args) -> int:
         if (problem := resume_problem(store, job)) is not None:
             raise UserError(f"{args.db}: {problem}")
         print(f"job {job.id}: resuming after round {store.closed_rounds(job.id)} of {job.rounds}", flush=True)
-        block_bounds = round_blocks(bundle.manifest.layout, options)
+        block_bounds = round_blocks(bundle.manifest.layout, options, job.hparams)
     if options.seed_pool is not None:
         print(f"seed pool: every direction is one of {options.seed_pool} seeds (key {options.seed_pool_key})",
               flush=True)

@@ -3,7 +3,7 @@
 The protocol's checks (the right task, round and version) are the round machinery's; these are the
 content's, the same for a new update and for one stored by an older coordinator or under other
 limits: no more pairs than the task allows, seeds from the job's pool, a scale in the method's
-range, a dense part of the right length and finite, and the update's size under the bound. Each
+range, a dense part of the right length (the adapter's, or the span a method's dense covers) and finite, and the update's size under the bound. Each
 refusal has its code (docs/protocol.md).
 """
 
@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from coordinator.strategies.base import place_dense, span_length
 from fwdfed import methods
 from fwdfed import task_keys as keys
 from fwdfed.methods.estimate import parse_seed_pool
@@ -62,7 +63,8 @@ class UpdateChecks:
         dense = None
         if dense_bytes:
             # The length first: bytes that are not whole float32 values cannot even be read as an adapter.
-            length = method.dense_length(hparams) if method.dense_length else self.adapter_dim
+            length = (method.dense_length(hparams) if method.dense_length else
+                      span_length(method.dense_span(hparams)) if method.dense_span else self.adapter_dim)
             if len(dense_bytes) != 4 * length:
                 return "wrong_dimension", (f"dense part of {len(dense_bytes)} bytes, this task's has {length} "
                                            f"float32 values ({4 * length} bytes)")
@@ -72,6 +74,8 @@ class UpdateChecks:
         bound = self.max_update_rms
         # A method's own dense payload (class statistics) is no change of the adapter: only its pairs count.
         change = dense if method.dense_length is None else None
+        if change is not None and method.dense_span:  # a span's change, measured per value of the whole adapter
+            change = place_dense(change, method.dense_span(hparams), self.adapter_dim)
         if bound is not None and (rms := update_rms(pairs, change)) > bound:
             return "norm_bound", f"the update changes the adapter by RMS {rms:.3g}, past the bound {bound:.3g}"
         return None

@@ -193,6 +193,9 @@ def main(argv=None) -> int:
             if mode == "fedkd" and not has_logits:  # a bundle exported without --distillation cannot run it
                 print(f"{bundle}: no logits method (export --distillation): fedkd not measured", flush=True)
                 continue
+            if mode == "hybrid" and "features" not in bundles[bundle].manifest.program.methods:  # no classifier head
+                print(f"{bundle}: no features method (not a classifier): hybrid not measured", flush=True)
+                continue
             r = run_fresh(bundle, mode, args.repeats)
             results.append(r)
             print(f"{r['model']:<28} {mode:<10} peak {r['peak_bytes'] / 2**20:7.0f} MiB "

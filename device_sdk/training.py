@@ -135,10 +135,14 @@ class Trainer:
         else:  # the dense part is the method's own payload (class statistics), not a change of the adapter
             loss_after = loss_before
         guard()  # the probe evaluations count too
+        dense = run.dense
+        if dense is not None and method.dense_span:  # a change of one span alone (hybrid's head): that span goes up
+            start, stop = method.dense_span(task.hparams)
+            dense = dense[start:stop]
         return protocol.Update(task_id=task.task_id, job_id=task.job_id, round=task.round,
                                global_version=task.global_version, seeds=[s for s, _ in run.pairs],
                                coefs=[c for _, c in run.pairs], scale=run.scale,
-                               dense=b"" if run.dense is None else run.dense.astype("<f4").tobytes(),
+                               dense=b"" if dense is None else dense.astype("<f4").tobytes(),
                                num_examples=self.num_examples,
                                loss_before=loss_before, loss_after=loss_after, peak_rss_bytes=peak_rss())
 

@@ -31,6 +31,7 @@ WAVE = "wave"  # int: the round's wave, 0 for the first (more waves while a grad
 WEIGHT_DECAY = "weight_decay"  # float: mezo's and backprop's decoupled weight decay (mezo: sent as `scale`)
 SCHEDULE = "schedule"  # str: mezo's and fzoo's lr over the local steps, constant or linear to 0
 CANDIDATES = "candidates"  # int: fwdgrad draws this many times the directions, keeps the most aligned
+HEAD_LR = "head_lr"  # float: hybrid's learning rate of its exact classifier-head step
 
 # ---- the job's seed pool (FedKSeed, `serve --seed-pool K`, docs/directions.md): both or neither ----
 SEED_POOL = "seed_pool"  # int: K, the pool's size; every seed of an update must be one of the pool's
@@ -46,6 +47,9 @@ TEACHER = (TEACHER_SHA256, KD_WEIGHT, KD_TEMPERATURE)  # what the head round of 
 NUM_CLASSES = "num_classes"  # int: C, the rows of the classification head
 FEATURE_DIM = "feature_dim"  # int: H, the features the head reads
 SHRINKAGE = "shrinkage"  # float: in [0, 1], the LDA covariance shrinkage the coordinator will use
+
+# ---- hybrid's head (with NUM_CLASSES and FEATURE_DIM): where it lies in the adapter, from the layout ----
+HEAD_START = "head_start"  # int: the head's weight [C, H] then bias [C] fill [head_start, head_start + C (H + 1))
 
 # The task hyperparameters every training method reads (the coordinator's --lr, --eps, --local-steps,
 # --directions, --kind); a method's own are declared in its `hparams`.

@@ -72,6 +72,11 @@ def measure(bundle_dir: str, mode: str, repeats: int) -> dict:
     if method.needs_teacher:  # a teacher's logits of the batch (their values do not change memory or time)
         batch.teacher_logits = np.zeros((b, m.model.num_labels), np.float32)
         hparams[keys.TEACHER_SHA256] = "0" * 64
+    if method.layout_hparams:  # what the coordinator computes from the layout (hybrid's head)
+        try:
+            hparams |= method.layout_hparams(m.layout)
+        except ValueError as e:
+            raise UserError(f"{mode} on {bundle_dir}: {e}") from None
     w = bundle.initial_adapter()
     n = directions_of(mode, m.inputs.max_perturbations)
     if method.needs_autograd:

@@ -47,11 +47,28 @@ class AcceptedUpdate:
         return cls(device_id, num_examples, SeedUpdate(pairs, scale, dense))
 
     @classmethod
-    def from_row(cls, row) -> "AcceptedUpdate":
-        """A stored update (coordinator.store's UpdateRow)."""
+    def from_row(cls, row, span: tuple[int, int] | None = None, dim: int = 0) -> "AcceptedUpdate":
+        """A stored update (coordinator.store's UpdateRow); a dense part that covers `span` only (Method.dense_span)
+        placed there in an adapter of `dim` values, so that every rule reads a change of the whole adapter."""
         pairs = [(int(a), float(b)) for a, b in msgpack.unpackb(row.pairs)]
         dense = np.frombuffer(row.dense, "<f4") if row.dense else None
+        if dense is not None and span is not None:
+            dense = place_dense(dense, span, dim)
         return cls(row.device_id, row.num_examples, SeedUpdate(pairs, row.scale, dense))
+
+
+def span_length(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
+
+
+def place_dense(dense: np.ndarray, span: tuple[int, int], dim: int) -> np.ndarray:
+    """A dense change of `span` alone as the float32 change of the whole adapter: zero off the span
+    (docs/protocol.md, Aggregation: D sums the placed parts)."""
+    if dense.shape[0] != span_length(span) or not 0 <= span[0] < span[1] <= dim:
+        raise ValueError(f"a dense part of {dense.shape[0]} values does not fill [{span[0]}, {span[1]}) of {dim}")
+    placed = np.zeros(dim, np.float32)
+    placed[span[0] : span[1]] = dense
+    return placed
 
 
 class Strategy(Protocol):

@@ -72,6 +72,12 @@ class Method:
     # hyperparameters) and how the coordinator turns the round's answers into the next adapter.
     dense_length: Callable[[dict], int] | None = None
     coordinator_aggregate: Callable | None = None  # (global, [dense], hparams, layout) -> next global
+    # A method whose `dense` is a change of one span [start, stop) of the adapter only (hybrid: its head) says
+    # which, from the task's hyperparameters; the update carries those stop - start values, placed there.
+    dense_span: Callable[[dict], tuple[int, int]] | None = None
+    # Task hyperparameters the coordinator computes from the bundle's adapter layout for every task of a job
+    # (hybrid: where its head lies, and the block its directions keep to).
+    layout_hparams: Callable | None = None  # (AdapterLayout) -> dict
     selectable: bool = True  # a job's --method; False: only the coordinator schedules it (class-stats)
     # The device labels its data with a teacher program first (fedkd): the job names the teacher by its
     # program's sha256 (`coordinator serve --teacher-bundle`), the task carries it as `teacher_sha256`.

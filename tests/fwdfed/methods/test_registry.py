@@ -22,6 +22,8 @@ def test_each_method_checks_its_task_hyperparameters(name):
             "kind": method.default_kind} | {h.name: h.default for h in method.hparams}
     if method.needs_teacher:  # the job names its teacher's program (coordinator serve --teacher-bundle)
         good["teacher_sha256"] = "0" * 64
+    if method.layout_hparams:  # what the coordinator computes from the layout (hybrid: where the head lies)
+        good |= {"num_classes": 2, "feature_dim": 4, "head_start": 10, "block_start": 0, "block_end": 10}
     method.config.from_hparams(good)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         method.config.from_hparams(good | {"lr": -1.0})

@@ -6,7 +6,8 @@ import java.util.List;
  * The forward-only methods this device runs, by the name a task's `method` gives
  * (fwdfed/methods/: mezo, fwdgrad, onesided, fzoo). The others are refused by name: the dense
  * baselines (backprop, class-stats) need autograd or a features method the Java device does not
- * run, and fedkd needs a teacher program it does not load (tests/android_demo/test_methods_registry.py
+ * run, fedkd needs a teacher program it does not load, and hybrid needs the program's features
+ * method (its exact head step) and a dense upload of the head (tests/android_demo/test_methods_registry.py
  * checks that this list and this comment keep in step with the Python registry).
  */
 public final class Methods {
