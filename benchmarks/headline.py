@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
+from fwdfed import methods
+from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries
 from fwdfed.errors import UserError
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
@@ -109,12 +111,13 @@ def main(argv=None, task: str = "agnews") -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="processes the devices share (default 1: they take turns, each call with all the cores)")
     parser.add_argument("--rounds", type=int, default=3, help="training rounds after the head init")
-    parser.add_argument("--method", default="fzoo")
+    parser.add_argument("--method", default="fzoo", choices=methods.names(selectable_only=True))
     parser.add_argument("--local-steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--head-lr", type=float, help="hybrid: the exact head step's learning rate (serve's default)")
     parser.add_argument("--seed-pool", type=int, help="serve's --seed-pool K (FedKSeed): at most K sums a round, "
                         "so a task's seed-form history stays small whatever the steps (docs/protocol.md)")
     parser.add_argument("--head-init", choices=("lda", "none"), default="lda")
@@ -146,8 +149,13 @@ def main(argv=None, task: str = "agnews") -> int:
     training = ["--method", args.method, "--local-steps", str(args.local_steps), "--lr", str(args.lr), "--eps",
                 str(args.eps), "--directions", str(args.directions), "--head-init", args.head_init,
                 "--lda-shrinkage", str(args.lda_shrinkage)]
-    if args.method in ("mezo", "fzoo"):
+    own = {h.name for h in methods.get(args.method).hparams}  # the method's own flags, where it has them
+    if keys.SCHEDULE in own:
         training += ["--schedule", args.schedule]
+    if args.head_lr is not None:
+        if keys.HEAD_LR not in own:
+            raise UserError(f"--head-lr is for a method with an exact head step (hybrid), not {args.method}")
+        training += ["--head-lr", str(args.head_lr)]
     if args.seed_pool is not None:
         training += ["--seed-pool", str(args.seed_pool)]
     spec = JobSpec(bundle=bundle, data=data, rounds=args.rounds, training=training,

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from coordinator import bundle_keys, serve_cli
+from coordinator import bundle_keys, serve_args, serve_cli
 from coordinator.dashboard import cli as dashboard_cli
 from coordinator.job import JobOptions
 from coordinator.serve_cli import full_bundle, tls_context
@@ -63,7 +63,7 @@ def parse_args(argv):
     bundle_keys.add_commands(commands)
     args = parser.parse_args(argv)
     dashboard_cli.check(parser, args)
-    serve_cli.check(parser, args)
+    serve_args.check(parser, args)
     return args
 
 

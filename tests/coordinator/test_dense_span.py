@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.__main__ import parse_args
 from coordinator.admission import Limits
-from coordinator.serve_cli import job_hparams, job_options, round_blocks
+from coordinator.serve_args import job_hparams, job_options, round_blocks
 from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import open_store
 from coordinator.strategies import AcceptedUpdate, SeedFedAvg
