@@ -90,11 +90,17 @@ def sample_rows(source: Path, out: Path, rows: int, seed: int = 0) -> Path:
     return out
 
 
-def arm_flags(task: Task, arm: str) -> list[str]:
+def arm_flags(task: Task, arm: str, lr: float | None = None, local_steps: int | None = None) -> list[str]:
+    """The arm's training flags on this task; `lr`, `local_steps`: in place of the arm's own (a setting chosen
+    on the training rows' own split, benchmarks.tune; a length matched to another arm's wall time)."""
     flags = list(ARMS[arm])
-    if task.lr_scale != 1.0:
-        i = flags.index("--lr")
+    i = flags.index("--lr")
+    if lr is not None:
+        flags[i + 1] = f"{lr:g}"
+    elif task.lr_scale != 1.0:
         flags[i + 1] = f"{float(flags[i + 1]) * task.lr_scale:g}"
+    if local_steps is not None:
+        flags[flags.index("--local-steps") + 1] = str(local_steps)
     if task.num_labels:
         flags += ["--head-init", "none" if arm == "mezo-no-head-init" else "lda"]
     return flags
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), help="default: every arm the task has")
     parser.add_argument("--bundle", type=Path, help="an exported bundle of the task's model (default: export one)")
     parser.add_argument("--rounds", type=int, help="training rounds per arm (default: the task's)")
+    parser.add_argument("--lr", type=float, help="every arm's learning rate (default: each arm's own)")
+    parser.add_argument("--local-steps", type=int, help="every arm's local steps a round (default: each arm's own)")
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1,
                         help="processes the devices share (default 1: they take turns, so that each program call "
@@ -133,7 +141,8 @@ def main(argv=None) -> int:
                "workers": args.workers, "export_seconds": time.time() - started, "arms": earlier.get("arms", {}),
                "commands": [*earlier.get("commands", []), command]}
     for arm in args.arms or task.arms:
-        spec = JobSpec(bundle=bundle, data=task.data, rounds=args.rounds or task.rounds, training=arm_flags(task, arm),
+        spec = JobSpec(bundle=bundle, data=task.data, rounds=args.rounds or task.rounds,
+                       training=arm_flags(task, arm, args.lr, args.local_steps),
                        data_flags=task.data_flags, devices=args.devices, workers=args.workers, split=args.split,
                        alpha=args.alpha)
         figures = run_job(spec, out / arm)

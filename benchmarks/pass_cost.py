@@ -1,10 +1,11 @@
-"""python -m benchmarks.pass_cost --bundle B --data D: one forward-only pass through the top against the whole model.
+"""python -m benchmarks.pass_cost --bundle B [B ...] --data D: one forward-only pass through the top against the whole model.
 
 A split bundle (`python -m export --adapter-blocks top:K`) can score a batch two ways: `forward`,
 the whole program, or `top` on the prefix states the device keeps. Both are timed side by side on
 the same batches and adapter vectors, interleaved (whole, top, whole, top, ...) so that the
 machine's noise falls on both alike, and the median milliseconds per pass (one batch, one adapter
 vector) and their ratio are printed; the prefix's own cost, paid once per batch, beside them.
+Several bundles (the same model cut at top:1 and top:2) are measured one after another in one run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,7 @@ def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -
                 runs.append(1e3 * (time.perf_counter() - began) / p)
     whole, top = statistics.median(whole_ms), statistics.median(top_ms)
     return {"bundle": str(bundle_dir), "batch_size": size, "seq_len": m.inputs.seq_len, "adapters_per_call": p,
-            "split": m.program.split, "whole_ms_per_pass": whole, "top_ms_per_pass": top,
+            "split": asdict(m.program.split), "whole_ms_per_pass": whole, "top_ms_per_pass": top,
             "whole_over_top": whole / top, "prefix_ms_per_batch": statistics.median(prefix_ms),
             "calls_timed": len(whole_ms)}
 
@@ -62,7 +64,7 @@ def measure(bundle_dir: Path, data: Path, repeats: int = 10, batches: int = 4) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pass_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, nargs="+", required=True, help="split bundles, measured in turn")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, help="also write the figures here (JSON)")
@@ -70,13 +72,18 @@ def main(argv=None) -> int:
     quiet_libraries()
     if args.repeats < 1:
         raise UserError("--repeats must be at least 1")
-    figures = measure(args.bundle, args.data, args.repeats)
-    print(f"one pass (batch {figures['batch_size']} x {figures['seq_len']}, {figures['adapters_per_call']} adapter "
-          f"vectors a call): whole model {figures['whole_ms_per_pass']:.1f} ms, top "
-          f"{figures['top_ms_per_pass']:.2f} ms ({figures['whole_over_top']:.1f}x cheaper); the prefix, once per "
-          f"batch: {figures['prefix_ms_per_batch']:.0f} ms")
+    every = []
+    for bundle in args.bundle:
+        figures = measure(bundle, args.data, args.repeats)
+        split = figures["split"]
+        print(f"{bundle} ({split['adapted_blocks']} of {split['frozen_blocks'] + split['adapted_blocks']} blocks "
+              f"adapted), one pass (batch {figures['batch_size']} x {figures['seq_len']}, "
+              f"{figures['adapters_per_call']} adapter vectors a call): whole model {figures['whole_ms_per_pass']:.1f} "
+              f"ms, top {figures['top_ms_per_pass']:.2f} ms ({figures['whole_over_top']:.1f}x cheaper); the prefix, "
+              f"once per batch: {figures['prefix_ms_per_batch']:.0f} ms", flush=True)
+        every.append(figures)
     if args.out:
-        args.out.write_text(json.dumps(figures, indent=2))
+        args.out.write_text(json.dumps(every[0] if len(every) == 1 else every, indent=2))
     return 0
 
 

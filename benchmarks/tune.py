@@ -3,8 +3,8 @@
 The held-out rows of a job (every 10th row of the file, `runtime.data.split`) are never read
 here. The training rows are split again the same way: every 10th of them is this command's
 validation set, the rest are dealt to the emulated devices. Each setting of the grid runs the
-job's shape in one process, through the bundle's ExecuTorch program: the class-statistics head
-(the same closed form as `--head-init lda`), then rounds in which every device takes its local
+job's shape in one process, through the bundle's ExecuTorch program: for a classifier the class-statistics
+head (the same closed form as `--head-init lda`; a causal LM starts from the initial adapter), then rounds in which every device takes its local
 steps from the global adapter and the global adapter moves by their example-weighted mean change
 (the coordinator's rule at server lr 1). It prints, per setting and round, the validation loss
 and accuracy and the forward passes spent, and writes them to --out as JSON: the grid, the
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fwdfed import task_keys as keys
+from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.cli import quiet_libraries, run_main
 from fwdfed.errors import UserError
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
@@ -78,12 +79,21 @@ class TuningSplit:
                 self.prefix_passes += cache_prefix_states(engine, batches, folder).passes
 
 
-def validate(engine, batches, adapter) -> dict:
+def validate(engine, batches, adapter, classifier: bool) -> dict:
+    """The validation loss, and a classifier's accuracy."""
     from fwdfed.methods.estimate import mean_loss
 
+    loss = mean_loss(engine, batches, adapter)
+    if not classifier:
+        return {"loss": loss}
     correct = sum(float(((engine.logits(b, adapter).argmax(-1) == b.labels.numpy()) * b.weights).sum())
                   for b in batches)
-    return {"loss": mean_loss(engine, batches, adapter), "accuracy": correct / sum(b.num_examples for b in batches)}
+    return {"loss": loss, "accuracy": correct / sum(b.num_examples for b in batches)}
+
+
+def describe(figures: dict) -> str:
+    return f"validation loss {figures['loss']:.4f}" + (f", accuracy {figures['accuracy']:.4f}"
+                                                        if "accuracy" in figures else "")
 
 
 def lda_start(engine, bundle, split: TuningSplit, shrinkage: float) -> np.ndarray:
@@ -110,7 +120,7 @@ def base_hparams(method, local_steps: int, layout) -> dict:
 
 
 def run_setting(engine, method, start, split: TuningSplit, setting: dict, rounds: int, local_steps: int,
-                seed: int, log, layout, options=None) -> list[dict]:
+                seed: int, log, layout, classifier: bool, options=None) -> list[dict]:
     """The job's rounds at one setting: validation figures after each, and the passes spent. With `options`
     (a job's, coordinator.job.JobOptions) asking for per-tensor scales, each round's tasks carry the ones the
     coordinator would make from the round's base adapter, by the coordinator's own function."""
@@ -131,10 +141,9 @@ def run_setting(engine, method, start, split: TuningSplit, setting: dict, rounds
             changes.append(optimizer.adapter.astype(np.float64) - adapter)
         weights = np.array(split.examples, np.float64) / sum(split.examples)
         adapter = (adapter + np.tensordot(weights, np.stack(changes), 1)).astype(np.float32)
-        figures = validate(engine, split.validation, adapter)
+        figures = validate(engine, split.validation, adapter, classifier)
         curve.append({"round": r, "forward_passes": passes, "seconds": time.perf_counter() - began, **figures})
-        log(f"  {setting} round {r}: validation loss {figures['loss']:.4f}, accuracy {figures['accuracy']:.4f} "
-            f"({passes:,} passes, {curve[-1]['seconds']:.0f} s)")
+        log(f"  {setting} round {r}: {describe(figures)} ({passes:,} passes, {curve[-1]['seconds']:.0f} s)")
     return curve
 
 
@@ -183,17 +192,21 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fwdfed-tune-") as cache:
         split = TuningSplit(bundle, args.data, args.devices, engine, Path(cache), args.max_validation)
-        start = lda_start(engine, bundle, split, args.lda_shrinkage)
-        head = validate(engine, split.validation, start)
-        print(f"head alone (LDA, shrinkage {args.lda_shrinkage:g}): validation loss {head['loss']:.4f}, accuracy "
-              f"{head['accuracy']:.4f} ({sum(split.examples)} training rows, "
+        # A classifier's rounds start from the class-statistics head, as the job's do; a causal LM's from the
+        # initial adapter.
+        classifier = bundle.manifest.task == SEQ_CLS
+        start = lda_start(engine, bundle, split, args.lda_shrinkage) if classifier else bundle.initial_adapter()
+        head = validate(engine, split.validation, start, classifier)
+        print(f"{f'head alone (LDA, shrinkage {args.lda_shrinkage:g})' if classifier else 'initial adapter'}: "
+              f"{describe(head)} ({sum(split.examples)} training rows, "
               f"{sum(b.num_examples for b in split.validation)} validation rows)", flush=True)
         results = []
         for setting in grid:
             curve = run_setting(engine, method, start, split, setting, args.rounds, args.local_steps, args.seed,
-                                lambda line: print(line, flush=True), bundle.manifest.layout, options)
+                                lambda line: print(line, flush=True), bundle.manifest.layout, classifier,
+                                options)
             results.append({"setting": setting, "curve": curve})
-    best = max(results, key=lambda r: (r["curve"][-1]["accuracy"], -r["curve"][-1]["loss"])) if results else None
+    best = max(results, key=lambda r: (r["curve"][-1].get("accuracy", 0.0), -r["curve"][-1]["loss"])) if results else None
     record = {"command": "python -m benchmarks.tune " + " ".join(sys.argv[1:] if argv is None else argv),
               "method": args.method, "tensor_scale": args.tensor_scale,
               "tensor_scale_floor": args.tensor_scale_floor if args.tensor_scale != "none" else None, "rounds": args.rounds, "local_steps": args.local_steps, "devices": args.devices,
@@ -202,8 +215,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
     if best:
-        print(f"best by final validation accuracy: {best['setting']} ({best['curve'][-1]['accuracy']:.4f}); "
-              f"{record['seconds'] / 60:.1f} min in all; {args.out}")
+        print(f"best by final validation {'accuracy, then ' if classifier else ''}loss: {best['setting']} "
+              f"({describe(best['curve'][-1])}); {record['seconds'] / 60:.1f} min in all; {args.out}")
     return 0
 
 

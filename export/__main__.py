@@ -47,7 +47,7 @@ def parse_args(argv):
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--adapter-blocks", default="all", metavar="all|top:K",
                         help="LoRA on every block (all, the default), or on the top K only (top:K; encoder "
-                             "classifiers): the program is then split into a frozen prefix the device runs once per "
+                             "classifiers and LLaMA-family causal LMs): the program is then split into a frozen prefix the device runs once per "
                              "example and an adapted top every forward-only pass runs (docs/adapters.md)")
     parser.add_argument("--target-modules", help="comma-separated module names (default: peft's for the architecture)")
     parser.add_argument("--num-virtual-tokens", type=int, default=8,

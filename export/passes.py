@@ -23,6 +23,7 @@ from fwdfed.model.base_model import PRESETS, infer_task, write_preset
 from fwdfed.model.emulator import num_layers_of
 from fwdfed.model.program import LogitsProgram, LossProgram, PredictProgram, peft_reference_loss, trainable_layout
 from fwdfed.model.split import SplitError, SplitPrograms
+from fwdfed.model.split_decoder import DecoderTopProgram
 
 
 class VerificationError(UserError):
@@ -72,9 +73,6 @@ def hidden_size_of(model_config) -> int:
 
 def top_blocks_adapter(spec: ExportSpec, task: str, model_config) -> AdapterSpec:
     """The adapter on the model's top `spec.top_blocks` blocks (peft's layers_to_transform)."""
-    if task != SEQ_CLS:
-        raise SplitError("--adapter-blocks top:K splits encoder classifiers (BERT, DistilBERT); a causal LM "
-                         "splits into stages with --stream")
     blocks = num_layers_of(model_config.to_dict())
     if spec.top_blocks > blocks:
         raise SplitError(f"--adapter-blocks top:{spec.top_blocks}: the model has {blocks} blocks")
@@ -158,7 +156,9 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
         methods["features"] = export(features_program, (batch["input_ids"], batch["attention_mask"], adapters[:1]),
                                      strict=False)
     if split is not None:  # the frozen bottom once per example, the adapted top once per adapter vector
-        prefix, top, top_features = split
+        prefix, top, top_features, _ = split
+        if isinstance(top, DecoderTopProgram):
+            top.max_perturbations = max_perturbations  # a causal LM's top takes its loss in chunks too
         methods["prefix"] = export(prefix, (batch["input_ids"], batch["attention_mask"]), strict=False)
         with torch.no_grad():
             hidden = prefix(batch["input_ids"], batch["attention_mask"])
@@ -166,7 +166,9 @@ def lower(loss_program: LossProgram, predict_program: PredictProgram, batch: dic
             top, (hidden, batch["attention_mask"], batch["labels"], adapters[:max_perturbations]),
             dynamic_shapes={"hidden": None, "attention_mask": None, "labels": None, "adapters": perturbations},
             strict=False)
-        methods["top_features"] = export(top_features, (hidden, batch["attention_mask"], adapters[:1]), strict=False)
+        if top_features is not None:
+            methods["top_features"] = export(top_features, (hidden, batch["attention_mask"], adapters[:1]),
+                                             strict=False)
     # Dynamic-weight matmuls (the adapter's) are only delegated with force_non_static_weights.
     # The causal-LM loss's chunks go first, each to a delegate of its own, run in turn (export.loss_chunks).
     options = {"force_non_static_weights_for_f32_linear": True}

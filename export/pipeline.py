@@ -84,9 +84,9 @@ def export_whole(spec: ExportSpec, log) -> Manifest:
     logits_program = LogitsProgram(loss_program.model, loss_program.binding) if spec.distillation else None
     split = split_programs(loss_program.model, layout, loss_program.binding) if spec.top_blocks else None
     if split is not None:
-        log(f"      split: blocks 0-{split.prefix.frozen - 1} frozen (the prefix, once per example), "
-            f"{len(split.top.parts.layers) - split.prefix.frozen} adapted (the top, every pass; the last for the "
-            "first row only)")
+        log(f"      split: {split.frozen} block(s) frozen (the prefix, once per example), "
+            f"{split.num_blocks - split.frozen} adapted (the top, every pass"
+            f"{'; the last for the first row only' if split.top_features is not None else ''})")
     peft_config = (json.loads(json.dumps(peft_model.peft_config[PEFT_ADAPTER_NAME].to_dict(), default=list))
                    if spec.adapter.kind != "bitfit" else None)
 

@@ -20,7 +20,8 @@ SST2 = SHARED / "data" / "sst2" / "train.tsv"
 
 # Tests that need an exported program or real processes: `pytest -m "not slow"` is the fast lane.
 SLOW_FIXTURES = {"stories_bundle", "tiny_llama_bundle", "stories_prompt_bundle", "prompt_learning_bundle",
-                 "offsite_bundles", "split_bundle", "minilm_split_bundle", "distilbert_bundle"}
+                 "offsite_bundles", "split_bundle", "minilm_split_bundle", "stories_split_bundle",
+                 "distilbert_bundle"}
 SLOW_FOLDERS = {"integration", "android_demo"}
 
 
@@ -126,6 +127,19 @@ def split_bundle(tmp_path_factory) -> Path:
     return exported_once(tmp_path_factory, "split", lambda f: export_bundle(
         f, "--preset", "tiny-distilbert", "--num-labels", "2", "--adapter-blocks", "top:1", "--batch-size", "4",
         "--seq-len", "32", "--max-perturbations", "5", timeout=1200))
+
+
+# stories260K (5 blocks) with LoRA on its top 2, split into prefix and top; small shapes: the causal LM's
+# split tests and its federated job share one export.
+STORIES_SPLIT_FLAGS = ("--adapter-blocks", "top:2", "--batch-size", "2", "--seq-len", "32", "--max-perturbations", "4")
+
+
+@pytest.fixture(scope="session")
+def stories_split_bundle(tmp_path_factory) -> Path:
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is not here")
+    return exported_once(tmp_path_factory, "stories-split", lambda f: export_bundle(
+        f, "--model", str(STORIES), *STORIES_SPLIT_FLAGS, timeout=1200))
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ class Quantization:
 
 @dataclass(frozen=True)
 class Split:
-    """A classifier cut into a frozen prefix (once per example) and an adapted top (every pass)."""
+    """A classifier or causal LM cut into a frozen prefix (once per example) and an adapted top (every pass)."""
     frozen_blocks: int
     adapted_blocks: int
     hidden_size: int

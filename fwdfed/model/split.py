@@ -1,4 +1,6 @@
 """The prefix/top split of an encoder classifier: what cannot change is computed once.
+(A LLaMA-family causal LM splits the same way, with its own prefix and top: fwdfed.model.split_decoder;
+`split_programs` builds whichever the model is.)
 
 With the adapter on the top K blocks only (`python -m export --adapter-blocks top:K`), every
 forward-only pass would recompute the embeddings and the frozen blocks below the first adapted
@@ -35,10 +37,14 @@ from fwdfed.bundle.schema import Split
 from fwdfed.bundle.tasks import SEQ_CLS
 from fwdfed.model.loss import per_example_loss
 from fwdfed.model.program import BatchedLoraLinear
+from fwdfed.model.split_decoder import DecoderPrefixProgram, DecoderTopProgram
+from fwdfed.model.stages import llama_decoder
 
 # The adapter tensors a split may train: in an encoder block, or the classification head.
 _BLOCK = re.compile(r"\.layer\.(\d+)\.")
 _HEAD = ("classifier", "pre_classifier")  # DistilBERT trains its pre-classifier too (peft)
+# A decoder's: in a decoder layer. (The LM head is tied to the embedding the prefix reads.)
+_DECODER_BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
 
 class SplitError(ValueError):
@@ -56,8 +62,8 @@ class EncoderClassifier:
             self.kind, self.backbone = "distilbert", hf_model.distilbert
             self.layers = list(hf_model.distilbert.transformer.layer)
         else:
-            raise SplitError(f"the prefix/top split is written for BERT and DistilBERT classifiers, not "
-                             f"{type(hf_model).__name__}")
+            raise SplitError(f"the prefix/top split is written for BERT and DistilBERT classifiers and LLaMA-family "
+                             f"causal LMs, not {type(hf_model).__name__}")
         self.model = hf_model
         self.num_heads = hf_model.config.num_attention_heads if self.kind == "bert" else hf_model.config.n_heads
 
@@ -139,15 +145,18 @@ def mask_bias(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor
     return (1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min
 
 
-def first_adapted_block(layout: AdapterLayout, num_blocks: int) -> int:
-    """The lowest block any adapter tensor is in; SplitError if a tensor is neither in a block nor the head."""
+def first_adapted_block(layout: AdapterLayout, num_blocks: int, block: re.Pattern = _BLOCK,
+                        head: tuple[str, ...] = _HEAD) -> int:
+    """The lowest block any adapter tensor is in (`block` finds a tensor's block number in its name); SplitError
+    if a tensor is neither in a block nor in one of the `head` modules."""
     blocks = []
     for t in layout.tensors:
-        found = _BLOCK.search(t.name)
+        found = block.search(t.name)
         if found:
             blocks.append(int(found.group(1)))
-        elif not any(part in t.name.split(".") for part in _HEAD):
-            raise SplitError(f"adapter tensor {t.name} is below the encoder's blocks: nothing can be computed once")
+        elif not any(part in t.name.split(".") for part in head):
+            raise SplitError(f"adapter tensor {t.name} is outside the model's blocks: the split's top trains the "
+                             "top blocks" + (" and the head" if head else ""))
     return min(blocks, default=num_blocks)
 
 
@@ -206,21 +215,32 @@ class TopFeaturesProgram(nn.Module):
 
 
 class SplitPrograms(NamedTuple):
-    prefix: PrefixProgram
-    top: TopProgram
-    top_features: TopFeaturesProgram
+    prefix: PrefixProgram | DecoderPrefixProgram
+    top: TopProgram | DecoderTopProgram
+    top_features: TopFeaturesProgram | None  # a classifier's; a causal LM has no head statistics
+    num_blocks: int
+
+    @property
+    def frozen(self) -> int:
+        return self.prefix.frozen
 
     def record(self, hidden_size: int) -> Split:
         """What the manifest says of the split (`program.split`): where it is cut, and the states kept."""
-        frozen = self.prefix.frozen
-        return Split(frozen_blocks=frozen, adapted_blocks=len(self.top.parts.layers) - frozen,
+        return Split(frozen_blocks=self.frozen, adapted_blocks=self.num_blocks - self.frozen,
                      hidden_size=hidden_size, states_dtype="float16")
 
 
 def split_programs(model: nn.Module, layout: AdapterLayout, binding) -> SplitPrograms:
-    """The prefix, top and top_features programs of the batched model (`fwdfed.model.program.batched_model`)."""
+    """The prefix and top programs of the batched model (`fwdfed.model.program.batched_model`), and a
+    classifier's top_features."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = llama_decoder(hf)
+    if decoder is not None:
+        blocks = len(decoder.layers)
+        frozen = first_adapted_block(layout, blocks, _DECODER_BLOCK, ())
+        return SplitPrograms(DecoderPrefixProgram(hf, decoder, frozen), DecoderTopProgram(hf, decoder, frozen, binding),
+                             None, blocks)
     parts = EncoderClassifier(hf)
     frozen = first_adapted_block(layout, len(parts.layers))
     top = TopProgram(parts, frozen, binding)
-    return SplitPrograms(PrefixProgram(parts, frozen), top, TopFeaturesProgram(top))
+    return SplitPrograms(PrefixProgram(parts, frozen), top, TopFeaturesProgram(top), len(parts.layers))

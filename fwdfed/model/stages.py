@@ -53,6 +53,25 @@ def rebind(module: nn.Module, binding: AdapterBinding) -> None:
             m.binding = binding
 
 
+def layer_inputs(rotary_emb: nn.Module, config, x: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """What `LlamaModel.forward` passes each decoder layer beside hidden states x [N, L, H]: the causal mask
+    over `attention_mask` [N, L] and the rotary embedding of positions 0..L-1. The same for every layer of
+    one forward, so a run of several layers builds them once."""
+    position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    causal = create_causal_mask(config=config, inputs_embeds=x, attention_mask=attention_mask, past_key_values=None,
+                                position_ids=position_ids)
+    return {"attention_mask": causal, "position_embeddings": rotary_emb(x, position_ids=position_ids),
+            "position_ids": position_ids}
+
+
+def llama_decoder(hf_model: nn.Module) -> nn.Module | None:
+    """The decoder (embed_tokens, layers, norm, rotary_emb) of a LLaMA-family causal LM, or None."""
+    decoder = getattr(hf_model, "model", None)
+    if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    return decoder
+
+
 class EmbedStage(nn.Module):
     def __init__(self, embed_tokens: nn.Module):
         super().__init__()
@@ -73,12 +92,7 @@ class BlockStage(nn.Module):
         p, b, length, width = hidden.shape
         self.binding.adapters = adapters
         x = hidden.reshape(p * b, length, width)
-        mask = attention_mask.repeat(p, 1)
-        position_ids = torch.arange(length, device=x.device).unsqueeze(0)
-        causal = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=mask, past_key_values=None,
-                                    position_ids=position_ids)
-        out = self.layer(x, attention_mask=causal, position_embeddings=self.rotary_emb(x, position_ids=position_ids),
-                         position_ids=position_ids)
+        out = self.layer(x, **layer_inputs(self.rotary_emb, self.config, x, attention_mask.repeat(p, 1)))
         return out.reshape(p, b, length, width)
 
 
@@ -123,8 +137,8 @@ def split_into_stages(model: nn.Module, layout: AdapterLayout, max_perturbations
     embedding, every decoder layer, the head. Adapter tensors outside the decoder layers (LoRA on
     the LM head or the embedding) are refused: those stages take no adapter."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(hf, "model", None)
-    if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+    decoder = llama_decoder(hf)
+    if decoder is None:
         raise NotImplementedError(f"streaming takes LLaMA-family decoders (embed_tokens, layers, norm, rotary_emb); "
                                   f"{type(hf).__name__} is not one")
     layer_prefix = layer_prefix_of(layout)

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.tune import main, parse_grid, settings
 from fwdfed.errors import UserError
-from tests.conftest import SST2
+from tests.conftest import SST2, TINYSTORIES
 
 
 def test_the_grid_is_every_combination_of_the_values_given():
@@ -31,6 +31,18 @@ def test_a_grid_runs_the_jobs_shape_and_records_each_settings_curve(tmp_path, sp
         assert [c["forward_passes"] for c in curve] == [30, 60]
         assert all(0 <= c["accuracy"] <= 1 and c["loss"] > 0 for c in curve)
     assert record["best"] in [r["setting"] for r in record["results"]] and record["prefix_passes"] > 0
+
+
+def test_a_causal_lm_is_tuned_from_its_initial_adapter_by_the_validation_loss(tmp_path, stories_split_bundle):
+    out = tmp_path / "tune.json"
+    assert main(["--bundle", str(stories_split_bundle), "--data", str(TINYSTORIES), "--method", "fzoo", "--grid",
+                 "lr=1e-4,1e-1", "directions=2", "--rounds", "1", "--local-steps", "3", "--devices", "2",
+                 "--max-validation", "16", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["head"]) == {"loss"} and record["prefix_passes"] > 0  # no head round, no accuracy
+    finals = {r["setting"]["lr"]: r["curve"][-1]["loss"] for r in record["results"]}
+    assert finals[1e-4] != finals[1e-1]
+    assert record["best"]["lr"] == min(finals, key=finals.get)
 
 
 def test_a_bad_setting_is_refused_before_any_work(tmp_path, split_bundle):
