@@ -43,8 +43,9 @@ class DeviceProgram:
         try:
             self.engine, self.crashed = load_engine(self.bundle, self.config.isolate_load), None
         except ProgramCrashed as e:
+            if self.crashed is None:  # a retry's crash is in its decline's line instead
+                log.error("%s: %s; declining tasks until the bundle is replaced", self.config.device_id, e)
             self.crashed = str(e)
-            log.error("%s: %s; declining tasks until the bundle is replaced", self.config.device_id, e)
         return self.engine
 
     def for_task(self, task_id: str):
