@@ -85,7 +85,7 @@ def check_in_child(bundle: Bundle, timeout_s: float = CHECK_TIMEOUT_S) -> Verdic
         try:
             os.close(read)
             try:
-                _fresh_threadpool()
+                _fresh_threadpools()
                 exercise(bundle)
                 message = OK
             except Exception as e:  # any Python-level refusal is the verdict
@@ -112,13 +112,15 @@ def check_in_child(bundle: Bundle, timeout_s: float = CHECK_TIMEOUT_S) -> Verdic
     return Verdict(outcome, detail, seconds, peak)
 
 
-def _fresh_threadpool() -> None:
-    """In the child: the runtime's thread pool anew, as large as the parent's. Fork copies the pool but not
-    its worker threads, so a child of a parent that had run a program waited forever on the first
-    parallel kernel (MiniLM's, seen here)."""
+def _fresh_threadpools() -> None:
+    """In the child: thread pools that work after fork. Fork copies a pool but not its worker threads, so a
+    child of a parent that had run a program waited forever on its first parallel kernel (MiniLM's
+    prefix, seen here): the runtime's own pool is made anew, as large as the parent's, and the kernels
+    that run through torch's OpenMP pool, which cannot be made anew, run on the child's one thread."""
     from executorch.extension.pybindings import _C
 
     _C._unsafe_reset_threadpool(_C._threadpool_get_thread_count())
+    torch.set_num_threads(1)
 
 
 def _read_until_closed(fd: int, timeout_s: float) -> bytes | None:
