@@ -133,8 +133,10 @@ class Device(Trainer):
                           f"within {self.config.connect_timeout_s:g} s ({last_error})")
 
     def train_with_program(self, task: protocol.Task) -> protocol.Update:
-        """`train`, on the program loaded now if it crashed the child before (the bundle read again)."""
-        if self.engine is None:
+        """`train`, on the program loaded now if it crashed the child before (the bundle read again), or loaded
+        since by another device sharing it. A device made with `load_program` False and no engine set trains
+        on none (a test's stand-in `train`)."""
+        if self.engine is None and (self.program.crashed is not None or self.program.engine is not None):
             self.engine = self.program.for_task(task.task_id)
         return self.train(task)
 
