@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from device_sdk.program import DeviceProgram, ProgramUnavailable
 from device_sdk.setup import DeviceConfig, DeviceError, set_up
 from device_sdk.training import HistoryMismatch, Trainer
 from fwdfed import handshake, protocol
@@ -36,10 +37,13 @@ class Device(Trainer):
                  train_lock: asyncio.Lock | None = None, load_program: bool = True):
         """`engine` and `train_lock` may be shared by logical devices multiplexed in one process
         (the emulator's --workers): one loaded program, one training step at a time. `load_program`
-        False leaves `engine` for the caller to set (after every device's teacher has been freed)."""
+        False leaves `engine` and `program` for the caller to set (after every device's teacher has been freed).
+        A program that crashed the child that tried it leaves `engine` None: the device declines its tasks."""
         setup = set_up(config)  # before the program is loaded: the teacher's phase and the plan come first
-        super().__init__(config, setup, engine or (ProgramEngine.for_bundle(setup.bundle) if load_program else None))
+        self.program = DeviceProgram(config, setup.bundle, setup.trust_key)
+        super().__init__(config, setup, engine or (self.program.load() if load_program else None))
         self.train_lock = train_lock
+        self.declined: set[str] = set()  # tasks declined while the program could not be loaded, until their ack
         self.tasks_done = 0
         self.resyncs = 0  # histories that did not replay to their task's sha256 (the dense adapter came instead)
 
@@ -128,6 +132,14 @@ class Device(Trainer):
         raise DeviceError(f"cannot reach the coordinator at {self.config.coordinator} "
                           f"within {self.config.connect_timeout_s:g} s ({last_error})")
 
+    def train_with_program(self, task: protocol.Task) -> protocol.Update:
+        """`train`, on the program loaded now if it crashed the child before (the bundle read again), or loaded
+        since by another device sharing it. A device made with `load_program` False and no engine set trains
+        on none (a test's stand-in `train`)."""
+        if self.engine is None and (self.program.crashed is not None or self.program.engine is not None):
+            self.engine = self.program.for_task(task.task_id)
+        return self.train(task)
+
     async def run(self) -> int:
         """Serve tasks until the coordinator says the job is done; returns tasks completed."""
         while True:
@@ -160,16 +172,24 @@ class Device(Trainer):
                 message = self.task_adapter(message)
                 try:
                     if self.train_lock is None:
-                        update = await asyncio.to_thread(self.train, message)
+                        update = await asyncio.to_thread(self.train_with_program, message)
                     else:
                         async with self.train_lock:
-                            update = await asyncio.to_thread(self.train, message)
+                            update = await asyncio.to_thread(self.train_with_program, message)
                 except DeviceError as e:  # say so on the wire, so the task goes to another device at once
                     await ws.send(protocol.Decline(task_id=message.task_id, code="cannot_run",
                                                    reason=str(e)[: protocol.MAX_TEXT]).to_wire())
-                    raise
+                    if not isinstance(e, ProgramUnavailable):
+                        raise
+                    log.error("%s: declined: %s", self.config.device_id, e)
+                    self.declined.add(message.task_id)
+                    continue
                 self.keep(message)  # its adapter passed every check: the version this device holds now
                 await ws.send(update.to_wire())
+            elif isinstance(message, protocol.Ack) and message.task_id in self.declined:
+                self.declined.discard(message.task_id)
+                log.info("%s: decline of %s %s", self.config.device_id, message.task_id,
+                         "recorded" if message.accepted else f"refused: {message.reason}")
             elif isinstance(message, protocol.Ack):
                 self.tasks_done += message.accepted
                 log.info("%s: update %s %s", self.config.device_id, message.task_id,

@@ -58,6 +58,10 @@ def parse_args(argv):
     parser.add_argument("--trust-key", type=Path,
                         help="the operator's public key (trust_key.pem from `python -m coordinator keygen`): refuse a "
                              "bundle or teacher it did not sign (docs/security.md); without it bundles are unchecked")
+    parser.add_argument("--no-isolate-load", dest="isolate_load", action="store_false",
+                        help="load the program in the device's own process without first running it in a forked "
+                             "child: a program that crashes the runtime then takes the device with it "
+                             "(docs/security.md, Isolated loading)")
     from runtime.data import add_data_arguments, add_partition_arguments
 
     add_data_arguments(parser, "training data")
@@ -210,7 +214,7 @@ def main(argv=None) -> int:
                             connect_timeout_s=args.connect_timeout, seed=args.seed, **tokens.get(name, {}),
                             ca_file=str(args.ca_file) if args.ca_file else None, data_spec=spec, partition=how,
                             teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None,
-                            trust_key=str(args.trust_key) if args.trust_key else None)
+                            trust_key=str(args.trust_key) if args.trust_key else None, isolate_load=args.isolate_load)
                for i, name in enumerate(names)]
     if args.ray is None:
         groups = [(configs[w :: args.workers], profiles[w :: args.workers]) for w in range(args.workers)]

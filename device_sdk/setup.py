@@ -54,6 +54,9 @@ class DeviceConfig:
     # Keep the global adapter of the last task, and say so in the hello, so that tasks may bring the versions
     # since in seed form instead of the dense adapter (docs/protocol.md, Downlink in seed form).
     keep_adapter: bool = True
+    # Run the program once in a forked child before loading it (runtime.isolation): a program that crashes the
+    # runtime then costs the device its tasks, which it declines, not its process (docs/security.md).
+    isolate_load: bool = True
 
 
 @dataclass

@@ -18,15 +18,15 @@ async def serve_devices(configs: list, profiles: list, spec_seed: int) -> list[d
     """These logical devices, start to finish, sharing one loaded program and taking turns to train (each
     keeps its own shard, token, seeds and connection); each device's record (device_sdk.profiles)."""
     from device_sdk.profiles import ProfiledDevice
-    from runtime.engine import ProgramEngine
 
     lock = asyncio.Lock()
     # Every device labels its shard with its teacher (if given) before the shared student program is
     # loaded, so that no teacher is resident beside the student.
     devices = [ProfiledDevice(c, p, spec_seed, train_lock=lock, load_program=False) for c, p in zip(configs, profiles)]
-    engine = ProgramEngine.for_bundle(devices[0].bundle)
+    program = devices[0].program  # one check and one load for all; a crash leaves every device declining
+    engine = program.load()
     for d in devices:
-        d.engine = engine
+        d.program, d.engine = program, engine
     done = await asyncio.gather(*(d.run() for d in devices))
     return [d.record(tasks) for d, tasks in zip(devices, done)]
 

@@ -43,7 +43,9 @@ def setup(tmp_path):
 def config(bundle, trust_key, teacher=None) -> DeviceConfig:
     return DeviceConfig(device_id="trusting-0", coordinator="ws://127.0.0.1:9", bundle=str(bundle),
                         data=str(TINYSTORIES), shard_index=0, shard_count=1, trust_key=str(trust_key),
-                        teacher_bundle=str(teacher) if teacher else None)
+                        teacher_bundle=str(teacher) if teacher else None,
+                        # the load counted here is the device's own: a forked child's would count in the child
+                        isolate_load=False)
 
 
 def test_a_device_loads_the_program_of_a_bundle_signed_by_its_key(setup, loads):
