@@ -28,7 +28,6 @@ from fwdfed import task_keys as keys
 from fwdfed.batch import Batch
 from fwdfed.bundle.layout import AdapterLayout
 from fwdfed.bundle.tasks import IGNORE_INDEX
-from fwdfed.directions import block_direction
 from fwdfed.methods.base import Hparam, Method
 from fwdfed.methods.class_stats import MAX_CLASSES, MAX_FEATURES, classifier_tensors
 from fwdfed.methods.estimate import LocalRun, check_positive, draw_seeds, hparam, scheduled_steps, weighted_mean
@@ -96,7 +95,7 @@ class Hybrid:
     def step(self, batch: Batch, run: LocalRun, lr: float) -> None:
         c = self.config
         seeds = draw_seeds(self.rng, c.directions)
-        z = np.stack([block_direction(s, self.adapter.shape[0], c.kind, c.block) for s in seeds])
+        z = np.stack([c.direction(s, self.adapter.shape[0]) for s in seeds])  # the block, scaled if asked
         adapters = np.concatenate([self.adapter[None, :], self.adapter + c.eps * z])  # [n + 1, d]
         losses = weighted_mean(self.engine.losses(batch, adapters), batch.weights)
         # The head's input at the same w (the master itself goes in: no adapter copy).

@@ -89,6 +89,22 @@ def test_a_run_lowers_both_parts_and_its_pairs_and_head_span_replay_its_adapter(
     np.testing.assert_allclose(run.update.apply(start, "rademacher", (0, BODY)), optimizer.adapter, atol=1e-4)
 
 
+def test_with_per_tensor_scales_the_body_moves_along_the_scaled_directions():
+    """A job's --tensor-scale reaches the hybrid's directions as every method's: the pairs replayed with the
+    scales, and only with them, give the optimizer's body."""
+    from fwdfed.tensor_scale import check_ranges
+
+    engine = HeadOnFeatures(np.random.default_rng(1))
+    batch = Batch(None, None, engine.labels, np.ones(8, np.float32))
+    start = np.zeros(BODY + HEAD, np.float32)
+    scales = check_ranges([[0, 6, 3.0], [6, BODY, 0.25]])
+    optimizer = Hybrid(engine, start, config(scales=scales), np.random.default_rng(0))
+    run = optimizer.train([batch], steps=20)
+    replayed = run.update.apply(start, "rademacher", (0, BODY), scales)
+    np.testing.assert_allclose(replayed, optimizer.adapter, atol=1e-5)
+    assert not np.allclose(run.update.apply(start, "rademacher", (0, BODY))[:BODY], optimizer.adapter[:BODY], atol=1e-5)
+
+
 def test_one_step_is_fzoos_on_the_body_and_sgd_on_the_head_from_the_same_point():
     engine = HeadOnFeatures(np.random.default_rng(2))
     batch = Batch(None, None, engine.labels, np.ones(8, np.float32))
