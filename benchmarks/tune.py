@@ -138,7 +138,9 @@ def run_setting(engine, method, start, split: TuningSplit, setting: dict, rounds
             optimizer = method.make_optimizer(engine, adapter, config, np.random.default_rng([seed, r, d]))
             run = optimizer.train(rotated, local_steps)
             passes += method.forward_passes(len(run.pairs), hparams)
-            changes.append(optimizer.adapter.astype(np.float64) - adapter)
+            # what the coordinator applies: the update (a forward gradient's estimate leaves its optimizer's
+            # adapter where it was)
+            changes.append(run.update.delta(adapter, config.kind, config.block, config.scales))
         weights = np.array(split.examples, np.float64) / sum(split.examples)
         adapter = (adapter + np.tensordot(weights, np.stack(changes), 1)).astype(np.float32)
         figures = validate(engine, split.validation, adapter, classifier)
@@ -180,7 +182,19 @@ def main(argv=None) -> int:
     from coordinator.job import JobOptions
 
     options = JobOptions(tensor_scale=args.tensor_scale, tensor_scale_floor=args.tensor_scale_floor)
-    method = methods.get(args.method)
+    from fwdfed.methods.estimate import StepConfig
+
+    try:
+        method = methods.get(args.method)
+    except ValueError as e:
+        raise UserError(f"--method: {e}") from None
+    def tunable(m) -> bool:  # forward-only steps on the rows' own labels (fedkd's come from a teacher)
+        return issubclass(m.config, StepConfig) and not m.needs_teacher
+
+    if not tunable(method):
+        others = [n for n in methods.names(selectable_only=True) if tunable(methods.get(n))]
+        raise UserError(f"--method {method.name}: this command tunes forward-only steps on labelled rows "
+                        f"({', '.join(others)})")
     grid = settings(parse_grid(args.grid))
     bundle = load_bundle(args.bundle)
     for setting in grid:  # every setting checked before any work

@@ -17,6 +17,16 @@ def test_the_grid_is_every_combination_of_the_values_given():
         parse_grid(["lr"])
 
 
+@pytest.mark.parametrize("method, says", [("backprop", "tunes forward-only steps on labelled rows"),
+                                          ("fedkd", "tunes forward-only steps on labelled rows"),
+                                          ("nope", "unknown method 'nope'")])
+def test_a_method_it_cannot_tune_is_refused_in_one_line(tmp_path, method, says):
+    with pytest.raises(UserError, match=says):
+        main(["--bundle", str(tmp_path / "none"), "--data", str(SST2), "--method", method, "--out",
+              str(tmp_path / "t.json")])
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_a_grid_runs_the_jobs_shape_and_records_each_settings_curve(tmp_path, split_bundle):
     out = tmp_path / "tune.json"
     assert main(["--bundle", str(split_bundle), "--data", str(SST2), "--method", "fzoo", "--grid", "lr=1e-3,1e-2",
