@@ -70,7 +70,8 @@ def exercise(bundle: Bundle) -> ProgramEngine:
     if engine.has_split:  # the top and its features method read the prefix's states
         batch.prefix_states = engine.prefix_states(batch)
         engine.losses(batch, adapters)
-        engine.features(batch, adapter)
+        if engine.has_features:  # a classifier's top_features; a causal LM's top has none
+            engine.features(batch, adapter)
     return engine
 
 

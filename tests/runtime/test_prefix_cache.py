@@ -13,7 +13,7 @@ from tests.export.test_split import real_batches
 def test_the_states_are_written_once_and_every_pass_then_runs_the_top(tmp_path, split_bundle):
     bundle = load_bundle(split_bundle)
     engine = ProgramEngine.for_bundle(bundle)
-    batches = real_batches(bundle, 10)  # 3 batches of 4, the last padded
+    batches = real_batches(bundle, count=10)  # 3 batches of 4, the last padded
     adapter = away_from_init(bundle)
     whole = [engine.losses(b, adapter) for b in batches]
     cache = cache_prefix_states(engine, batches, tmp_path)

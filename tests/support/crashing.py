@@ -17,3 +17,13 @@ def crashing_program(bundle: Path) -> bytes:
     for _ in range(CRASHING_INDEX):
         corrupt(program, rng)
     return corrupt(program, rng)
+
+
+def segfault_the_child(monkeypatch) -> None:
+    """Make the forked child that checks a program die by a real SIGSEGV, whatever the program. The corrupted
+    program above crashes the runtime only where its out-of-range read lands outside the process's memory,
+    which varies from run to run; the checks of what follows a crash need one every time."""
+    import os
+    import signal
+
+    monkeypatch.setattr("runtime.isolation.exercise", lambda bundle: os.kill(os.getpid(), signal.SIGSEGV))
