@@ -9,7 +9,7 @@ task (the same task answered twice gives the same update), after a pause of up t
 round's updates arrive spread out, as a fleet's do). A device that loses its connection reconnects with
 backoff (0.2 s doubling to 2 s, docs/protocol.md), also when refused as `duplicate_device`, and sends
 again every update it had sent without getting its ack. It stops at `done`, at any other `error`, or
-when `--within` seconds have passed: the fleet never hangs. The report (JSON) has, per device, the
+when `--within` seconds have passed (or at SIGTERM): the fleet never hangs. The report (JSON) has, per device, the
 times it was welcomed and, per task, the round, the update's seeds and coefficients, how often it was
 sent, and every ack.
 """
@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -135,8 +136,16 @@ class RecordingDevice(ProtocolClient):
 
 
 async def run_fleet(devices: list[RecordingDevice], within_s: float) -> None:
+    """Run the devices until each stops, `within_s` passes, or SIGTERM (then the report is still written)."""
     until = time.monotonic() + within_s
-    await asyncio.gather(*(d.run(until) for d in devices))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    runs = asyncio.gather(*(d.run(until) for d in devices))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({runs, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (runs, stopped):
+        task.cancel()
+    await asyncio.gather(runs, stopped, return_exceptions=True)
 
 
 def main(argv=None) -> int:

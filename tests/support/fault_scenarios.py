@@ -15,20 +15,24 @@ Every wait is bounded: a scenario that hangs fails with what it was waiting for.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.store import open_store
 from tests.conftest import ROOT
-from tests.support.fleet import Coordinator, free_port
+from tests.support.fleet import Coordinator, enrol, free_port
 from tests.support.ledger import Ledger, reckon
 from tests.support.testbed import Testbed
+
+_schemas = itertools.count()
 
 
 @dataclass
@@ -51,23 +55,29 @@ class Fleet:
 
     def __init__(self, workdir: Path, url: str, bundle: Path, devices: int, within_s: float, *, launcher=(),
                  addresses=(), think_s: float = 0.0, ping_s: float = 2.0, credentials: Path | None = None,
-                 seed: int = 0):
-        self.report_path, self.within_s = workdir / "fleet.json", within_s
+                 seed: int = 0, pairs: int = 4):
+        self.report_path = workdir / "fleet.json"
         self.log = open(workdir / "fleet.log", "w+")
         self.process = subprocess.Popen(
             [*launcher, sys.executable, "-m", "tests.support.device_fleet", "--url", url, "--bundle", str(bundle),
              "--devices", str(devices), "--within", str(within_s), "--think", str(think_s), "--ping", str(ping_s),
-             "--seed", str(seed), "--report", str(self.report_path),
+             "--seed", str(seed), "--pairs", str(pairs), "--report", str(self.report_path),
              *(["--addresses", *addresses] if addresses else []),
              *(["--credentials", str(credentials)] if credentials else [])],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
 
-    def finish(self) -> dict:
+    def finish(self, grace_s: float = 20) -> dict:
+        """The fleet's report, once every device stopped; after `grace_s` seconds (the job is over: devices that
+        did not hear so will not), the devices still waiting are stopped (SIGTERM) and the report says so."""
         try:
-            self.process.wait(timeout=self.within_s + 60)
+            self.process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the fleet did not stop within {self.within_s} s:\n{self.output()}") from None
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"the fleet did not stop:\n{self.output()}") from None
         if not self.report_path.exists():
             raise AssertionError(f"the fleet wrote no report:\n{self.output()}")
         return json.loads(self.report_path.read_text())
@@ -113,23 +123,31 @@ def first_welcome_after(report: dict, devices, at: float) -> dict[str, float | N
     return back
 
 
-def job_args(bundle: Path, devices_per_round: int, rounds: int, deadline_s: float, *extra: str) -> list[str]:
+def job_args(bundle: Path, devices_per_round: int, rounds: int, deadline_s: float, *extra: str, pairs: int = 4
+             ) -> list[str]:
+    """A job of the fake bundle's identity whose updates may hold `pairs` pairs (a device of the fleet sends that many)."""
     return ["--bundle", str(bundle), "--rounds", str(rounds), "--devices-per-round", str(devices_per_round),
-            "--round-deadline", str(deadline_s), "--local-steps", "4", "--max-attempts", "2", *extra]
+            "--round-deadline", str(deadline_s), "--local-steps", str(pairs), "--directions", "1", "--max-attempts", "2",
+            *extra]
 
 
 def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impairment: dict, seed: int = 0,
-                 credentials: Path | None = None, within_s: float = 120) -> Outcome:
-    """Every round of a job through the impaired link: all devices sampled every round."""
+                 enrolled: bool = False, pairs: int = 4, within_s: float = 120) -> Outcome:
+    """Every round of a job through the impaired link, all devices sampled every round; `enrolled`: the devices
+    have credentials, so each connection's handshake (its challenge and signed answer) crosses the link too;
+    `pairs` per update (300: an update of about 5 KB, several TCP segments in flight at once)."""
     db = workdir / "job.db"
-    auth = ["--auth", "token"] if credentials else []
+    credentials, auth = None, []
+    if enrolled:
+        credentials, auth = workdir / "credentials.json", ["--auth", "token"]
+        enrol(db, credentials, [f"dev-{i}" for i in range(devices)])
     with Testbed(devices, seed) as bed:
         bed.impair(**impairment)
         coordinator = Coordinator(db, "--host", bed.coordinator_ip, *auth,
-                                  *job_args(bundle, devices, rounds, within_s, "--heartbeat", "5"),
+                                  *job_args(bundle, devices, rounds, within_s, "--heartbeat", "5", pairs=pairs),
                                   launcher=bed.on("coordinator"))
         fleet = Fleet(workdir, coordinator.url, bundle, devices, within_s, launcher=bed.on("devices"),
-                      addresses=bed.addresses, ping_s=5, credentials=credentials, seed=seed)
+                      addresses=bed.addresses, ping_s=5, credentials=credentials, seed=seed, pairs=pairs)
         try:
             started = time.time()
             log = coordinator.wait(timeout=within_s + 30)
@@ -145,8 +163,8 @@ def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impa
     return Outcome(reckon(store, report), report, str(db), times, link=link, logs=[log])
 
 
-def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 6, deadline_s: float = 6,
-              hold_s: float = 8, think_s: float = 1.5, seed: int = 0, within_s: float = 120) -> Outcome:
+def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 14, deadline_s: float = 10,
+              hold_s: float = 12, think_s: float = 1.0, seed: int = 0, within_s: float = 120) -> Outcome:
     """A third of the fleet sampled per round; once round 2's tasks are out, the devices holding them (a third of
     the fleet) are cut off for `hold_s` seconds, longer than a round's deadline, then the link is healed. The
     coordinator notices them gone within 2 heartbeats (1 s) and reassigns their tasks after --device-timeout (1 s)."""
@@ -183,18 +201,20 @@ def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 6
             fleet.kill()
         link = bed.stats()
     store = open_store(db)
-    round_two = next(r for r in store.rounds(job.id) if r.number == 2 and r.status == "closed")
+    attempts = [r for r in store.rounds(job.id) if r.number == 2]
+    closed = next(r for r in attempts if r.status == "closed")
     after_heal = [r.id for r in store.rounds(job.id) if r.opened_at >= healed_at]
-    rows = [u for r in after_heal for u in store.updates(r)]
     back = first_welcome_after(report, cut, healed_at)
     facts = {"cut": cut, "answered_before_cut": len(answered_before),
-             "round_two_closed_during_partition": round_two.closed_at < healed_at,
-             "round_two_tasks_abandoned": sum(t.abandoned_at is not None for t in store.tasks(round_two.id)
-                                              if t.device_id in cut),
-             "round_two_updates_from_others": sum(u.device_id not in cut for u in store.updates(round_two.id)),
+             "round_two_attempts": [r.status for r in attempts],
+             "round_two_closed_during_partition": closed.closed_at < healed_at,
+             "cut_tasks_abandoned": sum(t.abandoned_at is not None for r in attempts for t in store.tasks(r.id)
+                                        if t.device_id in cut),
+             "round_two_updates": {"from the cut": sum(u.device_id in cut for u in store.updates(closed.id)),
+                                   "from the others": sum(u.device_id not in cut for u in store.updates(closed.id))},
              "not_back": [d for d, s in back.items() if s is None],
-             "updates_from_cut_after_heal": sum(u.device_id in cut for u in rows)}
-    times = {"partition": healed_at - cut_at, "round 2 closed after the cut": round_two.closed_at - cut_at,
+             "updates_from_cut_after_heal": sum(u.device_id in cut for r in after_heal for u in store.updates(r))}
+    times = {"partition": healed_at - cut_at, "round 2 closed after the cut": closed.closed_at - cut_at,
              "all cut devices back after the heal": max((s for s in back.values() if s is not None), default=0.0)}
     return Outcome(reckon(store, report), report, str(db), times, facts, link=link, logs=[log])
 
@@ -242,6 +262,26 @@ def coordinator_killed(workdir: Path, bundle: Path, db: str, *, devices: int = 2
              "all devices back after the kill": max((s for s in back.values() if s is not None), default=0.0),
              "round 2 closed after the kill": (round_two.closed_at or float("nan")) - killed_at}
     return Outcome(reckon(store, report), report, db, times, facts, logs=[log])
+
+
+@contextmanager
+def postgres_schema(url: str):
+    """A schema of its own in the PostgreSQL database at `url`, dropped after: the URL of a database whose tables
+    live there (its search_path), so that a run clashes with no other user of that database."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    schema = f"faults_{os.getpid()}_{next(_schemas)}"
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield make_url(url).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with engine.begin() as c:
+            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
 
 
 def tmpfs(folder: Path, size: str) -> None:

@@ -3,7 +3,8 @@ coordinator's database holds, and every version checked against the aggregation 
 
 The figures every fault scenario reports (docs/security.md, Network faults):
 - sent: distinct updates the devices sent (one per task they answered), and sends, the frames, resends included;
-- accepted: updates acked as accepted; refused: updates only ever refused, by the first refusal's code;
+- accepted: updates acked as accepted; refused: updates only ever refused, by the first refusal's code; and
+  every refused ack by its code (a resent update's `duplicate` among them);
 - lost: updates acked as accepted that the database does not hold (0);
 - doubled: a task with two stored updates, a device with two updates in one round, or an update acked as
   accepted twice (0); altered: a stored update whose pairs are not the ones its device sent (0);
@@ -31,6 +32,7 @@ class Ledger:
     sends: int
     accepted: int
     refused: dict[str, int]
+    refused_acks: dict[str, int]
     stored: int
     stored_unacked: int
     lost: int
@@ -43,9 +45,10 @@ class Ledger:
     errors: dict[str, str] = field(default_factory=dict)  # device -> the error that stopped it
 
     def line(self) -> str:
-        refused = ", ".join(f"{code} {n}" for code, n in sorted(self.refused.items())) or "none"
+        def codes(counts):
+            return ", ".join(f"{code} {n}" for code, n in sorted(counts.items())) or "none"
         return (f"updates sent {self.sent} ({self.sends} sends), accepted {self.accepted}, refused {self.refused_total} "
-                f"({refused}), stored {self.stored} ({self.stored_unacked} without their ack), lost {self.lost}, "
+                f"({codes(self.refused)}; acks refused: {codes(self.refused_acks)}), stored {self.stored} ({self.stored_unacked} without their ack), lost {self.lost}, "
                 f"doubled {self.doubled}, altered {self.altered}; rounds closed {self.rounds_closed}, failed "
                 f"{self.rounds_failed}; devices that saw the job end {self.devices_done}/{self.devices}")
 
@@ -65,6 +68,7 @@ def reckon(store, report: dict) -> Ledger:
     rounds = store.rounds(job.id)
     sent = accepted = sends = 0
     refused: Counter[str] = Counter()
+    refused_acks: Counter[str] = Counter()
     acked, doubled_acks, pairs_sent = set(), 0, {}
     for device_id, device in report["devices"].items():
         for task_id, task in device["tasks"].items():
@@ -74,6 +78,7 @@ def reckon(store, report: dict) -> Ledger:
             sends += task["sends"]
             pairs_sent[task_id] = (device_id, list(zip(task["seeds"], task["coefs"])))
             yes = sum(1 for ok, _ in task["acks"] if ok)
+            refused_acks.update(reason.split(":")[0] for ok, reason in task["acks"] if not ok)
             if yes:
                 accepted += 1
                 acked.add(task_id)
@@ -85,7 +90,8 @@ def reckon(store, report: dict) -> Ledger:
     doubled = (sum(n - 1 for n in stored.values()) + sum(n - 1 for n in per_round_device.values()) + doubled_acks)
     altered = sum(1 for row in rows if pairs_sent.get(row.task_id) != (row.device_id, [tuple(p) for p in
                                                                                       msgpack.unpackb(row.pairs)]))
-    return Ledger(sent=sent, sends=sends, accepted=accepted, refused=dict(refused), stored=len(rows),
+    return Ledger(sent=sent, sends=sends, accepted=accepted, refused=dict(refused),
+                  refused_acks=dict(refused_acks), stored=len(rows),
                   stored_unacked=len(set(stored) - acked), lost=len(acked - set(stored)), doubled=doubled,
                   altered=altered, rounds_closed=sum(r.status == "closed" for r in rounds),
                   rounds_failed=sum(r.status == "failed" for r in rounds),
@@ -98,7 +104,6 @@ def assert_nothing_lost_or_doubled(store, report: dict) -> Ledger:
     aggregation of its round's stored updates by the job's own rule, the job finished, and every device
     told so."""
     ledger = reckon(store, report)
-    print(ledger.line())
     assert (ledger.lost, ledger.doubled, ledger.altered) == (0, 0, 0), ledger.line()
     assert not ledger.errors, ledger.errors
     job = store.latest_job()

@@ -67,7 +67,8 @@ class Counts:
     forwarded: int = 0
     lost: int = 0  # dropped by the loss draw
     partitioned: int = 0  # dropped by the partition
-    reordered: int = 0  # sent after a packet that arrived later than it
+    reordered: int = 0  # sent after a packet that arrived later than it (RFC 4737's reordered packet)
+    reordered_in_flow: int = 0  # the same, within one TCP connection: what TCP itself had to put back in order
     not_ipv4: int = 0  # dropped: the link carries IPv4 only
     write_failed: int = 0  # the far device's queue was full (as a full link would drop it)
     arrived: int = 0
@@ -101,6 +102,8 @@ class Link:
         self.rng = random.Random(seed)
         self.impairment = Impairment()
         self.partitioned: set[bytes] = set()
+        self.flows: dict[bytes, int] = {}  # per TCP connection and direction: the packets that arrived
+        self.flow_sent: dict[bytes, int] = {}  # and the arrival number of the latest one sent
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         for fd in self.fds:
@@ -120,6 +123,9 @@ class Link:
             counts.not_ipv4 += 1
             return
         number, counts.arrived = counts.arrived, counts.arrived + 1
+        flow, in_flow = self._flow(packet), None
+        if flow is not None:
+            in_flow = self.flows[flow] = self.flows.get(flow, -1) + 1
         if packet[12:16] in self.partitioned or packet[16:20] in self.partitioned:
             counts.partitioned += 1
             return
@@ -130,14 +136,23 @@ class Link:
             counts.lost += 1
             return
         if at_once or delay_ms <= 0:
-            self._send(fd, packet, number)
+            self._send(fd, packet, number, flow, in_flow)
         else:
             counts.delayed += 1
             counts.delay_ms_sum += delay_ms
-            counts.delay_ms_min, counts.delay_ms_max = min(counts.delay_ms_min, delay_ms), max(counts.delay_ms_max, delay_ms)
-            loop.call_later(delay_ms / 1000, self._send, fd, packet, number)
+            counts.delay_ms_min = min(counts.delay_ms_min, delay_ms)
+            counts.delay_ms_max = max(counts.delay_ms_max, delay_ms)
+            loop.call_later(delay_ms / 1000, self._send, fd, packet, number, flow, in_flow)
 
-    def _send(self, fd: int, packet: bytes, number: int) -> None:
+    @staticmethod
+    def _flow(packet: bytes) -> bytes | None:
+        """A TCP packet's connection, one way (addresses and ports), or None for another protocol."""
+        start = (packet[0] & 0x0F) * 4
+        if packet[9] != 6 or len(packet) < start + 4:
+            return None
+        return packet[12:20] + packet[start:start + 4]
+
+    def _send(self, fd: int, packet: bytes, number: int, flow: bytes | None, in_flow: int | None) -> None:
         counts = self.counts[fd]
         try:
             os.write(self.fds[fd], packet)
@@ -148,6 +163,10 @@ class Link:
         if number < counts.last_sent:
             counts.reordered += 1
         counts.last_sent = max(counts.last_sent, number)
+        if flow is not None:
+            if in_flow < self.flow_sent.get(flow, -1):
+                counts.reordered_in_flow += 1
+            self.flow_sent[flow] = max(self.flow_sent.get(flow, -1), in_flow)
 
     def command(self, line: str) -> dict:
         try:
