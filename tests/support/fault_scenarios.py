@@ -302,13 +302,14 @@ def fill(folder: Path, leave: int) -> int:
 
 
 def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 3, think_s: float = 1.0,
-               size: str = "2m", leave: int = 48 * 1024, within_s: float = 150) -> Outcome:
-    """The database on a tmpfs of `size`: once round 1 closed, all of it but `leave` bytes is taken by a file, so
+               leave: int = 48 * 1024, within_s: float = 150) -> Outcome:
+    """The database on a tmpfs (2 MB, more for more than 40 devices: room for round 1's writes): once round 1
+    closed, all of it but `leave` bytes is taken by a file, so
     the coordinator's own writes fill the rest mid-round (its WAL grows with every commit). The coordinator must
     stop with one clear line, having acked nothing it did not store; then the file is removed and a new coordinator
     on the same database resumes the job."""
     disk = workdir / "disk"
-    tmpfs(disk, size)
+    tmpfs(disk, f"{max(2048, 50 * devices)}k")
     db, kept = disk / "job.db", workdir / "job.db"
     port = free_port()
     second = None

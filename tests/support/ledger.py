@@ -8,7 +8,8 @@ The figures every fault scenario reports (docs/security.md, Network faults):
 - lost: updates acked as accepted that the database does not hold (0);
 - doubled: a task with two stored updates, a device with two updates in one round, or an update acked as
   accepted twice (0); altered: a stored update whose pairs are not the ones its device sent (0);
-- stored, and stored_unacked: held though the device never saw the ack (the ack was lost with its connection);
+- stored, and stored_unacked: held though the device never saw the ack (the ack was lost with its connection),
+  and in_failed_rounds: held by a round attempt that failed (too few updates by its deadline), so in no version;
 - rounds: closed, failed.
 """
 
@@ -35,6 +36,7 @@ class Ledger:
     refused_acks: dict[str, int]
     stored: int
     stored_unacked: int
+    in_failed_rounds: int
     lost: int
     doubled: int
     altered: int
@@ -48,7 +50,8 @@ class Ledger:
         def codes(counts):
             return ", ".join(f"{code} {n}" for code, n in sorted(counts.items())) or "none"
         return (f"updates sent {self.sent} ({self.sends} sends), accepted {self.accepted}, refused {self.refused_total} "
-                f"({codes(self.refused)}; acks refused: {codes(self.refused_acks)}), stored {self.stored} ({self.stored_unacked} without their ack), lost {self.lost}, "
+                f"({codes(self.refused)}; acks refused: {codes(self.refused_acks)}), stored {self.stored} "
+                f"({self.stored_unacked} without their ack, {self.in_failed_rounds} in failed rounds), lost {self.lost}, "
                 f"doubled {self.doubled}, altered {self.altered}; rounds closed {self.rounds_closed}, failed "
                 f"{self.rounds_failed}; devices that saw the job end {self.devices_done}/{self.devices}")
 
@@ -66,6 +69,7 @@ def reckon(store, report: dict) -> Ledger:
     with store.session() as s:
         rows = s.query(UpdateRow).join(Round, Round.id == UpdateRow.round_id).filter(Round.job_id == job.id).all()
     rounds = store.rounds(job.id)
+    failed = {r.id: r.status == "failed" for r in rounds}
     sent = accepted = sends = 0
     refused: Counter[str] = Counter()
     refused_acks: Counter[str] = Counter()
@@ -92,7 +96,8 @@ def reckon(store, report: dict) -> Ledger:
                                                                                       msgpack.unpackb(row.pairs)]))
     return Ledger(sent=sent, sends=sends, accepted=accepted, refused=dict(refused),
                   refused_acks=dict(refused_acks), stored=len(rows),
-                  stored_unacked=len(set(stored) - acked), lost=len(acked - set(stored)), doubled=doubled,
+                  stored_unacked=len(set(stored) - acked),
+                  in_failed_rounds=sum(1 for row in rows if failed.get(row.round_id)), lost=len(acked - set(stored)), doubled=doubled,
                   altered=altered, rounds_closed=sum(r.status == "closed" for r in rounds),
                   rounds_failed=sum(r.status == "failed" for r in rounds),
                   devices_done=sum(d["done"] for d in report["devices"].values()), devices=len(report["devices"]),
