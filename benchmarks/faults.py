@@ -64,15 +64,14 @@ def run_scenario(name: str, workdir: Path, bundle: Path, args):
 
 
 def check(outcome) -> str | None:
-    """Why the scenario missed (lost, doubled or altered updates, versions that are not the aggregation of their
-    updates, a job not finished or devices not told), or None."""
-    from coordinator.store import open_store
-    from tests.support.ledger import assert_nothing_lost_or_doubled
+    """Why the scenario missed (a coordinator that did not finish the job, lost, doubled or altered updates, versions
+    that are not the aggregation of their updates, devices not told the job ended), or None."""
+    from tests.support.fault_scenarios import assert_recovered
 
     try:
-        assert_nothing_lost_or_doubled(open_store(outcome.db), outcome.report)
+        assert_recovered(outcome)
     except AssertionError as e:
-        return str(e).splitlines()[0] if str(e) else "a check failed"
+        return str(e).strip().splitlines()[0] if str(e).strip() else "a check failed"
     return None
 
 
@@ -103,7 +102,8 @@ def main(argv=None) -> int:
         raise UserError("--devices must be at least 21, --rounds at least 3, --hold at least 5")
     names = SCENARIOS if "all" in args.scenario else tuple(dict.fromkeys(args.scenario))
     if "kill-postgres" in names and not os.environ.get("FWDFED_TEST_POSTGRES_URL"):
-        raise UserError("kill-postgres needs FWDFED_TEST_POSTGRES_URL (a PostgreSQL URL whose user may create a schema)")
+        raise UserError("kill-postgres needs FWDFED_TEST_POSTGRES_URL (a PostgreSQL URL whose user may create "
+                        "a schema)")
     if os.geteuid() != 0 and set(names) - {"kill-sqlite", "kill-postgres"}:
         raise UserError("the network and disk scenarios need root (network namespaces, TUN devices, a tmpfs)")
     results, missed = {}, []

@@ -7,7 +7,8 @@ update they sent and every answer they got: what the fault tests weigh the coord
 Each device answers every task with a made-up seed-form update that depends only on the device and the
 task (the same task answered twice gives the same update), after a pause of up to `--think` seconds (so a
 round's updates arrive spread out, as a fleet's do). A device that loses its connection reconnects with
-backoff (0.2 s doubling to 2 s, docs/protocol.md), also when refused as `duplicate_device`, and sends
+backoff (0.2 s doubling to 2 s, docs/protocol.md; each attempt given up after 3 s, where the device SDK gives
+it 10), also when refused as `duplicate_device`, and sends
 again every update it had sent without getting its ack. It stops at `done`, at any other `error`, or
 when `--within` seconds have passed (or at SIGTERM): the fleet never hangs. The report (JSON) has, per device, the
 times it was welcomed and, per task, the round, the update's seeds and coefficients, how often it was
@@ -47,7 +48,8 @@ def update_pairs(device_id: str, task_id: str, pairs: int) -> tuple[list[int], l
 
 class RecordingDevice(ProtocolClient):
     def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int, *, address: str | None,
-                 token=None, think_s: float = 0.0, pairs: int = 4, ping_s: float = 2.0, seed: int = 0):
+                 token=None, think_s: float = 0.0, pairs: int = 4, ping_s: float = 2.0, open_timeout_s: float = 3.0,
+                 seed: int = 0):
         super().__init__(url, device_id, base_model_hash, adapter_dim, token)
         # The source address (one per device: a partition cuts some devices off, not all); pings every
         # ping_s, so a connection that died without a close is noticed within 2 × ping_s, as the coordinator
@@ -55,7 +57,7 @@ class RecordingDevice(ProtocolClient):
         self.options.update(ping_interval=ping_s, ping_timeout=ping_s, close_timeout=2)
         if address is not None:
             self.options["local_addr"] = (address, 0)
-        self.address, self.think_s, self.pairs = address, think_s, pairs
+        self.address, self.think_s, self.pairs, self.open_timeout_s = address, think_s, pairs, open_timeout_s
         self.rng = random.Random(f"{seed}/{device_id}")
         self.welcomed: list[float] = []  # wall-clock times of each welcome
         self.tasks: dict[str, dict] = {}
@@ -66,8 +68,8 @@ class RecordingDevice(ProtocolClient):
         """Take tasks until done, refused, or `until` (time.monotonic)."""
         backoff = 0.2
         while not self.done and self.error is None and (left := until - time.monotonic()) > 0:
-            try:
-                self.ws = await asyncio.wait_for(self._connect(), left)
+            try:  # each attempt bounded: a connection opened into a partition waits on TCP's own SYN backoff
+                self.ws = await asyncio.wait_for(self._connect(), min(left, self.open_timeout_s))
             except RETRYABLE as e:
                 self.last_failure = f"connect: {e!r}"
                 await asyncio.sleep(min(backoff, max(0.0, until - time.monotonic())))

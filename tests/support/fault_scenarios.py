@@ -29,7 +29,7 @@ from pathlib import Path
 from coordinator.store import open_store
 from tests.conftest import ROOT
 from tests.support.fleet import Coordinator, enrol, free_port
-from tests.support.ledger import Ledger, reckon
+from tests.support.ledger import Ledger, assert_nothing_lost_or_doubled, reckon
 from tests.support.testbed import Testbed
 
 _schemas = itertools.count()
@@ -114,6 +114,14 @@ def poll(condition, timeout: float, what: str, every: float = 0.05):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
+def assert_recovered(outcome: Outcome) -> None:
+    """The scenario's end: its last coordinator finished the job (exit 0), and the ledger's checks hold
+    (tests.support.ledger.assert_nothing_lost_or_doubled)."""
+    code, _, err = outcome.logs[-1]
+    assert code == 0, f"the last coordinator exited with {code}:\n{err[-3000:]}"
+    assert_nothing_lost_or_doubled(open_store(outcome.db), outcome.report)
+
+
 def first_welcome_after(report: dict, devices, at: float) -> dict[str, float | None]:
     """Per device, seconds from `at` (wall clock) to its first welcome after it; None if it never came back."""
     back = {}
@@ -125,10 +133,10 @@ def first_welcome_after(report: dict, devices, at: float) -> dict[str, float | N
 
 def job_args(bundle: Path, devices_per_round: int, rounds: int, deadline_s: float, *extra: str, pairs: int = 4
              ) -> list[str]:
-    """A job of the fake bundle's identity whose updates may hold `pairs` pairs (a device of the fleet sends that many)."""
+    """A job of the bundle's identity whose updates may hold `pairs` pairs (a device of the fleet sends that many)."""
     return ["--bundle", str(bundle), "--rounds", str(rounds), "--devices-per-round", str(devices_per_round),
-            "--round-deadline", str(deadline_s), "--local-steps", str(pairs), "--directions", "1", "--max-attempts", "2",
-            *extra]
+            "--round-deadline", str(deadline_s), "--local-steps", str(pairs), "--directions", "1",
+            "--max-attempts", "2", *extra]
 
 
 def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impairment: dict, seed: int = 0,
@@ -325,7 +333,10 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"the coordinator went on with a full disk:\n{first.stderr()[-3000:]}") from None
             stopped_at = time.time()
+            # Room again, as an operator makes it: the file gone and the disk grown, to hold the rest of the job.
             (disk / "filler").unlink()
+            remounted = subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], capture_output=True, text=True)
+            assert remounted.returncode == 0, remounted.stderr
             freed_at = time.time()
             second = Coordinator(db, port=port)
             log = second.wait(timeout=within_s)
@@ -343,7 +354,8 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
     store = open_store(kept)
     back = first_welcome_after(report, report["devices"], freed_at)
-    facts = {"first_exit": stopped[0], "first_stderr": stopped[2], "not_back": [d for d, s in back.items() if s is None]}
+    facts = {"first_exit": stopped[0], "first_stderr": stopped[2],
+             "not_back": [d for d, s in back.items() if s is None]}
     times = {"stopped after the fill": stopped_at - filled_at,
              "all devices back after space came back": max((s for s in back.values() if s is not None), default=0.0),
              "job done after space came back": ended - freed_at}

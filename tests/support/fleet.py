@@ -23,7 +23,8 @@ class Coordinator:
         # The log goes to a file: a pipe nobody reads during the job would fill and stall the server.
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            [*launcher, sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", str(port), *auth, *args],
+            [*launcher, sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", str(port), *auth,
+             *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines = []
         for line in self.process.stdout:

@@ -4,7 +4,7 @@ coordinator's database holds, and every version checked against the aggregation 
 The figures every fault scenario reports (docs/security.md, Network faults):
 - sent: distinct updates the devices sent (one per task they answered), and sends, the frames, resends included;
 - accepted: updates acked as accepted; refused: updates only ever refused, by the first refusal's code; and
-  every refused ack by its code (a resent update's `duplicate` among them);
+  every refused ack by its code (a resent update's `duplicate` among them); unanswered: neither;
 - lost: updates acked as accepted that the database does not hold (0);
 - doubled: a task with two stored updates, a device with two updates in one round, or an update acked as
   accepted twice (0); altered: a stored update whose pairs are not the ones its device sent (0);
@@ -49,15 +49,22 @@ class Ledger:
     def line(self) -> str:
         def codes(counts):
             return ", ".join(f"{code} {n}" for code, n in sorted(counts.items())) or "none"
-        return (f"updates sent {self.sent} ({self.sends} sends), accepted {self.accepted}, refused {self.refused_total} "
-                f"({codes(self.refused)}; acks refused: {codes(self.refused_acks)}), stored {self.stored} "
-                f"({self.stored_unacked} without their ack, {self.in_failed_rounds} in failed rounds), lost {self.lost}, "
+        return (f"updates sent {self.sent} ({self.sends} sends), accepted {self.accepted}, "
+                f"refused {self.refused_total} ({codes(self.refused)}; acks refused: {codes(self.refused_acks)}), "
+                f"unanswered {self.unanswered}, "
+                f"stored {self.stored} ({self.stored_unacked} without their ack, {self.in_failed_rounds} in failed "
+                f"rounds), lost {self.lost}, "
                 f"doubled {self.doubled}, altered {self.altered}; rounds closed {self.rounds_closed}, failed "
                 f"{self.rounds_failed}; devices that saw the job end {self.devices_done}/{self.devices}")
 
     @property
     def refused_total(self) -> int:
         return sum(self.refused.values())
+
+    @property
+    def unanswered(self) -> int:
+        """Sent, and never answered on any connection (the device gave up first)."""
+        return self.sent - self.accepted - self.refused_total
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,13 +99,14 @@ def reckon(store, report: dict) -> Ledger:
     stored = Counter(row.task_id for row in rows)
     per_round_device = Counter((row.round_id, row.device_id) for row in rows)
     doubled = (sum(n - 1 for n in stored.values()) + sum(n - 1 for n in per_round_device.values()) + doubled_acks)
-    altered = sum(1 for row in rows if pairs_sent.get(row.task_id) != (row.device_id, [tuple(p) for p in
-                                                                                      msgpack.unpackb(row.pairs)]))
-    return Ledger(sent=sent, sends=sends, accepted=accepted, refused=dict(refused),
-                  refused_acks=dict(refused_acks), stored=len(rows),
-                  stored_unacked=len(set(stored) - acked),
-                  in_failed_rounds=sum(1 for row in rows if failed.get(row.round_id)), lost=len(acked - set(stored)), doubled=doubled,
-                  altered=altered, rounds_closed=sum(r.status == "closed" for r in rounds),
+
+    def as_sent(row) -> bool:
+        return pairs_sent.get(row.task_id) == (row.device_id, [tuple(p) for p in msgpack.unpackb(row.pairs)])
+    altered = sum(not as_sent(row) for row in rows)
+    return Ledger(sent=sent, sends=sends, accepted=accepted, refused=dict(refused), refused_acks=dict(refused_acks),
+                  stored=len(rows), stored_unacked=len(set(stored) - acked),
+                  in_failed_rounds=sum(1 for row in rows if failed[row.round_id]), lost=len(acked - set(stored)),
+                  doubled=doubled, altered=altered, rounds_closed=sum(r.status == "closed" for r in rounds),
                   rounds_failed=sum(r.status == "failed" for r in rounds),
                   devices_done=sum(d["done"] for d in report["devices"].values()), devices=len(report["devices"]),
                   errors={d: v["error"] for d, v in report["devices"].items() if v["error"]})
