@@ -43,13 +43,13 @@ def checked(outcome: scenarios.Outcome) -> scenarios.Outcome:
 def test_latency_of_200_ms_with_50_ms_jitter_and_5_percent_loss(tmp_path, bundle, network):
     """Each way: 200 ± 50 ms per packet and 5% of packets lost; enrolled devices, so every handshake's challenge
     and signed answer cross the link too."""
-    outcome = checked(scenarios.impaired_job(tmp_path, bundle, devices=21, rounds=3, enrolled=True,
+    outcome = checked(scenarios.impaired_job(tmp_path, bundle, devices=21, rounds=2, enrolled=True,
                                              impairment={"delay_ms": 200, "jitter_ms": 50, "loss": 0.05}))
     for way in ("near_to_far", "far_to_near"):
         link = outcome.link[way]
         assert link["lost"] > 0 and link["reordered"] > 0, link  # the link did lose and reorder packets
         assert 150 <= link["delay_ms_min"] and link["delay_ms_max"] <= 250, link
-    assert outcome.ledger.stored == 21 * 3  # every task once (acked or not)
+    assert outcome.ledger.stored == 21 * 2  # every task once (acked or not)
 
 
 def test_reordering_within_tcp_connections(tmp_path, bundle, network):
@@ -79,20 +79,20 @@ def test_a_third_of_the_fleet_cut_off_longer_than_a_round_deadline_then_healed(t
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_the_coordinator_killed_mid_round_under_load_resumes_on_the_same_database(tmp_path, bundle, database):
-    """24 devices answering round 2 within 3 s of their task; SIGKILL once 30% of its updates are stored, and a
+    """24 devices answering round 2 within 2 s of their task; SIGKILL once 30% of its updates are stored, and a
     new coordinator on the same database: the devices reconnect, what they had sent without an ack is sent
     again (and refused as a duplicate when it had been stored), and the round closes with every update once."""
     if database == "sqlite":
-        outcome = checked(scenarios.coordinator_killed(tmp_path, bundle, str(tmp_path / "job.db")))
+        outcome = checked(scenarios.coordinator_killed(tmp_path, bundle, str(tmp_path / "job.db"), rounds=2, think_s=2))
     else:
         if not POSTGRES:
             pytest.skip("FWDFED_TEST_POSTGRES_URL is not set (.ci/run sets it)")
         with scenarios.postgres_schema(POSTGRES) as url:
-            outcome = checked(scenarios.coordinator_killed(tmp_path, bundle, url))
+            outcome = checked(scenarios.coordinator_killed(tmp_path, bundle, url, rounds=2, think_s=2))
     facts = outcome.facts
     assert 0 < facts["stored_at_kill"] < facts["target"], facts  # killed mid-round
     assert facts["round_two_status"] == "closed" and facts["not_back"] == [], facts
-    assert outcome.ledger.stored == 24 * 3  # every task once (acked or not)
+    assert outcome.ledger.stored == 24 * 2  # every task once (acked or not)
 
 
 def test_a_full_disk_stops_the_coordinator_with_one_line_and_it_resumes_once_there_is_room(tmp_path, bundle):

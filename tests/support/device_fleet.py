@@ -8,11 +8,13 @@ Each device answers every task with a made-up seed-form update that depends only
 task (the same task answered twice gives the same update), after a pause of up to `--think` seconds (so a
 round's updates arrive spread out, as a fleet's do). A device that loses its connection reconnects with
 backoff (0.2 s doubling to 2 s, docs/protocol.md; each attempt given up after 3 s, where the device SDK gives
-it 10), also when refused as `duplicate_device`, and sends
-again every update it had sent without getting its ack. It stops at `done`, at any other `error`, or
-when `--within` seconds have passed (or at SIGTERM): the fleet never hangs. The report (JSON) has, per device, the
-times it was welcomed and, per task, the round, the update's seeds and coefficients, how often it was
-sent, and every ack.
+it 10), also when refused as `duplicate_device`, and sends again every update it had sent without getting
+its ack; a task the coordinator sends again meanwhile is not answered twice (a device reads nothing while it
+"thinks", as the SDK reads nothing while it trains: answering again, it would miss the ack and the `done` of
+a coordinator that closes the job meanwhile). It stops at `done`, at any other `error`, or when `--within`
+seconds have passed (or at SIGTERM): the fleet never hangs. The report (JSON) has, per device, the times it
+was welcomed and, per task, the round, the update's seeds and coefficients, how often it was sent, and every
+ack.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class RecordingDevice(ProtocolClient):
         record = self.tasks.setdefault(task.task_id, {"round": task.round, "version": task.global_version,
                                                       "received": 0, "sends": 0, "acks": []})
         record["received"] += 1
+        if task.task_id in self.unacked:  # sent again on this connection already, just after the welcome
+            return
         if self.think_s:
             await asyncio.sleep(self.rng.uniform(0, self.think_s))
         seeds, coefs = update_pairs(self.device_id, task.task_id, self.pairs)
