@@ -171,7 +171,7 @@ def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impa
     return Outcome(reckon(store, report), report, str(db), times, link=link, logs=[log])
 
 
-def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 14, deadline_s: float = 10,
+def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 18, deadline_s: float = 10,
               hold_s: float = 12, think_s: float = 1.0, seed: int = 0, within_s: float = 120) -> Outcome:
     """A third of the fleet sampled per round; once round 2's tasks are out, the devices holding them (a third of
     the fleet) are cut off for `hold_s` seconds, longer than a round's deadline, then the link is healed. The
