@@ -90,6 +90,7 @@ class Fleet:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self.log.close()
 
 
 def read_until(coordinator: Coordinator, text: str, timeout: float) -> str:
@@ -154,16 +155,18 @@ def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impa
         coordinator = Coordinator(db, "--host", bed.coordinator_ip, *auth,
                                   *job_args(bundle, devices, rounds, within_s, "--heartbeat", "5", pairs=pairs),
                                   launcher=bed.on("coordinator"))
-        fleet = Fleet(workdir, coordinator.url, bundle, devices, within_s, launcher=bed.on("devices"),
-                      addresses=bed.addresses, ping_s=5, credentials=credentials, seed=seed, pairs=pairs)
+        fleet = None
         try:
+            fleet = Fleet(workdir, coordinator.url, bundle, devices, within_s, launcher=bed.on("devices"),
+                          addresses=bed.addresses, ping_s=5, credentials=credentials, seed=seed, pairs=pairs)
             started = time.time()
             log = coordinator.wait(timeout=within_s + 30)
             report = fleet.finish()
             ended = time.time()
         finally:
             coordinator.kill()
-            fleet.kill()
+            if fleet is not None:
+                fleet.kill()
         link = bed.stats()
     store = open_store(db)
     closed = store.closed_round_list(store.latest_job().id)
@@ -175,7 +178,8 @@ def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 1
               hold_s: float = 12, think_s: float = 1.0, seed: int = 0, within_s: float = 120) -> Outcome:
     """A third of the fleet sampled per round; once round 2's tasks are out, the devices holding them (a third of
     the fleet) are cut off for `hold_s` seconds, longer than a round's deadline, then the link is healed. The
-    coordinator notices them gone within 2 heartbeats (1 s) and reassigns their tasks after --device-timeout (1 s)."""
+    coordinator notices them gone within about 4 s (no pong within two heartbeats of 1 s, then its 2 s close
+    timeout) and reassigns their tasks after --device-timeout (1 s)."""
     db = workdir / "job.db"
     third = devices // 3
     with Testbed(devices, seed) as bed:
@@ -183,9 +187,10 @@ def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 1
                                   *job_args(bundle, third, rounds, deadline_s, "--heartbeat", "1", "--device-timeout",
                                             "1", "--seed", str(seed)),
                                   launcher=bed.on("coordinator"))
-        fleet = Fleet(workdir, coordinator.url, bundle, devices, within_s, launcher=bed.on("devices"),
-                      addresses=bed.addresses, think_s=think_s, ping_s=1, seed=seed)
+        fleet = None
         try:
+            fleet = Fleet(workdir, coordinator.url, bundle, devices, within_s, launcher=bed.on("devices"),
+                          addresses=bed.addresses, think_s=think_s, ping_s=1, seed=seed)
             read_until(coordinator, "round 1/", within_s)
             store = open_store(db)
             job = store.latest_job()
@@ -206,7 +211,8 @@ def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 1
             report = fleet.finish()
         finally:
             coordinator.kill()
-            fleet.kill()
+            if fleet is not None:
+                fleet.kill()
         link = bed.stats()
     store = open_store(db)
     attempts = [r for r in store.rounds(job.id) if r.number == 2]
@@ -235,9 +241,9 @@ def coordinator_killed(workdir: Path, bundle: Path, db: str, *, devices: int = 2
     port = free_port()
     args = job_args(bundle, devices, rounds, 60, "--heartbeat", "2")
     first = Coordinator(db, *args, port=port)
-    fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
-    second = None
+    fleet = second = None
     try:
+        fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
         read_until(first, "round 1/", within_s)
         store = open_store(db)
         job = store.latest_job()
@@ -260,7 +266,8 @@ def coordinator_killed(workdir: Path, bundle: Path, db: str, *, devices: int = 2
         first.kill()
         if second is not None:
             second.kill()
-        fleet.kill()
+        if fleet is not None:
+            fleet.kill()
     store = open_store(db)
     round_two = next(r for r in store.rounds(job.id) if r.id == rnd.id)
     back = first_welcome_after(report, report["devices"], killed_at)
@@ -312,10 +319,9 @@ def fill(folder: Path, leave: int) -> int:
 def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 3, think_s: float = 1.0,
                leave: int = 48 * 1024, within_s: float = 150) -> Outcome:
     """The database on a tmpfs (2 MB, more for more than 40 devices: room for round 1's writes): once round 1
-    closed, all of it but `leave` bytes is taken by a file, so
-    the coordinator's own writes fill the rest mid-round (its WAL grows with every commit). The coordinator must
-    stop with one clear line, having acked nothing it did not store; then the file is removed and a new coordinator
-    on the same database resumes the job."""
+    closed, all of it but `leave` bytes is taken by a file, so the coordinator's own writes fill the rest mid-round
+    (its WAL grows with every commit). The coordinator must stop with one clear line, having acked nothing it did
+    not store; then the file is removed, the disk grown, and a new coordinator on the same database resumes."""
     disk = workdir / "disk"
     tmpfs(disk, f"{max(2048, 50 * devices)}k")
     db, kept = disk / "job.db", workdir / "job.db"
@@ -323,8 +329,9 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
     second = None
     try:
         first = Coordinator(db, *job_args(bundle, devices, rounds, 60, "--heartbeat", "2"), port=port)
-        fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
+        fleet = None
         try:
+            fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
             read_until(first, "round 1/", within_s)
             fill(disk, leave)
             filled_at = time.time()
@@ -335,7 +342,8 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
             stopped_at = time.time()
             # Room again, as an operator makes it: the file gone and the disk grown, to hold the rest of the job.
             (disk / "filler").unlink()
-            remounted = subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], capture_output=True, text=True)
+            remounted = subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], capture_output=True,
+                                       text=True)
             assert remounted.returncode == 0, remounted.stderr
             freed_at = time.time()
             second = Coordinator(db, port=port)
@@ -346,7 +354,8 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
             first.kill()
             if second is not None:
                 second.kill()
-            fleet.kill()
+            if fleet is not None:
+                fleet.kill()
         for suffix in ("", "-wal", "-shm"):  # off the tmpfs, as SQLite left it
             if (found := Path(f"{db}{suffix}")).exists():
                 Path(f"{kept}{suffix}").write_bytes(found.read_bytes())

@@ -2,8 +2,9 @@
 reordering IP packets, for the tests of faults on a network the tests make for themselves.
 
 This kernel has no netem qdisc (CONFIG_NET_SCH_NETEM is not set: `tc qdisc add ... netem` answers
-"Specified qdisc kind is unknown"), and neither Debian nor PyPI has a packet-level emulator that runs
-without it, so the link is this process: it opens a TUN device in each of the two namespaces (the
+"Specified qdisc kind is unknown"), Debian packages no emulator that runs without it (no toxiproxy, nothing
+named netem), and a TCP-level proxy could not reorder the packets of one connection, so the link is this
+process: it opens a TUN device in each of the two namespaces (the
 namespaces' only route to each other) and copies every IPv4 packet read from one to the other after
 a delay drawn for that packet, or drops it. Each direction is impaired alike, as netem on both hosts'
 interfaces would:
@@ -25,7 +26,8 @@ same fate every time (which packet is n-th depends on the traffic's timing, whic
 It says `ready` on stdout once both TUN devices exist (they vanish with the process). Commands, one JSON
 object a line on stdin, each answered by one JSON line on stdout:
 {"set": {"delay_ms": 200, "jitter_ms": 50, "loss": 0.05, "reorder": 0}}, {"partition": ["192.0.2.10"]},
-{"heal": true}, {"stats": true} (the counts since the start: packets forwarded, dropped, reordered).
+{"heal": true}, {"stats": true} (the counts since the start, each way: packets forwarded, lost, cut off,
+reordered over the link and within one TCP connection, and the delays drawn).
 """
 
 from __future__ import annotations
