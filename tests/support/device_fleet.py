@@ -7,8 +7,8 @@ update they sent and every answer they got: what the fault tests weigh the coord
 Each device answers every task with a made-up seed-form update that depends only on the device and the
 task (the same task answered twice gives the same update), after a pause of up to `--think` seconds (so a
 round's updates arrive spread out, as a fleet's do). A device that loses its connection reconnects with
-backoff (0.2 s doubling to 2 s, docs/protocol.md; each attempt given up after 3 s, where the device SDK gives
-it 10), also when refused as `duplicate_device`, and sends again every update it had sent without getting
+backoff (0.2 s doubling to 2 s, docs/protocol.md; each attempt given up after `--open-timeout` s, 10 as in
+the device SDK), also when refused as `duplicate_device`, and sends again every update it had sent without getting
 its ack; a task the coordinator sends again meanwhile is not answered twice (a device reads nothing while it
 "thinks", as the SDK reads nothing while it trains: answering again, it would miss the ack and the `done` of
 a coordinator that closes the job meanwhile). It stops at `done`, at any other `error`, or when `--within`
@@ -50,7 +50,7 @@ def update_pairs(device_id: str, task_id: str, pairs: int) -> tuple[list[int], l
 
 class RecordingDevice(ProtocolClient):
     def __init__(self, url: str, device_id: str, base_model_hash: str, adapter_dim: int, *, address: str | None,
-                 token=None, think_s: float = 0.0, pairs: int = 4, ping_s: float = 2.0, open_timeout_s: float = 3.0,
+                 token=None, think_s: float = 0.0, pairs: int = 4, ping_s: float = 2.0, open_timeout_s: float = 10.0,
                  seed: int = 0):
         super().__init__(url, device_id, base_model_hash, adapter_dim, token)
         # The source address (one per device: a partition cuts some devices off, not all); pings every
@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--think", type=float, default=0.0, help="each task answered after up to this many seconds")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--ping", type=float, default=2.0, help="seconds between a device's pings")
+    parser.add_argument("--open-timeout", type=float, default=10.0,
+                        help="seconds a connection attempt may take (its TCP connect and handshake)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--within", type=float, required=True, help="seconds after which every device gives up")
     parser.add_argument("--report", type=Path, required=True)
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     devices = [RecordingDevice(args.url, name, manifest.base_model_hash, manifest.adapter_dim,
                                address=args.addresses[i % len(args.addresses)] if args.addresses else None,
                                token=credentials.get(name), think_s=args.think, pairs=args.pairs, ping_s=args.ping,
-                               seed=args.seed)
+                               open_timeout_s=args.open_timeout, seed=args.seed)
                for i, name in enumerate(names)]
     started = time.time()
     print(f"fleet of {len(devices)} devices started", flush=True)

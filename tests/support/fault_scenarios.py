@@ -174,7 +174,7 @@ def impaired_job(workdir: Path, bundle: Path, *, devices: int, rounds: int, impa
     return Outcome(reckon(store, report), report, str(db), times, link=link, logs=[log])
 
 
-def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 18, deadline_s: float = 10,
+def partition(workdir: Path, bundle: Path, *, devices: int = 21, rounds: int = 20, deadline_s: float = 10,
               hold_s: float = 12, think_s: float = 1.0, seed: int = 0, within_s: float = 120) -> Outcome:
     """A third of the fleet sampled per round; once round 2's tasks are out, the devices holding them (a third of
     the fleet) are cut off for `hold_s` seconds, longer than a round's deadline, then the link is healed. The
@@ -239,11 +239,11 @@ def coordinator_killed(workdir: Path, bundle: Path, db: str, *, devices: int = 2
     out. Once `kill_at_share` of round 2's updates are stored, SIGKILL; a new coordinator on the same database
     and port resumes. On loopback (no link to impair: the fault is the process's)."""
     port = free_port()
-    args = job_args(bundle, devices, rounds, 60, "--heartbeat", "2")
+    args = job_args(bundle, devices, rounds, 60, "--heartbeat", "5")
     first = Coordinator(db, *args, port=port)
     fleet = second = None
     try:
-        fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
+        fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s, ping_s=5)
         read_until(first, "round 1/", within_s)
         store = open_store(db)
         job = store.latest_job()
@@ -328,10 +328,10 @@ def disk_fills(workdir: Path, bundle: Path, *, devices: int = 24, rounds: int = 
     port = free_port()
     second = None
     try:
-        first = Coordinator(db, *job_args(bundle, devices, rounds, 60, "--heartbeat", "2"), port=port)
+        first = Coordinator(db, *job_args(bundle, devices, rounds, 60, "--heartbeat", "5"), port=port)
         fleet = None
         try:
-            fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s)
+            fleet = Fleet(workdir, first.url, bundle, devices, within_s, think_s=think_s, ping_s=5)
             read_until(first, "round 1/", within_s)
             fill(disk, leave)
             filled_at = time.time()
