@@ -21,7 +21,7 @@ from coordinator.serve_args import job_hparams, job_options, round_blocks
 from fwdfed import methods
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 from fwdfed.directions import KINDS
-from fwdfed.errors import UserError
+from fwdfed.errors import UserError, first_line
 from fwdfed.net import is_loopback
 from fwdfed.tensor_scale import DEFAULT_FLOOR
 from fwdfed.tensor_scale import MODES as TENSOR_SCALE_MODES
@@ -141,6 +141,22 @@ def check_distillation(student, teacher) -> None:
 
 
 def run(args) -> int:
+    """Serve (or resume) the job. A database that cannot be written, now or mid-job (a full disk, a lost
+    server), stops it with one line: every update acknowledged so far is stored (an ack follows its commit),
+    so serving again on the same --db once it can be written resumes the job."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return serve(args)
+    except OperationalError as e:
+        shown = make_url(args.db).render_as_string(hide_password=True) if "://" in args.db else args.db
+        raise UserError(f"cannot write the database {shown} ({first_line(e.orig or e)}): the job stopped, every "
+                        "update it acknowledged is stored; make room (or bring the database back) and serve again "
+                        "on the same --db to resume") from None
+
+
+def serve(args) -> int:
     from coordinator.admission import Limits
     from coordinator.server import Coordinator, JobConfig, job_from_bundle, resume_problem, serve_job
     from coordinator.store import open_store

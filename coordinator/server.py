@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -36,6 +37,7 @@ from coordinator.traffic import CountingConnection, Traffic
 from coordinator.update_checks import UpdateChecks
 from fwdfed import methods, protocol
 from fwdfed.directions import task_kind
+from fwdfed.errors import first_line
 
 log = logging.getLogger("coordinator")
 
@@ -95,6 +97,8 @@ class Coordinator(RoundEngine):
         self.gone_since: dict[str, float] = {}
         self.credential_of: dict[str, str] = {}  # connected device -> the token_hash of the credential it used
         self.finished = asyncio.Event()
+        self.store_failed = asyncio.Event()  # a write failed: the job stops (`handle`, serve_job)
+        self.store_failure: OperationalError | None = None
         self.traffic = Traffic(store)  # bytes up and down per device, for the dashboard
         self.admission = Admission(store, job.id, self.limits)
         self.checks = UpdateChecks(job.adapter_dim, self.limits.max_update_rms)
@@ -116,6 +120,22 @@ class Coordinator(RoundEngine):
         return protocol.decode(frame)
 
     async def handle(self, ws: ServerConnection) -> None:
+        """A device's connection. A database that cannot be written (a full disk, a lost server) stops the whole
+        job, not this connection alone: nothing more can be acknowledged (`store_failed`)."""
+        try:
+            await self._connection(ws)
+        except OperationalError as e:
+            self._store_failed(e)
+
+    def _store_failed(self, e: OperationalError) -> None:
+        """Stop the job: serve_job raises `e` once the server is closed. The device's task is kept, as after any
+        disconnection, for the job resumed on the same database."""
+        if self.store_failure is None:
+            log.error("cannot write the database (%s): stopping", first_line(e.orig or e))
+            self.store_failure = e
+        self.store_failed.set()
+
+    async def _connection(self, ws: ServerConnection) -> None:
         device_id = None
         enrolled = getattr(ws, "username", None)  # set by Admission.check when credentials are required
         try:
@@ -156,6 +176,8 @@ class Coordinator(RoundEngine):
             await self._refuse(ws, e.code, e.reason, device_id or enrolled)
         except ConnectionClosed:
             pass
+        except OperationalError:  # the database, not this connection: `handle` stops the job
+            raise
         except Exception:  # a bug: logged with its traceback, and the connection still gets an answer
             log.exception("connection handler failed")
             await self._refuse(ws, "internal_error", "the coordinator failed on this message", device_id)
@@ -333,12 +355,18 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
             ready(url)
         sweeper = asyncio.create_task(coordinator.cut_off_revoked())
         counter = asyncio.create_task(coordinator.traffic.run(coordinator.connections))
+        rounds = asyncio.ensure_future(coordinator.run_job())
+        failed = asyncio.ensure_future(coordinator.store_failed.wait())
         try:
-            ok = await coordinator.run_job()
+            await asyncio.wait({rounds, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if coordinator.store_failure is not None:  # a connection could not write: the rounds stop where they are
+                raise coordinator.store_failure
+            ok = rounds.result()  # or what stopped the rounds, a failed write among them
+            await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
         finally:
-            sweeper.cancel()
-        await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
-        counter.cancel()
+            for task in (sweeper, counter, failed, rounds):
+                task.cancel()
+            await asyncio.gather(rounds, return_exceptions=True)
         coordinator.traffic.flush(coordinator.connections)
         return ok
 

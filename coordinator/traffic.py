@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sqlalchemy.exc import OperationalError
 from websockets.asyncio.server import ServerConnection
 
 from coordinator.store import Store
+from fwdfed.errors import first_line
 
 log = logging.getLogger("coordinator")
 
@@ -69,5 +71,7 @@ class Traffic:
             if counts := self.take(connections):
                 try:
                     await asyncio.to_thread(self.store.add_traffic, counts)
+                except OperationalError as e:  # the database cannot be written: the job's own writes will say so
+                    log.warning("could not store the devices' byte counts: %s", first_line(e.orig or e))
                 except Exception:  # a figure for the operator: losing it must not stop the job
                     log.exception("could not store the devices' byte counts")

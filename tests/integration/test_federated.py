@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.store import open_store
 from tests.conftest import ROOT, SST2, TINYSTORIES, run_command
-from tests.support.checks import assert_beats_chance, assert_peft_folder_matches_program
+from tests.support.checks import assert_beats_chance, assert_peft_folder_matches_program, assert_versions_are_aggregates
 from tests.support.fleet import Coordinator, free_port, run_job
 
 
@@ -72,7 +72,7 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
     is lost or counted twice."""
     from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
-    from coordinator.strategies import AcceptedUpdate, SeedFedAvg
+    from coordinator.strategies import SeedFedAvg
     from fwdfed import task_keys as keys
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.directions import pool_key, seed_pool
@@ -115,11 +115,8 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
     options = JobOptions(server_lr=0.5, clip=0.002, tensor_scale=tensor_scale, tensor_scale_floor=0.003)
     layout = load_bundle(tiny_llama_bundle).manifest.layout
     strategy = SeedFedAvg(hparams=job.hparams, options=options, layout=layout)
-    versions = [np.frombuffer(v.vector, "<f4") for v in store.versions(job.id)]
     seeds = set()
-    for r, before, after in zip(closed, versions, versions[1:]):
-        updates = [AcceptedUpdate.from_row(u) for u in store.updates(r.id)]
-        np.testing.assert_array_equal(strategy.aggregate(before, updates), after)
+    for r, before, updates in assert_versions_are_aggregates(store, job, strategy):
         seeds |= {s for u in updates for s, _ in u.pairs}
         scales = options.round_scales(before, layout, None)  # what every task of the round carried
         carried = [t.hparams.get(keys.TENSOR_SCALES) for t in store.tasks(r.id)]
@@ -127,7 +124,7 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
     if tensor_scale == "rms":  # the scales differ by tensor (LoRA B starts at 0: the floor), and they did move it
         assert len({s for _, _, s in scales}) > 1
         unscaled = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
-        assert not np.array_equal(unscaled.aggregate(before, updates), after)
+        assert not np.array_equal(unscaled.aggregate(before, updates), strategy.aggregate(before, updates))
     assert JobOptions.from_json(job.options).seed_pool == pool
     if pool:
         assert "seed pool: every direction is one of 64 seeds" in out

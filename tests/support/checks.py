@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.job import gain_against_chance
 from coordinator.store import open_store
+from coordinator.strategies import AcceptedUpdate
 from fwdfed.bundle.manifest import load_bundle
 from tests.conftest import SST2, TINYSTORIES
 
@@ -28,6 +29,24 @@ def assert_beats_chance(bundle_dir: Path, db: Path, data: Path, eval_examples: i
     logged = [m.value for m in store.metrics(job.id) if m.name == "heldout_loss"]
     assert logged[0] == pytest.approx(start_loss, rel=1e-5) and logged[-1] == pytest.approx(final_loss, rel=1e-5)
     return {"start": start_loss, "final": final_loss, "chance": chance}
+
+
+def assert_versions_are_aggregates(store, job, strategy) -> list:
+    """Every version is exactly the aggregation of the previous one with its round's stored updates, by `strategy`
+    (the job's own rule): what an uninterrupted run given the same updates would have published, so that no
+    update was counted twice or left out. Returns the closed rounds, in order, each with its updates as the rule
+    read them: [(round, version before, updates)]."""
+    closed = store.closed_round_list(job.id)
+    versions = store.versions(job.id)
+    assert [v.version for v in versions] == list(range(len(closed) + 1))
+    assert [v.round_id for v in versions[1:]] == [r.id for r in closed]
+    checked = []
+    for r, before, after in zip(closed, versions, versions[1:]):
+        base = np.frombuffer(before.vector, "<f4")
+        updates = [AcceptedUpdate.from_row(u) for u in store.updates(r.id)]
+        np.testing.assert_array_equal(strategy.aggregate(base, updates), np.frombuffer(after.vector, "<f4"))
+        checked.append((r, base, updates))
+    return checked
 
 
 def assert_peft_folder_matches_program(bundle_dir: Path, peft_folder: Path, vector: np.ndarray) -> None:

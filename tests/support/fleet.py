@@ -15,14 +15,16 @@ from tests.conftest import ROOT, run_command
 
 class Coordinator:
     """`python -m coordinator serve` in its own process; the port it bound is read from its output.
-    Without credentials (`--auth none`) unless `args` says otherwise: the tests of credentials enrol."""
+    Without credentials (`--auth none`) unless `args` says otherwise: the tests of credentials enrol.
+    `launcher`: a prefix for the command (`ip netns exec NS`: on a host of tests.support.testbed)."""
 
-    def __init__(self, db: Path, *args: str, port: int = 0):
+    def __init__(self, db: Path, *args: str, port: int = 0, launcher: tuple[str, ...] | list[str] = ()):
         auth = [] if "--auth" in args else ["--auth", "none"]
         # The log goes to a file: a pipe nobody reads during the job would fill and stall the server.
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", str(port), *auth, *args],
+            [*launcher, sys.executable, "-m", "coordinator", "serve", "--db", str(db), "--port", str(port), *auth,
+             *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines = []
         for line in self.process.stdout:
