@@ -99,7 +99,7 @@ def _history(v):
         if not isinstance(step, dict) or frozenset(step) not in history.FORMS:
             return ("a list of maps of exactly version, shrink, block, either seeds and coefs or sums, and optionally "
                     "span_start and span")
-        for name in step:
+        for name in (name for name in checks if name in step):  # in this order, as the Java device's Codec
             if (reason := checks[name](step[name])) is not None:
                 return f"a list of versions whose {name} is {reason}"
         if "seeds" in step and len(step["seeds"]) != len(step["coefs"]) or len(step["block"]) not in (0, 2):
