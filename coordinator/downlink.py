@@ -74,7 +74,8 @@ class Downlink:
         if rnd is None:
             return None
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
-        sums = self.round_strategy(rnd.number).version_sums([AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)], block)
+        updates = [AcceptedUpdate.from_row(row) for row in self.store.updates(rnd.id)]
+        sums = self.round_strategy(rnd.number).version_sums(updates, block)
         if sums is None:
             return None
         step = entry(version, sums, self.pool)
