@@ -5,9 +5,10 @@ packed by the job's seed pool, and the dense adapter's, read from the job's data
 
 For every version: its round's method, the seed sums the coordinator's rule made of the stored updates (the
 same `coordinator.downlink.Downlink` a running coordinator uses, replay check included), whether it carries a
-span and how many values, and the msgpack bytes of the entry with `seeds` and `coefs` and with `sums` packed
-(a job with `--seed-pool K`: 8·K bytes), the form the coordinator sends marked (fwdfed.history.entry: the
-smaller), against 4·d for the dense adapter. docs/protocol.md, Downlink in seed form.
+span and how many values, the msgpack bytes of the entry with `seeds` and `coefs` and with `sums` packed (a job
+with `--seed-pool K`: 8·K bytes), and the form of the entry the coordinator makes (fwdfed.history.entry: the
+smaller), against 4·d for the dense adapter: a task whose history makes a larger frame than the dense adapter's
+goes dense. docs/protocol.md, Downlink in seed form.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     pool = None if options.seed_pool is None else seed_pool(int(options.seed_pool_key, 16), options.seed_pool)
     seeds = f"seed pool K = {options.seed_pool:,}" if options.seed_pool else "free seeds"
     print(f"job {job.id}: d = {job.adapter_dim:,} (dense adapter {4 * job.adapter_dim:,} B), {seeds}")
-    print(f"{'version':>7} {'method':<12} {'sums':>7} {'span values':>11} {'seeds+coefs B':>14} {'packed B':>9}  sent")
+    print(f"{'version':>7} {'method':<12} {'sums':>7} {'span values':>11} {'seeds+coefs B':>14} {'packed B':>9}  entry")
     rounds = {r.id: r for r in store.closed_round_list(job.id)}
     for version in store.versions(job.id)[1:]:
         method = round_method_name(job.method, options, rounds[version.round_id].number)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
         count = len(step["seeds"]) if "seeds" in step else int(np.count_nonzero(np.frombuffer(step["sums"], "<f8")))
         span = len(step["span"]) // 4 if "span" in step else 0
         print(f"{version.version:>7} {method:<12} {count:>7,} {span:>11,} {arrays:>14,} "
-              f"{'-' if packed is None else f'{packed:,}':>9}  {'packed' if 'sums' in step else 'seeds+coefs'}")
+              f"{'-' if packed is None else f'{packed:,}':>9}  {'packed' if 'sums' in step else 'seeds+coefs'}"
+              + (" (larger than dense)" if min(arrays, packed or arrays) > 4 * job.adapter_dim else ""))
     return 0
 
 
