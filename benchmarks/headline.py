@@ -6,7 +6,9 @@ ExecuTorch with LoRA on its top block and the head (`--adapter-blocks top:1`: th
 into a frozen prefix each device runs once per example and the adapted top every pass runs);
 emulated devices training forward-only over loopback websockets, a coordinator keeping the job
 in SQLite. Round 1 sets the head from class statistics (--head-init lda), then rounds of FZOO
-(one-sided directions, the step divided by the spread of their losses) move LoRA and head.
+(one-sided directions, the step divided by the spread of their losses) move LoRA and head. AG News
+draws every direction from a seed pool of 1,024 (FedKSeed, `--seed-pool`; 0 for free seeds), so that a
+device that keeps its adapter gets each round's 1,024 packed sums, 8 KB, instead of the dense adapter.
 
 - agnews: AG News from ../shared (8,000 rows, shuffled; every 10th row held out), 4 classes.
 - sst2: a seeded sample of 4,000 rows of SST-2's train split (written to DIR), every 10th held
@@ -36,6 +38,7 @@ from benchmarks.job import SHARED, JobSpec, export_bundle, run_job
 from fwdfed import methods
 from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries
+from fwdfed.directions import MAX_SEED_POOL
 from fwdfed.errors import UserError
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
 
@@ -82,10 +85,14 @@ def score_peft_folder(model: Path, adapter: Path, data: Path, num_labels: int = 
 
 @dataclass(frozen=True)
 class Headline:
-    """A headline task: its data, classes, and the rows scored after training besides the held-out slice."""
+    """A headline task: its data, classes, the rows scored after training besides the held-out slice, and its
+    seed pool."""
     name: str
     num_labels: int
     test: Path | None  # a file nobody trained or tuned on, scored whole; None: the held-out slice only
+    # FedKSeed's K (serve's --seed-pool), 0 for free seeds. AG News: 1,024, so that a training round's history,
+    # 1,024 float64 sums packed, keeps a task under 10 KB (docs/BENCHMARKS.md: its accuracy against free seeds)
+    seed_pool: int = 0
 
     def data(self, out: Path) -> Path:
         """The training file: AG News as shared; SST-2's 4,000-row seeded sample, written into `out`."""
@@ -96,11 +103,13 @@ class Headline:
         return sample_rows(SHARED / "data" / "sst2" / "train.tsv", out / "sst2_train_4000.tsv", 4000)
 
 
-HEADLINES = {"agnews": Headline("agnews", 4, None), "sst2": Headline("sst2", 2, SHARED / "data" / "sst2" / "dev.tsv")}
+HEADLINES = {"agnews": Headline("agnews", 4, None, seed_pool=1024),
+             "sst2": Headline("sst2", 2, SHARED / "data" / "sst2" / "dev.tsv")}
 
 
-def main(argv=None, task: str = "agnews") -> int:
-    headline = HEADLINES[task]
+def parse_args(argv, headline: Headline) -> argparse.Namespace:
+    """The headline's flags, with its defaults; a bad one is one clear error (exit 2)."""
+    task = headline.name
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{task}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -118,8 +127,9 @@ def main(argv=None, task: str = "agnews") -> int:
     parser.add_argument("--directions", type=int, default=8)
     parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
     parser.add_argument("--head-lr", type=float, help="hybrid: the exact head step's learning rate (serve's default)")
-    parser.add_argument("--seed-pool", type=int, help="serve's --seed-pool K (FedKSeed): at most K sums a round, "
-                        "so a task's seed-form history stays small whatever the steps (docs/protocol.md)")
+    parser.add_argument("--seed-pool", type=int, default=headline.seed_pool,
+                        help="serve's --seed-pool K (FedKSeed): at most K sums a round, so a task's seed-form history "
+                        "stays small whatever the steps (docs/protocol.md); 0: free seeds (default %(default)s)")
     parser.add_argument("--head-init", choices=("lda", "none"), default="lda")
     parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE)
     parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid")
@@ -134,6 +144,14 @@ def main(argv=None, task: str = "agnews") -> int:
                         help="adapter copies per program call (FZOO's 8 directions and the shared point)")
     parser.add_argument("--mem", default="1.5GB")
     args = parser.parse_args(argv)
+    if not 0 <= args.seed_pool <= MAX_SEED_POOL:
+        parser.error(f"--seed-pool must be between 0 (free seeds) and {MAX_SEED_POOL}, got {args.seed_pool}")
+    return args
+
+
+def main(argv=None, task: str = "agnews") -> int:
+    headline = HEADLINES[task]
+    args = parse_args(argv, headline)
     quiet_libraries()
     model = args.model or minilm_folder()
     out = args.out.resolve()
@@ -156,7 +174,7 @@ def main(argv=None, task: str = "agnews") -> int:
         if keys.HEAD_LR not in own:
             raise UserError(f"--head-lr is for a method with an exact head step (hybrid), not {args.method}")
         training += ["--head-lr", str(args.head_lr)]
-    if args.seed_pool is not None:
+    if args.seed_pool:
         training += ["--seed-pool", str(args.seed_pool)]
     spec = JobSpec(bundle=bundle, data=data, rounds=args.rounds, training=training,
                    data_flags=["--data-seed", str(args.data_seed)], devices=args.devices, workers=args.workers,
@@ -170,7 +188,7 @@ def main(argv=None, task: str = "agnews") -> int:
                                                          args.seq_len, rows="all")
     (accuracy, count), (best_accuracy, _) = scores["adapter"], scores["best_adapter"]
     report = {"command": f"python -m benchmarks.{task} " + " ".join(sys.argv[1:] if argv is None else argv),
-              **figures, "peft_heldout_accuracy": accuracy, "peft_heldout_rows": count,
+              **figures, "seed_pool": args.seed_pool, "peft_heldout_accuracy": accuracy, "peft_heldout_rows": count,
               "best_version_peft_heldout_accuracy": best_accuracy,
               "seconds": {"export": exported - started, "job": figures["job_seconds"], "total": time.time() - started}}
     if headline.test is not None:

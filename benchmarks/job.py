@@ -93,12 +93,13 @@ def run_job(spec: JobSpec, out: Path) -> dict:
 
 def job_figures(db: Path) -> dict:
     """What the job's database says: per round, the held-out metrics of the version it made, its
-    wall time, forward passes, peak memory of the devices, and the bytes each device received
-    (the task: the largest and mean task frame the coordinator sent in the round, seed-form history or dense
-    adapter, as it recorded them; rebuilt as a dense task for a job stored before it did) and sent (its update,
-    the msgpack frame rebuilt from what the coordinator stored)."""
+    wall time, forward passes, peak memory of the devices, and the bytes each device received (its task
+    frames as the coordinator sent and counted them, seed-form history or dense adapter; `received_bytes_per_device`
+    the largest, rebuilt as a dense task for a job stored before the coordinator counted them) and sent (its
+    update's frame, re-encoded from what the coordinator stored: `coordinator.report.update_frame_bytes`), per
+    device in `devices`: {device: {"down": bytes, "up": bytes, "seed_form": bool}}."""
     from coordinator.job import JobOptions, round_method_name
-    from coordinator.report import batch_size_of, best_version, metrics_by_version
+    from coordinator.report import batch_size_of, best_version, device_bytes, metrics_by_version
     from coordinator.store import open_store
     from fwdfed import methods
 
@@ -106,13 +107,14 @@ def job_figures(db: Path) -> dict:
     job = store.latest_job()
     by_version = metrics_by_version(store, job)
     batch_size, options = batch_size_of(job), JobOptions.from_json(job.options)
+    traffic = device_bytes(store, job)
     rounds = []
     for rnd in store.rounds(job.id):
         if rnd.status != "closed":
             continue
         method = methods.get(round_method_name(job.method, options, rnd.number))
         tasks, updates = store.tasks(rnd.id), store.updates(rnd.id)
-        sent = [update_frame_bytes(u) for u in updates]
+        devices = traffic.get(rnd.id, {})
         version_metrics = by_version.get(rnd.base_version + 1, {})
         dense = max((task_frame_bytes(job, rnd, method, t.hparams) for t in tasks), default=0)
         received = int(version_metrics.get("task_bytes_max", dense))
@@ -120,8 +122,9 @@ def job_figures(db: Path) -> dict:
                        "updates": len(updates), "method": method.name,
                        "forward_passes": sum(method.forward_passes(u.num_pairs, tasks[0].hparams, u.num_examples,
                                                                    batch_size) for u in updates),
-                       "sent_bytes_per_device": max(sent, default=0), "received_bytes_per_device": received,
-                       "dense_task_bytes": dense,
+                       "sent_bytes_per_device": max((d["up"] for d in devices.values()), default=0),
+                       "received_bytes_per_device": received, "dense_task_bytes": dense,
+                       "devices": {name: devices[name] for name in sorted(devices)},
                        "peak_rss_bytes": max((u.peak_rss_bytes for u in updates), default=0),
                        **version_metrics})
     best = best_version(store, job)
@@ -146,20 +149,6 @@ def prefix_passes(store, job, batch_size: int) -> int:
         for u in store.updates(rnd.id):
             examples.setdefault(u.device_id, u.num_examples)
     return sum(-(-n // batch_size) for n in examples.values())
-
-
-def update_frame_bytes(row) -> int:
-    """The size of the device's update message as it went on the wire."""
-    import msgpack
-
-    from fwdfed import protocol
-
-    pairs = msgpack.unpackb(row.pairs)
-    message = protocol.Update(task_id="t" * 36, job_id=row.device_id, round=1, global_version=1,
-                              seeds=[int(s) for s, _ in pairs], coefs=[float(c) for _, c in pairs], scale=1.0,
-                              dense=row.dense or b"", num_examples=1, loss_before=0.0, loss_after=0.0,
-                              peak_rss_bytes=int(row.peak_rss_bytes))
-    return len(message.to_wire())
 
 
 def task_frame_bytes(job, rnd, method, hparams: dict) -> int:

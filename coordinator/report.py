@@ -7,11 +7,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 from sqlalchemy import select
 
 from coordinator.job import JobOptions, round_method_name
 from coordinator.store import Job, Round, Store, Task, UpdateRow
-from fwdfed import methods
+from fwdfed import methods, protocol
 from fwdfed.bundle.files import MANIFEST, BundleError
 from fwdfed.bundle.manifest import Manifest
 
@@ -105,6 +106,55 @@ def round_rows(store: Store, job: Job, now: float | None = None) -> list[dict]:
     return rows
 
 
+def update_frame_bytes(row: UpdateRow, job_id: str, rnd: Round) -> int:
+    """The size of an accepted update's frame, re-encoded from what the coordinator stored of it: the frame the
+    device sent wherever it encodes floats as msgpack float 64, as both SDKs do (docs/protocol.md)."""
+    pairs = msgpack.unpackb(row.pairs)
+    message = protocol.Update(task_id=row.task_id, job_id=job_id, round=rnd.number, global_version=rnd.base_version,
+                              seeds=[int(s) for s, _ in pairs], coefs=[float(c) for _, c in pairs],
+                              scale=float(row.scale), dense=row.dense or b"", num_examples=row.num_examples,
+                              loss_before=row.loss_before, loss_after=row.loss_after,
+                              peak_rss_bytes=row.peak_rss_bytes)
+    return len(message.to_wire())
+
+
+def device_bytes(store: Store, job: Job) -> dict[int, dict[str, dict]]:
+    """Per round id, per device that had a task in it: `down`, the bytes of the task frames it was sent (every
+    send, every wave; None where the coordinator did not count them: it stopped before the round ended),
+    `seed_form`, whether its latest task carried the seed-form history instead of the dense adapter, and `up`,
+    the bytes of its accepted updates (`update_frame_bytes`)."""
+    rounds = {r.id: r for r in store.rounds(job.id)}
+    out: dict[int, dict[str, dict]] = {}
+    with store.session() as s:
+        for task in s.scalars(select(Task).join(Round, Round.id == Task.round_id).where(Round.job_id == job.id)
+                              .order_by(Task.sent_at)):
+            row = out.setdefault(task.round_id, {}).setdefault(task.device_id,
+                                                               {"down": None, "seed_form": None, "up": 0})
+            if task.sent_bytes is not None:
+                row["down"], row["seed_form"] = (row["down"] or 0) + task.sent_bytes, task.sent_seed_form
+        for update in s.scalars(select(UpdateRow).join(Round, Round.id == UpdateRow.round_id)
+                                .where(Round.job_id == job.id).order_by(UpdateRow.id)):
+            row = out.setdefault(update.round_id, {}).setdefault(update.device_id,
+                                                                 {"down": None, "seed_form": None, "up": 0})
+            row["up"] += update_frame_bytes(update, job.id, rounds[update.round_id])
+    return out
+
+
+def bytes_line(devices: dict[str, dict], shown: int = 6) -> str:
+    """One round's bytes per device, "device down / up" in KiB, a task in seed form marked *; past `shown`
+    devices, the rest as a count and their largest figures."""
+    def kib(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1024:,.1f}"
+
+    names = sorted(devices)
+    parts = [f"{d} {kib(devices[d]['down'])}{'*' if devices[d]['seed_form'] else ''} / {kib(devices[d]['up'])}"
+             for d in names[:shown]]
+    if rest := names[shown:]:
+        down = max((devices[d]["down"] or 0 for d in rest), default=0)
+        parts.append(f"{len(rest)} more (largest {kib(down)} / {kib(max(devices[d]['up'] for d in rest))})")
+    return ", ".join(parts)
+
+
 def status_text(store: Store, job: Job) -> str:
     lines = [f"job {job.id}: {job.status}, method {job.method}, {store.closed_rounds(job.id)}/{job.rounds} rounds, "
              f"{job.devices_per_round} devices per round (min {job.min_devices}), bundle {job.bundle}"]
@@ -124,6 +174,11 @@ def status_text(store: Store, job: Job) -> str:
                      f"{row['seconds']:>8.1f} {row['forward_passes']:>15,} {row['peak_bytes'] / 2**20:>9.0f} "
                      + "  ".join(f"{values[n]:.4f}" if n in values else "-" for n in shown)
                      + f"  {downlink(values)}  {turnaround(row['turnaround'])}" + extra)
+    traffic = device_bytes(store, job)
+    lines.append("bytes per round and device, down / up, KiB (* the task carried the seed-form history):")
+    for rnd in store.rounds(job.id):
+        if devices := traffic.get(rnd.id):
+            lines.append(f"  {rnd.number:>5} {rnd.attempt:>7}  " + bytes_line(devices))
     best = best_version(store, job)
     if best is not None:
         lines.append(f"best version: {best[0]} ({best[1]} {best[2]:.4f}); "

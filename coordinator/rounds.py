@@ -113,7 +113,7 @@ class RoundEngine:
                 seed_form = replace(message, adapter=b"", history=history).to_wire()
                 if len(seed_form) < len(frame):  # the smaller of the two
                     frame, in_seed_form = seed_form, True
-            self.task_frames.setdefault(rnd.id, []).append((len(frame), in_seed_form))
+            self.task_frames.setdefault(rnd.id, []).append((task.id, len(frame), in_seed_form))
             if task.device_id in self.held:  # from now on it holds this version (or says so when it reconnects)
                 self.held[task.device_id] = (rnd.base_version, version.sha256)
             sent_at = time.time()  # before the send: an answer cannot come earlier than its task
@@ -310,6 +310,16 @@ class RoundEngine:
                 log.warning("%s", reason)
         return kept
 
+    def _settle_task_frames(self, rnd: Round) -> list[tuple[str, int, bool]]:
+        """The task frames this process sent for the round attempt (task id, bytes, in seed form), each task's
+        written to the store (its bytes down, `coordinator status` shows them per device) and forgotten."""
+        frames = self.task_frames.pop(rnd.id, [])
+        per_task: dict[str, tuple[int, bool]] = {}
+        for task_id, size, seed_form in frames:
+            per_task[task_id] = (per_task.get(task_id, (0, False))[0] + size, seed_form)
+        self.store.add_sent_bytes(per_task)
+        return frames
+
     async def run_round(self, rnd: Round) -> bool:
         """Run one round attempt to its end; True if it closed with a new global version."""
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
@@ -319,7 +329,7 @@ class RoundEngine:
                 reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
                           f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
                 self.store.fail_round(rnd.id, reason)
-                self.task_frames.pop(rnd.id, None)
+                self._settle_task_frames(rnd)
                 log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
                 return False
             if (published := await self._publishable(rnd, rows, block)) is not None:
@@ -331,10 +341,10 @@ class RoundEngine:
         metrics |= self.round_strategy(rnd.number).round_metrics(rnd.number)
         if variance is not None:
             metrics["estimate_variance"] = variance
-        if frames := self.task_frames.pop(rnd.id, None):  # the task frames this process sent for the round
-            metrics["task_bytes_max"] = float(max(size for size, _ in frames))
-            metrics["task_bytes_mean"] = float(np.mean([size for size, _ in frames]))
-            metrics["tasks_in_seed_form"] = float(sum(seed for _, seed in frames))
+        if frames := self._settle_task_frames(rnd):  # the task frames this process sent for the round
+            metrics["task_bytes_max"] = float(max(size for _, size, _ in frames))
+            metrics["task_bytes_mean"] = float(np.mean([size for _, size, _ in frames]))
+            metrics["tasks_in_seed_form"] = float(sum(seed for _, _, seed in frames))
             metrics["tasks_sent"] = float(len(frames))
         version = self.store.close_round(rnd, new, self._finite_metrics(rnd.base_version + 1, metrics))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())

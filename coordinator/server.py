@@ -108,7 +108,8 @@ class Coordinator(RoundEngine):
         self.downlink = Downlink(store, job, self.held, self.round_strategy)
         self._scheduled: dict[int, Strategy] = {}  # the rounds a method schedules (RoundEngine.round_strategy)
         self._scales: dict[int, tuple | None] = {}  # the open round attempt's per-tensor scales (_round_scales)
-        self.task_frames: dict[int, list[tuple[int, bool]]] = {}  # per round attempt: each task's bytes, in seed form
+        # Per round attempt, each task frame sent: (task id, bytes, in seed form)
+        self.task_frames: dict[int, list[tuple[str, int, bool]]] = {}
 
     # ---- connections ----
     async def _receive(self, ws: ServerConnection, device_id: str | None, timeout: float | None = None) -> protocol.Message:

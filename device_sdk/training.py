@@ -28,7 +28,8 @@ from fwdfed.memory_plan import plan_memory
 from fwdfed.methods.estimate import PoolDraws, hparam, mean_loss, parse_seed_pool, parse_steps
 from fwdfed.methods.fedkd import teacher_objective
 from fwdfed.tensor_scale import check_dim
-from fwdfed.update import SeedSums, replay
+from fwdfed.history import entry_sums
+from fwdfed.update import replay
 from runtime.engine import ProgramEngine
 from runtime.prefix_cache import cache_prefix_states
 
@@ -180,10 +181,9 @@ class Trainer:
             numbers = [step["version"] for step in task.history]
             if first != version or numbers != list(range(version + 1, task.global_version + 1)):
                 raise ValueError(f"it goes from version {first}, this device holds {version}")
-            kind = task_kind(task.hparams)
-            steps = [SeedSums(step["seeds"], step["coefs"], step["shrink"], self._block(step["block"], adapter))
-                     for step in task.history]
-            data = replay(adapter, steps, kind).astype("<f4").tobytes()
+            pool = parse_seed_pool(task.hparams) if any("sums" in step for step in task.history) else None
+            steps = [entry_sums(step, pool) for step in task.history]
+            data = replay(adapter, steps, task_kind(task.hparams)).astype("<f4").tobytes()
         except (ValueError, TypeError, KeyError) as e:
             self.held = None
             raise HistoryMismatch(f"task {task.task_id}: its history cannot be replayed: {e}") from None
@@ -191,14 +191,6 @@ class Trainer:
             self.held = None
             raise HistoryMismatch(f"task {task.task_id}: its history, replayed, does not match the adapter's sha256")
         return replace(task, adapter=data, history=None)
-
-    @staticmethod
-    def _block(block: list, adapter: np.ndarray) -> tuple[int, int] | None:
-        if not block:
-            return None
-        if not 0 <= block[0] < block[1] <= adapter.shape[0]:
-            raise ValueError(f"block {block} does not fit the adapter's {adapter.shape[0]} values")
-        return block[0], block[1]
 
     def keep(self, task: protocol.Task) -> None:
         """After a task's adapter passed its checks: it is the version this device holds from now on."""

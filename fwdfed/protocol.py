@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from fwdfed import history
 from fwdfed import task_keys as keys
-from fwdfed.directions import SEED_LIMIT
+from fwdfed.directions import MAX_SEED_POOL, SEED_LIMIT
 from fwdfed.tensor_scale import MAX_RANGES as MAX_SCALE_RANGES
 
 PROTOCOL_VERSION = 1
@@ -87,20 +88,31 @@ def _float_list(limit: int):
 
 def _history(v):
     """A task's seed-form history (docs/protocol.md, Downlink in seed form): a list of versions, each a map of
-    exactly `version`, `seeds`, `coefs`, `shrink` and `block`."""
+    `version`, `shrink` and `block`, the sums as `seeds` and `coefs` or packed as `sums`, and optionally a span
+    (`span_start` and `span`): fwdfed.history.FORMS."""
     if not isinstance(v, list) or len(v) > MAX_HISTORY:
         return f"a list of at most {MAX_HISTORY} versions"
     checks = dict(version=ROUND, seeds=_int_list(0, SEED_LIMIT - 1, MAX_PAIRS), coefs=_float_list(MAX_PAIRS),
-                  shrink=_float(), block=_int_list(0, 2**31 - 1, 2))
+                  sums=_packed(8, 8 * MAX_SEED_POOL), shrink=_float(), block=_int_list(0, 2**31 - 1, 2),
+                  span_start=_int(0, 2**31 - 1), span=_packed(4, MAX_FRAME_BYTES))
     for step in v:
-        if not isinstance(step, dict) or set(step) != set(checks):
-            return f"a list of maps of exactly {sorted(checks)}"
-        for name, check in checks.items():
-            if (reason := check(step[name])) is not None:
+        if not isinstance(step, dict) or frozenset(step) not in history.FORMS:
+            return ("a list of maps of exactly version, shrink, block, either seeds and coefs or sums, and optionally "
+                    "span_start and span")
+        for name in (name for name in checks if name in step):  # in this order, as the Java device's Codec
+            if (reason := checks[name](step[name])) is not None:
                 return f"a list of versions whose {name} is {reason}"
-        if len(step["seeds"]) != len(step["coefs"]) or len(step["block"]) not in (0, 2):
+        if "seeds" in step and len(step["seeds"]) != len(step["coefs"]) or len(step["block"]) not in (0, 2):
             return "a list of versions with as many coefs as seeds and a block of 0 or 2 integers"
     return None
+
+
+def _packed(width: int, limit: int):
+    """Bytes of whole `width`-byte values, at least one (a history's packed sums, a span's float32 values)."""
+    def check(v):
+        ok = isinstance(v, bytes) and 0 < len(v) <= limit and len(v) % width == 0
+        return None if ok else f"bytes of 1 to {limit // width} values of {width} bytes"
+    return check
 
 
 def _hparams(v):

@@ -294,6 +294,16 @@ class Store:
             with self.session() as s, s.begin():
                 s.execute(update(Task), rows)  # one UPDATE by primary key, executed for every row
 
+    def add_sent_bytes(self, frames: dict[str, tuple[int, bool]]) -> None:
+        """Each task's frames as the coordinator sent them: (bytes, summed over its sends; whether the latest carried
+        the seed-form history), added to what an earlier process of the job counted for it; one transaction."""
+        if not frames:
+            return
+        with self.session() as s, s.begin():
+            for task_id, (size, seed_form) in frames.items():
+                s.execute(update(Task).where(Task.id == task_id)
+                          .values(sent_bytes=func.coalesce(Task.sent_bytes, 0) + size, sent_seed_form=seed_form))
+
     def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
         query = select(Task).where(Task.round_id == round_id)
         if device_id is not None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # 2: waves, blocks, per-task hparams, scale, device status, refusals; 3: credentials; 4: operator tokens,
 # bytes each device sent and was sent; 5: a task forfeited for good (tasks.forfeited); 6: a device's public key
-# (credentials.public_key)
-SCHEMA_VERSION = 6
-UPGRADABLE = {"2", "3", "4", "5"}  # versions whose upgrade only adds tables and nullable columns
+# (credentials.public_key); 7: the bytes of each task's frames (tasks.sent_bytes, tasks.sent_seed_form)
+SCHEMA_VERSION = 7
+UPGRADABLE = {"2", "3", "4", "5", "6"}  # versions whose upgrade only adds tables and nullable columns
 
 
 class Base(DeclarativeBase):
@@ -91,6 +91,11 @@ class Task(Base):
     # Why its device lost it for good (it broke the protocol, declined it, ...): never given back to it.
     forfeited: Mapped[str | None] = mapped_column(String(32), nullable=True)
     sent_at: Mapped[float] = mapped_column(Float, default=time.time)  # its latest send (a resent task: the resend)
+    # The bytes of the task frames the coordinator sent for it (a resent task's sends summed), and whether the
+    # latest carried the seed-form history instead of the dense adapter; written when its round ends. None: not
+    # counted (a coordinator that stopped before the round ended, or one from before they were counted).
+    sent_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sent_seed_form: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
 
 
 class UpdateRow(Base):

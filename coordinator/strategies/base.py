@@ -90,7 +90,8 @@ class Strategy(Protocol):
         """The next global adapter."""
 
     def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> SeedSums | None:
-        """What `aggregate` adds, as per-seed sums a device can replay; None: the version goes down dense."""
+        """What `aggregate` adds, as per-seed sums a device can replay (`dense_part` when it changes more, which then
+        goes down as the span of values the sums do not give); None: the version goes down dense."""
 
     def round_metrics(self, number: int) -> dict[str, float]:
         """What the rule adds to round `number`'s stored metrics (a privacy budget, say)."""

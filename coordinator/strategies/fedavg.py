@@ -20,7 +20,7 @@ from fwdfed import methods
 from fwdfed import task_keys as keys
 from fwdfed.directions import task_kind
 from fwdfed.methods import Method
-from fwdfed.update import SeedSums, SeedUpdate, round_sums, weighted_sum
+from fwdfed.update import PoolOrder, SeedSums, SeedUpdate, pool_order, round_sums, weighted_sum
 
 
 @dataclass
@@ -45,6 +45,12 @@ class SeedFedAvg:
     @property
     def kind(self) -> str:
         return task_kind(self.hparams)
+
+    @property
+    def pool(self) -> PoolOrder | None:
+        """The job's seed pool, whose order the round applies its seeds in (docs/protocol.md, Aggregation)."""
+        o = self.options
+        return None if o.seed_pool is None else pool_order(int(o.seed_pool_key, 16), o.seed_pool)
 
     # ---- configuring a round ----
     def target(self, connected: int, current: int) -> int:
@@ -96,22 +102,25 @@ class SeedFedAvg:
         if not updates or sum(u.num_examples for u in updates) <= 0:
             return global_adapter.copy()
         # By seed (fwdfed.update.weighted_sum): one direction per distinct seed of the round, at most the
-        # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes; with
-        # the scales the round's tasks carried, made again from the same base (JobOptions.round_scales).
+        # job's pool of K (FedKSeed) whatever the number of updates, in the order docs/protocol.md fixes (pool
+        # order with a pool); with the scales the round's tasks carried, made again from the same base
+        # (JobOptions.round_scales).
         scales = self.options.round_scales(global_adapter, self.layout, block)
-        return weighted_sum(global_adapter, self.terms(updates), self.kind, block, scales).astype(np.float32)
+        return weighted_sum(global_adapter, self.terms(updates), self.kind, block, scales,
+                            self.pool).astype(np.float32)
 
     def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> SeedSums | None:
         """What `aggregate` adds to the adapter, in seed form (the per-seed sums C_s and the shrink S), for a
-        device to replay (the downlink in seed form); None when the round has a dense part, which goes down
-        dense. server_lr and clip are in the sums already. A version made with per-tensor scales goes down dense
-        too: the history has no place for them (docs/protocol.md, Downlink in seed form)."""
+        device to replay (the downlink in seed form), marked `dense_part` when the round has a dense part too
+        (hybrid's head, the backprop baseline): the downlink sends the values that part changed as a span.
+        server_lr and clip are in the sums already. None for a version made with per-tensor scales, which goes
+        down dense: the history has no place for them (docs/protocol.md, Downlink in seed form)."""
         if self.options.tensor_scale != "none":
             return None
         if not updates or sum(u.num_examples for u in updates) <= 0:
             return SeedSums([], [], 0.0, block)  # the version is its base's values
-        by_seed, shrink, dense = round_sums(self.terms(updates))
-        return None if dense is not None else SeedSums(list(by_seed), list(by_seed.values()), shrink, block)
+        by_seed, shrink, dense = round_sums(self.terms(updates), self.pool)
+        return SeedSums(list(by_seed), list(by_seed.values()), shrink, block, dense_part=dense is not None)
 
     def round_metrics(self, number: int) -> dict[str, float]:
         return {}

@@ -4,8 +4,9 @@ Round 1 of a `--head-init lda` job gathers class statistics (fwdfed.methods.clas
 task carries that method's hyperparameters, the answers are dense statistics, not changes of the
 adapter, and the method itself turns them into the next adapter (`Method.coordinator_aggregate`,
 with the adapter's layout). Devices are counted and sampled as the job's strategy counts them; the
-version goes down dense. It is no rule a job chooses (no `STRATEGY`): the round engine uses it for
-the rounds `coordinator.job.round_method_name` gives to another method than the job's.
+version goes down as the span of values it changed (the head: docs/protocol.md, Downlink in seed form).
+It is no rule a job chooses (no `STRATEGY`): the round engine uses it for the rounds
+`coordinator.job.round_method_name` gives to another method than the job's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from coordinator.strategies.base import AcceptedUpdate, Block, History, Strategy
 from fwdfed import task_keys as keys
 from fwdfed.methods import Method
+from fwdfed.update import SeedSums
 
 
 @dataclass
@@ -46,8 +48,10 @@ class ScheduledRound:
         return self.method.coordinator_aggregate(global_adapter, [u.change.dense for u in updates], self.hparams,
                                                  self.layout)
 
-    def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> None:
-        return None
+    def version_sums(self, updates: list[AcceptedUpdate], block: Block = None) -> SeedSums:
+        """No seeds: the method rewrote part of the adapter (the class statistics' head), which the downlink sends
+        as the span of values it changed."""
+        return SeedSums([], [], 0.0, None, dense_part=True)
 
     def round_metrics(self, number: int) -> dict[str, float]:
         return self.job_strategy.round_metrics(number)  # a privacy budget counts every round

@@ -19,6 +19,15 @@ from fwdfed import protocol
 from tests.android_demo.support import decode
 
 ADAPTER = struct.pack("<3f", 1.0, -2.5, 0.0)
+# A task whose history has the other forms (fwdfed/history.py): sums packed by a seed pool, spans.
+POOLED = protocol.Task(task_id="t-3", job_id="job-1", round=5, global_version=4, base_model_hash="ab" * 32,
+                       adapter=b"", adapter_sha256=hashlib.sha256(ADAPTER).hexdigest(), method="mezo",
+                       hparams={"kind": "rademacher", "seed_pool": 3, "seed_pool_key": "0123456789abcdef"},
+                       deadline_s=1.5, reference=b"",
+                       history=[{"version": 3, "sums": struct.pack("<3d", 0.0, 1e-3 / 3, -0.0), "shrink": 0.0,
+                                 "block": [0, 2], "span_start": 2, "span": struct.pack("<f", -0.0)},
+                                {"version": 4, "seeds": [], "coefs": [], "shrink": 0.0, "block": [], "span_start": 0,
+                                 "span": ADAPTER}])
 VALID = [
     protocol.Hello(device_id="emu-0", base_model_hash="ab" * 32, adapter_dim=8960, num_examples=553,
                    mem_budget_bytes=1_500_000_000),
@@ -37,6 +46,7 @@ VALID = [
                   history=[{"version": 1, "seeds": [0, 2**63 - 1], "coefs": [1e-3 / 3, -2.5e-4], "shrink": 0.0,
                             "block": []},
                            {"version": 2, "seeds": [42], "coefs": [7e-5], "shrink": -1e-4 / 3, "block": [1, 3]}]),
+    POOLED,
     protocol.Update(task_id="t-1", job_id="job-1", round=3, global_version=2, seeds=[0, 2**63 - 1, 42],
                     coefs=[-1e-3, 0.5, 7.0], scale=0.99, dense=b"", num_examples=553, loss_before=2.5,
                     loss_after=2.25, peak_rss_bytes=123456789),
@@ -72,6 +82,12 @@ def corpus() -> list[bytes]:
         for cut in sorted({1, 2, len(good) // 3, len(good) // 2, len(good) - 1}):
             frames.append(good[:cut])
         frames.append(good + b"\x00")
+    packed = POOLED.history[0]
+    for broken in ({**packed, "seeds": [1]}, {**packed, "sums": b"\0" * 12}, {**packed, "sums": b""},
+                   {**packed, "sums": [1.0]}, {**packed, "span": b"\0" * 6}, {**packed, "span": b""},
+                   {**packed, "span_start": -1}, {**packed, "span_start": 2**31}, {**packed, "span_start": None},
+                   {k: v for k, v in packed.items() if k != "span"}, {k: v for k, v in packed.items() if k != "sums"}):
+        frames.append(pack({**msgpack.unpackb(POOLED.to_wire(), raw=False), "history": [broken]}))
     frames += [b"", b"\xc1", b"\x90", b"\x80", b"\xa3abc", pack([1, 2]), pack({"type": "hello"}),
                b"\x81\xa1x\xd4\x01\x00",  # an ext type
                b"\x81\xa1x\xc6\x7f\xff\xff\xff\x01",  # bytes claiming 2 GiB

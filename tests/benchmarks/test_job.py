@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import msgpack
-
-from benchmarks.job import JobSpec, run_job, update_frame_bytes
+from benchmarks.job import JobSpec, run_job
 from tests.conftest import TINYSTORIES
 
 
@@ -24,22 +22,14 @@ def test_a_job_on_stories_reports_what_its_database_holds(stories_bundle, tmp_pa
         assert r["tasks_sent"] == r["tasks_in_seed_form"] == 2 and r["dense_task_bytes"] > 4 * figures["adapter_dim"]
         assert r["received_bytes_per_device"] <= 4 * r["sent_bytes_per_device"] < r["dense_task_bytes"] / 10
         assert r["peak_rss_bytes"] > 0 and r["seconds"] > 0 and "heldout_loss" in r
+        # each device's own: its task (down, in seed form) and its update (up)
+        assert sorted(r["devices"]) == ["emu-0", "emu-1"] and all(d["seed_form"] for d in r["devices"].values())
+        assert max(d["down"] for d in r["devices"].values()) == r["received_bytes_per_device"]
+        assert max(d["up"] for d in r["devices"].values()) == r["sent_bytes_per_device"]
     assert "heldout_loss" in figures["start"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "best_adapter" / "adapter_config.json").is_file()
     assert "best version" in (tmp_path / "status.txt").read_text()
-
-
-def test_an_update_frame_is_measured_as_it_goes_on_the_wire():
-    class Row:
-        device_id, peak_rss_bytes, dense = "emu-0", 1 << 20, b""
-        pairs = msgpack.packb([[i, 0.5] for i in range(20)])
-
-    twenty = update_frame_bytes(Row)
-    Row.pairs = msgpack.packb([[i, 0.5] for i in range(30)])
-    assert update_frame_bytes(Row) - twenty == 10 * (1 + 9)  # a seed below 128 is 1 byte, a float64 9
-    Row.dense = b"\0" * 4000
-    assert update_frame_bytes(Row) > 4000
 
 
 def test_earlier_results_are_read_before_any_work_and_a_damaged_file_is_refused(tmp_path):

@@ -79,8 +79,9 @@ def test_the_round_adds_each_head_at_its_span_and_recomputes_to_the_same_bits(tm
     rows = c.store.updates(rnd.id)
     again = c.strategy.aggregate(start, [c._accepted(rnd, row) for row in rows], (0, BODY))
     assert np.array_equal(again, published)
-    # A version with dense parts is no per-seed sum: its tasks carry the dense adapter.
-    assert c.strategy.version_sums([c._accepted(rnd, row) for row in rows], (0, BODY)) is None
+    # A version with dense parts: its seed sums, marked as having a dense part (the downlink sends the head's span).
+    sums = c.strategy.version_sums([c._accepted(rnd, row) for row in rows], (0, BODY))
+    assert sums.dense_part and sums.seeds == [11, 12, 13] and sums.block == (0, BODY)
 
 
 def test_a_stored_update_without_a_span_reads_as_it_was_sent():

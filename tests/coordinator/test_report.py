@@ -1,14 +1,19 @@
 """`coordinator status` (coordinator/report.py) on a real SQLite store: each round's task turnaround, from
-its tasks' sent_at and its accepted updates' received_at."""
+its tasks' sent_at and its accepted updates' received_at; each device's bytes down and up per round."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 from sqlalchemy import update
 
-from coordinator.report import round_rows, status_text, turnarounds
-from coordinator.server import JobConfig, job_from_bundle
+from coordinator.admission import Limits
+from coordinator.report import device_bytes, round_rows, status_text, turnarounds
+from coordinator.server import Coordinator, JobConfig, job_from_bundle
 from coordinator.store import Task, UpdateRow, open_store
+from coordinator.strategies import SeedFedAvg
+from fwdfed import protocol
 
 
 class FakeManifest:
@@ -60,3 +65,54 @@ def test_each_round_reports_the_median_and_largest_turnaround_of_its_accepted_up
     assert lines[1].endswith("  tasks: KiB max, mean, in seed form  turnaround s: median, max of updates")
     assert [line.split("  -  ")[-1] for line in lines[2:5]] == ["4.0, 10.4 of 3", "2.5, 3.0 of 2 (too few updates)",
                                                                 "-"]
+
+
+class Recorder:
+    """A device's connection as the coordinator sees it: the frames sent to it."""
+
+    def __init__(self):
+        self.frames: list[bytes] = []
+
+    async def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def test_each_devices_bytes_down_and_up_per_round_are_the_frames_that_went_on_the_wire(tmp_path):
+    """Down: every task frame the coordinator sent the device in the round (a resend counted); up: its accepted
+    update, re-encoded from what was stored, the size of the frame the device sent."""
+    hparams = {"lr": 1e-3, "eps": 1e-2, "local_steps": 4, "directions": 2, "kind": "rademacher"}
+    store = open_store(tmp_path / "job.db")
+    config = JobConfig(rounds=1, devices_per_round=2, min_devices=1, round_deadline_s=60, hparams=hparams)
+    job = store.create_job(job_from_bundle("job", "/b", FakeManifest, config), np.zeros(16, np.float32))
+    c = Coordinator(store, job, SeedFedAvg(hparams=job.hparams, devices_per_round=2),
+                    limits=Limits(require_credentials=False))
+    rnd = store.start_round(job.id, 1, 0)
+    sent = {}
+
+    async def scenario():
+        for device_id in ("a", "b"):
+            store.touch_device(device_id, 10, None)
+            c.connections[device_id] = Recorder()
+        for task in store.add_tasks(rnd.id, 0, {d: dict(hparams) for d in ("a", "b")}):
+            await c._send_task(rnd, task)
+            if task.device_id == "a":
+                await c._send_task(rnd, task)  # a resend: both frames went down
+            message = protocol.decode(c.connections[task.device_id].frames[0])
+            pairs = 3 if task.device_id == "a" else 8
+            update = protocol.Update(task_id=task.id, job_id=job.id, round=1, global_version=0,
+                                     seeds=[2**62 + k for k in range(pairs)], coefs=[1e-3 / 3] * pairs, scale=1.0,
+                                     dense=b"", num_examples=10, loss_before=1.25, loss_after=1.0,
+                                     peak_rss_bytes=123_456_789)
+            assert message.task_id == task.id and c._accept(task.device_id, update).accepted
+            sent[task.device_id] = len(update.to_wire())
+        assert await c.run_round(rnd)
+
+    asyncio.run(scenario())
+    frames = {d: [len(f) for f in c.connections[d].frames] for d in ("a", "b")}
+    assert len(frames["a"]) == 2 and len(frames["b"]) == 1
+    assert device_bytes(store, job)[rnd.id] == {d: {"down": sum(frames[d]), "seed_form": False, "up": sent[d]}
+                                                for d in ("a", "b")}
+    lines = status_text(store, job).splitlines()
+    at = lines.index("bytes per round and device, down / up, KiB (* the task carried the seed-form history):")
+    assert lines[at + 1] == (f"      1       1  a {sum(frames['a']) / 1024:,.1f} / {sent['a'] / 1024:,.1f}, "
+                             f"b {frames['b'][0] / 1024:,.1f} / {sent['b'] / 1024:,.1f}")

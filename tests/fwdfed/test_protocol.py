@@ -1,4 +1,5 @@
 import math
+import struct
 
 import msgpack
 import pytest
@@ -86,6 +87,8 @@ def test_the_protocol_document_names_every_message_and_field():
 HELD = protocol.Hello(device_id="d", base_model_hash="h", adapter_dim=3, num_examples=0, mem_budget_bytes=None,
                       held_version=4, held_sha256="c" * 64)
 STEP = {"version": 1, "seeds": [7, 2**63 - 1], "coefs": [1e-3 / 3, -2.5e-4], "shrink": 0.0, "block": []}
+PACKED = {"version": 2, "sums": struct.pack("<3d", 0.0, 1e-3, -2e-3), "shrink": 0.0, "block": [0, 2],
+          "span_start": 1, "span": struct.pack("<2f", 0.5, -0.0)}
 
 
 def test_the_downlink_fields_are_optional_and_never_sent_as_nil():
@@ -94,6 +97,9 @@ def test_the_downlink_fields_are_optional_and_never_sent_as_nil():
     assert decode(HELD.to_wire()) == HELD
     task = protocol.Task(**{**TASK.__dict__, "adapter": b"", "global_version": 1, "history": [STEP]})
     assert decode(task.to_wire()) == task
+    both = protocol.Task(**{**TASK.__dict__, "adapter": b"", "global_version": 2,
+                            "history": [{**STEP, "span_start": 0, "span": b"\0" * 8}, PACKED]})
+    assert decode(both.to_wire()) == both  # the packed sums and the spans: msgpack bin, both ways
 
 
 def pack(data: dict) -> bytes:
@@ -110,6 +116,14 @@ def pack(data: dict) -> bytes:
     (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "coefs": [math.nan, 1]}]}),
      "coefs"),
     (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": None}), "task.history"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "seeds": [1]}]}), "exactly"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**STEP, "span": b"\0" * 4}]}), "exactly"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "sums": b"\0" * 12}]}), "sums"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "sums": b""}]}), "sums"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "span": b"\0" * 6}]}), "span"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "span_start": -1}]}),
+     "span_start"),
+    (pack({"type": "task", **TASK.__dict__, "adapter": b"", "history": [{**PACKED, "sums": [1.0]}]}), "sums"),
 ])
 def test_a_bad_held_version_or_history_is_refused(frame, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fwdfed.directions import KINDS, direction
-from fwdfed.update import SeedSums, SeedUpdate, replay, round_sums, weighted_sum
+from fwdfed import protocol
+from fwdfed.directions import KINDS, direction, pool_key, seed_pool
+from fwdfed.history import entry, entry_sums
+from fwdfed.methods.estimate import parse_seed_pool
+from fwdfed.update import PoolOrder, SeedSums, SeedUpdate, replay, round_sums, weighted_sum
 
 
 def test_apply_is_scale_times_w_plus_the_seeded_directions_plus_dense():
@@ -107,17 +110,81 @@ def test_the_per_seed_sum_makes_one_direction_per_distinct_seed(monkeypatch, kin
 GOLDEN_REPLAY = Path(__file__).resolve().parents[2] / "docs" / "golden" / "replay.json"
 
 
+def golden_step(entry: dict) -> dict:
+    """A version of docs/golden/replay.json as a task's history carries it: its bins from their hex."""
+    step = {k: entry[k] for k in ("version", "shrink", "block")}
+    if "sums_hex" in entry:
+        step["sums"] = bytes.fromhex(entry["sums_hex"])
+    else:
+        step |= {"seeds": [int(s) for s in entry["seeds"]], "coefs": entry["coefs"]}
+    if "span_hex" in entry:
+        step |= {"span_start": entry["span_start"], "span": bytes.fromhex(entry["span_hex"])}
+    return step
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_replay_matches_the_golden_versions_bit_for_bit(kind):
+    """Every wire form (fwdfed.history): through the protocol's checks and a task frame, unpacked against the task's
+    seed pool, replayed one version at a time."""
     golden = json.loads(GOLDEN_REPLAY.read_text())
     w = np.array([int(b, 16) for b in golden["start_float32_bits"]], np.uint32).view(np.float32)
     assert hashlib.sha256(w.tobytes()).hexdigest() == golden["start_sha256"]
-    for entry, expected in zip(golden["history"], golden["kinds"][kind], strict=True):
-        sums = SeedSums([int(s) for s in entry["seeds"]], entry["coefs"], entry["shrink"],
-                        tuple(entry["block"]) or None)
-        w = replay(w, [sums], kind)
+    hparams = {"kind": kind, "seed_pool": golden["seed_pool"], "seed_pool_key": golden["seed_pool_key"]}
+    pool = parse_seed_pool(hparams)
+    assert [str(s) for s in pool] == golden["pool_seeds"]
+    history = [golden_step(entry) for entry in golden["history"]]
+    task = protocol.Task(task_id="t", job_id="j", round=6, global_version=5, base_model_hash="h", adapter=b"",
+                         adapter_sha256="", method="mezo", hparams=hparams, deadline_s=1.0, reference=b"",
+                         history=history)
+    assert {"seeds", "sums", "span"} <= {key for step in history for key in step}  # every form is in the file
+    for step, expected in zip(protocol.decode(task.to_wire()).history, golden["kinds"][kind], strict=True):
+        w = replay(w, [entry_sums(step, pool)], kind)
         assert [f"{b:08x}" for b in w.view(np.uint32)] == expected["float32_bits"]
         assert hashlib.sha256(w.astype("<f4").tobytes()).hexdigest() == expected["sha256"]
+
+
+def test_a_version_that_cannot_be_unpacked_or_applied_is_refused():
+    pool = np.array([11, 12, 13], np.int64)
+    packed = {"version": 1, "sums": np.array([0.0, 1e-3, 0.0], "<f8").tobytes(), "shrink": 0.0, "block": []}
+    assert entry_sums(packed, pool).seeds == [12]
+    for step, pool_given, reason in [(packed, None, "without a seed pool"), (packed, pool[:2], "not 8 x the pool's 2"),
+                                     ({**packed, "sums": np.array([np.nan] * 3, "<f8").tobytes()}, pool,
+                                      "not all finite")]:
+        with pytest.raises(ValueError, match=reason):
+            entry_sums(step, pool_given)
+    w = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"span \[3, 5\) does not fit the adapter's 4 values"):
+        replay(w, [SeedSums([], [], span_start=3, span=np.ones(2, np.float32))], "rademacher")
+    with pytest.raises(ValueError, match=r"block \[2, 9\] does not fit"):
+        replay(w, [SeedSums([1], [1.0], block=(2, 9))], "rademacher")
+    with pytest.raises(ValueError, match="twice"):  # a pool that holds one seed twice, both indices summed
+        replay(w, [entry_sums({**packed, "sums": np.array([1.0, 0.0, 1.0], "<f8").tobytes()},
+                              np.array([11, 12, 11], np.int64))], "rademacher")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pool_round_applies_its_seeds_in_pool_order_and_skips_zero_sums(kind):
+    """Pool order, not first appearance (docs/protocol.md, Aggregation): the packed form then replays to the same
+    bits; the order matters in float64 (the two orders differ in some bit), and a seed whose sum is 0 is no term."""
+    rng, d, size = np.random.default_rng(3), 256, 8
+    pool = PoolOrder(seed_pool(pool_key("job"), size))
+    w = rng.standard_normal(d).astype(np.float32)
+    pairs = [(int(s), float(c)) for s, c in zip(rng.choice(pool.seeds, 6, replace=False), rng.normal(0, 1.0, 6))]
+    cancel = int(next(s for s in pool.seeds if s not in dict(pairs)))
+    terms = [(0.5, SeedUpdate(pairs + [(cancel, 1e-3)])), (0.5, SeedUpdate([(cancel, -1e-3)]))]
+    by_seed, _, _ = round_sums(terms, pool)
+    assert list(by_seed) == [s for s in pool.seeds.tolist() if s in dict(pairs)]  # pool order, the 0 sum left out
+    published = weighted_sum(w, terms, kind, pool=pool).astype(np.float32)
+    packed = entry(1, SeedSums(list(by_seed), list(by_seed.values())), pool)
+    assert "sums" in packed or size * 8 > 19 * len(by_seed)
+    assert replay(w, [entry_sums(packed, pool.seeds)], kind).tobytes() == published.tobytes()
+    # float64 sums are not associative, so the order is the spec's: here the 1.0 is lost in 1e20 in one order only
+    wide = [(int(pool.seeds[0]), 1e20), (int(pool.seeds[1]), -1e20), (int(pool.seeds[2]), 1.0)]
+    orders = {weighted_sum(w, [(1.0, SeedUpdate(p))], "rademacher").astype(np.float32).tobytes()
+              for p in (wide, wide[::-1])}
+    assert len(orders) == 2
+    with pytest.raises(ValueError, match="not one of the job's pool of 8"):
+        round_sums([(1.0, SeedUpdate([(1, 1.0)]))], pool)
 
 
 @pytest.mark.parametrize("kind, block", [("rademacher", None), ("gaussian", (5, 40))])

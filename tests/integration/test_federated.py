@@ -111,8 +111,10 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
             updates = s.query(UpdateRow).filter(UpdateRow.round_id == r.id).all()
             assert sorted(u.device_id for u in updates) == ["emu-0", "emu-1"]
     # The same result as an uninterrupted run given the same updates: every version is exactly
-    # the aggregation of the previous one with its round's stored updates, by the job's own rule.
-    options = JobOptions(server_lr=0.5, clip=0.002, tensor_scale=tensor_scale, tensor_scale_floor=0.003)
+    # the aggregation of the previous one with its round's stored updates, by the job's own rule (with a seed
+    # pool, its seeds applied in pool order: docs/protocol.md, Aggregation).
+    options = JobOptions(server_lr=0.5, clip=0.002, tensor_scale=tensor_scale, tensor_scale_floor=0.003,
+                         seed_pool=pool, seed_pool_key=f"{pool_key(job.id):016x}" if pool else None)
     layout = load_bundle(tiny_llama_bundle).manifest.layout
     strategy = SeedFedAvg(hparams=job.hparams, options=options, layout=layout)
     seeds = set()

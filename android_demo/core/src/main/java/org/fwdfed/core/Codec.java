@@ -141,20 +141,28 @@ public final class Codec {
     private static void history(MessageBufferPacker p, List<Message.HistoryStep> steps) throws IOException {
         p.packString("history").packArrayHeader(steps.size());
         for (Message.HistoryStep step : steps) {
-            p.packMapHeader(5);
+            p.packMapHeader(3 + (step.sums == null ? 2 : 1) + (step.span == null ? 0 : 2));
             p.packString("version").packLong(step.version);
-            p.packString("seeds").packArrayHeader(step.seeds.length);
-            for (long seed : step.seeds) {
-                p.packLong(seed);
-            }
-            p.packString("coefs").packArrayHeader(step.coefs.length);
-            for (double c : step.coefs) {
-                p.packDouble(c);  // float 64 always: a sum rounded to float 32 would not replay
+            if (step.sums == null) {
+                p.packString("seeds").packArrayHeader(step.seeds.length);
+                for (long seed : step.seeds) {
+                    p.packLong(seed);
+                }
+                p.packString("coefs").packArrayHeader(step.coefs.length);
+                for (double c : step.coefs) {
+                    p.packDouble(c);  // float 64 always: a sum rounded to float 32 would not replay
+                }
+            } else {
+                bin(p, "sums", step.sums);
             }
             p.packString("shrink").packDouble(step.shrink);
             p.packString("block").packArrayHeader(step.block.length);
             for (long b : step.block) {
                 p.packLong(b);
+            }
+            if (step.span != null) {
+                p.packString("span_start").packLong(step.spanStart);
+                bin(p, "span", step.span);
             }
         }
     }
@@ -194,7 +202,12 @@ public final class Codec {
     /** Fields a sender may leave out (docs/protocol.md: the downlink in seed form); never nil when sent. */
     private static final Map<String, List<String>> OPTIONAL = Map.of(
             "hello", List.of("held_version", "held_sha256"), "task", List.of("history"));
-    private static final List<String> STEP_FIELDS = List.of("version", "seeds", "coefs", "shrink", "block");
+    /** A history version's keys (docs/protocol.md): these, then `seeds` and `coefs` or `sums`, then optionally
+     * `span_start` and `span` (fwdfed/history.py FORMS). */
+    private static final List<String> STEP_FIELDS = List.of("version", "shrink", "block");
+    private static final List<List<String>> STEP_SUMS = List.of(List.of("seeds", "coefs"), List.of("sums"));
+    private static final List<String> STEP_SPAN = List.of("span_start", "span");
+    private static final long MAX_PACKED_SUMS = 8L * SeedPool.MAX_SIZE;
     private static final int MAX_HISTORY = 1024;
 
     /** The message types of the protocol, in docs/protocol.md's order. */
@@ -415,25 +428,61 @@ public final class Codec {
             return "a list of at most " + MAX_HISTORY + " versions";
         }
         for (Object step : (List<?>) v) {
-            if (!(step instanceof Map) || !((Map<?, ?>) step).keySet().equals(new LinkedHashSet<>(STEP_FIELDS))) {
-                return "a list of maps of exactly " + STEP_FIELDS;
+            if (!(step instanceof Map) || !isStepForm(((Map<?, ?>) step).keySet())) {
+                return "a list of maps of exactly version, shrink, block, either seeds and coefs or sums, and "
+                        + "optionally span_start and span";
             }
             Map<?, ?> m = (Map<?, ?>) step;
-            String[] reasons = {integer(m.get("version"), 0, COUNT_MAX),
-                integerList(m.get("seeds"), 0, SEED_LIMIT_MINUS_1, Message.MAX_PAIRS),
-                finiteList(m.get("coefs"), Message.MAX_PAIRS), finite(m.get("shrink"), false),
-                integerList(m.get("block"), 0, COUNT_MAX, 2)};
-            for (int i = 0; i < reasons.length; i++) {
-                if (reasons[i] != null) {
-                    return "a list of versions whose " + STEP_FIELDS.get(i) + " is " + reasons[i];
+            Map<String, String> reasons = new LinkedHashMap<>();
+            reasons.put("version", integer(m.get("version"), 0, COUNT_MAX));  // in fwdfed/protocol.py's order
+            if (m.containsKey("sums")) {
+                reasons.put("sums", packed(m.get("sums"), 8, MAX_PACKED_SUMS));
+            } else {
+                reasons.put("seeds", integerList(m.get("seeds"), 0, SEED_LIMIT_MINUS_1, Message.MAX_PAIRS));
+                reasons.put("coefs", finiteList(m.get("coefs"), Message.MAX_PAIRS));
+            }
+            reasons.put("shrink", finite(m.get("shrink"), false));
+            reasons.put("block", integerList(m.get("block"), 0, COUNT_MAX, 2));
+            if (m.containsKey("span")) {
+                reasons.put("span_start", integer(m.get("span_start"), 0, COUNT_MAX));
+                reasons.put("span", packed(m.get("span"), 4, Message.MAX_FRAME_BYTES));
+            }
+            for (Map.Entry<String, String> reason : reasons.entrySet()) {
+                if (reason.getValue() != null) {
+                    return "a list of versions whose " + reason.getKey() + " is " + reason.getValue();
                 }
             }
             int block = ((List<?>) m.get("block")).size();
-            if (((List<?>) m.get("seeds")).size() != ((List<?>) m.get("coefs")).size() || (block != 0 && block != 2)) {
+            boolean counts = m.containsKey("sums")
+                    || ((List<?>) m.get("seeds")).size() == ((List<?>) m.get("coefs")).size();
+            if (!counts || (block != 0 && block != 2)) {
                 return "a list of versions with as many coefs as seeds and a block of 0 or 2 integers";
             }
         }
         return null;
+    }
+
+    private static boolean isStepForm(Set<?> keys) {
+        for (List<String> sums : STEP_SUMS) {
+            for (boolean span : new boolean[] {false, true}) {
+                Set<String> form = new LinkedHashSet<>(STEP_FIELDS);
+                form.addAll(sums);
+                if (span) {
+                    form.addAll(STEP_SPAN);
+                }
+                if (keys.equals(form)) {
+                    return true;
+                }
+            }
+        }
+        return false;
+    }
+
+    /** Bytes of whole `width`-byte values, at least one: a history's packed sums, a span's float32 values. */
+    private static String packed(Object v, int width, long limit) {
+        boolean ok = v instanceof byte[] && ((byte[]) v).length > 0 && ((byte[]) v).length <= limit
+                && ((byte[]) v).length % width == 0;
+        return ok ? null : "bytes of 1 to " + (limit / width) + " values of " + width + " bytes";
     }
 
     private static List<Message.HistoryStep> steps(Object v) {
@@ -443,20 +492,26 @@ public final class Codec {
         List<Message.HistoryStep> steps = new java.util.ArrayList<>();
         for (Object step : (List<?>) v) {
             Map<?, ?> m = (Map<?, ?>) step;
-            List<?> seedList = (List<?>) m.get("seeds");
-            List<?> coefList = (List<?>) m.get("coefs");
-            List<?> blockList = (List<?>) m.get("block");
-            long[] seeds = new long[seedList.size()];
-            double[] coefs = new double[coefList.size()];
-            long[] block = new long[blockList.size()];
-            for (int i = 0; i < seeds.length; i++) {
-                seeds[i] = (Long) seedList.get(i);
-                coefs[i] = asDouble(coefList.get(i));
+            long[] seeds = new long[0];
+            double[] coefs = new double[0];
+            if (!m.containsKey("sums")) {
+                List<?> seedList = (List<?>) m.get("seeds");
+                List<?> coefList = (List<?>) m.get("coefs");
+                seeds = new long[seedList.size()];
+                coefs = new double[coefList.size()];
+                for (int i = 0; i < seeds.length; i++) {
+                    seeds[i] = (Long) seedList.get(i);
+                    coefs[i] = asDouble(coefList.get(i));
+                }
             }
+            List<?> blockList = (List<?>) m.get("block");
+            long[] block = new long[blockList.size()];
             for (int i = 0; i < block.length; i++) {
                 block[i] = (Long) blockList.get(i);
             }
-            steps.add(new Message.HistoryStep((Long) m.get("version"), seeds, coefs, asDouble(m.get("shrink")), block));
+            steps.add(new Message.HistoryStep((Long) m.get("version"), seeds, coefs, (byte[]) m.get("sums"),
+                    asDouble(m.get("shrink")), block, m.containsKey("span") ? (Long) m.get("span_start") : 0,
+                    (byte[]) m.get("span")));
         }
         return steps;
     }

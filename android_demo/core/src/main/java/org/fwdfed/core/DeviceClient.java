@@ -338,8 +338,10 @@ public final class DeviceClient {
         }
         Object kind = task.hparams.getOrDefault("kind", Directions.RADEMACHER);
         byte[] dense;
-        try {
-            dense = Replay.bytes(Replay.replay(held, task.history, String.valueOf(kind)));
+        try {  // the pool by whose index a version's sums may come packed (a bad one: no replay, the dense task)
+            long[] pool = task.history.stream().anyMatch(step -> step.sums != null)
+                    ? SeedPool.fromHparams(new Hparams(task.hparams)) : null;
+            dense = Replay.bytes(Replay.replay(held, task.history, String.valueOf(kind), pool));
         } catch (IllegalArgumentException e) {
             return null;
         }

@@ -126,22 +126,36 @@ public abstract class Message {
 
     /**
      * One version of a task's history (docs/protocol.md, Downlink in seed form): its distinct seeds, each one's
-     * float64 coefficient sum, the shrink S, and the block ([start, end], or empty: the whole adapter; checked
-     * when replayed, not when decoded, as fwdfed/protocol.py does).
+     * float64 coefficient sum, or, in a job with a seed pool, the K sums packed by pool index (`sums`, little-endian
+     * float64; then `seeds` and `coefs` are empty); the shrink S; the block ([start, end], or empty: the whole
+     * adapter); and, for a version with a dense part, the float32 values (little-endian) of the span from
+     * `spanStart` it set. The block, the packed sums and the span are checked when replayed, not when decoded, as
+     * fwdfed/protocol.py does.
      */
     public static final class HistoryStep {
         public final long version;
         public final long[] seeds;
         public final double[] coefs;
+        public final byte[] sums;  // null: the sums are `seeds` and `coefs`
         public final double shrink;
         public final long[] block;
+        public final long spanStart;
+        public final byte[] span;  // null: no span
 
         public HistoryStep(long version, long[] seeds, double[] coefs, double shrink, long[] block) {
+            this(version, seeds, coefs, null, shrink, block, 0, null);
+        }
+
+        public HistoryStep(long version, long[] seeds, double[] coefs, byte[] sums, double shrink, long[] block,
+                           long spanStart, byte[] span) {
             this.version = version;
-            this.seeds = seeds;
-            this.coefs = coefs;
+            this.seeds = sums == null ? seeds : new long[0];
+            this.coefs = sums == null ? coefs : new double[0];
+            this.sums = sums;
             this.shrink = shrink;
             this.block = block;
+            this.spanStart = spanStart;
+            this.span = span;
         }
     }
 
