@@ -1,5 +1,6 @@
-"""The coordinator's queries: one short transaction per change, so each acknowledged change is
-durable on its own (an accepted update is stored before its ack is sent)."""
+"""The coordinator's queries: one short transaction per change, or per batch of the changes devices make
+(`commit_batch`, coordinator.group_commit), so that each acknowledged change is durable before its ack is
+sent (an accepted update is stored before its ack)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import uuid
 
 import msgpack
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -114,12 +115,14 @@ class Store:
                 device.status, device.last_seen = status, time.time()
 
     def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
-        """Add (bytes up, bytes down) to each device's totals, in one transaction."""
-        with self.session() as s, s.begin():
-            for device_id, (up, down) in counts.items():
-                s.execute(update(Device).where(Device.id == device_id)
-                          .values(bytes_up=func.coalesce(Device.bytes_up, 0) + up,
-                                  bytes_down=func.coalesce(Device.bytes_down, 0) + down))
+        """Add (bytes up, bytes down) to each device's totals, in one transaction: one statement executed for
+        every device (executemany), as a fleet of thousands sends them every second."""
+        devices = Device.__table__.c
+        statement = (update(Device.__table__).where(devices.id == bindparam("device"))
+                     .values(bytes_up=func.coalesce(devices.bytes_up, 0) + bindparam("up"),
+                             bytes_down=func.coalesce(devices.bytes_down, 0) + bindparam("down")))
+        with self.engine.begin() as conn:
+            conn.execute(statement, [dict(device=d, up=up, down=down) for d, (up, down) in counts.items()])
 
     def devices(self) -> list[Device]:
         with self.session() as s:
@@ -317,6 +320,32 @@ class Store:
             return True
         except IntegrityError:
             return False
+
+    def commit_batch(self, presence: dict[str, dict], updates: list[dict], refusals: list[dict]) -> None:
+        """coordinator.group_commit's batch, in one transaction: devices come or gone (each device's latest
+        `status`, with a hello's `num_examples` and `mem_budget_bytes`: a device not yet known is stored then),
+        accepted updates' rows and refusals' rows (their columns), in order. IntegrityError if a task
+        already has an update."""
+        now = time.time()
+        devices = Device.__table__
+        with self.engine.begin() as conn:
+            if presence:
+                known = set(conn.scalars(select(devices.c.id).where(devices.c.id.in_(list(presence)))))
+                new = [dict(id=device_id, first_seen=now, last_seen=now, bytes_up=0, bytes_down=0, **seen)
+                       for device_id, seen in presence.items() if device_id not in known and "num_examples" in seen]
+                if new:
+                    conn.execute(insert(devices), new)
+                for fields in (("status",), ("status", "num_examples", "mem_budget_bytes")):
+                    rows = [{"device": device_id, "seen": now, **{f"new_{f}": seen[f] for f in fields}}
+                            for device_id, seen in presence.items() if device_id in known and set(seen) == set(fields)]
+                    if rows:
+                        conn.execute(update(devices).where(devices.c.id == bindparam("device"))
+                                     .values(last_seen=bindparam("seen"), **{f: bindparam(f"new_{f}") for f in fields}),
+                                     rows)
+            if updates:
+                conn.execute(insert(UpdateRow.__table__), updates)
+            if refusals:
+                conn.execute(insert(Refusal.__table__), refusals)
 
     def update_figures(self, job_id: str) -> list:
         """Every update of the job without its pairs or dense part: round_id, device_id, num_pairs,

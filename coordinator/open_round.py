@@ -1,0 +1,114 @@
+"""The open round attempt as the coordinator holds it in memory: its row, its tasks, which of them have
+an accepted update, and which are live in the current wave.
+
+It is read from the store once, when the round opens or a restarted coordinator resumes it, and every
+change is written through to the store before it is made here; so accepting an update reads nothing,
+and the round loop checks its wave in constant time instead of reading every task of the round on each
+arrival. An update's own row is written by coordinator.answers (batched, acked once committed): until its
+commit lands, the task is `pending` here, neither answered nor free to be taken from its device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from coordinator.store import Round, Store, Task
+
+
+class OpenRound:
+    def __init__(self, store: Store, rnd: Round, tasks: list[Task] = (), answered: set[str] = frozenset()):
+        self.store, self.rnd = store, rnd
+        self.tasks: dict[str, Task] = {}
+        self.by_device: dict[str, list[Task]] = {}
+        self.answered = set(answered)
+        self.pending: dict[str, asyncio.Future] = {}  # task id -> the commit of its update, under way
+        self.live: set[str] = set()  # the current wave's tasks not abandoned
+        self.unanswered: set[str] = set()  # of those, the ones without an accepted update
+        self.assigned: set[str] = set()  # devices tasked in the current wave (never asked twice in one wave)
+        # Cleared while the round aggregates its updates: an update for one of its tasks waits (the round may
+        # close, making it late, or collect again), rather than being stored after the round read its updates.
+        self.collecting = asyncio.Event()
+        self.collecting.set()
+        self.swept_at = 0.0  # the last look for tasked devices away too long (RoundEngine._abandon_away)
+        self.accepted = self.refused = 0  # this process's acks, for the round's summary line
+        for task in tasks:
+            self._index(task)
+
+    @classmethod
+    def load(cls, store: Store, rnd: Round) -> OpenRound:
+        return cls(store, rnd, store.tasks(rnd.id), store.answered(rnd.id))
+
+    def _index(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        self.by_device.setdefault(task.device_id, []).append(task)
+        if task.wave == self.rnd.wave:
+            self.assigned.add(task.device_id)
+            if task.abandoned_at is None:
+                self.live.add(task.id)
+                if task.id not in self.answered:
+                    self.unanswered.add(task.id)
+
+    def unanswered_of(self, device_id: str) -> list[Task]:
+        """The device's tasks (of any wave) that are neither answered, nor being answered, nor abandoned."""
+        return [t for t in self.by_device.get(device_id, ())
+                if t.abandoned_at is None and t.id not in self.answered and t.id not in self.pending]
+
+    # ---- changes: the store first, then here ----
+    def add_tasks(self, hparams_by_device: dict[str, dict]) -> list[Task]:
+        tasks = self.store.add_tasks(self.rnd.id, self.rnd.wave, hparams_by_device)
+        for task in tasks:
+            self._index(task)
+        return tasks
+
+    def mark_sent(self, sent: dict[str, float | None]) -> None:
+        self.store.mark_sent(sent)
+        for task_id, at in sent.items():
+            if at is not None:
+                self.tasks[task_id].sent_at = at
+
+    def abandon(self, task: Task) -> None:
+        self.store.abandon_task(task.id)
+        task.abandoned_at = time.time()
+        self._unlive(task)
+
+    def forfeit(self, task: Task, code: str) -> None:
+        self.store.forfeit_task(task.id, code)
+        task.abandoned_at, task.forfeited = time.time(), code
+        self._unlive(task)
+
+    def restore(self, task: Task) -> Task:
+        self.store.restore_task(task.id)
+        task.abandoned_at = None
+        if task.wave == self.rnd.wave:
+            self.live.add(task.id)
+            if task.id not in self.answered:
+                self.unanswered.add(task.id)
+        return task
+
+    def answer(self, task_id: str) -> None:
+        """The task's update is committed (by coordinator.answers)."""
+        self.answered.add(task_id)
+        self.unanswered.discard(task_id)
+        self.accepted += 1
+
+    def drop_update(self, row) -> None:
+        self.store.drop_update(row.id)
+        self.answered.discard(row.task_id)
+
+    def raise_target(self, target: int) -> None:
+        self.rnd.target = self.store.raise_target(self.rnd.id, target).target
+
+    def next_wave(self) -> Round:
+        self.rnd = self.store.next_wave(self.rnd.id)
+        self.live, self.unanswered, self.assigned = set(), set(), set()
+        return self.rnd
+
+    def _unlive(self, task: Task) -> None:
+        self.live.discard(task.id)
+        self.unanswered.discard(task.id)
+
+    async def settled(self) -> None:
+        """Until every update under way has its commit's outcome."""
+        if self.pending:
+            await asyncio.wait(list(self.pending.values()))
