@@ -99,7 +99,10 @@ class Run:
             if self.server.poll() is not None and kind != "done":
                 raise UserError(f"the coordinator exited ({self.server.returncode}) waiting for {kind}: {self.tail()}")
             for pipe in wait([p for i, p in enumerate(self.pipes) if i not in got], timeout=1.0):
-                message = pipe.recv()
+                try:
+                    message = pipe.recv()
+                except EOFError:
+                    raise UserError(f"a device worker exited waiting for {kind}") from None
                 if message[0] == "failed":
                     raise UserError(f"a device worker failed: {message[1]}")
                 if message[0] != kind:

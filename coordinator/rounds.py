@@ -164,21 +164,27 @@ class RoundEngine:
         state.collecting.set()
 
     def _abandon_away(self, state: OpenRound) -> None:
-        """Abandon the tasks whose device has been away past --device-timeout (their wave needs them elsewhere).
-        A look over the wave's unanswered tasks, at most every AWAY_SWEEP_S: not at every arrival."""
+        """Abandon the tasks whose device has been away past --device-timeout (their wave needs them elsewhere),
+        looking at most every AWAY_SWEEP_S: the first look goes over every unanswered task (a resumed round's
+        devices may not be back yet), the later ones over the devices that went away, not over the fleet."""
         now = time.time()
         if now - state.swept_at < AWAY_SWEEP_S:
             return
+        devices = {state.tasks[t].device_id for t in state.unanswered} if not state.swept_at else list(self.gone_since)
         state.swept_at = now
-        for task_id in list(state.unanswered):
-            task = state.tasks[task_id]
-            if task.device_id in self.connections or task_id in state.pending:
+        for device_id in devices:
+            if device_id in self.connections:
                 continue
-            away = now - self.gone_since.setdefault(task.device_id, now)
+            tasks = [t for t in state.by_device.get(device_id, ())
+                     if t.id in state.unanswered and t.id not in state.pending]
+            if not tasks:
+                continue
+            away = now - self.gone_since.setdefault(device_id, now)
             if away > self.device_timeout_s:
-                state.abandon(task)
-                log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", state.rnd.number,
-                            task.device_id, away, task.id)
+                for task in tasks:
+                    state.abandon(task)
+                    log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", state.rnd.number,
+                                device_id, away, task.id)
 
     def _target(self, state: OpenRound) -> int:
         """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""

@@ -138,6 +138,7 @@ class Coordinator(RoundEngine):
             if hello.device_id in self.connections:  # another connection of it said hello while this one was stored
                 raise Refused("duplicate_device", f"device {hello.device_id} is already connected")
             self.connections[device_id] = ws
+            self.traffic.watch(device_id, ws)
             self.held.pop(device_id, None)
             if hello.held_sha256 is not None:  # it keeps its adapter: its tasks may carry a history instead
                 self.held[device_id] = (hello.held_version, hello.held_sha256)
@@ -376,14 +377,14 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
         if ready:
             ready(url)
         sweeper = asyncio.create_task(coordinator.cut_off_revoked())
-        counter = asyncio.create_task(coordinator.traffic.run(coordinator.connections))
+        counter = asyncio.create_task(coordinator.traffic.run())
         try:
             ok = await coordinator.run_job()
         finally:
             sweeper.cancel()
         await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
         counter.cancel()
-        coordinator.traffic.flush(coordinator.connections)
+        coordinator.traffic.flush()
         return ok
 
 
