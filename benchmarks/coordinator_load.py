@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import statistics
 import subprocess
@@ -116,6 +117,12 @@ class Run:
         for pipe in self.pipes:
             pipe.send(("go",))
 
+    def cpu_s(self) -> float:
+        """CPU seconds the coordinator process has used so far (all its threads, user and system)."""
+        with open(f"/proc/{self.server.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         for process in self.workers:
             process.kill()
@@ -136,10 +143,12 @@ def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
             rounds = []
             for number in range(1, args.rounds + 1):
                 tasked = max(m[2] for m in run.expect("tasked"))
+                cpu = run.cpu_s()
                 run.go()
                 acked = run.expect("acked")
+                cpu = run.cpu_s() - cpu
                 first, last = min(m[2] for m in acked), max(m[3] for m in acked)
-                rounds.append(dict(number=number, tasked=tasked, first=first, last=last,
+                rounds.append(dict(number=number, tasked=tasked, first=first, last=last, cpu_s=cpu,
                                    accepted=sum(m[4] for m in acked), refused=sum(m[5] for m in acked)))
             run.expect("done")
             code = run.server.wait(timeout=PHASE_TIMEOUT_S)
@@ -156,7 +165,7 @@ def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
         r.update(dispatch_s=r["tasked"] - row.opened_at, collect_s=r["last"] - r["first"],
                  close_s=row.closed_at - r["last"], round_s=row.closed_at - row.opened_at)
         r["rate"] = r["accepted"] / r["collect_s"]
-    return dict(db=db_arg.split(":")[0], devices=devices, connect_s=connect_s, rounds=rounds,
+    return dict(db=db_arg.split(":")[0].split("+")[0], devices=devices, connect_s=connect_s, rounds=rounds,
                 stored=len(figures), distinct=len({(f.round_id, f.device_id) for f in figures}),
                 accepted=sum(r["accepted"] for r in rounds), refused=sum(r["refused"] for r in rounds))
 
@@ -190,13 +199,14 @@ def main(argv=None) -> int:
     print(f"open-file limit {hard}; {args.rounds} rounds, {args.pairs} pairs per update, "
           f"seed pool {args.seed_pool or 'none'}, {args.workers} device processes; load average {load_average()}")
     print(f"{'db':>10} {'devices':>7} {'round':>5} {'accepted':>8} {'refused':>7} {'dispatch s':>10} {'collect s':>9} "
-          f"{'updates/s':>9} {'close s':>7} {'round s':>7}")
+          f"{'updates/s':>9} {'CPU us/update':>13} {'close s':>7} {'round s':>7}")
     for db in args.db:
         for n in args.devices:
             r = run_fleet(args, manifest, n, db)
             for x in r["rounds"]:
                 print(f"{r['db']:>10} {r['devices']:>7} {x['number']:>5} {x['accepted']:>8} {x['refused']:>7} "
-                      f"{x['dispatch_s']:>10.2f} {x['collect_s']:>9.3f} {x['rate']:>9.0f} {x['close_s']:>7.2f} "
+                      f"{x['dispatch_s']:>10.2f} {x['collect_s']:>9.3f} {x['rate']:>9.0f} "
+                      f"{1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} {x['close_s']:>7.2f} "
                       f"{x['round_s']:>7.2f}", flush=True)
             collect = sum(x["collect_s"] for x in r["rounds"])
             steady = [x["round_s"] for x in r["rounds"][1:]] or [r["rounds"][0]["round_s"]]

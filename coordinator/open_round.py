@@ -61,8 +61,9 @@ class OpenRound:
             self._index(task)
         return tasks
 
-    def mark_sent(self, sent: dict[str, float | None]) -> None:
-        self.store.mark_sent(sent)
+    async def mark_sent(self, sent: dict[str, float | None]) -> None:
+        """Dated in a thread: a wave of thousands of sends is a long transaction, and nothing waits for it."""
+        await asyncio.to_thread(self.store.mark_sent, sent)
         for task_id, at in sent.items():
             if at is not None:
                 self.tasks[task_id].sent_at = at

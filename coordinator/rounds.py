@@ -139,7 +139,7 @@ class RoundEngine:
             if task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 sent[task.id] = await self._send_task(rnd, task)
-        state.mark_sent(sent)
+        await state.mark_sent(sent)
 
     def _restorable(self, state: OpenRound, device_id: str) -> list:
         """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
@@ -216,7 +216,7 @@ class RoundEngine:
             log.debug("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
                       task.hparams[keys.LR])
             sent[task.id] = await self._send_task(rnd, task, version, reference)
-        state.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
+        await state.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
         log.info("round %d wave %d: %d tasks sent (%d of %d live)", rnd.number, rnd.wave, len(tasks), len(state.live),
                  self._target(state))
 
