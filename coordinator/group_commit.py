@@ -72,6 +72,7 @@ class GroupCommit:
         self.queue: list[tuple[Answer | Presence, asyncio.Future, Callable | None]] = []
         self.wake: asyncio.Event | None = None
         self.writer: asyncio.Task | None = None
+        self.writing: list[asyncio.Future] = []  # the futures of the batch being committed
 
     def submit(self, entry: Answer | Presence, settle=None) -> asyncio.Future:
         """The entry's outcome, once the batch holding it is committed (or failed). `settle(outcome)` is called
@@ -90,12 +91,18 @@ class GroupCommit:
             await self.wake.wait()
             self.wake.clear()
             batch, self.queue = self.queue, []
+            self.writing = [future for _, future, _ in batch]
             outcomes = await asyncio.to_thread(self.write, [entry for entry, _, _ in batch])
             for (_, future, settle), outcome in zip(batch, outcomes):
                 if settle is not None:
                     settle(outcome)
                 if not future.done():
                     future.set_result(outcome)
+
+    async def drain(self) -> None:
+        """Until every entry submitted so far is written (or failed)."""
+        if waiting := [f for f in self.writing if not f.done()] + [future for _, future, _ in self.queue]:
+            await asyncio.wait(waiting)
 
     def write(self, entries: list[Answer | Presence]) -> list[Outcome]:
         """Commit the entries in one transaction; their outcomes, in order."""

@@ -384,8 +384,10 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
             sweeper.cancel()
         await asyncio.sleep(0.2)  # let the Done frames reach the devices before closing
         counter.cancel()
-        coordinator.traffic.flush()
-        return ok
+    # Every connection is closed now: their departures and their last bytes are written before the job returns.
+    await coordinator.writes.drain()
+    coordinator.traffic.flush()
+    return ok
 
 
 def resume_problem(store: Store, job: Job) -> str | None:
