@@ -248,24 +248,25 @@ class RoundEngine:
                  time.time() - state.rnd.wave_opened_at, len(state.live) - len(state.unanswered), len(state.live),
                  state.accepted, state.refused)
 
-    async def _gather(self, rnd: Round, block) -> tuple[Round, list, float | None]:
+    async def _gather(self, rnd: Round, block) -> tuple[Round, list, list[AcceptedUpdate], float | None]:
         """Collect the round's updates, wave after wave while the strategy asks for another:
-        (the round as it stands, its updates, the estimate variance if measured)."""
+        (the round as it stands, its updates, each as the round's rule reads it, the estimate variance if
+        measured). Each stored update is read once here, in a thread, for all that follows."""
         while True:
             await self._collect(rnd)
             rows = self.store.updates(rnd.id)
             if len(rows) < self.job.min_devices:
-                return rnd, rows, None
-            more, variance = await asyncio.to_thread(self._another_wave, rnd, rows, block)
+                return rnd, rows, [], None
+            accepted, more, variance = await asyncio.to_thread(self._another_wave, rnd, rows, block)
             if not more:
-                return rnd, rows, variance
+                return rnd, rows, accepted, variance
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
                      rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
             rnd = self.open.next_wave()
 
-    def _another_wave(self, rnd: Round, rows: list, block) -> tuple[bool, float | None]:
+    def _another_wave(self, rnd: Round, rows: list, block) -> tuple[list[AcceptedUpdate], bool, float | None]:
         accepted = [self._accepted(rnd, row) for row in rows]
-        return self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+        return accepted, *self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
 
     def _accepted(self, rnd: Round, row) -> AcceptedUpdate:
         """A stored update as the round's rule reads it: a dense part that covers one span of the adapter
@@ -308,13 +309,14 @@ class RoundEngine:
         before = {m.name for m in self.store.metrics(self.job.id) if m.version == base_version}
         return next((name for name, value in metrics.items() if not math.isfinite(value) and name in before), None)
 
-    async def _publishable(self, rnd: Round, rows: list, block) -> tuple[np.ndarray, dict] | None:
+    async def _publishable(self, rnd: Round, rows: list, accepted: list[AcceptedUpdate],
+                           block) -> tuple[np.ndarray, dict] | None:
         """The next adapter and its held-out metrics; None when updates had to be dropped first (_drop_updates):
         one that the limits refuse (stored by an older coordinator, or under other limits), one without
         which the aggregate is finite, or, when a held-out metric stops being finite, the largest.
         The aggregation and the evaluation run in threads: the event loop goes on serving connections."""
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        offenders, new = await asyncio.to_thread(self._aggregate, rnd, rows, base, block)
+        offenders, new = await asyncio.to_thread(self._aggregate, rnd, rows, accepted, base, block)
         if offenders:
             self._drop_updates(rnd, offenders)
             return None
@@ -326,15 +328,15 @@ class RoundEngine:
             return None
         return new, metrics
 
-    def _aggregate(self, rnd: Round, rows: list, base: np.ndarray, block) -> tuple[list[tuple], np.ndarray | None]:
+    def _aggregate(self, rnd: Round, rows: list, accepted: list[AcceptedUpdate], base: np.ndarray,
+                   block) -> tuple[list[tuple], np.ndarray | None]:
         """(the updates to drop, each with its code and reason, None) or ([], the new adapter)."""
         method = self.round_method(rnd.number)
-        stale = [(row, *refusal) for row in rows
-                 if (refusal := self.checks.poisoning(AcceptedUpdate.from_row(row).pairs, row.scale, row.dense,
+        stale = [(row, *refusal) for row, update in zip(rows, accepted)
+                 if (refusal := self.checks.poisoning(update.pairs, row.scale, row.dense,
                                                       self._task(row.task_id).hparams, method))]
         if stale:
             return stale, None
-        accepted = [self._accepted(rnd, row) for row in rows]
         new = self._combine(rnd, base, accepted, block)
         if new is None:
             alone = [row for row, u in zip(rows, accepted) if self._combine(rnd, base, [u], block) is None]
@@ -361,7 +363,7 @@ class RoundEngine:
         rnd = state.rnd
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         while True:
-            rnd, rows, variance = await self._gather(rnd, block)
+            rnd, rows, accepted, variance = await self._gather(rnd, block)
             if len(rows) < self.job.min_devices:
                 reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
                           f"({len(self.connections)} devices connected, {len(state.tasks)} tasked)")
@@ -370,7 +372,7 @@ class RoundEngine:
                 self.task_frames.pop(rnd.id, None)
                 log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
                 return False
-            if (published := await self._publishable(rnd, rows, block)) is not None:
+            if (published := await self._publishable(rnd, rows, accepted, block)) is not None:
                 break
         new, metrics = published
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
