@@ -18,6 +18,10 @@ together would send them; so a round has three phases, measured apart:
   update's row is committed, so it counts updates decoded, checked and stored;
 - close: from the last ack to the round's stored `closed_at` (aggregation, the new version stored).
 
+Beside the rates, the CPU time the coordinator process (all its threads) and the device processes
+(together) used over each collect phase, per accepted update: on a shared machine the rate is what
+the coordinator got of the cores, its CPU per update what it needs of one.
+
 Round 1's dispatch also waits for the devices to connect (reported apart). After the job, the rows
 are counted in the store: every update acked as accepted must be there once. An SQLite database is a
 fresh file (`--sqlite-sync`: its durability); a PostgreSQL URL must name a database without an
@@ -149,6 +153,7 @@ def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
                 cpu = run.cpu_s() - cpu
                 first, last = min(m[2] for m in acked), max(m[3] for m in acked)
                 rounds.append(dict(number=number, tasked=tasked, first=first, last=last, cpu_s=cpu,
+                                   devices_cpu_s=sum(m[6] for m in acked),
                                    accepted=sum(m[4] for m in acked), refused=sum(m[5] for m in acked)))
             run.expect("done")
             code = run.server.wait(timeout=PHASE_TIMEOUT_S)
@@ -199,14 +204,15 @@ def main(argv=None) -> int:
     print(f"open-file limit {hard}; {args.rounds} rounds, {args.pairs} pairs per update, "
           f"seed pool {args.seed_pool or 'none'}, {args.workers} device processes; load average {load_average()}")
     print(f"{'db':>10} {'devices':>7} {'round':>5} {'accepted':>8} {'refused':>7} {'dispatch s':>10} {'collect s':>9} "
-          f"{'updates/s':>9} {'CPU us/update':>13} {'close s':>7} {'round s':>7}")
+          f"{'updates/s':>9} {'CPU us/update':>13} {'devices CPU':>11} {'close s':>7} {'round s':>7}")
     for db in args.db:
         for n in args.devices:
             r = run_fleet(args, manifest, n, db)
             for x in r["rounds"]:
                 print(f"{r['db']:>10} {r['devices']:>7} {x['number']:>5} {x['accepted']:>8} {x['refused']:>7} "
                       f"{x['dispatch_s']:>10.2f} {x['collect_s']:>9.3f} {x['rate']:>9.0f} "
-                      f"{1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} {x['close_s']:>7.2f} "
+                      f"{1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} "
+                      f"{1e6 * x['devices_cpu_s'] / max(1, x['accepted']):>11.0f} {x['close_s']:>7.2f} "
                       f"{x['round_s']:>7.2f}", flush=True)
             collect = sum(x["collect_s"] for x in r["rounds"])
             steady = [x["round_s"] for x in r["rounds"][1:]] or [r["rounds"][0]["round_s"]]

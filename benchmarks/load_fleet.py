@@ -9,8 +9,9 @@ process runs one `Fleet` and speaks to the driver over a pipe:
 
     worker -> driver   ("connected", devices, seconds)
                        ("tasked", round, when)          every device holds its task of `round`
-                       ("acked", round, first, last, accepted, refused)
-                                                        first update written, last ack read (time.time())
+                       ("acked", round, first, last, accepted, refused, cpu)
+                                                        first update written, last ack read (time.time()),
+                                                        this process's CPU seconds in between
                        ("done",) | ("failed", why)
     driver -> worker   ("go",)                          write every device's update now
 """
@@ -93,7 +94,7 @@ class Fleet:
         self.tasked: dict[int, int] = {}
         self.round = 0
         self.acked = self.accepted = 0
-        self.first = self.last = 0.0
+        self.first = self.last = self.cpu = 0.0
         self.done = 0
         self.ended = self.loop.create_future()
 
@@ -129,7 +130,8 @@ class Fleet:
             self.acked += 1
             self.accepted += message["accepted"]
             if self.acked == len(self.ids):
-                self.pipe.send(("acked", self.round, self.first, self.last, self.accepted, self.acked - self.accepted))
+                self.pipe.send(("acked", self.round, self.first, self.last, self.accepted, self.acked - self.accepted,
+                                time.process_time() - self.cpu))
         elif kind == "welcome":
             device.welcomed.set_result(None)
         elif kind == "done":
@@ -149,7 +151,7 @@ class Fleet:
 
     def go(self) -> None:
         self.acked = self.accepted = 0
-        self.first = time.time()
+        self.cpu, self.first = time.process_time(), time.time()
         for device in self.devices:
             device.send()
 

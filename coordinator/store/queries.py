@@ -9,13 +9,14 @@ import math
 import secrets
 import time
 import uuid
+from operator import itemgetter
 
 import msgpack
 import numpy as np
 from sqlalchemy import bindparam, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.dml import Insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
 
 from coordinator.store.schema import (AdapterVersion, Credential, Device, Job, Metric, OperatorToken, Refusal, Round,
                                       Task, UpdateRow)
@@ -55,7 +56,9 @@ def executemany(conn, statement, rows: list[dict]) -> None:
         statement = statement.inline()  # no RETURNING of the new keys, which nobody reads
     compiled = statement.compile(dialect=conn.dialect, column_keys=list(rows[0]))
     order = compiled.positiontup  # the parameters' order where the driver's are positional (SQLite's ?)
-    conn.exec_driver_sql(str(compiled), [tuple(row[k] for k in order) for row in rows] if order else rows)
+    if order:
+        rows = list(map(itemgetter(*order), rows)) if len(order) > 1 else [(row[order[0]],) for row in rows]
+    conn.exec_driver_sql(str(compiled), rows)
 
 
 class Store:
