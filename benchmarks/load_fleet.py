@@ -38,7 +38,7 @@ CONNECTING_AT_ONCE = 64  # per worker: devices arrive in waves, as a fleet does,
 class Device(asyncio.Protocol):
     """One device's connection. Everything it receives goes to its fleet."""
 
-    def __init__(self, fleet: "Fleet", device_id: str):
+    def __init__(self, fleet: Fleet, device_id: str):
         self.fleet, self.device_id = fleet, device_id
         self.ws = ClientProtocol(fleet.uri, max_size=protocol.MAX_FRAME_BYTES)
         self.transport: asyncio.Transport | None = None

@@ -27,8 +27,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.admission import Admission, Limits, RateLimiter
-from coordinator.group_commit import REVOKED, Answer, GroupCommit, Presence, update_row
 from coordinator.downlink import Downlink
+from coordinator.group_commit import REVOKED, Answer, GroupCommit, Presence, update_row
 from coordinator.job import JobOptions
 from coordinator.open_round import OpenRound
 from coordinator.rounds import RoundEngine
