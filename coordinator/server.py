@@ -285,10 +285,10 @@ class Coordinator(RoundEngine):
             self.changed.set()
 
     async def _settled(self, task_id: str) -> OpenRound | None:
-        """The open round, once an answer for `task_id` can be decided: not while the task's round aggregates
-        its updates (it may close, making the answer late, or collect again), and not while an update of the
-        task is being committed (its outcome decides whether the next is a duplicate)."""
-        while (state := self.open) is not None and task_id in state.tasks:
+        """The open round, once an answer for `task_id` can be decided: for a task without an accepted update,
+        not while its round aggregates its updates (it may close, making the answer late, or collect again),
+        nor while an update of it is being committed (its outcome decides whether the next is a duplicate)."""
+        while (state := self.open) is not None and task_id in state.tasks and task_id not in state.answered:
             if not state.collecting.is_set():
                 await state.collecting.wait()
             elif task_id in state.pending:
