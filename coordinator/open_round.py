@@ -12,15 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from coordinator.store import Round, Store, Task
+
+
+@dataclass(slots=True)
+class HeldTask:
+    """A task of the open round as the round holds it: a plain copy of its row. (A read of an ORM instance's
+    attribute costs several times more, and accepting an update reads a few.)"""
+    id: str
+    round_id: int
+    device_id: str
+    wave: int
+    hparams: dict
+    abandoned_at: float | None
+    forfeited: str | None
+    sent_at: float | None
+
+    @classmethod
+    def of(cls, task: Task) -> HeldTask:
+        return cls(task.id, task.round_id, task.device_id, task.wave, task.hparams, task.abandoned_at, task.forfeited,
+                   task.sent_at)
 
 
 class OpenRound:
     def __init__(self, store: Store, rnd: Round, tasks: list[Task] = (), answered: set[str] = frozenset()):
         self.store, self.rnd = store, rnd
-        self.tasks: dict[str, Task] = {}
-        self.by_device: dict[str, list[Task]] = {}
+        self.tasks: dict[str, HeldTask] = {}
+        self.by_device: dict[str, list[HeldTask]] = {}
         self.answered = set(answered)
         self.pending: dict[str, asyncio.Future] = {}  # task id -> the commit of its update, under way
         self.live: set[str] = set()  # the current wave's tasks not abandoned
@@ -33,13 +53,13 @@ class OpenRound:
         self.swept_at = 0.0  # the last look for tasked devices away too long (RoundEngine._abandon_away)
         self.accepted = self.refused = 0  # this process's acks, for the round's summary line
         for task in tasks:
-            self._index(task)
+            self._index(HeldTask.of(task))
 
     @classmethod
     def load(cls, store: Store, rnd: Round) -> OpenRound:
         return cls(store, rnd, store.tasks(rnd.id), store.answered(rnd.id))
 
-    def _index(self, task: Task) -> None:
+    def _index(self, task: HeldTask) -> None:
         self.tasks[task.id] = task
         self.by_device.setdefault(task.device_id, []).append(task)
         if task.wave == self.rnd.wave:
@@ -49,14 +69,14 @@ class OpenRound:
                 if task.id not in self.answered:
                     self.unanswered.add(task.id)
 
-    def unanswered_of(self, device_id: str) -> list[Task]:
+    def unanswered_of(self, device_id: str) -> list[HeldTask]:
         """The device's tasks (of any wave) that are neither answered, nor being answered, nor abandoned."""
         return [t for t in self.by_device.get(device_id, ())
                 if t.abandoned_at is None and t.id not in self.answered and t.id not in self.pending]
 
     # ---- changes: the store first, then here ----
-    def add_tasks(self, hparams_by_device: dict[str, dict]) -> list[Task]:
-        tasks = self.store.add_tasks(self.rnd.id, self.rnd.wave, hparams_by_device)
+    def add_tasks(self, hparams_by_device: dict[str, dict]) -> list[HeldTask]:
+        tasks = [HeldTask.of(task) for task in self.store.add_tasks(self.rnd.id, self.rnd.wave, hparams_by_device)]
         for task in tasks:
             self._index(task)
         return tasks
@@ -68,17 +88,17 @@ class OpenRound:
             if at is not None:
                 self.tasks[task_id].sent_at = at
 
-    def abandon(self, task: Task) -> None:
+    def abandon(self, task: HeldTask) -> None:
         self.store.abandon_task(task.id)
         task.abandoned_at = time.time()
         self._unlive(task)
 
-    def forfeit(self, task: Task, code: str) -> None:
+    def forfeit(self, task: HeldTask, code: str) -> None:
         self.store.forfeit_task(task.id, code)
         task.abandoned_at, task.forfeited = time.time(), code
         self._unlive(task)
 
-    def restore(self, task: Task) -> Task:
+    def restore(self, task: HeldTask) -> HeldTask:
         self.store.restore_task(task.id)
         task.abandoned_at = None
         if task.wave == self.rnd.wave:
@@ -105,7 +125,7 @@ class OpenRound:
         self.live, self.unanswered, self.assigned = set(), set(), set()
         return self.rnd
 
-    def _unlive(self, task: Task) -> None:
+    def _unlive(self, task: HeldTask) -> None:
         self.live.discard(task.id)
         self.unanswered.discard(task.id)
 

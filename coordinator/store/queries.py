@@ -300,8 +300,9 @@ class Store:
     # ---- tasks and updates ----
     def add_tasks(self, round_id: int, wave: int, hparams_by_device: dict[str, dict]) -> list[Task]:
         """New tasks for these devices, stored in one transaction before any is sent (`mark_sent` dates each send)."""
-        tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h)
-                 for d, h in hparams_by_device.items()]
+        now = time.time()
+        tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h, abandoned_at=None,
+                      forfeited=None, sent_at=now) for d, h in hparams_by_device.items()]
         with self.session() as s, s.begin():
             s.add_all(tasks)
         return tasks
