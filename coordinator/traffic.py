@@ -65,13 +65,13 @@ class Traffic:
             counts[1] += down
             ws.settled_up, ws.settled_down = ws.bytes_up, ws.bytes_down
 
-    def take(self) -> dict[str, tuple[int, int]]:
+    def take(self) -> dict[str, list[int]]:
         """The counts of every connection that carried bytes since the last take (closed ones included):
         the fleet's idle connections cost nothing."""
         for ws in list(self.carried):
             self.settle(ws.device_id, ws)
         self.carried.clear()
-        counts, self.pending = {d: (up, down) for d, (up, down) in self.pending.items()}, {}
+        counts, self.pending = self.pending, {}
         return counts
 
     def flush(self) -> None:

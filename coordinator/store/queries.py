@@ -130,7 +130,7 @@ class Store:
             if device is not None:
                 device.status, device.last_seen = status, time.time()
 
-    def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
+    def add_traffic(self, counts: dict[str, tuple[int, int] | list[int]]) -> None:
         """Add (bytes up, bytes down) to each device's totals, in one transaction: one statement executed for
         every device (executemany), as a fleet of thousands sends them every second."""
         devices, zero = Device.__table__.c, literal_column("0")
