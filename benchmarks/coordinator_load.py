@@ -140,6 +140,12 @@ def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "load.db") if db_arg == "sqlite" else db_arg
+        if db_arg != "sqlite":  # serve would resume an unfinished job instead of starting this run's
+            store = open_store(db)
+            running = store.running_job()
+            store.engine.dispose()
+            if running is not None:
+                raise UserError(f"{db_arg} holds the unfinished job {running.id}: use another database")
         run = Run(args, manifest, n, db)
         try:
             connected = run.expect("connected")

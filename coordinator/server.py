@@ -8,7 +8,9 @@ with the updates it had already accepted: devices that reconnect get their task 
 
 The rooms: who may connect (coordinator.admission), what an update may hold
 (coordinator.update_checks), the seed-form downlink (coordinator.downlink), the rounds
-(coordinator.rounds) and the rule they aggregate by (coordinator.strategies). This module holds
+(coordinator.rounds), the open one held in memory (coordinator.open_round), the answers and the
+devices' comings and goings committed in batches (coordinator.group_commit), and the rule the
+rounds aggregate by (coordinator.strategies). This module holds
 the connections: a device's session from its hello to its last frame, and what it may send.
 """
 
