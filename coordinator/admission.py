@@ -74,11 +74,14 @@ class Admission:
     def __init__(self, store: Store, job_id: str, limits: Limits):
         self.store, self.job_id, self.limits = store, job_id, limits
         self.nonces: dict[str, float] = {}  # challenges issued and not yet answered -> when (monotonic), oldest first
+        # Websocket connections open (counted by Coordinator.handle): counting the server's on every handshake
+        # would cost a pass over the whole fleet per device.
+        self.open_connections = 0
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Before the websocket opens: refuse when the fleet is full or the credential is not valid,
         so that nothing from an unknown sender is ever read as a message."""
-        if len(connection.server.connections) >= self.limits.max_connections:
+        if self.open_connections >= self.limits.max_connections:
             return self._refuse_handshake(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too_many_connections",
                                           f"the coordinator holds its limit of {self.limits.max_connections} connections")
         if not self.limits.require_credentials:

@@ -1,7 +1,9 @@
 """The round engine: open a round, dispatch its tasks, collect its waves, aggregate, publish, go on.
 
 Every step is written to the store first, so a coordinator restarted on the same database resumes
-the open round with the updates it had already accepted. The rule each round runs is the job's
+the open round with the updates it had already accepted. The open round itself is held in memory
+(coordinator.open_round), read once when it opens or resumes and written through on every change:
+no arrival makes the loop read the round's tasks again. The rule each round runs is the job's
 `Strategy` (coordinator.strategies), but for the rounds a method schedules itself (the class
 statistics of `--head-init lda`), which that method aggregates. `RoundEngine` is the part of the
 `Coordinator` (coordinator.server) that runs rounds; the connections it sends tasks on and the
@@ -20,6 +22,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.job import round_method_name
+from coordinator.open_round import OpenRound
 from coordinator.store import Round
 from coordinator.strategies import AcceptedUpdate, Strategy, device_deltas
 from coordinator.strategies.scheduled import ScheduledRound
@@ -30,6 +33,7 @@ from fwdfed import task_keys as keys
 log = logging.getLogger("coordinator")
 
 COLLECT_BATCH_S = 0.05
+AWAY_SWEEP_S = 0.5  # how often the collect loop looks for tasked devices away past --device-timeout
 
 
 class RoundEngine:
@@ -127,58 +131,78 @@ class RoundEngine:
         """After a restart or reconnect, a device gets back the task it has not answered: also one
         taken from it while it was away, if no other device has taken that task over (the wave is
         still short of live tasks), rather than the round waiting for its deadline."""
-        rnd, tasks = self._unanswered_tasks(device_id)
-        if rnd is not None and not tasks:
-            tasks = self._restorable(rnd, device_id)
-        sent = {}
+        if (state := self.open) is None:
+            return
+        tasks = state.unanswered_of(device_id) or self._restorable(state, device_id)
+        rnd, sent = state.rnd, {}
         for task in tasks:
             if task.wave == rnd.wave:
                 log.info("resending task %s (round %d) to %s", task.id, rnd.number, device_id)
                 sent[task.id] = await self._send_task(rnd, task)
-        self.store.mark_sent(sent)
+        await state.mark_sent(sent)
 
-    def _restorable(self, rnd: Round, device_id: str) -> list:
+    def _restorable(self, state: OpenRound, device_id: str) -> list:
         """The device's abandoned, unanswered task of this wave, given back to it, when the wave lacks it."""
-        answered = self.store.answered(rnd.id)
-        mine = [t for t in self.store.tasks(rnd.id, device_id)
-                if t.wave == rnd.wave and t.abandoned_at is not None and t.forfeited is None and t.id not in answered]
-        if not mine or len(self._live_tasks(rnd)) >= self._target(rnd):
+        mine = [t for t in state.by_device.get(device_id, ()) if t.wave == state.rnd.wave and
+                t.abandoned_at is not None and t.forfeited is None and t.id not in state.answered]
+        if not mine or len(state.live) >= self._target(state):
             return []
-        log.info("round %d: %s is back and no device took over its task %s: giving it back", rnd.number,
+        log.info("round %d: %s is back and no device took over its task %s: giving it back", state.rnd.number,
                  device_id, mine[0].id)
-        return [self.store.restore_task(mine[0].id)]
+        return [state.restore(mine[0])]
 
-    def _live_tasks(self, rnd: Round) -> list:
-        """This wave's tasks, after abandoning those whose device has been away too long."""
-        answered = self.store.answered(rnd.id)
-        live = []
-        for task in self.store.tasks(rnd.id):
-            if task.wave != rnd.wave or task.abandoned_at is not None:
+    def _hold(self, rnd: Round) -> OpenRound:
+        """The round attempt in memory: the one held, or read from the store (a round just opened or resumed)."""
+        if self.open is None or self.open.rnd.id != rnd.id:
+            self.open = OpenRound.load(self.store, rnd)
+        return self.open
+
+    def _release(self, state: OpenRound) -> None:
+        """The round attempt closed or failed: answers waiting for it (_settled) are decided against the store."""
+        if self.open is state:
+            self.open = None
+        state.collecting.set()
+
+    def _abandon_away(self, state: OpenRound) -> None:
+        """Abandon the tasks whose device has been away past --device-timeout (their wave needs them elsewhere),
+        looking at most every AWAY_SWEEP_S: the first look goes over every unanswered task (a resumed round's
+        devices may not be back yet), the later ones over the devices that went away, not over the fleet."""
+        now = time.time()
+        if now - state.swept_at < AWAY_SWEEP_S:
+            return
+        devices = {state.tasks[t].device_id for t in state.unanswered} if not state.swept_at else list(self.gone_since)
+        state.swept_at = now
+        for device_id in devices:
+            if device_id in self.connections:
                 continue
-            if task.id not in answered and task.device_id not in self.connections:
-                away = time.time() - self.gone_since.setdefault(task.device_id, time.time())
-                if away > self.device_timeout_s:
-                    self.store.abandon_task(task.id)
-                    log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", rnd.number,
-                                task.device_id, away, task.id)
-                    continue
-            live.append(task)
-        return live
+            tasks = [t for t in state.by_device.get(device_id, ())
+                     if t.id in state.unanswered and t.id not in state.pending]
+            if not tasks:
+                continue
+            away = now - self.gone_since.setdefault(device_id, now)
+            if away > self.device_timeout_s:
+                for task in tasks:
+                    state.abandon(task)
+                    log.warning("round %d: %s away for %.0f s: task %s abandoned, reassigning", state.rnd.number,
+                                device_id, away, task.id)
 
-    def _target(self, rnd: Round) -> int:
+    def _target(self, state: OpenRound) -> int:
         """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""
-        wanted = self.strategy.target(len(self.connections), rnd.target)
-        if wanted > rnd.target:
-            rnd.target = self.store.raise_target(rnd.id, wanted).target
-        return max(wanted, rnd.target)
+        wanted = self.strategy.target(len(self.connections), state.rnd.target)
+        if wanted > state.rnd.target:
+            state.raise_target(wanted)
+        return max(wanted, state.rnd.target)
 
     async def _dispatch(self, rnd: Round) -> None:
         """Send tasks to idle connected devices until this wave has its target of live tasks."""
-        live = self._live_tasks(rnd)
+        state = self._hold(rnd)
+        rnd = state.rnd
+        wanted = self._target(state) - len(state.live)
+        if wanted <= 0:
+            return
         # A device whose task was abandoned is not asked again in the same wave: the task moved on.
-        assigned = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
-        idle = [d for d in self.connections if d not in assigned]
-        chosen = self.strategy.sample(idle, self._target(rnd) - len(live), self.rng)
+        idle = [d for d in self.connections if d not in state.assigned]
+        chosen = self.strategy.sample(idle, wanted, self.rng)
         if not chosen:
             return
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
@@ -186,55 +210,69 @@ class RoundEngine:
         version, reference = self.store.version(self.job.id, rnd.base_version), self._reference(rnd)
         if (scales := self._round_scales(rnd, version, block)) is not None:
             hparams = {device: h | {keys.TENSOR_SCALES: [list(r) for r in scales]} for device, h in hparams.items()}
-        tasks = self.store.add_tasks(rnd.id, rnd.wave, hparams)  # one transaction
+        tasks = state.add_tasks(hparams)  # one transaction
         sent = {}
         for task in tasks:
-            log.info("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
-                     task.hparams[keys.LR])
+            log.debug("round %d wave %d: task %s -> %s (lr %.3g)", rnd.number, rnd.wave, task.id, task.device_id,
+                      task.hparams[keys.LR])
             sent[task.id] = await self._send_task(rnd, task, version, reference)
-        self.store.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
+        await state.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
+        log.info("round %d wave %d: %d tasks sent (%d of %d live)", rnd.number, rnd.wave, len(tasks), len(state.live),
+                 self._target(state))
 
     async def _collect(self, rnd: Round) -> None:
-        """Dispatch and wait until every task of the current wave is answered or its deadline passes."""
-        deadline = rnd.wave_opened_at + self.job.round_deadline_s
+        """Dispatch and wait until every task of the current wave is answered or its deadline passes; then
+        wait for the updates still being committed, which the round's updates then include."""
+        state = self._hold(rnd)
+        state.collecting.set()
+        deadline = state.rnd.wave_opened_at + self.job.round_deadline_s
         while True:
             self.changed.clear()
-            await self._dispatch(rnd)
-            tasks = self._live_tasks(rnd)
-            answered = self.store.answered(rnd.id)
-            if len(tasks) >= self._target(rnd) and all(t.id in answered for t in tasks):
-                return
+            self._abandon_away(state)
+            await self._dispatch(state.rnd)
+            if len(state.live) >= self._target(state) and not state.unanswered:
+                break
             remaining = deadline - time.time()
             if remaining <= 0:
-                return
+                break
             try:
-                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
-                # Let a burst of arrivals land before re-checking: each check reads the round's tasks.
+                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, AWAY_SWEEP_S))
+                # Let a burst of arrivals land before checking again.
                 await asyncio.sleep(COLLECT_BATCH_S)
             except TimeoutError:
                 pass
+        state.collecting.clear()
+        await state.settled()
+        log.info("round %d wave %d collected in %.1f s: %d of %d live tasks answered; %d updates accepted, "
+                 "%d refused while the round was open", state.rnd.number, state.rnd.wave,
+                 time.time() - state.rnd.wave_opened_at, len(state.live) - len(state.unanswered), len(state.live),
+                 state.accepted, state.refused)
 
-    async def _gather(self, rnd: Round, block) -> tuple[Round, list, float | None]:
+    async def _gather(self, rnd: Round, block) -> tuple[Round, list, list[AcceptedUpdate], float | None]:
         """Collect the round's updates, wave after wave while the strategy asks for another:
-        (the round as it stands, its updates, the estimate variance if measured)."""
+        (the round as it stands, its updates, each as the round's rule reads it, the estimate variance if
+        measured). Each stored update is read once here, in a thread, for all that follows."""
         while True:
             await self._collect(rnd)
             rows = self.store.updates(rnd.id)
             if len(rows) < self.job.min_devices:
-                return rnd, rows, None
-            accepted = [self._accepted(rnd, row) for row in rows]
-            more, variance = self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
+                return rnd, rows, [], None
+            accepted, more, variance = await asyncio.to_thread(self._another_wave, rnd, rows, block)
             if not more:
-                return rnd, rows, variance
+                return rnd, rows, accepted, variance
             log.info("round %d: estimate variance %.3g > %.3g: asking for more perturbations (wave %d)",
                      rnd.number, variance, self.options.variance_threshold, rnd.wave + 1)
-            rnd = self.store.next_wave(rnd.id)
+            rnd = self.open.next_wave()
+
+    def _another_wave(self, rnd: Round, rows: list, block) -> tuple[list[AcceptedUpdate], bool, float | None]:
+        accepted = [self._accepted(rnd, row) for row in rows]
+        return accepted, *self.round_strategy(rnd.number).another_wave(accepted, self.job.adapter_dim, rnd.wave, block)
 
     def _accepted(self, rnd: Round, row) -> AcceptedUpdate:
         """A stored update as the round's rule reads it: a dense part that covers one span of the adapter
         (the round's method's `dense_span`, hybrid's head) placed there."""
         method = self.round_method(rnd.number)
-        span = method.dense_span(self.store.task(row.task_id).hparams) if method.dense_span else None
+        span = method.dense_span(self._task(row.task_id).hparams) if method.dense_span else None
         return AcceptedUpdate.from_row(row, span, self.job.adapter_dim)
 
     def _combine(self, rnd: Round, base: np.ndarray, accepted: list[AcceptedUpdate], block) -> np.ndarray | None:
@@ -258,9 +296,10 @@ class RoundEngine:
     def _drop_updates(self, rnd: Round, offenders: list[tuple]) -> None:
         """Take accepted updates back out of the round, each recorded as a refusal with its code, and their
         tasks forfeited: the round collects again without them (another device may take their place)."""
+        state = self._hold(rnd)
         for row, code, reason in offenders:
-            self.store.drop_update(row.id)
-            self.store.forfeit_task(row.task_id, code)
+            state.drop_update(row)
+            state.forfeit(state.tasks[row.task_id], code)
             self.store.add_refusal(self.job.id, row.device_id, code, reason)
             log.warning("round %d: dropped the update of %s for task %s (%s): %s; the round goes on without it",
                         rnd.number, row.device_id, row.task_id, code, reason)
@@ -270,33 +309,41 @@ class RoundEngine:
         before = {m.name for m in self.store.metrics(self.job.id) if m.version == base_version}
         return next((name for name, value in metrics.items() if not math.isfinite(value) and name in before), None)
 
-    async def _publishable(self, rnd: Round, rows: list, block) -> tuple[np.ndarray, dict] | None:
+    async def _publishable(self, rnd: Round, rows: list, accepted: list[AcceptedUpdate],
+                           block) -> tuple[np.ndarray, dict] | None:
         """The next adapter and its held-out metrics; None when updates had to be dropped first (_drop_updates):
         one that the limits refuse (stored by an older coordinator, or under other limits), one without
-        which the aggregate is finite, or, when a held-out metric stops being finite, the largest."""
-        method = self.round_method(rnd.number)
-        stale = [(row, *refusal) for row in rows
-                 if (refusal := self.checks.poisoning(AcceptedUpdate.from_row(row).pairs, row.scale, row.dense,
-                                                self.store.task(row.task_id).hparams, method))]
-        if stale:
-            self._drop_updates(rnd, stale)
-            return None
+        which the aggregate is finite, or, when a held-out metric stops being finite, the largest.
+        The aggregation and the evaluation run in threads: the event loop goes on serving connections."""
         base = np.frombuffer(self.store.version(self.job.id, rnd.base_version).vector, dtype="<f4")
-        accepted = [self._accepted(rnd, row) for row in rows]
+        offenders, new = await asyncio.to_thread(self._aggregate, rnd, rows, accepted, base, block)
+        if offenders:
+            self._drop_updates(rnd, offenders)
+            return None
+        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
+        if (name := self._diverged(metrics, rnd.base_version)) is not None:
+            largest = await asyncio.to_thread(max, rows, key=lambda row: self._change_size(rnd, row, base))
+            reason = f"with this update, the largest of the round, the held-out {name} is {metrics[name]}"
+            self._drop_updates(rnd, [(largest, "diverged", reason)])
+            return None
+        return new, metrics
+
+    def _aggregate(self, rnd: Round, rows: list, accepted: list[AcceptedUpdate], base: np.ndarray,
+                   block) -> tuple[list[tuple], np.ndarray | None]:
+        """(the updates to drop, each with its code and reason, None) or ([], the new adapter)."""
+        method = self.round_method(rnd.number)
+        stale = [(row, *refusal) for row, update in zip(rows, accepted)
+                 if (refusal := self.checks.poisoning(update.pairs, row.scale, row.dense,
+                                                      self._task(row.task_id).hparams, method))]
+        if stale:
+            return stale, None
         new = self._combine(rnd, base, accepted, block)
         if new is None:
             alone = [row for row, u in zip(rows, accepted) if self._combine(rnd, base, [u], block) is None]
             blamed = alone or [max(rows, key=lambda row: self._change_size(rnd, row, base))]
             reason = "the round's aggregate with this update is not finite"
-            self._drop_updates(rnd, [(row, "non_finite_aggregate", reason) for row in blamed])
-            return None
-        metrics = await asyncio.to_thread(self.evaluate, new) if self.evaluate else {}
-        if (name := self._diverged(metrics, rnd.base_version)) is not None:
-            largest = max(rows, key=lambda row: self._change_size(rnd, row, base))
-            reason = f"with this update, the largest of the round, the held-out {name} is {metrics[name]}"
-            self._drop_updates(rnd, [(largest, "diverged", reason)])
-            return None
-        return new, metrics
+            return [(row, "non_finite_aggregate", reason) for row in blamed], None
+        return [], new
 
     def _finite_metrics(self, version: int, metrics: dict) -> dict:
         """The metrics that can be stored; a non-finite one is recorded as a refusal with its value instead."""
@@ -322,17 +369,20 @@ class RoundEngine:
 
     async def run_round(self, rnd: Round) -> bool:
         """Run one round attempt to its end; True if it closed with a new global version."""
+        state = self._hold(rnd)
+        rnd = state.rnd
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         while True:
-            rnd, rows, variance = await self._gather(rnd, block)
+            rnd, rows, accepted, variance = await self._gather(rnd, block)
             if len(rows) < self.job.min_devices:
                 reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
-                          f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")
+                          f"({len(self.connections)} devices connected, {len(state.tasks)} tasked)")
                 self.store.fail_round(rnd.id, reason)
                 self._settle_task_frames(rnd)
+                self._release(state)
                 log.warning("round %d attempt %d failed: %s", rnd.number, rnd.attempt, reason)
                 return False
-            if (published := await self._publishable(rnd, rows, block)) is not None:
+            if (published := await self._publishable(rnd, rows, accepted, block)) is not None:
                 break
         new, metrics = published
         metrics["train_loss_before"] = float(np.mean([u.loss_before for u in rows]))
@@ -347,6 +397,7 @@ class RoundEngine:
             metrics["tasks_in_seed_form"] = float(sum(seed for _, _, seed in frames))
             metrics["tasks_sent"] = float(len(frames))
         version = self.store.close_round(rnd, new, self._finite_metrics(rnd.base_version + 1, metrics))
+        self._release(state)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info("round %d closed: %d updates -> version %d; %s", rnd.number, len(rows), version, shown)
         print(f"round {rnd.number}/{self.job.rounds}: {len(rows)} updates, {shown}", flush=True)

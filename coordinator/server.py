@@ -8,7 +8,9 @@ with the updates it had already accepted: devices that reconnect get their task 
 
 The rooms: who may connect (coordinator.admission), what an update may hold
 (coordinator.update_checks), the seed-form downlink (coordinator.downlink), the rounds
-(coordinator.rounds) and the rule they aggregate by (coordinator.strategies). This module holds
+(coordinator.rounds), the open one held in memory (coordinator.open_round), the answers and the
+devices' comings and goings committed in batches (coordinator.group_commit), and the rule the
+rounds aggregate by (coordinator.strategies). This module holds
 the connections: a device's session from its hello to its last frame, and what it may send.
 """
 
@@ -29,9 +31,11 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator.admission import Admission, Limits, RateLimiter
 from coordinator.downlink import Downlink
+from coordinator.group_commit import REVOKED, Answer, GroupCommit, Presence, update_row
 from coordinator.job import JobOptions
+from coordinator.open_round import OpenRound
 from coordinator.rounds import RoundEngine
-from coordinator.store import Job, Round, Store
+from coordinator.store import Job, Store
 from coordinator.strategies import Strategy
 from coordinator.traffic import CountingConnection, Traffic
 from coordinator.update_checks import UpdateChecks
@@ -72,7 +76,6 @@ class Refused(Exception):
         self.code, self.reason = code, reason
 
 
-REVOKED = "this device's credential was revoked, or replaced by enrolling the device again"
 # Refusals that cost a device its open task: it broke the protocol or lost its right to take part.
 FORFEITING = {"bad_message", "rate_limited", "wrong_device", "wrong_model", "revoked", "timeout", "internal_error"}
 
@@ -110,6 +113,10 @@ class Coordinator(RoundEngine):
         self._scales: dict[int, tuple | None] = {}  # the open round attempt's per-tensor scales (_round_scales)
         # Per round attempt, each task frame sent: (task id, bytes, in seed form)
         self.task_frames: dict[int, list[tuple[str, int, bool]]] = {}
+        # Answers to updates, devices coming and going: in batches; a database that cannot be written stops the job
+        self.writes = GroupCommit(store, job.id, self._store_failed)
+        # The open round attempt, held in memory (coordinator.open_round): a resumed one as the store has it.
+        self.open: OpenRound | None = OpenRound.load(store, rnd) if (rnd := store.open_round(job.id)) else None
 
     # ---- connections ----
     async def _receive(self, ws: ServerConnection, device_id: str | None, timeout: float | None = None) -> protocol.Message:
@@ -139,6 +146,7 @@ class Coordinator(RoundEngine):
     async def _connection(self, ws: ServerConnection) -> None:
         device_id = None
         enrolled = getattr(ws, "username", None)  # set by Admission.check when credentials are required
+        self.admission.open_connections += 1
         try:
             try:
                 # The hello counts against the credential's rate (reconnecting is no way around it);
@@ -147,8 +155,14 @@ class Coordinator(RoundEngine):
             except TimeoutError:
                 raise Refused("timeout", f"no hello within {HELLO_TIMEOUT_S:g} s") from None
             device_id = self._admit(hello, enrolled)
-            self.store.touch_device(device_id, hello.num_examples, hello.mem_budget_bytes)
+            # Stored before its welcome (its tasks refer to its row), in the batch of the hellos around it.
+            if (failed := await self.writes.submit(Presence(device_id, True, hello.num_examples,
+                                                            hello.mem_budget_bytes))) is not None:
+                raise Refused("internal_error", f"the coordinator could not store this device: {failed[1]}")
+            if hello.device_id in self.connections:  # another connection of it said hello while this one was stored
+                raise Refused("duplicate_device", f"device {hello.device_id} is already connected")
             self.connections[device_id] = ws
+            self.traffic.watch(device_id, ws)
             self.held.pop(device_id, None)
             if hello.held_sha256 is not None:  # it keeps its adapter: its tasks may carry a history instead
                 self.held[device_id] = (hello.held_version, hello.held_sha256)
@@ -165,9 +179,9 @@ class Coordinator(RoundEngine):
             while True:
                 message = await self._receive(ws, device_id)
                 if isinstance(message, protocol.Update):
-                    await ws.send(self._accept(device_id, message).to_wire())
+                    await ws.send((await self._accept(device_id, message)).to_wire())
                 elif isinstance(message, protocol.Decline):
-                    await ws.send(self._decline(device_id, message).to_wire())
+                    await ws.send((await self._decline(device_id, message)).to_wire())
                 else:
                     raise Refused("bad_message", f"devices may send only updates and declines after hello, "
                                                  f"not {message.TYPE}")
@@ -183,6 +197,7 @@ class Coordinator(RoundEngine):
             log.exception("connection handler failed")
             await self._refuse(ws, "internal_error", "the coordinator failed on this message", device_id)
         finally:
+            self.admission.open_connections -= 1
             if device_id is not None:
                 self._drop(device_id, ws)
 
@@ -195,7 +210,7 @@ class Coordinator(RoundEngine):
         self.credential_of.pop(device_id, None)
         self.held.pop(device_id, None)
         self.gone_since[device_id] = time.time()
-        self.store.set_device_status(device_id, "gone")
+        self.writes.submit(Presence(device_id, False))  # nobody waits for it: a failure is logged
         log.info("device %s disconnected", device_id)
         self.changed.set()
 
@@ -236,19 +251,12 @@ class Coordinator(RoundEngine):
         """A device that broke the protocol loses its open task at once, and for good: otherwise, by
         reconnecting and misbehaving again, it could hold the round's task without ever being away long
         enough, or get it back when it reconnects while no other device is idle."""
-        rnd, tasks = self._unanswered_tasks(device_id)
-        for task in tasks:
-            self.store.forfeit_task(task.id, code)
-            log.warning("round %d: %s forfeited task %s (%s), reassigning", rnd.number, device_id, task.id, code)
+        if (state := self.open) is None:
+            return
+        for task in state.unanswered_of(device_id):
+            state.forfeit(task, code)
+            log.warning("round %d: %s forfeited task %s (%s), reassigning", state.rnd.number, device_id, task.id, code)
             self.changed.set()
-
-    def _unanswered_tasks(self, device_id: str) -> tuple[Round | None, list]:
-        """The open round, and the device's tasks in it that are neither answered nor abandoned."""
-        rnd = self.store.open_round(self.job.id)
-        if rnd is None:
-            return None, []
-        answered = self.store.answered(rnd.id)
-        return rnd, [t for t in self.store.tasks(rnd.id, device_id) if t.abandoned_at is None and t.id not in answered]
 
     async def cut_off_revoked(self) -> None:
         """Close the connection of every device whose credential was revoked (by `coordinator revoke`)."""
@@ -264,73 +272,113 @@ class Coordinator(RoundEngine):
                     await self._refuse(ws, "revoked", REVOKED, device_id)
 
     # ---- updates ----
-    def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
-        task = self.store.task(update.task_id)
-        refusal = self._refusal(device_id, update, task)
+    async def _accept(self, device_id: str, update: protocol.Update) -> protocol.Ack:
+        """Check an update in memory, store its row (or its refusal) through the batched writer, and answer
+        once that row is committed."""
+        state = await self._settled(update.task_id)
+        task = self._task(update.task_id)
+        refusal = self._refusal(device_id, update, task, state)
+        credential = self.credential_of.get(device_id, "") if self.limits.require_credentials else None
         if refusal is None:
-            pairs = list(zip(update.seeds, update.coefs))
-            if not self.store.add_update(task, pairs, update.scale, update.num_examples, update.loss_before,
-                                         update.loss_after, update.peak_rss_bytes, update.dense):
-                refusal = ("duplicate", "this task already has an accepted update")
-        if refusal is not None:
-            code, reason = refusal
-            self.store.add_refusal(self.job.id, device_id, code, reason)
+            row = update_row(task, list(zip(update.seeds, update.coefs)), update.scale, update.num_examples,
+                             update.loss_before, update.loss_after, update.peak_rss_bytes, update.dense)
+            committed = self.writes.submit(Answer(device_id, credential, update=row),
+                                           settle=lambda outcome: self._settle(state, task.id, outcome))
+            state.pending[task.id] = committed
+        else:
+            committed = self.writes.submit(Answer(device_id, credential, refusal=refusal))
+        outcome = await committed
+        if outcome is not None:
+            code, reason = outcome
+            if self.open is not None:
+                self.open.refused += 1
             log.warning("refused update %s from %s (%s): %s", update.task_id, device_id, code, reason)
             # The code leads the reason (docs/protocol.md): a device can act on it without parsing words.
             return protocol.Ack(task_id=update.task_id, accepted=False, reason=f"{code}: {reason}"[: protocol.MAX_TEXT])
-        log.info("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
-                 update.task_id, device_id, len(update.seeds), update.num_examples, update.loss_before,
-                 update.loss_after, update.peak_rss_bytes / 2**20)
-        self.changed.set()
+        # Per update at DEBUG: at thousands a second, a line each would cost more than the update (the round
+        # logs its count when its wave is collected).
+        log.debug("accepted update %s from %s: %d pairs, %d examples, loss %.4f -> %.4f, peak RSS %.0f MB",
+                  update.task_id, device_id, len(update.seeds), update.num_examples, update.loss_before,
+                  update.loss_after, update.peak_rss_bytes / 2**20)
         return protocol.Ack(task_id=update.task_id, accepted=True, reason="")
 
-    def _decline(self, device_id: str, decline: protocol.Decline) -> protocol.Ack:
+    def _settle(self, state: OpenRound, task_id: str, outcome) -> None:
+        """An update's batch is committed (or failed): its task is answered, or free again. Called by the writer
+        itself, so that the round knows even if the connection's handler is gone."""
+        del state.pending[task_id]
+        if outcome is None:
+            state.answer(task_id)
+            self.changed.set()
+
+    async def _settled(self, task_id: str) -> OpenRound | None:
+        """The open round, once an answer for `task_id` can be decided: for a task without an accepted update,
+        not while its round aggregates its updates (it may close, making the answer late, or collect again),
+        nor while an update of it is being committed (its outcome decides whether the next is a duplicate)."""
+        while (state := self.open) is not None and task_id in state.tasks and task_id not in state.answered:
+            if not state.collecting.is_set():
+                await state.collecting.wait()
+            elif task_id in state.pending:
+                await asyncio.wait([state.pending[task_id]])
+            else:
+                break
+        return state
+
+    def _task(self, task_id: str):
+        """A task of the open round from memory; of any other round, from the store (late, foreign or unknown)."""
+        if self.open is not None and (task := self.open.tasks.get(task_id)) is not None:
+            return task
+        return self.store.task(task_id)
+
+    async def _decline(self, device_id: str, decline: protocol.Decline) -> protocol.Ack:
         """A device that cannot run its task gives it back: forfeited, it goes to another device at once
         (never back to this one in the round's wave). Acked as accepted, or refused with the code that
         an update for that task would get (unknown_task, foreign, late, abandoned, duplicate)."""
-        task = self.store.task(decline.task_id)
-        rnd = self.store.open_round(self.job.id)
+        state = await self._settled(decline.task_id)
+        task = self._task(decline.task_id)
         if task is None:
             refusal = ("unknown_task", "unknown task")
         elif task.device_id != device_id:
             refusal = ("foreign", "this task was sent to another device")
-        elif rnd is None or rnd.id != task.round_id:
+        elif state is None or state.rnd.id != task.round_id:
             refusal = ("late", "the task's round is closed")
         elif task.abandoned_at is not None:
             refusal = ("abandoned", "the task was already taken from this device")
-        elif task.id in self.store.answered(rnd.id):
+        elif task.id in state.answered:
             refusal = ("duplicate", "this task already has an accepted update")
         else:
-            self.store.forfeit_task(task.id, "declined")
+            state.forfeit(task, "declined")
             self.store.add_refusal(self.job.id, device_id, "declined", f"{decline.code}: {decline.reason}")
-            log.warning("round %d: %s declined task %s (%s: %s), reassigning", rnd.number, device_id, task.id,
+            log.warning("round %d: %s declined task %s (%s: %s), reassigning", state.rnd.number, device_id, task.id,
                         decline.code, decline.reason)
             self.changed.set()
             return protocol.Ack(task_id=task.id, accepted=True, reason="")
         log.warning("refused the decline of %s from %s (%s)", decline.task_id, device_id, refusal[0])
         return protocol.Ack(task_id=decline.task_id, accepted=False, reason=f"{refusal[0]}: {refusal[1]}")
 
-    def _refusal(self, device_id: str, update: protocol.Update, task) -> tuple[str, str] | None:
-        """(code, reason) when the update must not be aggregated; None when it may."""
+    def _refusal(self, device_id: str, update: protocol.Update, task, state: OpenRound | None) -> tuple[str, str] | None:
+        """(code, reason) when the update must not be aggregated; None when it may. Decided in memory, but for
+        `revoked`, which the batch that stores the answer reads for all its devices at once (coordinator.answers)."""
         if update.job_id != self.job.id:
             return "other_job", f"update for job {update.job_id}, this coordinator runs {self.job.id}"
-        held = {device_id: self.credential_of.get(device_id, "")}
-        if self.limits.require_credentials and self.store.superseded(held):
-            return "revoked", REVOKED
         if task is None:
             return "unknown_task", "unknown task"
         if task.device_id != device_id:
             return "foreign", "this task was sent to another device"
-        rnd = self.store.open_round(self.job.id)
-        if rnd is None or rnd.id != task.round_id:
+        if state is None or state.rnd.id != task.round_id:
             return "late", "the task's round is closed"
         if task.abandoned_at is not None:
             return "abandoned", "the device was away and its task went to another device"
+        rnd = state.rnd
         if update.global_version != rnd.base_version or update.round != rnd.number:
             return "wrong_version", (f"the update starts from round {update.round} version {update.global_version}, "
                                      f"the task was round {rnd.number} version {rnd.base_version}")
-        return self.checks.poisoning(list(zip(update.seeds, update.coefs)), update.scale, update.dense, task.hparams,
-                                     self.round_method(rnd.number))
+        content = self.checks.poisoning(list(zip(update.seeds, update.coefs)), update.scale, update.dense, task.hparams,
+                                        self.round_method(rnd.number))
+        if content is not None:
+            return content
+        if task.id in state.answered:
+            return "duplicate", "this task already has an accepted update"
+        return None
 
 
 async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, heartbeat_s: float = 10.0,
@@ -355,7 +403,7 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
         if ready:
             ready(url)
         sweeper = asyncio.create_task(coordinator.cut_off_revoked())
-        counter = asyncio.create_task(coordinator.traffic.run(coordinator.connections))
+        counter = asyncio.create_task(coordinator.traffic.run())
         rounds = asyncio.ensure_future(coordinator.run_job())
         failed = asyncio.ensure_future(coordinator.store_failed.wait())
         try:
@@ -368,8 +416,10 @@ async def serve_job(coordinator: Coordinator, host: str, port: int, ready=None, 
             for task in (sweeper, counter, failed, rounds):
                 task.cancel()
             await asyncio.gather(rounds, return_exceptions=True)
-        coordinator.traffic.flush(coordinator.connections)
-        return ok
+    # Every connection is closed now: their departures and their last bytes are written before the job returns.
+    await coordinator.writes.drain()
+    coordinator.traffic.flush()
+    return ok
 
 
 def resume_problem(store: Store, job: Job) -> str | None:

@@ -1,5 +1,6 @@
-"""The coordinator's queries: one short transaction per change, so each acknowledged change is
-durable on its own (an accepted update is stored before its ack is sent)."""
+"""The coordinator's queries: one short transaction per change, or per batch of the changes devices make
+(`commit_batch`, coordinator.group_commit), so that each acknowledged change is durable before its ack is
+sent (an accepted update is stored before its ack)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import math
 import secrets
 import time
 import uuid
+from operator import itemgetter
 
 import msgpack
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, literal_column, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
 
 from coordinator.store.schema import (AdapterVersion, Credential, Device, Job, Metric, OperatorToken, Refusal, Round,
                                       Task, UpdateRow)
@@ -42,6 +45,20 @@ def metric_rows(job_id: str, version: int, metrics: dict[str, float]) -> list[Me
     value is left out (the coordinator records it as a refusal first), never a failed transaction."""
     return [Metric(job_id=job_id, version=version, name=name, value=float(value))
             for name, value in metrics.items() if math.isfinite(value)]
+
+
+def executemany(conn, statement, rows: list[dict]) -> None:
+    """`statement` once per row (each a dict of its bound values), through the driver's own executemany.
+    For the rows of a fleet's batches, thousands a second, SQLAlchemy's processing of each row's parameters
+    costs more than the database's insert; these need none: their values are numbers, strings and bytes,
+    which SQLite and psycopg take as they are."""
+    if isinstance(statement, Insert):
+        statement = statement.inline()  # no RETURNING of the new keys, which nobody reads
+    compiled = statement.compile(dialect=conn.dialect, column_keys=list(rows[0]))
+    order = compiled.positiontup  # the parameters' order where the driver's are positional (SQLite's ?)
+    if order:
+        rows = list(map(itemgetter(*order), rows)) if len(order) > 1 else [(row[order[0]],) for row in rows]
+    conn.exec_driver_sql(str(compiled), rows)
 
 
 class Store:
@@ -113,13 +130,15 @@ class Store:
             if device is not None:
                 device.status, device.last_seen = status, time.time()
 
-    def add_traffic(self, counts: dict[str, tuple[int, int]]) -> None:
-        """Add (bytes up, bytes down) to each device's totals, in one transaction."""
-        with self.session() as s, s.begin():
-            for device_id, (up, down) in counts.items():
-                s.execute(update(Device).where(Device.id == device_id)
-                          .values(bytes_up=func.coalesce(Device.bytes_up, 0) + up,
-                                  bytes_down=func.coalesce(Device.bytes_down, 0) + down))
+    def add_traffic(self, counts: dict[str, tuple[int, int] | list[int]]) -> None:
+        """Add (bytes up, bytes down) to each device's totals, in one transaction: one statement executed for
+        every device (executemany), as a fleet of thousands sends them every second."""
+        devices, zero = Device.__table__.c, literal_column("0")
+        statement = (update(Device.__table__).where(devices.id == bindparam("device"))
+                     .values(bytes_up=func.coalesce(devices.bytes_up, zero) + bindparam("up"),
+                             bytes_down=func.coalesce(devices.bytes_down, zero) + bindparam("down")))
+        with self.engine.begin() as conn:
+            executemany(conn, statement, [dict(device=d, up=up, down=down) for d, (up, down) in counts.items()])
 
     def devices(self) -> list[Device]:
         with self.session() as s:
@@ -281,18 +300,20 @@ class Store:
     # ---- tasks and updates ----
     def add_tasks(self, round_id: int, wave: int, hparams_by_device: dict[str, dict]) -> list[Task]:
         """New tasks for these devices, stored in one transaction before any is sent (`mark_sent` dates each send)."""
-        tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h)
-                 for d, h in hparams_by_device.items()]
+        now = time.time()
+        tasks = [Task(id=uuid.uuid4().hex, round_id=round_id, device_id=d, wave=wave, hparams=h, abandoned_at=None,
+                      forfeited=None, sent_at=now) for d, h in hparams_by_device.items()]
         with self.session() as s, s.begin():
             s.add_all(tasks)
         return tasks
 
     def mark_sent(self, sent: dict[str, float | None]) -> None:
         """Each task's sent_at: when it went to its device (its latest send); None: it was not sent."""
-        rows = [{"id": task_id, "sent_at": at} for task_id, at in sent.items() if at is not None]
+        rows = [{"task": task_id, "at": at} for task_id, at in sent.items() if at is not None]
         if rows:
-            with self.session() as s, s.begin():
-                s.execute(update(Task), rows)  # one UPDATE by primary key, executed for every row
+            with self.engine.begin() as conn:
+                executemany(conn, update(Task.__table__).where(Task.__table__.c.id == bindparam("task"))
+                            .values(sent_at=bindparam("at")), rows)
 
     def add_sent_bytes(self, frames: dict[str, tuple[int, bool]]) -> None:
         """Each task's frames as the coordinator sent them: (bytes, summed over its sends; whether the latest carried
@@ -327,6 +348,32 @@ class Store:
             return True
         except IntegrityError:
             return False
+
+    def commit_batch(self, presence: dict[str, dict], updates: list[dict], refusals: list[dict]) -> None:
+        """coordinator.group_commit's batch, in one transaction: devices come or gone (each device's latest
+        `status`, with a hello's `num_examples` and `mem_budget_bytes`: a device not yet known is stored then),
+        accepted updates' rows and refusals' rows (their columns), in order. IntegrityError if a task
+        already has an update."""
+        now = time.time()
+        devices = Device.__table__
+        with self.engine.begin() as conn:
+            if presence:
+                known = set(conn.scalars(select(devices.c.id).where(devices.c.id.in_(list(presence)))))
+                new = [dict(id=device_id, first_seen=now, last_seen=now, bytes_up=0, bytes_down=0, **seen)
+                       for device_id, seen in presence.items() if device_id not in known and "num_examples" in seen]
+                if new:
+                    executemany(conn, insert(devices), new)
+                for fields in (("status",), ("status", "num_examples", "mem_budget_bytes")):
+                    rows = [{"device": device_id, "seen": now, **{f"new_{f}": seen[f] for f in fields}}
+                            for device_id, seen in presence.items() if device_id in known and set(seen) == set(fields)]
+                    if rows:
+                        executemany(conn, update(devices).where(devices.c.id == bindparam("device"))
+                                    .values(last_seen=bindparam("seen"), **{f: bindparam(f"new_{f}") for f in fields}),
+                                    rows)
+            if updates:
+                executemany(conn, insert(UpdateRow.__table__), updates)
+            if refusals:
+                executemany(conn, insert(Refusal.__table__), refusals)
 
     def update_figures(self, job_id: str) -> list:
         """Every update of the job without its pairs or dense part: round_id, device_id, num_pairs,

@@ -43,14 +43,19 @@ def test_a_dense_part_of_the_heads_length_alone_is_accepted(tmp_path):
     rnd = c.store.start_round(c.job.id, 1, 0, (0, BODY))
     c.store.touch_device("d", 1, None)
     (task,) = c.store.add_tasks(rnd.id, 0, {"d": dict(c.job.hparams, block_start=0, block_end=BODY)})
+    c._hold(rnd)
     base = dict(task_id=task.id, job_id=c.job.id, round=1, global_version=0, seeds=[1, 2], coefs=[1e-3, -1e-3],
                 scale=1.0, num_examples=10, loss_before=1.0, loss_after=0.9, peak_rss_bytes=1)
-    for wrong in (D, 5, 7):  # the whole adapter, or not the head's 6 values: refused with the length it needs
-        ack = c._accept("d", protocol.Update(**base, dense=np.zeros(wrong, "<f4").tobytes()))
-        assert not ack.accepted and ack.reason.startswith("wrong_dimension: ") and "has 6 float32" in ack.reason
-    huge = np.full(6, 1e3, "<f4")  # the bound measures the change per value of the whole adapter
-    assert c._accept("d", protocol.Update(**base, dense=huge.tobytes())).reason.startswith("norm_bound: ")
-    assert c._accept("d", protocol.Update(**base, dense=np.full(6, 0.5, "<f4").tobytes())).accepted
+
+    async def scenario():
+        for wrong in (D, 5, 7):  # the whole adapter, or not the head's 6 values: refused with the length it needs
+            ack = await c._accept("d", protocol.Update(**base, dense=np.zeros(wrong, "<f4").tobytes()))
+            assert not ack.accepted and ack.reason.startswith("wrong_dimension: ") and "has 6 float32" in ack.reason
+        huge = np.full(6, 1e3, "<f4")  # the bound measures the change per value of the whole adapter
+        assert (await c._accept("d", protocol.Update(**base, dense=huge.tobytes()))).reason.startswith("norm_bound: ")
+        assert (await c._accept("d", protocol.Update(**base, dense=np.full(6, 0.5, "<f4").tobytes()))).accepted
+
+    asyncio.run(scenario())
 
 
 def test_the_round_adds_each_head_at_its_span_and_recomputes_to_the_same_bits(tmp_path):

@@ -114,7 +114,8 @@ def test_an_update_with_a_seed_outside_the_pool_is_refused_and_the_device_keeps_
         update = protocol.Update(task_id=task.id, job_id=c.job.id, round=1, global_version=0, seeds=[pool[3], outside],
                                  coefs=[1e-3, 1e-3], scale=1.0, dense=b"", num_examples=10, loss_before=1.0,
                                  loss_after=1.0, peak_rss_bytes=1)
-        return c._accept("d", update), c.store.task(task.id), c
+        c._hold(rnd)
+        return await c._accept("d", update), c.store.task(task.id), c
 
     ack, task, c = asyncio.run(scenario())
     assert not ack.accepted and ack.reason.startswith("outside_pool: seed ") and task.abandoned_at is None

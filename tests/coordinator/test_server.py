@@ -143,6 +143,7 @@ def test_an_abandoned_task_goes_back_to_its_device_when_no_other_took_it_over(tm
         rnd = c.store.start_round(c.job.id, 1, 0)
         (task,) = c.store.add_tasks(rnd.id, 0, {"away": dict(c.job.hparams)})
         c.store.abandon_task(task.id)  # it was away past --device-timeout, and no device was idle
+        c._hold(rnd)  # the round as a restarted coordinator resumes it
         ws = SlowlyClosingConnection()
         c.connections["away"] = ws  # it is back
         await c._resend_open_task("away")
@@ -193,6 +194,7 @@ def test_a_task_forfeited_for_breaking_the_protocol_is_not_given_back(tmp_path):
         c.store.touch_device("rude", 1, None)
         rnd = c.store.start_round(c.job.id, 1, 0)
         (task,) = c.store.add_tasks(rnd.id, 0, {"rude": dict(c.job.hparams)})
+        c._hold(rnd)
         c._forfeit("rude", "bad_message")
         ws = SlowlyClosingConnection()
         c.connections["rude"] = ws  # it reconnected at once
@@ -220,12 +222,17 @@ def test_each_content_refusal_comes_with_its_code_and_the_device_keeps_its_task(
     ]
     c.store.touch_device("d", 1, None)
     (task,) = c.store.add_tasks(rnd.id, 0, {"d": dict(c.job.hparams)})
-    for code, fields in poisoned:  # all on the one task
-        ack = c._accept("d", protocol.Update(task_id=task.id, **{**base, **fields}))
-        assert not ack.accepted and ack.reason.startswith(f"{code}: "), (code, ack.reason)
-        assert c.store.task(task.id).abandoned_at is None, code
-    assert c.store.updates(rnd.id) == []
-    assert c._accept("d", protocol.Update(task_id=task.id, **base)).accepted
+    c._hold(rnd)
+
+    async def scenario():
+        for code, fields in poisoned:  # all on the one task
+            ack = await c._accept("d", protocol.Update(task_id=task.id, **{**base, **fields}))
+            assert not ack.accepted and ack.reason.startswith(f"{code}: "), (code, ack.reason)
+            assert c.store.task(task.id).abandoned_at is None, code
+        assert c.store.updates(rnd.id) == []
+        assert (await c._accept("d", protocol.Update(task_id=task.id, **base))).accepted
+
+    asyncio.run(scenario())
 
 
 def test_the_bearer_scheme_is_read_in_any_case():
