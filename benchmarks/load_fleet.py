@@ -30,6 +30,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from fwdfed import protocol
+from fwdfed import task_keys as keys
 from fwdfed.directions import SEED_LIMIT, seed_pool
 
 CONNECTING_AT_ONCE = 64  # per worker: devices arrive in waves, as a fleet does, not in one burst
@@ -104,7 +105,7 @@ class Fleet:
 
     def seeds(self, hparams: dict) -> list[int]:
         """`pairs` seeds: from the task's seed pool when it names one (else they would be refused), else any."""
-        size, key = hparams.get("seed_pool"), hparams.get("seed_pool_key")
+        size, key = hparams.get(keys.SEED_POOL), hparams.get(keys.SEED_POOL_KEY)
         if size is None:
             return [self.rng.randrange(SEED_LIMIT) for _ in range(self.pairs)]
         if (size, key) not in self.pools:

@@ -93,7 +93,9 @@ def test_each_devices_bytes_down_and_up_per_round_are_the_frames_that_went_on_th
         for device_id in ("a", "b"):
             store.touch_device(device_id, 10, None)
             c.connections[device_id] = Recorder()
-        for task in store.add_tasks(rnd.id, 0, {d: dict(hparams) for d in ("a", "b")}):
+        tasks = store.add_tasks(rnd.id, 0, {d: dict(hparams) for d in ("a", "b")})
+        c._hold(rnd)  # the round with its tasks, as a restarted coordinator resumes it
+        for task in tasks:
             await c._send_task(rnd, task)
             if task.device_id == "a":
                 await c._send_task(rnd, task)  # a resend: both frames went down
@@ -103,7 +105,7 @@ def test_each_devices_bytes_down_and_up_per_round_are_the_frames_that_went_on_th
                                      seeds=[2**62 + k for k in range(pairs)], coefs=[1e-3 / 3] * pairs, scale=1.0,
                                      dense=b"", num_examples=10, loss_before=1.25, loss_after=1.0,
                                      peak_rss_bytes=123_456_789)
-            assert message.task_id == task.id and c._accept(task.device_id, update).accepted
+            assert message.task_id == task.id and (await c._accept(task.device_id, update)).accepted
             sent[task.device_id] = len(update.to_wire())
         assert await c.run_round(rnd)
 
