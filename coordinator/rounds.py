@@ -166,11 +166,16 @@ class RoundEngine:
         return live
 
     def _target(self, rnd: Round) -> int:
-        """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""
+        """Updates this round wants (the strategy's count); stored, as it may only grow while the round is open."""
         wanted = self.strategy.target(len(self.connections), rnd.target)
         if wanted > rnd.target:
             rnd.target = self.store.raise_target(rnd.id, wanted).target
         return max(wanted, rnd.target)
+
+    def _tasked(self, rnd: Round) -> int:
+        """Devices a wave tasks: the target, or over-selected (`serve --over-select F`), ceil(target x (1 + F)), of
+        which the round takes the first `target` to answer; the others' updates come late."""
+        return math.ceil(self._target(rnd) * (1 + self.options.over_select))
 
     async def _dispatch(self, rnd: Round) -> None:
         """Send tasks to idle connected devices until this wave has its target of live tasks."""
@@ -178,7 +183,7 @@ class RoundEngine:
         # A device whose task was abandoned is not asked again in the same wave: the task moved on.
         assigned = {t.device_id for t in self.store.tasks(rnd.id) if t.wave == rnd.wave}
         idle = [d for d in self.connections if d not in assigned]
-        chosen = self.strategy.sample(idle, self._target(rnd) - len(live), self.rng)
+        chosen = self.strategy.sample(idle, self._tasked(rnd) - len(live), self.rng)
         if not chosen:
             return
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
@@ -195,14 +200,16 @@ class RoundEngine:
         self.store.mark_sent(sent)  # one transaction for the wave's sends, as for their rows
 
     async def _collect(self, rnd: Round) -> None:
-        """Dispatch and wait until every task of the current wave is answered or its deadline passes."""
+        """Dispatch and wait until the current wave has its target of answers (without over-selection: every
+        task answered) or its deadline passes."""
         deadline = rnd.wave_opened_at + self.job.round_deadline_s
+        self.sealed = None
         while True:
             self.changed.clear()
             await self._dispatch(rnd)
             tasks = self._live_tasks(rnd)
             answered = self.store.answered(rnd.id)
-            if len(tasks) >= self._target(rnd) and all(t.id in answered for t in tasks):
+            if sum(t.id in answered for t in tasks) >= self._target(rnd):
                 return
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -315,6 +322,9 @@ class RoundEngine:
         block = (rnd.block_start, rnd.block_end) if rnd.block_start is not None else None
         while True:
             rnd, rows, variance = await self._gather(rnd, block)
+            # From here until it closes (or collects again) the round's updates are late (the server's refusal):
+            # one that came while it aggregates and evaluates would be stored and never aggregated.
+            self.sealed = rnd.id
             if len(rows) < self.job.min_devices:
                 reason = (f"{len(rows)} of the required {self.job.min_devices} updates arrived before the deadline "
                           f"({len(self.connections)} devices connected, {len(self.store.tasks(rnd.id))} tasked)")

@@ -103,6 +103,7 @@ class Coordinator(RoundEngine):
         self.held: dict[str, tuple[int, str]] = {}
         self.downlink = Downlink(store, job, self.held, self.round_strategy)
         self._scheduled: dict[int, Strategy] = {}  # the rounds a method schedules (RoundEngine.round_strategy)
+        self.sealed: int | None = None  # the open round attempt that has stopped collecting (RoundEngine.run_round)
         self._scales: dict[int, tuple | None] = {}  # the open round attempt's per-tensor scales (_round_scales)
         self.task_frames: dict[int, list[tuple[int, bool]]] = {}  # per round attempt: each task's bytes, in seed form
 
@@ -271,7 +272,7 @@ class Coordinator(RoundEngine):
             refusal = ("unknown_task", "unknown task")
         elif task.device_id != device_id:
             refusal = ("foreign", "this task was sent to another device")
-        elif rnd is None or rnd.id != task.round_id:
+        elif rnd is None or rnd.id != task.round_id or rnd.id == self.sealed:
             refusal = ("late", "the task's round is closed")
         elif task.abandoned_at is not None:
             refusal = ("abandoned", "the task was already taken from this device")
@@ -299,7 +300,7 @@ class Coordinator(RoundEngine):
         if task.device_id != device_id:
             return "foreign", "this task was sent to another device"
         rnd = self.store.open_round(self.job.id)
-        if rnd is None or rnd.id != task.round_id:
+        if rnd is None or rnd.id != task.round_id or rnd.id == self.sealed:
             return "late", "the task's round is closed"
         if task.abandoned_at is not None:
             return "abandoned", "the device was away and its task went to another device"
