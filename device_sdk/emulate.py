@@ -101,8 +101,8 @@ def parse_args(argv):
     return args
 
 
-def report(workers: list[dict]) -> list[dict]:
-    """One line per device and per worker, and the fleet's tasks that did not count; the devices' records."""
+def report(workers: list[dict]) -> None:
+    """One line per device and per worker, the late devices of each round, and whether the workers kept up."""
     from fwdfed.memory import format_size
 
     records = []
@@ -126,7 +126,6 @@ def report(workers: list[dict]) -> list[dict]:
         behind = sum(lag > 0 for lag in lags)
         print(f"time scale: {behind} of {len(lags)} tasks trained after their update was due (the workers fell "
               f"behind the simulated clock), by at most {max(lags):.1f} s", flush=True)
-    return records
 
 
 def run_processes(groups: list[tuple[list, list]], timing) -> tuple[list[dict], list[str]]:
@@ -237,11 +236,11 @@ def main(argv=None) -> int:
         failures = [f"{len(failed)} of {len(configs)} devices failed: {', '.join(failed)}"] if failed else []
     else:
         workers, failures = run_on_ray(args, configs, profiles, timing)
-    records = report(workers)
+    report(workers)
     if args.profile_out is not None:
         from device_sdk.profiles import write_record
 
-        write_record(args.profile_out, profile_spec, args.time_scale, records)
+        write_record(args.profile_out, profile_spec, args.time_scale, workers)
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
     return 1 if failures else 0

@@ -270,5 +270,9 @@ class ProfiledDevice(Device):
                 "tasks": tasks}
 
 
-def write_record(path: Path, spec: ProfileSpec, time_scale: float | None, records: list[dict]) -> None:
-    path.write_text(json.dumps({"spec": asdict(spec), "time_scale": time_scale, "devices": records}, indent=1) + "\n")
+def write_record(path: Path, spec: ProfileSpec, time_scale: float | None, workers: list[dict]) -> None:
+    """The profiles' spec, the time scale, each worker (its node, pid, peak RSS, devices) and each device's record."""
+    devices = sorted((r for w in workers for r in w["devices"]), key=lambda r: r["device_id"])
+    summary = [{k: v for k, v in w.items() if k != "devices"} | {"devices": len(w["devices"])} for w in workers]
+    path.write_text(json.dumps({"spec": asdict(spec), "time_scale": time_scale, "workers": summary,
+                                "devices": devices}, indent=1) + "\n")
