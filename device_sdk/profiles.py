@@ -228,7 +228,8 @@ class ProfiledDevice(Device):
 
     async def run_task(self, task: protocol.Task) -> protocol.Update:
         received, scale = time.time(), self.fleet.clock.scale
-        due = received + (scale * self.profile.speed * self.fleet.typical_seconds if scale else 0.0)
+        # Earliest due first: by the worker's last measured training time (before any, 1 s: by speed alone).
+        due = received + (scale * self.profile.speed * (self.fleet.typical_seconds or 1.0) if scale else 0.0)
         async with self.fleet.turns.turn(due):
             update = await asyncio.to_thread(self.train_with_program, task)
         self.fleet.typical_seconds = self.last_seconds
