@@ -168,6 +168,11 @@ class DroppedOut(ConnectionClosed):
         return self.what
 
 
+class JobEnded(Exception):
+    """Another device of the worker was told the job is done while this one was reaching the coordinator, which has
+    gone since and would never answer."""
+
+
 class ProfiledDevice(Device):
     """A Device that keeps a simulated clock at its profile's speed (and with a time scale, holds each update
     until its simulated time has passed), drops out of tasks with its profile's probability (drawn from the
@@ -202,6 +207,24 @@ class ProfiledDevice(Device):
             except TimeoutError:
                 pass
         return not self.fleet.done.is_set()
+
+    async def run(self) -> int:
+        try:
+            return await super().run()
+        except JobEnded:
+            return self.tasks_done
+
+    async def _connect(self):
+        """Device._connect, given up when the worker hears that the job is done (a device reconnecting after a
+        dropout, or at its window, as the job ends)."""
+        connecting = asyncio.ensure_future(super()._connect())
+        ended = asyncio.ensure_future(self.fleet.done.wait())
+        await asyncio.wait({connecting, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        raise JobEnded
 
     async def receive(self, ws):
         if self.window.always:

@@ -234,3 +234,23 @@ def test_a_task_still_held_when_the_window_ends_is_lost(monkeypatch):
     with pytest.raises(DroppedOut, match="its online window ended during task t1"):
         asyncio.run(device.run_task(SimpleNamespace(round=1, task_id="t1")))
     assert device.record(0)["went_offline"] == 1 and time.time() >= fleet.clock.wall(2.5) - 1e-3
+
+
+def test_a_device_still_reaching_the_coordinator_stops_when_its_worker_hears_the_job_is_done(monkeypatch):
+    """The coordinator has gone with the job: a device reconnecting after a dropout would retry for its whole
+    connect timeout and then fail its worker."""
+    async def unreachable(self):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(Device, "_connect", unreachable)
+    device = profiled(monkeypatch, Profile("emu-0"), 0.01)
+    device.tasks_done = 3
+
+    async def scenario():
+        running = asyncio.create_task(device.run())
+        await asyncio.sleep(0.05)
+        assert not running.done()
+        device.fleet.done.set()
+        return await asyncio.wait_for(running, 5)
+
+    assert asyncio.run(scenario()) == 3
