@@ -7,7 +7,9 @@ Each device runs the bundle's `.pte` through the ExecuTorch runtime, trains with
 uploads (seed, coefficient) pairs. `--mem` is the per-device budget; it is reported to the
 coordinator, and a device stops with an error when its measured peak passes it (device_sdk.budget). With `--ray [ADDRESS]` the
 workers are Ray actors, on a local cluster or the one at ADDRESS (device_sdk.ray_fleet); the
-`--profile-*` flags give each device a speed, a dropout rate and a budget (device_sdk.profiles).
+`--profile-*` flags give each device a speed, a dropout rate, a budget and an online window
+(device_sdk.profiles), and `--time-scale` holds each update until its device's simulated training time
+has passed (device_sdk.fleet_time).
 """
 
 from __future__ import annotations
