@@ -34,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.job import SHARED, JobSpec, run_job
 from fwdfed import methods
+from fwdfed import task_keys as keys
 from fwdfed.cli import quiet_libraries
 from fwdfed.errors import UserError
 from fwdfed.methods.class_stats import DEFAULT_SHRINKAGE
@@ -60,6 +61,7 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--directions", type=int, default=8)
+    parser.add_argument("--head-lr", type=float, help="hybrid: the exact head step's learning rate (serve's default)")
     parser.add_argument("--head-init", choices=("lda", "none"), default="lda")
     parser.add_argument("--lda-shrinkage", type=float, default=DEFAULT_SHRINKAGE)
     parser.add_argument("--eval-examples", type=int, default=800)
@@ -81,6 +83,8 @@ def parse_args(argv):
         args.min_devices = max(1, math.ceil(0.8 * args.per_round))
     if not 1 <= args.min_devices <= args.per_round:
         parser.error("--min-devices must be between 1 and --per-round")
+    if args.head_lr is not None and keys.HEAD_LR not in {h.name for h in methods.get(args.method).hparams}:
+        parser.error(f"--head-lr is for a method with an exact head step (hybrid), not {args.method}")
     for name in ("deadline", "time_scale"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
@@ -93,6 +97,8 @@ def job_spec(args) -> JobSpec:
                 str(args.eps), "--directions", str(args.directions), "--head-init", args.head_init,
                 "--lda-shrinkage", str(args.lda_shrinkage), "--over-select", str(args.over_select),
                 "--min-devices", str(args.min_devices)]
+    if args.head_lr is not None:
+        training += ["--head-lr", str(args.head_lr)]
     fleet = (["--ray", *([args.ray] if args.ray else [])] if args.ray is not None else []) + [
         "--connect-timeout", "300", "--time-scale", str(args.time_scale), "--profile-speed", args.profile_speed,
         "--profile-dropout", str(args.profile_dropout), "--profile-online", args.profile_online, "--profile-day",

@@ -69,6 +69,7 @@ def test_simulated_time_runs_from_the_first_task_to_the_last_update_taken_or_the
     (["--min-devices", "200"], "--min-devices must be between 1 and --per-round"),
     (["--time-scale", "0"], "--time-scale must be a number > 0, got 0.0"),
     (["--deadline", "nan"], "--deadline must be a number > 0, got nan"),
+    (["--head-lr", "0.01"], "--head-lr is for a method with an exact head step (hybrid), not fzoo"),
 ])
 def test_bad_values_get_one_clear_error(flags, error, capsys):
     with pytest.raises(SystemExit) as exit_:
