@@ -163,27 +163,33 @@ def fleet_summary(profiles: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Held-out accuracy (top) and loss (bottom) against rounds, simulated time and wall time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     closed = [r for r in report["rounds"] if r["status"] == "closed"]
-    start = report["start"].get("heldout_accuracy")
-    accuracy = [start] + [r["heldout_accuracy"] for r in closed]
-    axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)[1]
-    for ax, key, label in ((axes[0], None, "round"),
-                           (axes[1], "cumulative_simulated_seconds", "simulated time (min)"),
-                           (axes[2], "cumulative_wall_seconds", "wall time (min)")):
-        xs = list(range(len(accuracy))) if key is None else [0.0] + [r[key] / 60 for r in closed]
-        ax.plot(xs, [100 * a for a in accuracy], marker="o")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy (%)")
-    plt.suptitle(f"AG News, {report['settings']['devices']} devices, {report['settings']['per_round']} a round: "
-                 f"{report['method']} after the class-statistics head (round 1)")
+    start = report["start"]
+    axes = plt.subplots(2, 3, figsize=(14, 7), sharex="col", sharey="row")[1]
+    for row, (metric, label, scale) in enumerate((("heldout_accuracy", "held-out accuracy (%)", 100),
+                                                  ("heldout_loss", "held-out loss", 1))):
+        values = [scale * v for v in [start.get(metric)] + [r[metric] for r in closed]]
+        for ax, key, name in ((axes[row][0], None, "round"),
+                              (axes[row][1], "cumulative_simulated_seconds", "simulated time (s)"),
+                              (axes[row][2], "cumulative_wall_seconds", "wall time (min)")):
+            xs = list(range(len(values))) if key is None else \
+                [0.0] + [r[key] / (60 if key == "cumulative_wall_seconds" else 1) for r in closed]
+            ax.plot(xs, values, marker="o", markersize=3)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel(name)
+        axes[row][0].set_ylabel(label)
+    settings = report["settings"]
+    plt.suptitle(f"AG News over {settings['devices']} devices, {settings['per_round']} a round: {report['method']} "
+                 f"after the class-statistics head (round 1)")
     plt.tight_layout()
-    plt.savefig(path, dpi=120)
+    plt.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
