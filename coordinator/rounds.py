@@ -174,7 +174,8 @@ class RoundEngine:
 
     def _tasked(self, rnd: Round) -> int:
         """Devices a wave tasks: the target, or over-selected (`serve --over-select F`), ceil(target x (1 + F)), of
-        which the round takes the first `target` to answer; the others' updates come late."""
+        which the round takes the first `target` to answer (and any that came in the same moment as the last of them,
+        before the round looked); the others' updates come late."""
         return math.ceil(self._target(rnd) * (1 + self.options.over_select))
 
     async def _dispatch(self, rnd: Round) -> None:
