@@ -138,8 +138,8 @@ def fleet_rounds(db: Path, devices: list[dict], time_scale: float) -> list[dict]
         simulated += (stopped - opened) / time_scale
         metrics = by_version.get(rnd.base_version + 1, {}) if rnd.status == "closed" else {}
         rows.append({"round": rnd.number, "attempt": rnd.attempt, "status": rnd.status,
-                     "closed_by": "updates" if enough else "deadline", "tasks": len(tasks),
-                     "updates": len(updates), "late": sorted(late.get(rnd.number, [])) if rnd.status == "closed" else [],
+                     "closed_by": "updates" if enough else "deadline", "tasks": len(tasks), "updates": len(updates),
+                     "late": sorted(late.get(rnd.number, [])) if rnd.status == "closed" else [],
                      "heldout_accuracy": metrics.get("heldout_accuracy"), "heldout_loss": metrics.get("heldout_loss"),
                      "wall_seconds": rnd.closed_at - opened, "collect_seconds": stopped - opened,
                      "simulated_seconds": (stopped - opened) / time_scale,

@@ -112,7 +112,8 @@ def report(workers: list[dict]) -> None:
         for r in w["devices"]:
             away = f", {r['went_offline']} lost to the end of its window" if r["went_offline"] else ""
             print(f"device {r['device_id']}: {r['updates_accepted']} updates accepted, {r['late']} late, simulated "
-                  f"{r['simulated_seconds']:.3g} s (speed x{r['speed']:.2f}, {r['dropouts']} dropouts{away})", flush=True)
+                  f"{r['simulated_seconds']:.3g} s (speed x{r['speed']:.2f}, {r['dropouts']} dropouts{away})",
+                  flush=True)
             records.append(r)
         where = "" if w["node"] == "local" else f" on Ray node {w['node']}"
         budget = max(r["mem_budget_bytes"] or 0 for r in w["devices"])  # --mem, or its devices' largest profile's

@@ -153,8 +153,6 @@ def add_profile_arguments(parser) -> None:
                    help="write every device's profile, simulated clock and tasks here (JSON)")
 
 
-
-
 class DroppedOut(ConnectionClosed):
     """The profile dropped this device mid-task, or its online window ended before it uploaded. A ConnectionClosed,
     so that Device.run reconnects (at once, or at its next window), as after any lost connection; the task's
