@@ -52,6 +52,8 @@ class JobSpec:
     training: list[str]  # serve's flags for the method: --method, --lr, --local-steps, ...
     data_flags: list[str] = field(default_factory=lambda: ["--data-seed", "0"])  # for serve and the devices
     devices: int = 3
+    per_round: int | None = None  # devices a round takes (serve --devices-per-round); None: all of them
+    deadline_s: float = 3600.0  # serve --round-deadline
     workers: int | None = None
     split: str = "iid"
     alpha: float = 0.5
@@ -74,7 +76,8 @@ def run_job(spec: JobSpec, out: Path) -> dict:
         stdout=subprocess.DEVNULL)
     serve = python_module("coordinator", "serve", "--db", str(db), "--port", "0", "--bundle", str(spec.bundle),
                           "--eval-data", str(spec.data), "--eval-examples", str(spec.eval_examples), "--rounds",
-                          str(spec.rounds), "--devices-per-round", str(spec.devices), "--round-deadline", "3600",
+                          str(spec.rounds), "--devices-per-round", str(spec.per_round or spec.devices),
+                          "--round-deadline", str(spec.deadline_s),
                           *spec.training, *spec.data_flags)
     run_fleet(serve, lambda url: python_module(
         "device_sdk.emulate", "--mem", spec.mem, "--coordinator", url, "--devices", str(spec.devices), "--bundle",

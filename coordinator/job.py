@@ -29,6 +29,8 @@ class JobOptions:
     head_init: str = "none"  # lda: round 1 sets the classifier from class statistics (fwdfed.methods.class_stats)
     lda_shrinkage: float = DEFAULT_SHRINKAGE
     fraction: float | None = None  # sample this share of the connected devices (at least min_devices)
+    # Over-selection: task ceil(target x (1 + over_select)) devices, take the first target updates; the rest are late.
+    over_select: float = 0.0
     lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
     lr_delta: float | None = None  # their spread; None: half the job's lr
     blocks: int = 1  # block-cyclic: round r perturbs block (r - 1) mod blocks of the adapter

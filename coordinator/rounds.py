@@ -187,17 +187,23 @@ class RoundEngine:
                                 device_id, away, task.id)
 
     def _target(self, state: OpenRound) -> int:
-        """Devices this round samples (the strategy's count); stored, as it may only grow while the round is open."""
+        """Updates this round wants (the strategy's count); stored, as it may only grow while the round is open."""
         wanted = self.strategy.target(len(self.connections), state.rnd.target)
         if wanted > state.rnd.target:
             state.raise_target(wanted)
         return max(wanted, state.rnd.target)
 
+    def _tasked(self, state: OpenRound) -> int:
+        """Devices a wave tasks: the target, or over-selected (`serve --over-select F`), ceil(target x (1 + F)), of
+        which the round takes the first `target` to answer (and those still being committed when it stopped
+        collecting); the others' updates come late."""
+        return math.ceil(self._target(state) * (1 + self.options.over_select))
+
     async def _dispatch(self, rnd: Round) -> None:
         """Send tasks to idle connected devices until this wave has its target of live tasks."""
         state = self._hold(rnd)
         rnd = state.rnd
-        wanted = self._target(state) - len(state.live)
+        wanted = self._tasked(state) - len(state.live)
         if wanted <= 0:
             return
         # A device whose task was abandoned is not asked again in the same wave: the task moved on.
@@ -221,8 +227,9 @@ class RoundEngine:
                  self._target(state))
 
     async def _collect(self, rnd: Round) -> None:
-        """Dispatch and wait until every task of the current wave is answered or its deadline passes; then
-        wait for the updates still being committed, which the round's updates then include."""
+        """Dispatch and wait until the current wave has its target of answers (without over-selection: every
+        task answered) or its deadline passes; then wait for the updates still being committed, which the
+        round's updates then include."""
         state = self._hold(rnd)
         state.collecting.set()
         deadline = state.rnd.wave_opened_at + self.job.round_deadline_s
@@ -230,7 +237,7 @@ class RoundEngine:
             self.changed.clear()
             self._abandon_away(state)
             await self._dispatch(state.rnd)
-            if len(state.live) >= self._target(state) and not state.unanswered:
+            if len(state.live) - len(state.unanswered) >= self._target(state):
                 break
             remaining = deadline - time.time()
             if remaining <= 0:

@@ -31,6 +31,8 @@ def check(parser, args) -> None:
             min(args.rounds, args.devices_per_round, args.local_steps, args.directions, args.max_attempts) >= 1,
         "--min-devices must be between 1 and --devices-per-round": 1 <= args.min_devices <= args.devices_per_round,
         "--fraction must be in (0, 1]": args.fraction is None or 0 < args.fraction <= 1,
+        "--over-select must be a number >= 0 (0.3: task 30% more devices than the round takes)":
+            math.isfinite(args.over_select) and args.over_select >= 0,
         "--lr, --eps, --server-lr and --round-deadline must be positive":
             min(args.lr, args.eps, args.round_deadline) > 0 and (args.server_lr is None or args.server_lr > 0),
         "--eval-examples must be at least 1": args.eval_examples >= 1,
@@ -141,7 +143,7 @@ def round_blocks(layout, options: JobOptions, hparams: dict) -> list[tuple[int, 
 
 
 def job_options(args) -> JobOptions:
-    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
+    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, over_select=args.over_select, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
                       blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,

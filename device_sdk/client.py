@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from device_sdk.program import DeviceProgram, ProgramUnavailable
-from device_sdk.setup import DeviceConfig, DeviceError, set_up
+from device_sdk.setup import DeviceConfig, DeviceError, Shared, set_up
 from device_sdk.training import HistoryMismatch, Trainer
 from fwdfed import handshake, protocol
 from fwdfed.net import is_loopback
@@ -34,12 +34,13 @@ log = logging.getLogger("device")
 
 class Device(Trainer):
     def __init__(self, config: DeviceConfig, engine: ProgramEngine | None = None,
-                 train_lock: asyncio.Lock | None = None, load_program: bool = True):
-        """`engine` and `train_lock` may be shared by logical devices multiplexed in one process
-        (the emulator's --workers): one loaded program, one training step at a time. `load_program`
-        False leaves `engine` and `program` for the caller to set (after every device's teacher has been freed).
+                 train_lock: asyncio.Lock | None = None, load_program: bool = True, shared: Shared | None = None):
+        """`engine`, `train_lock` and `shared` may be shared by logical devices multiplexed in one process
+        (the emulator's --workers): one loaded program, one training step at a time, the bundle, data and
+        tokenizer read once. `load_program` False leaves `engine` and `program` for the caller to set (after
+        every device's teacher has been freed).
         A program that crashed the child that tried it leaves `engine` None: the device declines its tasks."""
-        setup = set_up(config)  # before the program is loaded: the teacher's phase and the plan come first
+        setup = set_up(config, shared)  # before the program is loaded: the teacher's phase and the plan come first
         self.program = DeviceProgram(config, setup.bundle, setup.trust_key)
         super().__init__(config, setup, engine or (self.program.load() if load_program else None))
         self.train_lock = train_lock
@@ -142,7 +143,7 @@ class Device(Trainer):
 
     async def run(self) -> int:
         """Serve tasks until the coordinator says the job is done; returns tasks completed."""
-        while True:
+        while await self.before_connect():
             ws = await self._connect()
             try:
                 if await self._session(ws):
@@ -154,13 +155,36 @@ class Device(Trainer):
                 log.warning("%s: %s; reconnecting for the dense adapter", self.config.device_id, e)
             finally:
                 await ws.close()
+        return self.tasks_done
+
+    # Hooks of the emulator's profiled devices (device_sdk.profiles): a phone's availability, speed and network.
+    async def before_connect(self) -> bool:
+        """Before each connection: False ends `run` (the job ended while this device was away)."""
+        return True
+
+    async def receive(self, ws):
+        """The next frame of the connection."""
+        return await ws.recv()
+
+    async def run_task(self, task: protocol.Task) -> protocol.Update:
+        """The task trained, in a thread (one device at a time, where devices share a program)."""
+        if self.train_lock is None:
+            return await asyncio.to_thread(self.train_with_program, task)
+        async with self.train_lock:
+            return await asyncio.to_thread(self.train_with_program, task)
+
+    def acknowledged(self, ack: protocol.Ack) -> None:
+        """The coordinator's answer to an update."""
+        self.tasks_done += ack.accepted
+        log.info("%s: update %s %s", self.config.device_id, ack.task_id,
+                 "accepted" if ack.accepted else f"refused: {ack.reason}")
 
     async def _session(self, ws) -> bool:
         """One connection's life; True when the job is done."""
         await ws.send(self.hello().to_wire())
         while True:
             try:
-                message = protocol.decode(await ws.recv())
+                message = protocol.decode(await self.receive(ws))
             except protocol.ProtocolError as e:
                 raise DeviceError(f"the coordinator sent a bad frame: {e}") from None
             if isinstance(message, protocol.Error):
@@ -171,11 +195,7 @@ class Device(Trainer):
             if isinstance(message, protocol.Task):
                 message = self.task_adapter(message)
                 try:
-                    if self.train_lock is None:
-                        update = await asyncio.to_thread(self.train_with_program, message)
-                    else:
-                        async with self.train_lock:
-                            update = await asyncio.to_thread(self.train_with_program, message)
+                    update = await self.run_task(message)
                 except DeviceError as e:  # say so on the wire, so the task goes to another device at once
                     await ws.send(protocol.Decline(task_id=message.task_id, code="cannot_run",
                                                    reason=str(e)[: protocol.MAX_TEXT]).to_wire())
@@ -191,6 +211,4 @@ class Device(Trainer):
                 log.info("%s: decline of %s %s", self.config.device_id, message.task_id,
                          "recorded" if message.accepted else f"refused: {message.reason}")
             elif isinstance(message, protocol.Ack):
-                self.tasks_done += message.accepted
-                log.info("%s: update %s %s", self.config.device_id, message.task_id,
-                         "accepted" if message.accepted else f"refused: {message.reason}")
+                self.acknowledged(message)

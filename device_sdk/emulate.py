@@ -7,7 +7,9 @@ Each device runs the bundle's `.pte` through the ExecuTorch runtime, trains with
 uploads (seed, coefficient) pairs. `--mem` is the per-device budget; it is reported to the
 coordinator, and a device stops with an error when its measured peak passes it (device_sdk.budget). With `--ray [ADDRESS]` the
 workers are Ray actors, on a local cluster or the one at ADDRESS (device_sdk.ray_fleet); the
-`--profile-*` flags give each device a speed, a dropout rate and a budget (device_sdk.profiles).
+`--profile-*` flags give each device a speed, a dropout rate, a budget and an online window
+(device_sdk.profiles), and `--time-scale` holds each update until its device's simulated training time
+has passed (device_sdk.fleet_time).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import math
 import multiprocessing
 import sys
+import time
 from pathlib import Path
 
 from fwdfed.cli import quiet_libraries, run_main
@@ -100,30 +103,41 @@ def parse_args(argv):
     return args
 
 
-def report(workers: list[dict]) -> list[dict]:
-    """One line per device and per worker, as the emulator has always printed; the devices' records."""
+def report(workers: list[dict]) -> None:
+    """One line per device and per worker, the late devices of each round, and whether the workers kept up."""
     from fwdfed.memory import format_size
 
     records = []
     for w in workers:
         for r in w["devices"]:
-            print(f"device {r['device_id']}: {r['updates_accepted']} updates accepted, simulated {r['simulated_seconds']:.3g} s "
-                  f"(speed x{r['speed']:.2f}, {r['dropouts']} dropouts)", flush=True)
+            away = f", {r['went_offline']} lost to the end of its window" if r["went_offline"] else ""
+            print(f"device {r['device_id']}: {r['updates_accepted']} updates accepted, {r['late']} late, simulated "
+                  f"{r['simulated_seconds']:.3g} s (speed x{r['speed']:.2f}, {r['dropouts']} dropouts{away})",
+                  flush=True)
             records.append(r)
         where = "" if w["node"] == "local" else f" on Ray node {w['node']}"
         budget = max(r["mem_budget_bytes"] or 0 for r in w["devices"])  # --mem, or its devices' largest profile's
         print(f"worker of {len(w['devices'])} device(s){where}: peak RSS {format_size(w['peak_rss'])} "
               f"(budget {format_size(budget) if budget else 'none'} per device)", flush=True)
-    return sorted(records, key=lambda r: r["device_id"])
+    records.sort(key=lambda r: r["device_id"])
+    late = sorted({(t["round"], r["device_id"]) for r in records for t in r["tasks"] if t["outcome"] == "late"})
+    for number in sorted({n for n, _ in late}):
+        names = [name for n, name in late if n == number]
+        print(f"round {number}: {len(names)} late (the round closed without them): {', '.join(names)}", flush=True)
+    lags = [t["lag_seconds"] for r in records for t in r["tasks"] if "lag_seconds" in t]
+    if lags:
+        behind = sum(lag > 0 for lag in lags)
+        print(f"time scale: {behind} of {len(lags)} tasks trained after their update was due (the workers fell "
+              f"behind the simulated clock), by at most {max(lags):.1f} s", flush=True)
 
 
-def run_processes(groups: list[tuple[list, list]], spec_seed: int) -> tuple[list[dict], list[str]]:
+def run_processes(groups: list[tuple[list, list]], timing) -> tuple[list[dict], list[str]]:
     """Every group in its own process; (results of the workers that finished, the devices of those that failed)."""
     from device_sdk.worker import run_devices
 
     ctx = multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
-    processes = [ctx.Process(target=run_devices, args=(configs, profiles, spec_seed, results),
+    processes = [ctx.Process(target=run_devices, args=(configs, profiles, timing, results),
                              name=",".join(c.device_id for c in configs)) for configs, profiles in groups]
     for p in processes:
         p.start()
@@ -172,6 +186,7 @@ def main(argv=None) -> int:
     from collections import Counter
 
     from device_sdk.client import DeviceConfig
+    from device_sdk.fleet_time import Timing
     from fwdfed.bundle.manifest import load_bundle
     from fwdfed.bundle.signing import fingerprint, load_public_key
     from fwdfed.memory import format_size
@@ -208,7 +223,7 @@ def main(argv=None) -> int:
     tokens = read_credentials(args.credentials, names) if args.credentials else {}
     profile_spec = args.profile_spec
     profiles = [profile_spec.draw(name, args.mem_bytes) for name in names]
-    print(profiles_line(profiles, profile_spec), flush=True)
+    print(profiles_line(profiles, profile_spec, args.time_scale), flush=True)
     configs = [DeviceConfig(device_id=name, coordinator=args.coordinator, bundle=str(args.bundle), data=str(args.data),
                             shard_index=i, shard_count=args.devices, mem_budget_bytes=profiles[i].mem_budget_bytes,
                             connect_timeout_s=args.connect_timeout, seed=args.seed, **tokens.get(name, {}),
@@ -216,23 +231,25 @@ def main(argv=None) -> int:
                             teacher_bundle=str(args.teacher_bundle) if args.teacher_bundle else None,
                             trust_key=str(args.trust_key) if args.trust_key else None, isolate_load=args.isolate_load)
                for i, name in enumerate(names)]
+    # Simulated time 0 for every worker: their devices' online windows and, at --time-scale, their clocks.
+    timing = Timing(spec_seed=profile_spec.seed, start=time.time(), scale=args.time_scale, day=profile_spec.day)
     if args.ray is None:
         groups = [(configs[w :: args.workers], profiles[w :: args.workers]) for w in range(args.workers)]
-        workers, failed = run_processes(groups, profile_spec.seed)
+        workers, failed = run_processes(groups, timing)
         failures = [f"{len(failed)} of {len(configs)} devices failed: {', '.join(failed)}"] if failed else []
     else:
-        workers, failures = run_on_ray(args, configs, profiles)
-    records = report(workers)
+        workers, failures = run_on_ray(args, configs, profiles, timing)
+    report(workers)
     if args.profile_out is not None:
         from device_sdk.profiles import write_record
 
-        write_record(args.profile_out, profile_spec, records)
+        write_record(args.profile_out, profile_spec, args.time_scale, workers)
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
     return 1 if failures else 0
 
 
-def run_on_ray(args, configs: list, profiles: list) -> tuple[list[dict], list[str]]:
+def run_on_ray(args, configs: list, profiles: list, timing) -> tuple[list[dict], list[str]]:
     import os
 
     from device_sdk import ray_fleet
@@ -245,18 +262,23 @@ def run_on_ray(args, configs: list, profiles: list) -> tuple[list[dict], list[st
         print(f"Ray cluster of {ray_fleet.cluster_cpus(ray):g} CPUs: {workers} worker(s) of {args.ray_cpus:g} CPU(s)",
               flush=True)
         groups = [(configs[w :: workers], profiles[w :: workers]) for w in range(workers)]
-        return ray_fleet.run_workers(ray, groups, args.profile_spec.seed, args.ray_cpus)
+        return ray_fleet.run_workers(ray, groups, timing, args.ray_cpus)
     finally:
         ray.shutdown()
 
 
-def profiles_line(profiles: list, spec) -> str:
+def profiles_line(profiles: list, spec, time_scale: float | None) -> str:
     from fwdfed.memory import format_size
 
     speeds = [p.speed for p in profiles]
     mems = [p.mem_budget_bytes or 0 for p in profiles]
+    shares = [p.online_share for p in profiles]
+    online = "always online" if min(shares) >= 1 else \
+        f"online {min(shares):.0%}-{max(shares):.0%} of a {spec.day:g} s simulated day"
+    scale = "simulated time apart from wall time" if time_scale is None else \
+        f"{time_scale:g} wall s per simulated s"
     return (f"profiles (seed {spec.seed}): speed x{min(speeds):.2f}-x{max(speeds):.2f}, dropout {spec.dropout:g} per task, "
-            f"budget {format_size(min(mems))}-{format_size(max(mems))}")
+            f"budget {format_size(min(mems))}-{format_size(max(mems))}, {online}; {scale}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def cluster_cpus(ray) -> float:
 class Worker:
     """A Ray actor's body: one loaded program, the devices it is given trained one at a time."""
 
-    def run(self, configs: list, profiles: list, spec_seed: int) -> dict:
+    def run(self, configs: list, profiles: list, timing) -> dict:
         import asyncio
         import logging
         import sys
@@ -83,13 +83,13 @@ class Worker:
         quiet_libraries()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             stream=sys.stderr)
-        records = asyncio.run(serve_devices(configs, profiles, spec_seed))
+        records = asyncio.run(serve_devices(configs, profiles, timing))
         context = ray.get_runtime_context()
         return {"node": f"{ray.util.get_node_ip_address()} ({context.get_node_id()[:12]})", "pid": os.getpid(),
                 "peak_rss": peak_rss(), "devices": records}
 
 
-def run_workers(ray, groups: list[tuple[list, list]], spec_seed: int, cpus: float) -> tuple[list[dict], list[str]]:
+def run_workers(ray, groups: list[tuple[list, list]], timing, cpus: float) -> tuple[list[dict], list[str]]:
     """Every group on its own actor; (results of the workers that finished, one line per worker that failed)."""
     remote = ray.remote(Worker)
     actors, calls = [], []
@@ -97,7 +97,7 @@ def run_workers(ray, groups: list[tuple[list, list]], spec_seed: int, cpus: floa
         memory = max((p.mem_budget_bytes or 0) for p in profiles)
         actor = remote.options(num_cpus=cpus, memory=memory or None, max_restarts=0).remote()
         actors.append(actor)
-        calls.append(actor.run.remote(configs, profiles, spec_seed))
+        calls.append(actor.run.remote(configs, profiles, timing))
     results, failures = [], []
     for (configs, _), call in zip(groups, calls):
         try:

@@ -70,13 +70,36 @@ class Setup:
     trust_key: object | None  # the operator's public key, None when unchecked
 
 
-def set_up(config: DeviceConfig) -> Setup:
-    trust_key = load_public_key(Path(config.trust_key)) if config.trust_key else None
-    bundle = load_bundle(config.bundle, trust_key=trust_key)
+@dataclass
+class Shared:
+    """What logical devices of one process read alike, read once for all of them (the emulator's workers): the
+    bundle checked against the trust key, the data file's shards, and the tokenizer. A device keeps only its own
+    shard's batches; every device of a fleet read the whole file, dealt every shard and hashed the program before."""
+    bundle: Bundle
+    trust_key: object | None
+    shards: list[list]  # every device's examples, as `partition` deals them
+    tokenizer: object
+
+    @staticmethod
+    def key(config: DeviceConfig) -> tuple:
+        """Devices whose configurations agree here may share one Shared."""
+        return (config.bundle, config.trust_key, config.data, config.data_spec, config.shard_count, config.partition)
+
+    @classmethod
+    def read(cls, config: DeviceConfig) -> "Shared":
+        trust_key = load_public_key(Path(config.trust_key)) if config.trust_key else None
+        bundle = load_bundle(config.bundle, trust_key=trust_key)
+        spec = replace(config.data_spec or DataSpec(), num_labels=bundle.manifest.model.num_labels)
+        shards = partition(split(read_examples(config.data, spec), "train"), config.shard_count, config.partition)
+        return cls(bundle, trust_key, shards, load_tokenizer(bundle))
+
+
+def set_up(config: DeviceConfig, shared: Shared | None = None) -> Setup:
+    """The device's set-up; `shared`, if given, was read for a configuration of the same Shared.key."""
+    shared = shared or Shared.read(config)
+    trust_key, bundle = shared.trust_key, shared.bundle
     m = bundle.manifest
-    spec = replace(config.data_spec or DataSpec(), num_labels=m.model.num_labels)
-    train = split(read_examples(config.data, spec), "train")
-    examples = partition(train, config.shard_count, config.partition)[config.shard_index]
+    examples = shared.shards[config.shard_index]
     if not examples:
         raise DeviceError(f"device {config.device_id}: its shard of {config.data} is empty")
     teacher = teacher_bundle(config, bundle, trust_key)
@@ -97,7 +120,7 @@ def set_up(config: DeviceConfig) -> Setup:
             phased = plan_teacher_then_student(teacher, bundle, config.mem_budget_bytes, len(examples), directions)
             plan = phased.phases[-1]
             log.info("%s: %s", config.device_id, phased.describe())
-    tokenizer, size, length = load_tokenizer(bundle), m.inputs.batch_size, m.inputs.seq_len
+    tokenizer, size, length = shared.tokenizer, m.inputs.batch_size, m.inputs.seq_len
     # A task without a teacher trains on the labelled rows, one that names the teacher on all of them.
     batches = encode(tokenizer, [e for e in examples if e.label is not None or m.task != SEQ_CLS], m.task, size,
                      length)

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
@@ -38,12 +39,13 @@ class SlowlyClosingConnection:
 
 
 def coordinator(tmp_path, devices_per_round: int = 1, deadline_s: float = 60, evaluate=None,
-                limits: Limits | None = None) -> Coordinator:
+                limits: Limits | None = None, options: JobOptions = JobOptions()) -> Coordinator:
     store = open_store(tmp_path / "job.db")
     config = JobConfig(rounds=1, devices_per_round=devices_per_round, min_devices=1, round_deadline_s=deadline_s,
-                       hparams={"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": 1, "kind": "rademacher"})
+                       hparams={"lr": 1e-3, "eps": 1e-2, "local_steps": 2, "directions": 1, "kind": "rademacher"},
+                       options=options)
     job = store.create_job(job_from_bundle("job", "/bundle", FakeManifest, config), np.zeros(16, np.float32))
-    strategy = SeedFedAvg(hparams=job.hparams, devices_per_round=devices_per_round)
+    strategy = SeedFedAvg(hparams=job.hparams, options=options, devices_per_round=devices_per_round)
     return Coordinator(store, job, strategy, evaluate=evaluate, limits=limits or Limits(require_credentials=False))
 
 
@@ -233,6 +235,72 @@ def test_each_content_refusal_comes_with_its_code_and_the_device_keeps_its_task(
         assert (await c._accept("d", protocol.Update(task_id=task.id, **base))).accepted
 
     asyncio.run(scenario())
+
+
+class RecordingConnection:
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, frame: bytes) -> None:
+        self.sent.append(protocol.decode(frame))
+
+
+def test_an_over_selected_round_takes_its_first_updates_and_the_others_are_late(tmp_path):
+    """--over-select 0.5 of 4 devices a round: 6 tasked, the round closes on the first 4 updates. The fifth comes
+    while the round evaluates (stopped collecting, not yet closed): late, and not stored, as the sixth after it."""
+    async def scenario():
+        evaluating = asyncio.Event()
+
+        def evaluate(w):
+            evaluating.set()
+            time.sleep(0.3)
+            return {"heldout_loss": 1.0}
+
+        c = coordinator(tmp_path, devices_per_round=4, evaluate=evaluate, options=JobOptions(over_select=0.5))
+        names = [f"d{i}" for i in range(8)]
+        for name in names:
+            c.store.touch_device(name, 1, None)
+            c.connections[name] = RecordingConnection()
+        rnd = c.store.start_round(c.job.id, 1, 0)
+        running = asyncio.create_task(c.run_round(rnd))
+        while len(c.store.tasks(rnd.id)) < 6:
+            await asyncio.sleep(0.01)
+        tasks = c.store.tasks(rnd.id)
+        acks = []
+        for task in tasks[:4]:
+            acks.append(c._accept(task.device_id, ClientStandIn.update(task, c.job.id)))
+            c.changed.set()
+        await asyncio.wait_for(evaluating.wait(), 5)
+        acks.append(c._accept(tasks[4].device_id, ClientStandIn.update(tasks[4], c.job.id)))
+        closed = await running
+        acks.append(c._accept(tasks[5].device_id, ClientStandIn.update(tasks[5], c.job.id)))
+        return c, rnd, tasks, acks, closed
+
+    c, rnd, tasks, acks, closed = asyncio.run(scenario())
+    assert closed and len(tasks) == 6 and len({t.device_id for t in tasks}) == 6
+    assert [a.accepted for a in acks] == [True] * 4 + [False] * 2
+    assert all(a.reason.startswith("late: ") for a in acks[4:])
+    assert sorted(u.device_id for u in c.store.updates(rnd.id)) == sorted(t.device_id for t in tasks[:4])
+    assert [(r.device_id, r.code) for r in c.store.refusals(c.job.id)] == [(t.device_id, "late") for t in tasks[4:]]
+
+
+class ClientStandIn:
+    @staticmethod
+    def update(task, job_id: str) -> protocol.Update:
+        return protocol.Update(task_id=task.id, job_id=job_id, round=1, global_version=0, seeds=[1, 2],
+                               coefs=[1e-3, -1e-3], scale=1.0, dense=b"", num_examples=10, loss_before=1.0,
+                               loss_after=0.9, peak_rss_bytes=1)
+
+
+def test_a_bad_over_selection_is_one_clear_error(capsys):
+    from coordinator.__main__ import parse_args
+
+    for value in ("-0.1", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["serve", "--db", "x.db", "--bundle", "b", "--over-select", value])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            "error: --over-select must be a number >= 0 (0.3: task 30% more devices than the round takes)")
 
 
 def test_the_bearer_scheme_is_read_in_any_case():

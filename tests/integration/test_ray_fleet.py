@@ -1,7 +1,8 @@
 """The emulator's devices as Ray actors (`python -m device_sdk.emulate --ray ADDRESS`) on a two-node Ray
 cluster started here, on loopback: a head and a worker node, one CPU each, so that the two workers
 (one CPU each) land one on each node. The coordinator is the real one and does not know where its
-devices run. The same job through the process emulator gives the same updates and versions."""
+devices run. The same job through the process emulator gives the same updates and versions, its devices
+profiled and held to their simulated time in both."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def run(tmp_path: Path, bundle: Path, *emulate_args: str) -> tuple[Path, str]:
     coordinator = Coordinator(db, "--bundle", str(bundle), "--rounds", "2", "--devices-per-round", "4",
                               "--local-steps", "8", "--lr", "1e-3", "--round-deadline", "120")
     try:
+        # Profiled devices held to their simulated time: the order they train and answer in does not change what.
         devices = emulate(coordinator.url, bundle, TINYSTORIES, 4, "--workers", "2", "--connect-timeout", "60",
-                          *emulate_args)
+                          "--profile-speed", "0.5:2", "--time-scale", "0.2", *emulate_args)
         assert devices.returncode == 0, devices.stdout[-2000:] + devices.stderr[-3000:]
         code, _, err = coordinator.wait(timeout=120)
     finally:
