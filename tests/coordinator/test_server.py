@@ -247,7 +247,8 @@ class RecordingConnection:
 
 def test_an_over_selected_round_takes_its_first_updates_and_the_others_are_late(tmp_path):
     """--over-select 0.5 of 4 devices a round: 6 tasked, the round closes on the first 4 updates. The fifth comes
-    while the round evaluates (stopped collecting, not yet closed): late, and not stored, as the sixth after it."""
+    while the round evaluates (stopped collecting, not yet closed): it waits, and is late once the round closes, and
+    not stored, as the sixth after it."""
     async def scenario():
         evaluating = asyncio.Event()
 
@@ -268,12 +269,13 @@ def test_an_over_selected_round_takes_its_first_updates_and_the_others_are_late(
         tasks = c.store.tasks(rnd.id)
         acks = []
         for task in tasks[:4]:
-            acks.append(c._accept(task.device_id, ClientStandIn.update(task, c.job.id)))
+            acks.append(await c._accept(task.device_id, ClientStandIn.update(task, c.job.id)))
             c.changed.set()
         await asyncio.wait_for(evaluating.wait(), 5)
-        acks.append(c._accept(tasks[4].device_id, ClientStandIn.update(tasks[4], c.job.id)))
+        fifth = asyncio.create_task(c._accept(tasks[4].device_id, ClientStandIn.update(tasks[4], c.job.id)))
         closed = await running
-        acks.append(c._accept(tasks[5].device_id, ClientStandIn.update(tasks[5], c.job.id)))
+        acks.append(await fifth)
+        acks.append(await c._accept(tasks[5].device_id, ClientStandIn.update(tasks[5], c.job.id)))
         return c, rnd, tasks, acks, closed
 
     c, rnd, tasks, acks, closed = asyncio.run(scenario())
