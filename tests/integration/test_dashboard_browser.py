@@ -69,7 +69,10 @@ def status_rounds(db: Path) -> tuple[list[dict], str, dict[str, int], dict[str, 
     out = run_command("coordinator", "status", "--db", str(db), check=True).stdout
     fields = ["round", "attempt", "status", "version", "updates", "waves", "seconds", "forward_passes", "peak_mib",
               "heldout_loss"]
-    rows = [dict(zip(fields, line.split())) for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\w+", line)]
+    # The round lines lie between the "rounds:" header and the bytes section, whose lines also
+    # start with a round and an attempt.
+    section = out.split("\nrounds:", 1)[1].split("\nbytes per round", 1)[0]
+    rows = [dict(zip(fields, line.split())) for line in section.splitlines() if re.match(r"\s+\d+\s+\d+\s+\w+", line)]
     best = next(line for line in out.splitlines() if line.startswith("best version:"))
     examples = {m[1]: int(m[2]) for m in re.finditer(r"^\s+(emu-\d+)\s.*, (\d+) examples$", out, re.MULTILINE)}
     refused = next(line for line in out.splitlines() if line.startswith("refused:")).removeprefix("refused: ")
