@@ -13,7 +13,8 @@ import java.util.Comparator;
  * reports through pytest.
  */
 public final class UnitTests {
-    static final Class<?>[] CLASSES = {CodecTests.class, TrainingTests.class, DataTests.class, PoolTests.class};
+    static final Class<?>[] CLASSES = {CodecTests.class, TrainingTests.class, DataTests.class, PoolTests.class,
+        ProbeTests.class};
 
     public static void main(String[] args) {
         int passed = 0;
