@@ -161,7 +161,7 @@ final class ProbeTests {
             {"exit 3", "crashed exited with status 3 before its verdict"},
             {"cat > /dev/null", "crashed exited with status 0 before its verdict"},
             {"cat > /dev/null; echo fine", "crashed exited with status 0 before its verdict"},
-            {"sleep 30", "crashed did not finish within 0.5 s (killed)"},
+            {"exec sleep 30", "crashed did not finish within 0.5 s (killed)"},
         };
         for (String[] c : cases) {
             ProbeVerdict v = new HelperProbe(List.of("sh", "-c", c[0], "sh"), 0.5).probe(inputs);
