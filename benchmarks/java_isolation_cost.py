@@ -58,7 +58,8 @@ def device_run(core, bundle: Path, data: Path, isolate: bool) -> dict:
         finally:
             coordinator.kill()
     if device.returncode != 0 or code != 0 or len(seen) != len(EVENTS):
-        raise RuntimeError(f"the run failed (device {device.returncode}, coordinator {code}): {out[-500:]} {err[-1000:]}")
+        raise RuntimeError(f"the run failed (device {device.returncode}, coordinator {code}): {out[-500:]} "
+                           f"{err[-1000:]}")
     row = {**seen, "device_peak": re.search(r"peak RSS (\S+ \S+)", out).group(1)}
     if probe:
         m = re.search(r"probe (\w+) in ([\d.]+) s, child peak (.+)$", probe)

@@ -121,7 +121,8 @@ def test_the_app_compiles_against_android_23_and_executorch_without_a_warning(bu
         assert call in listing, call
     # Isolated loading: the probe's process runs the program through that class, on the core's inputs; the job
     # binds it and asks in one synchronous transaction, whose failure (the process died) is the crash verdict.
-    probe = javap(out, "org.fwdfed.app.ProbeService", "org.fwdfed.app.ServiceProbe", "org.fwdfed.app.TrainingJobService")
+    probe = javap(out, "org.fwdfed.app.ProbeService", "org.fwdfed.app.ServiceProbe",
+                  "org.fwdfed.app.TrainingJobService")
     for call in ("org/fwdfed/app/ExecuTorchLossProgram.\"<init>\":(Ljava/lang/String;IZ)V",
                  "org/fwdfed/core/ProbeInputs.runOnce:(Lorg/fwdfed/core/LossProgram;)[[F",
                  "android/content/Context.bindService:(Landroid/content/Intent;Landroid/content/ServiceConnection;I)Z",
