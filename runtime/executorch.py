@@ -28,7 +28,19 @@ _QUIET_LEVELS = {ord("D"), ord("I")}  # debug and info: the CPU probe's chatter;
 
 @functools.cache
 def runtime():
-    """The ExecuTorch runtime, with its errors written to stderr as raw bytes and its info chatter off.
+    """The ExecuTorch runtime, with its errors written to stderr as raw bytes and its info chatter off
+    (`raw_log`)."""
+    raw_log()
+    from executorch.runtime import Runtime
+
+    return Runtime.get()
+
+
+@functools.cache
+def raw_log():
+    """The bindings' extension (`_C`), its log written as raw bytes and its info chatter off. Without
+    `executorch.runtime`, whose import (through `executorch.exir`) costs a fresh process seconds more:
+    the Java device's helper process on the JVM (tests/android_demo/loss_helper.py) calls `_C` itself.
 
     The Python bindings pass the runtime's log through `sys.stderr`, decoding it as UTF-8; a log
     line quoting bytes of a corrupt program (a file identifier, say) does not decode, and the
@@ -38,8 +50,8 @@ def runtime():
     before the runtime starts: `register_pal` would log an error of its own, being called after
     the bindings' registration.
     """
+    import torch  # noqa: F401 - libtorch, which the extension links, loaded first (as the wheel requires)
     from executorch.extension.pybindings import _C
-    from executorch.runtime import Runtime
 
     try:
         lib = ctypes.CDLL(_C.__file__)  # its symbol lookup reaches libexecutorch.so, which it links
@@ -47,7 +59,7 @@ def runtime():
         c_logger = _LOG_FN(ctypes.cast(lib.et_pal_emit_log_message, ctypes.c_void_p).value)
     except (OSError, AttributeError):
         # Another ExecuTorch build without these symbols: keep its logger (pinned 1.5.1 has them).
-        return Runtime.get()
+        return _C
     get_pal_impl.restype = ctypes.POINTER(_PalImpl)
     if os.environ.get("FWDFED_RUNTIME_LOG") == "all":
         logger = c_logger
@@ -59,7 +71,7 @@ def runtime():
         logger = _LOG_FN(logger)
     _keep.append(logger)  # the runtime calls it for the life of the process
     get_pal_impl().contents.emit_log_message = ctypes.cast(logger, ctypes.c_void_p).value
-    return Runtime.get()
+    return _C
 
 
 _keep: list = []

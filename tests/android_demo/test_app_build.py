@@ -119,6 +119,21 @@ def test_the_app_compiles_against_android_23_and_executorch_without_a_warning(bu
                  "org/pytorch/executorch/Tensor.fromBlob:([J[J)", "org/pytorch/executorch/Tensor.fromBlob:([F[J)",
                  "org/pytorch/executorch/Tensor.getDataAsFloatArray:()[F"):
         assert call in listing, call
+    # Isolated loading: the probe's process runs the program through that class, on the core's inputs; the job
+    # binds it and asks in one synchronous transaction, whose failure (the process died) is the crash verdict.
+    probe = javap(out, "org.fwdfed.app.ProbeService", "org.fwdfed.app.ServiceProbe",
+                  "org.fwdfed.app.TrainingJobService")
+    for call in ("org/fwdfed/app/ExecuTorchLossProgram.\"<init>\":(Ljava/lang/String;IZ)V",
+                 "org/fwdfed/core/ProbeInputs.runOnce:(Lorg/fwdfed/core/LossProgram;)[[F",
+                 "android/content/Context.bindService:(Landroid/content/Intent;Landroid/content/ServiceConnection;I)Z",
+                 "android/os/IBinder.transact:(ILandroid/os/Parcel;Landroid/os/Parcel;I)Z",
+                 "org/fwdfed/app/ServiceProbe.\"<init>\":(Landroid/content/Context;)V"):
+        assert call in probe, call
+
+
+def javap(out: Path, *classes: str) -> str:
+    return subprocess.run(["javap", "-c", "-p", "-cp", str(out / "classes"), *classes], capture_output=True, text=True,
+                          check=True).stdout
 
 
 @pytest.mark.slow
@@ -158,6 +173,9 @@ def test_the_resources_link_and_both_apk_shells_are_aligned_and_the_signed_one_v
                           capture_output=True, text=True, check=True).stdout
     # Only JobScheduler may bind the training job; no cleartext traffic; libraries mapped, not extracted.
     assert '"android.permission.BIND_JOB_SERVICE"' in tree
+    # The program's probe: a service of its own process, which no other app may bind.
+    probe = tree[tree.index('name(0x01010003)=".ProbeService"'):].split("E: ", 1)[0]
+    assert 'process(0x01010011)=":probe"' in probe and "exported(0x01010010)=false" in probe, probe
     assert "usesCleartextTraffic(0x010104ec)=false" in tree
     assert "extractNativeLibs(0x010104ea)=false" in tree
 

@@ -86,10 +86,15 @@ TASK_CASES = {"truncated adapter", "adapter not its sha256", "NaN in the adapter
               "absurd local steps", "a method it lacks", "a negative tensor scale", "tensor scales past the adapter"}
 
 
+# What these tests send is what the device must refuse, not a program: the device opens its (good) program
+# without trying it in a child first, which would cost each run a helper process (test_java_isolation.py).
+NO_PROBE = "--no-isolate-load"
+
+
 def run_java(java_core, bundle, url, tmp_path, *extra, timeout=120) -> subprocess.CompletedProcess:
     return java_core.run("JvmDevice", "--coordinator", url, "--device-id", "java-1", "--bundle", bundle, "--data",
                          TINYSTORIES, "--shard-index", "1", "--shard-count", "2", "--helper", HELPER_COMMAND,
-                         "--record", tmp_path / "frames", "--connect-timeout", "10", *extra, check=False,
+                         "--record", tmp_path / "frames", "--connect-timeout", "10", NO_PROBE, *extra, check=False,
                          timeout=timeout)
 
 
@@ -192,12 +197,13 @@ def test_untrusted_certificate_revoked_token_and_revocation_while_connected(tmp_
         assert_clear_error(untrusting, "the coordinator's TLS certificate is not trusted")
         revoked = java_core.run("JvmDevice", "--coordinator", coordinator.url, "--device-id", "java-old", "--bundle",
                                 stories_bundle, "--data", TINYSTORIES, "--helper", HELPER_COMMAND, "--credentials",
-                                tmp_path / "old.json", "--ca-file", ca, check=False, timeout=120)
+                                tmp_path / "old.json", "--ca-file", ca, NO_PROBE, check=False, timeout=120)
         assert_clear_error(revoked, "the coordinator refused this device's credential")
         # Trusted through the CA file, enrolled: it connects and waits; revoked then, it is cut off.
         device = java_core.popen("JvmDevice", "--coordinator", coordinator.url, "--device-id", "java-1", "--bundle",
                                  stories_bundle, "--data", TINYSTORIES, "--helper", HELPER_COMMAND, "--credentials",
-                                 tokens, "--ca-file", ca, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 tokens, "--ca-file", ca, NO_PROBE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
         try:
             seen = []
             for line in device.stderr:

@@ -36,6 +36,10 @@ import org.fwdfed.core.ProcStatus;
  * connect to comes from the settings the screen saved, so the token never leaves the app's
  * private storage.
  *
+ * <p>The program is tried first in the {@link ProbeService}'s own process ({@link ServiceProbe}): one that
+ * crashes ExecuTorch's runtime there is not loaded here; the device stays connected and declines its tasks
+ * until the bundle is replaced (docs/security.md, Isolated loading).
+ *
  * <p>No lambdas here or anywhere in the app: API 23's android.jar has no java.lang.invoke, which
  * javac's lambdas compile to (d8 would desugar them, but javac must compile them first).
  */
@@ -131,7 +135,7 @@ public final class TrainingJobService extends JobService {
         // trust_key.pem, when provisioned: only a bundle the operator signed is opened (docs/security.md).
         BundleDevice device = BundleDevice.open(new File(files, "bundle"), new File(files, "train.txt"),
                 settings.getString(KEY_DEVICE, ""), budget, readIfPresent(new File(files, "trust_key.pem")),
-                new BundleDevice.ProgramOpener() {
+                new ServiceProbe(this), new BundleDevice.ProgramOpener() {
                     @Override
                     public LossProgram open(String path, int maxPerturbations, boolean labelsPerExample)
                             throws DeviceException {
@@ -149,6 +153,11 @@ public final class TrainingJobService extends JobService {
         if (stopped) {  // onStopJob came before the client existed
             return;
         }
+        if (device.programUnavailable() != null) {
+            StatusBoard.publish(this, new DeviceStatus(DeviceStatus.State.CONNECTING, 0, Double.NaN, Double.NaN,
+                    ProcStatus.peakRss(), 0, 0, 0, device.programUnavailable()
+                    + "; declining tasks until the bundle is replaced"));
+        }
         c.run();
     }
 
@@ -157,9 +166,14 @@ public final class TrainingJobService extends JobService {
         try {
             program = new ExecuTorchLossProgram(path, maxPerturbations, labelsPerExample);
         } catch (RuntimeException e) {  // ExecuTorch's: an unreadable or incompatible program
-            throw new DeviceException("ExecuTorch could not load " + path + ": " + e.getMessage());
+            throw new DeviceException(cannotLoad(path, e));
         }
         return program;
+    }
+
+    /** ExecuTorch's refusal of a program, in one line (here and in the probe's process). */
+    static String cannotLoad(String path, RuntimeException e) {
+        return "ExecuTorch could not load " + path + ": " + e.getMessage();
     }
 
     private static String emptyToNull(String s) {

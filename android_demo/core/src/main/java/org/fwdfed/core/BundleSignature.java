@@ -149,6 +149,11 @@ public final class BundleSignature {
                         + "since the bundle was signed");
             }
         }
+        checkPrograms(folder, programs);
+    }
+
+    /** Each program file (from {@link #programFiles}) is there and matches its sha256, as load_bundle checks them. */
+    static void checkPrograms(Path folder, Map<String, Object> programs) throws BundleException {
         for (Map.Entry<String, Object> e : programs.entrySet()) {
             Path path = folder.resolve(e.getKey());
             if (!Files.isRegularFile(path)) {
@@ -162,7 +167,7 @@ public final class BundleSignature {
     }
 
     /** The program files {@code program} hashes itself, bundle path -> sha256: the program, or a streamed one's stages. */
-    private static Map<String, Object> programFiles(Map<String, Object> manifest) {
+    static Map<String, Object> programFiles(Map<String, Object> manifest) {
         Map<String, Object> program = Json.object(manifest.get("program"), "program");
         String base = (String) program.get("file");
         Map<String, Object> out = new java.util.TreeMap<>();

@@ -25,6 +25,9 @@ import okhttp3.OkHttpClient;
  *   ({@link Replay}) and checks the task's sha256; on a mismatch it drops what it kept and
  *   reconnects, and the same task comes again with the dense adapter. It never trains on a
  *   wrong adapter. {@link #keepAdapter(boolean)} false makes it an older device: dense tasks.
+ * - With a {@link ProbedProgram} ({@link #program}) whose program crashed the process that tried it,
+ *   it does not stop: it declines each task (`cannot_run`, the crash's line) and stays up, the bundle
+ *   read and probed again before each task, until one loads (docs/security.md, Isolated loading).
  */
 public final class DeviceClient {
     /** How to reach the coordinator and who this device is. */
@@ -88,6 +91,8 @@ public final class DeviceClient {
     private long heldVersion;
     private float[] heldAdapter;  // null: holds none
     private int resyncs;
+    private ProbedProgram probed;  // null: the program was opened in this process without a probe
+    private String declined;  // the task last declined while the program was unavailable, until its ack
 
     public DeviceClient(Config config, Manifest manifest, TaskTrainer trainer, DeviceStatus.Listener listener,
                         FrameRecorder recorder) throws DeviceException {
@@ -110,6 +115,12 @@ public final class DeviceClient {
     /** Whether to keep the last task's adapter for seed-form tasks (default true); call before {@link #run()}. */
     public DeviceClient keepAdapter(boolean keep) {
         this.keepAdapter = keep;
+        return this;
+    }
+
+    /** The trainer's program, when it was probed: while it cannot be loaded, tasks are declined, not fatal. */
+    public DeviceClient program(ProbedProgram program) {
+        this.probed = program;
         return this;
     }
 
@@ -267,6 +278,9 @@ public final class DeviceClient {
                     }
                     task = dense;
                 }
+                if (unavailable(c, task)) {
+                    continue;
+                }
                 round = task.round;
                 report(DeviceStatus.State.TRAINING, "round " + task.round + ": training");
                 Message.Update update;
@@ -292,6 +306,12 @@ public final class DeviceClient {
                 report(DeviceStatus.State.CONNECTED, "round " + task.round + ": update sent");
             } else if (message instanceof Message.Ack) {
                 Message.Ack ack = (Message.Ack) message;
+                if (ack.taskId.equals(declined)) {
+                    declined = null;
+                    report(DeviceStatus.State.CONNECTED, "decline of " + ack.taskId + " "
+                            + (ack.accepted ? "recorded" : "refused: " + ack.reason));
+                    continue;
+                }
                 if (pending != null && pending.taskId.equals(ack.taskId)) {
                     boolean firstCopyAccepted = !ack.accepted && "duplicate".equals(ack.code());
                     if (ack.accepted || firstCopyAccepted) {
@@ -354,10 +374,29 @@ public final class DeviceClient {
 
     /** Say on the wire that this device cannot run `task` (it goes to another device at once); `why` stops it. */
     private DeviceException decline(CoordinatorConnection c, Message.Task task, DeviceException why) {
-        String reason = why.getMessage() == null ? "" : why.getMessage();
-        int end = reason.offsetByCodePoints(0, Math.min(Message.MAX_TEXT, reason.codePointCount(0, reason.length())));
-        send(c, new Message.Decline(task.taskId, "cannot_run", reason.substring(0, end)));
+        sendDecline(c, task.taskId, why.getMessage() == null ? "" : why.getMessage());
         return why;
+    }
+
+    /** True when the probed program cannot run `task`: declined (the device stays up), its ack awaited. */
+    private boolean unavailable(CoordinatorConnection c, Message.Task task) {
+        if (probed == null) {
+            return false;
+        }
+        try {
+            probed.ready(task.taskId);
+            return false;
+        } catch (ProgramUnavailable e) {
+            sendDecline(c, task.taskId, e.getMessage());
+            declined = task.taskId;
+            report(DeviceStatus.State.CONNECTED, "declined: " + e.getMessage());
+            return true;
+        }
+    }
+
+    private void sendDecline(CoordinatorConnection c, String taskId, String reason) {
+        int end = reason.offsetByCodePoints(0, Math.min(Message.MAX_TEXT, reason.codePointCount(0, reason.length())));
+        send(c, new Message.Decline(taskId, "cannot_run", reason.substring(0, end)));
     }
 
     private boolean send(CoordinatorConnection c, Message message) {

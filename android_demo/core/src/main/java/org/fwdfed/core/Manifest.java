@@ -38,6 +38,7 @@ public final class Manifest {
     public final long workspaceBytes;  // measured at export: the backend beyond the plan
     public final String tokenizerFolder;
     public final String initialAdapterFile;
+    private final Map<String, Object> programFiles;  // bundle path -> the manifest's sha256 of it
 
     private Manifest(Path folder, Map<String, Object> m) throws BundleException {
         this.folder = folder;
@@ -79,6 +80,7 @@ public final class Manifest {
         this.workspaceBytes = program.get("workspace_bytes") instanceof Long ? (Long) program.get("workspace_bytes") : 0L;
         this.tokenizerFolder = (String) m.get("tokenizer");
         this.initialAdapterFile = (String) adapter.get("initial");
+        this.programFiles = BundleSignature.programFiles(m);
     }
 
     private static int layoutDim(java.util.List<Object> layout) throws BundleException {
@@ -139,6 +141,15 @@ public final class Manifest {
         } catch (IllegalArgumentException | ClassCastException | NullPointerException e) {
             throw new BundleException(path + " is not a valid manifest: " + e.getMessage());
         }
+    }
+
+    /**
+     * The program (a streamed one's stages) is there and matches the manifest's sha256, as the Python device's
+     * load_bundle checks it: read in full, so that it is called where the program is about to be tried
+     * ({@link ProbedProgram}), not on every read of the manifest.
+     */
+    public void checkProgram() throws BundleException {
+        BundleSignature.checkPrograms(folder, programFiles);
     }
 
     public Path programPath() {

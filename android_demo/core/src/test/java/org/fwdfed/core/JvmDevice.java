@@ -19,10 +19,15 @@ import java.util.concurrent.atomic.AtomicInteger;
  *
  *   JvmDevice --coordinator URL --device-id ID --bundle DIR --data FILE --shard-index I --shard-count N
  *             --helper "PYTHON loss_helper.py" [--credentials FILE | --token T] [--ca-file PEM] [--mem 1.5GB]
- *             [--trust-key PEM]
+ *             [--trust-key PEM] [--no-isolate-load]
  *             [--seed S] [--connect-timeout SECONDS] [--record DIR]
  *   JvmDevice --train-task T1.msgpack,T2.msgpack --out U1.msgpack,U2.msgpack (and the options above but the
  *             coordinator's): train tasks offline and write their update frames
+ *
+ * The device loop tries the program first in a child process (HelperProbe: `loss_helper.py --probe`), as
+ * the Python device does (docs/security.md, Isolated loading), and prints `ID: probe VERDICT in S s, child
+ * peak M`; a program that crashed it is declined task by task ({@link ProbedProgram}). `--no-isolate-load`
+ * opens it at once, as before. `--train-task` does not probe: it trains the tasks it is given, nothing else.
  *
  * --record DIR writes every frame sent and received, each file whole or not at all (written
  * aside, then renamed). Errors: one `error:` line on stderr, exit status 1.
@@ -45,9 +50,10 @@ public final class JvmDevice {
         Map<String, String> a = options(argv);
         String deviceId = a.getOrDefault("device-id", "java-0");
         // With --trust-key, the bundle is checked against the operator's signature before anything of it is read.
-        Manifest manifest = Manifest.load(Paths.get(need(a, "bundle")), a.containsKey("trust-key")
+        java.security.PublicKey trustKey = a.containsKey("trust-key")
                 ? BundleSignature.readTrustKey(Files.readAllBytes(Paths.get(a.get("trust-key"))), a.get("trust-key"))
-                : null);
+                : null;
+        Manifest manifest = Manifest.load(Paths.get(need(a, "bundle")), trustKey);
         Long budget = a.containsKey("mem") ? MemorySize.parse(a.get("mem")) : null;
         long runtime = ProcStatus.currentRss();
         int shardIndex = Integer.parseInt(a.getOrDefault("shard-index", "0"));
@@ -71,8 +77,29 @@ public final class JvmDevice {
         List<Batch> batches = BatchEncoder.encode(tokenizer, texts, null, manifest.task, manifest.batchSize, manifest.seqLen);
         long seed = Long.parseLong(a.getOrDefault("seed", "0"));
         List<String> helper = Arrays.asList(need(a, "helper").trim().split("\\s+"));
-        try (PipeLossProgram program = new PipeLossProgram(helper, manifest.programPath().toString(),
-                manifest.maxPerturbations, Manifest.SEQ_CLS.equals(manifest.task))) {
+        List<PipeLossProgram> opened = new ArrayList<>();  // closed at the end: their helper processes stop
+        BundleDevice.ProgramOpener opener = (path, maxPerturbations, labelsPerExample) -> {
+            PipeLossProgram p = new PipeLossProgram(helper, path, maxPerturbations, labelsPerExample);
+            opened.add(p);
+            return p;
+        };
+        try {
+            ProbedProgram probed = null;
+            LossProgram program;
+            if (a.containsKey("no-isolate-load") || a.containsKey("train-task")) {
+                program = opener.open(manifest.programPath().toString(), manifest.maxPerturbations,
+                        Manifest.SEQ_CLS.equals(manifest.task));
+            } else {
+                probed = ProbedProgram.open(manifest, trustKey, new HelperProbe(helper, HelperProbe.TIMEOUT_S), opener);
+                ProbeVerdict verdict = probed.lastVerdict();
+                System.err.printf("%s: probe %s in %.2f s, child peak %s%n", deviceId, verdict.outcome.name().toLowerCase(
+                        java.util.Locale.ROOT), probed.lastProbeSeconds(), verdict.childPeakRssBytes < 0 ? "unknown"
+                        : MemorySize.format(verdict.childPeakRssBytes));
+                if (probed.crashed() != null) {
+                    System.err.println(deviceId + ": " + probed.crashed() + "; declining tasks until the bundle is replaced");
+                }
+                program = probed;
+            }
             TaskTrainer trainer = new TaskTrainer(manifest, program, batches, texts.size(), budget, runtime,
                     (round, wave) -> new SeedStream(seed, round, wave, deviceId), ProcStatus::peakRss);
             if (a.containsKey("train-task")) {  // comma-separated task files, answered into the --out files
@@ -94,13 +121,17 @@ public final class JvmDevice {
                     s -> System.err.println(deviceId + ": " + s.state + " round " + s.round + " accepted "
                             + s.updatesAccepted + " sent " + s.bytesSent + " B received " + s.bytesReceived
                             + " B peak " + MemorySize.format(s.peakRssBytes) + ": " + s.message),
-                    recorder);
+                    recorder).program(probed);
             Runtime.getRuntime().addShutdownHook(new Thread(client::stop));
             int accepted = client.run();
             System.out.println("device " + deviceId + ": " + accepted + " updates accepted");
-            System.out.println("device " + deviceId + ": program calls " + program.calls() + ", peak RSS "
-                    + MemorySize.format(ProcStatus.peakRss()));
+            System.out.println("device " + deviceId + ": program calls " + opened.stream().mapToLong(PipeLossProgram::calls)
+                    .sum() + ", peak RSS " + MemorySize.format(ProcStatus.peakRss()));
             return 0;
+        } finally {
+            for (PipeLossProgram p : opened) {
+                p.close();
+            }
         }
     }
 
@@ -123,9 +154,15 @@ public final class JvmDevice {
         return (String) entry;
     }
 
+    private static final java.util.Set<String> FLAGS = java.util.Set.of("no-isolate-load");  // options without a value
+
     private static Map<String, String> options(String[] argv) {
         Map<String, String> out = new HashMap<>();
         for (int i = 0; i < argv.length; i++) {
+            if (argv[i].startsWith("--") && FLAGS.contains(argv[i].substring(2))) {
+                out.put(argv[i].substring(2), "");
+                continue;
+            }
             if (!argv[i].startsWith("--") || i + 1 >= argv.length) {
                 throw new IllegalArgumentException("expected --option value, got " + argv[i]);
             }

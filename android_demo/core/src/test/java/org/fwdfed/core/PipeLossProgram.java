@@ -46,8 +46,8 @@ public final class PipeLossProgram implements LossProgram, AutoCloseable {
         return calls;
     }
 
-    @Override
-    public synchronized float[][] loss(int[][] ids, int[][] mask, int[][] labels, float[][] adapters) {
+    /** One request's bytes, in the framing above. */
+    static byte[] request(int[][] ids, int[][] mask, int[][] labels, float[][] adapters, boolean labelsPerExample) {
         int p = adapters.length;
         int b = ids.length;
         int l = ids[0].length;
@@ -73,13 +73,21 @@ public final class PipeLossProgram implements LossProgram, AutoCloseable {
                 req.putFloat(v);
             }
         }
+        return req.array();
+    }
+
+    @Override
+    public synchronized float[][] loss(int[][] ids, int[][] mask, int[][] labels, float[][] adapters) {
+        int p = adapters.length;
+        int b = ids.length;
+        byte[] request = request(ids, mask, labels, adapters, labelsPerExample);
         try {
             if (process == null) {
                 process = new ProcessBuilder(command).redirectError(ProcessBuilder.Redirect.INHERIT).start();
                 in = new BufferedOutputStream(process.getOutputStream(), 1 << 16);
                 out = new DataInputStream(new BufferedInputStream(process.getInputStream(), 1 << 16));
             }
-            in.write(req.array());
+            in.write(request);
             in.flush();
             byte[] head = new byte[4];
             out.readFully(head);

@@ -14,7 +14,7 @@ import java.util.Comparator;
  */
 public final class UnitTests {
     static final Class<?>[] CLASSES = {CodecTests.class, TrainingTests.class, DataTests.class, PoolTests.class,
-        ReplayTests.class};
+        ReplayTests.class, ProbeTests.class};
 
     public static void main(String[] args) {
         int passed = 0;
