@@ -320,10 +320,12 @@ class Store:
         the seed-form history), added to what an earlier process of the job counted for it; one transaction."""
         if not frames:
             return
-        with self.session() as s, s.begin():
-            for task_id, (size, seed_form) in frames.items():
-                s.execute(update(Task).where(Task.id == task_id)
-                          .values(sent_bytes=func.coalesce(Task.sent_bytes, 0) + size, sent_seed_form=seed_form))
+        tasks = Task.__table__
+        with self.engine.begin() as conn:
+            executemany(conn, update(tasks).where(tasks.c.id == bindparam("task"))
+                        .values(sent_bytes=func.coalesce(tasks.c.sent_bytes, literal_column("0")) + bindparam("size"),
+                                sent_seed_form=bindparam("seed_form")),
+                        [{"task": t, "size": size, "seed_form": seed_form} for t, (size, seed_form) in frames.items()])
 
     def tasks(self, round_id: int, device_id: str | None = None) -> list[Task]:
         query = select(Task).where(Task.round_id == round_id)
