@@ -31,6 +31,9 @@ class JobOptions:
     fraction: float | None = None  # sample this share of the connected devices (at least min_devices)
     # Over-selection: task ceil(target x (1 + over_select)) devices, take the first target updates; the rest are late.
     over_select: float = 0.0
+    # Flower's min_available_clients: a round tasks nobody until this many devices are connected, so that the same
+    # fleet, connected, gives the same sample for the same --seed however its devices came.
+    min_available: int | None = None
     lr_strategy: str = "frozen"  # FedMeZO's client learning rates (coordinator.lr_strategies)
     lr_delta: float | None = None  # their spread; None: half the job's lr
     blocks: int = 1  # block-cyclic: round r perturbs block (r - 1) mod blocks of the adapter

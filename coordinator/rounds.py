@@ -206,6 +206,8 @@ class RoundEngine:
         wanted = self._tasked(state) - len(state.live)
         if wanted <= 0:
             return
+        if len(self.connections) < (self.options.min_available or 0):  # serve --min-available: wait for the fleet
+            return
         # A device whose task was abandoned is not asked again in the same wave: the task moved on.
         idle = [d for d in self.connections if d not in state.assigned]
         chosen = self.strategy.sample(idle, wanted, self.rng)

@@ -33,6 +33,8 @@ def check(parser, args) -> None:
         "--fraction must be in (0, 1]": args.fraction is None or 0 < args.fraction <= 1,
         "--over-select must be a number >= 0 (0.3: task 30% more devices than the round takes)":
             math.isfinite(args.over_select) and args.over_select >= 0,
+        "--min-available must be at least --devices-per-round":
+            args.min_available is None or args.min_available >= args.devices_per_round,
         "--lr, --eps, --server-lr and --round-deadline must be positive":
             min(args.lr, args.eps, args.round_deadline) > 0 and (args.server_lr is None or args.server_lr > 0),
         "--eval-examples must be at least 1": args.eval_examples >= 1,
@@ -143,7 +145,8 @@ def round_blocks(layout, options: JobOptions, hparams: dict) -> list[tuple[int, 
 
 
 def job_options(args) -> JobOptions:
-    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, over_select=args.over_select, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
+    return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction, over_select=args.over_select,
+                      min_available=args.min_available, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
                       blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,

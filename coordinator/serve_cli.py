@@ -48,6 +48,9 @@ def add_command(commands) -> None:
     s.add_argument("--over-select", type=float, default=0.0, metavar="F",
                    help="task ceil(N x (1 + F)) devices a round, N its target (--devices-per-round or --fraction's), "
                         "and stop collecting once N updates are in: the others are late (default 0)")
+    s.add_argument("--min-available", type=int, metavar="N",
+                   help="task nobody until N devices are connected (Flower's min_available_clients): the same "
+                        "connected fleet then gets the same sample for the same --seed, however its devices came")
     s.add_argument("--round-deadline", type=float, default=300.0, help="seconds a round waits for devices and updates")
     s.add_argument("--max-attempts", type=int, default=3, help="failed attempts of one round before the job stops")
     s.add_argument("--method", choices=methods.names(selectable_only=True), default="mezo",

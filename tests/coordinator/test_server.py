@@ -294,6 +294,44 @@ class ClientStandIn:
                                loss_after=0.9, peak_rss_bytes=1)
 
 
+def test_with_min_available_a_round_tasks_nobody_until_that_many_are_connected_and_samples_the_same(tmp_path):
+    """--min-available 5, 2 devices a round: with 4 of the 5 connected no task goes out; once the fifth connects,
+    the round samples 2 of the 5. Devices that connected in another order give the same sample for the same seed."""
+    async def scenario(folder, order):
+        folder.mkdir()
+        c = coordinator(folder, devices_per_round=2, options=JobOptions(min_available=5))
+        rnd = c.store.start_round(c.job.id, 1, 0)
+        running = asyncio.create_task(c.run_round(rnd))
+        for name in order[:4]:
+            c.store.touch_device(name, 1, None)
+            c.connections[name] = RecordingConnection()
+            c.changed.set()
+        await asyncio.sleep(0.5)
+        waiting = len(c.store.tasks(rnd.id))
+        c.store.touch_device(order[4], 1, None)
+        c.connections[order[4]] = RecordingConnection()
+        c.changed.set()
+        while len(c.store.tasks(rnd.id)) < 2:
+            await asyncio.sleep(0.01)
+        running.cancel()
+        return waiting, sorted(t.device_id for t in c.store.tasks(rnd.id))
+
+    names = [f"d{i}" for i in range(5)]
+    waiting, sample = asyncio.run(scenario(tmp_path / "a", names))
+    assert waiting == 0 and len(sample) == 2
+    assert asyncio.run(scenario(tmp_path / "b", names[::-1]))[1] == sample
+
+
+def test_min_available_below_the_devices_per_round_is_one_clear_error(capsys):
+    from coordinator.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["serve", "--db", "x.db", "--bundle", "b", "--devices-per-round", "4", "--min-available", "3"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --min-available must be at least --devices-per-round")
+
+
 def test_a_bad_over_selection_is_one_clear_error(capsys):
     from coordinator.__main__ import parse_args
 
