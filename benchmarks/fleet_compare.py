@@ -44,7 +44,8 @@ def parse_args(argv):
     parser.add_argument("--eval-examples", type=int, default=800)
     args = parser.parse_args(argv)
     if min(args.devices, args.per_round, args.rounds, args.workers, args.local_steps, args.eval_examples) < 1:
-        parser.error("--devices, --per-round, --rounds, --workers, --local-steps and --eval-examples must be at least 1")
+        parser.error("--devices, --per-round, --rounds, --workers, --local-steps and --eval-examples "
+                     "must be at least 1")
     if args.per_round > args.devices:
         parser.error("--per-round must not exceed --devices")
     return args
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
         print(f"{name}: job wall {job['job_seconds'] / 60:.1f} min; {rounds}")
     c = comparison
     print(f"updates: {c['updates'][0]} and {c['updates'][1]} stored, {c['identical_updates']} identical; versions: "
-          f"{c['identical_versions']} of {c['versions'][0]} identical (largest difference {c['max_version_difference']:.3g})")
+          f"{c['identical_versions']} of {c['versions'][0]} identical "
+          f"(largest difference {c['max_version_difference']:.3g})")
     identical = (c["updates"][0] == c["updates"][1] == c["identical_updates"]
                  and c["versions"][0] == c["versions"][1] == c["identical_versions"])
     print("identical" if identical else "the two jobs differ", f"(report {out / 'report.json'})")
