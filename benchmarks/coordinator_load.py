@@ -2,7 +2,6 @@
 
     python -m benchmarks.coordinator_load --bundle BUNDLE --devices 5000 10000 [--rounds 3] [--pairs 10]
         [--seed-pool 1024] [--db sqlite postgresql+psycopg://USER:PASSWORD@HOST/DB] [--workers 2]
-        [--event-loop uvloop asyncio]
 
 For each database and fleet size N: the real coordinator (`python -m coordinator serve`, its own
 process, credentials off) runs a fresh job whose rounds sample all N devices; the devices (N
@@ -33,7 +32,6 @@ the job its identity (`python -m export --preset tiny-llama --out BUNDLE`).
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing
 import os
 import resource
@@ -56,15 +54,14 @@ PHASE_TIMEOUT_S = 900
 class Run:
     """One coordinator process and its fleet of worker processes."""
 
-    def __init__(self, args, manifest, n: int, db: str, loop: str):
+    def __init__(self, args, manifest, n: int, db: str):
         self.n, self.db = n, db
         self.job_id = f"load-{n}-{int(time.time())}"
         self.log = tempfile.TemporaryFile("w+")
         command = [sys.executable, "-m", "coordinator", "serve", "--db", db, "--port", "0", "--bundle", str(args.bundle),
                    "--job-id", self.job_id, "--rounds", str(args.rounds), "--devices-per-round", str(n),
                    "--round-deadline", "900", "--heartbeat", "120", "--auth", "none", "--local-steps", str(args.pairs),
-                   "--max-connections", str(n + 64), "--sqlite-sync", args.sqlite_sync,
-                   "--event-loop", loop]
+                   "--max-connections", str(n + 64), "--sqlite-sync", args.sqlite_sync]
         if args.seed_pool:
             command += ["--seed-pool", str(args.seed_pool)]
         self.server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -138,7 +135,7 @@ class Run:
             self.server.wait()
 
 
-def run_fleet(args, manifest, n: int, db_arg: str, loop: str) -> dict:
+def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
     from coordinator.store import open_store
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +146,7 @@ def run_fleet(args, manifest, n: int, db_arg: str, loop: str) -> dict:
             store.engine.dispose()
             if running is not None:
                 raise UserError(f"{db_arg} holds the unfinished job {running.id}: use another database")
-        run = Run(args, manifest, n, db, loop)
+        run = Run(args, manifest, n, db)
         try:
             connected = run.expect("connected")
             devices, connect_s = sum(c[1] for c in connected), max(c[2] for c in connected)
@@ -179,7 +176,7 @@ def run_fleet(args, manifest, n: int, db_arg: str, loop: str) -> dict:
         r.update(dispatch_s=r["tasked"] - row.opened_at, collect_s=r["last"] - r["first"],
                  close_s=row.closed_at - r["last"], round_s=row.closed_at - row.opened_at)
         r["rate"] = r["accepted"] / r["collect_s"]
-    return dict(db=db_arg.split(":")[0].split("+")[0], loop=loop, devices=devices, connect_s=connect_s, rounds=rounds,
+    return dict(db=db_arg.split(":")[0].split("+")[0], devices=devices, connect_s=connect_s, rounds=rounds,
                 stored=len(figures), distinct=len({(f.round_id, f.device_id) for f in figures}),
                 accepted=sum(r["accepted"] for r in rounds), refused=sum(r["refused"] for r in rounds))
 
@@ -200,8 +197,6 @@ def main(argv=None) -> int:
                         help="sqlite (a fresh file) and/or SQLAlchemy URLs of PostgreSQL databases")
     parser.add_argument("--sqlite-sync", choices=("full", "normal"), default="full")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
-    parser.add_argument("--event-loop", nargs="+", choices=("uvloop", "asyncio"), default=["uvloop"],
-                        help="the coordinator's (serve --event-loop); both: each fleet on each, one after the other")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.pairs < 1 or args.workers < 1 or min(args.devices) < args.workers:
         raise UserError("--rounds, --pairs and --workers must be at least 1, and every --devices at least --workers")
@@ -214,27 +209,27 @@ def main(argv=None) -> int:
         raise UserError(f"{max(args.devices)} devices need more open files than the limit {hard}")
     print(f"open-file limit {hard}; {args.rounds} rounds, {args.pairs} pairs per update, "
           f"seed pool {args.seed_pool or 'none'}, {args.workers} device processes; load average {load_average()}")
-    print(f"{'db':>10} {'loop':>7} {'devices':>7} {'round':>5} {'accepted':>8} {'refused':>7} {'dispatch s':>10} {'collect s':>9} "
+    print(f"{'db':>10} {'devices':>7} {'round':>5} {'accepted':>8} {'refused':>7} {'dispatch s':>10} {'collect s':>9} "
           f"{'updates/s':>9} {'CPU us/update':>13} {'devices CPU':>11} {'close s':>7} {'round s':>7}")
-    for db, n, loop in itertools.product(args.db, args.devices, args.event_loop):
-        r = run_fleet(args, manifest, n, db, loop)
-        for x in r["rounds"]:
-            print(f"{r['db']:>10} {r['loop']:>7} {r['devices']:>7} {x['number']:>5} {x['accepted']:>8} "
-                  f"{x['refused']:>7} "
-                  f"{x['dispatch_s']:>10.2f} {x['collect_s']:>9.3f} {x['rate']:>9.0f} "
-                  f"{1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} "
-                  f"{1e6 * x['devices_cpu_s'] / max(1, x['accepted']):>11.0f} {x['close_s']:>7.2f} "
-                  f"{x['round_s']:>7.2f}", flush=True)
-        collect = sum(x["collect_s"] for x in r["rounds"])
-        steady = [x["round_s"] for x in r["rounds"][1:]] or [r["rounds"][0]["round_s"]]
-        doubled = r["stored"] - r["distinct"]
-        print(f"{r['db']:>10} {r['loop']:>7} {r['devices']:>7}   all: {r['accepted']} acked accepted, "
-              f"{r['stored']} rows stored ({doubled} doubled), {r['accepted'] / collect:.0f} updates/s over the collect phases, "
-              f"median round {statistics.median(steady):.2f} s after round 1, connecting {r['connect_s']:.1f} s; "
-              f"load average {load_average()}", flush=True)
-        if r["stored"] != r["accepted"] or doubled:
-            print(f"error: {r['accepted']} updates acked as accepted, {r['stored']} stored", file=sys.stderr)
-            return 1
+    for db in args.db:
+        for n in args.devices:
+            r = run_fleet(args, manifest, n, db)
+            for x in r["rounds"]:
+                print(f"{r['db']:>10} {r['devices']:>7} {x['number']:>5} {x['accepted']:>8} {x['refused']:>7} "
+                      f"{x['dispatch_s']:>10.2f} {x['collect_s']:>9.3f} {x['rate']:>9.0f} "
+                      f"{1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} "
+                      f"{1e6 * x['devices_cpu_s'] / max(1, x['accepted']):>11.0f} {x['close_s']:>7.2f} "
+                      f"{x['round_s']:>7.2f}", flush=True)
+            collect = sum(x["collect_s"] for x in r["rounds"])
+            steady = [x["round_s"] for x in r["rounds"][1:]] or [r["rounds"][0]["round_s"]]
+            doubled = r["stored"] - r["distinct"]
+            print(f"{r['db']:>10} {r['devices']:>7}   all: {r['accepted']} acked accepted, {r['stored']} rows stored "
+                  f"({doubled} doubled), {r['accepted'] / collect:.0f} updates/s over the collect phases, "
+                  f"median round {statistics.median(steady):.2f} s after round 1, connecting {r['connect_s']:.1f} s; "
+                  f"load average {load_average()}", flush=True)
+            if r["stored"] != r["accepted"] or doubled:
+                print(f"error: {r['accepted']} updates acked as accepted, {r['stored']} stored", file=sys.stderr)
+                return 1
     return 0
 
 

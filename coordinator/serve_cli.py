@@ -108,8 +108,6 @@ def add_command(commands) -> None:
                            ("" if o.default is None else f" (default {o.default:g})"))
     s.add_argument("--server-lr", type=float, help="the aggregate moves the adapter by this times the weighted mean "
                    "change (default 1; stored with the job)")
-    s.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                   help="the event loop: uvloop's (default, less CPU per message) or asyncio's own")
     s.add_argument("--sqlite-sync", choices=("full", "normal"), default="full",
                    help="full: an acknowledged update survives power loss; normal: only a crash of this process")
     s.add_argument("--clip", type=float, help="bound on the L2 norm of each device's coefficients (stored with the job)")
@@ -253,23 +251,12 @@ def serve(args) -> int:
     # at the default thresholds a full collection, a pause of half a second at 5,000 devices, came every thousand
     # updates or so (benchmarks/coordinator_load.py). Young objects are collected every 50,000 allocations instead.
     gc.set_threshold(50_000, 20, 10)
-    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
-        ok = runner.run(run)
+    ok = asyncio.run(run)
     if not ok:
         print(f"error: job {job.id} stopped: a round failed {args.max_attempts} times in a row", file=sys.stderr)
         return 1
     print(f"job {job.id} finished", flush=True)
     return 0
-
-
-def event_loop_factory(name: str):
-    """uvloop's event loop (the default: the same asyncio API, its loop and transports in C, about 15% less CPU per
-    accepted update, docs/BENCHMARKS.md), or asyncio's own."""
-    if name == "asyncio":
-        return None
-    import uvloop
-
-    return uvloop.new_event_loop
 
 
 def full_bundle(emulator, path, check_program: bool = True):
