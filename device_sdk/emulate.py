@@ -131,23 +131,35 @@ def report(workers: list[dict]) -> None:
               f"behind the simulated clock), by at most {max(lags):.1f} s", flush=True)
 
 
-def run_processes(groups: list[tuple[list, list]], timing) -> tuple[list[dict], list[str]]:
-    """Every group in its own process; (results of the workers that finished, the devices of those that failed)."""
-    from device_sdk.worker import run_devices
-
+def run_processes(groups: list[tuple[list, list]], timing, run_devices=None) -> tuple[list[dict], list[str]]:
+    """Every group in its own process, `run_devices(configs, profiles, timing, sender)` (device_sdk.worker's); (the
+    records of the workers that finished, the devices of those that failed)."""
+    if run_devices is None:
+        from device_sdk.worker import run_devices
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.SimpleQueue()
-    processes = [ctx.Process(target=run_devices, args=(configs, profiles, timing, results),
-                             name=",".join(c.device_id for c in configs)) for configs, profiles in groups]
-    for p in processes:
+    # A pipe per worker, read before the worker is joined: a worker of hundreds of devices sends more records than a
+    # pipe holds, and blocks until they are read.
+    pipes = [ctx.Pipe(duplex=False) for _ in groups]
+    processes = [ctx.Process(target=run_devices, args=(configs, profiles, timing, sender),
+                             name=",".join(c.device_id for c in configs))
+                 for (configs, profiles), (_, sender) in zip(groups, pipes)]
+    for p, (_, sender) in zip(processes, pipes):
         p.start()
+        sender.close()  # the worker's end: once the worker is gone, reading ours ends
     bar = progress(total=sum(len(configs) for configs, _ in groups), desc="devices", unit="device")
-    for p, (configs, _) in zip(processes, groups):
+    finished, failed = [], []
+    for p, (receiver, _), (configs, _) in zip(processes, pipes, groups):
+        try:
+            record = receiver.recv()
+        except EOFError:  # it died before sending its records
+            record = None
         p.join()
+        if p.exitcode == 0 and record is not None:
+            finished.append(record)
+        else:
+            failed += [c.device_id for c in configs]
         bar.update(len(configs))
     bar.close()
-    finished = [results.get() for p in processes if p.exitcode == 0]
-    failed = [c.device_id for p, (configs, _) in zip(processes, groups) if p.exitcode != 0 for c in configs]
     return finished, failed
 
 

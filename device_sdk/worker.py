@@ -39,14 +39,15 @@ async def serve_devices(configs: list, profiles: list, timing) -> list[dict]:
 
 
 def run_devices(configs: list, profiles: list, timing, results) -> None:
-    """Process entry: serve_devices, its records put on `results`. Exit status 2 with one line on a user error."""
+    """Process entry: serve_devices, its records sent on `results` (the sending end of a pipe). Exit status 2 with
+    one line on a user error."""
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     from fwdfed.memory import peak_rss
 
     def main(_argv):
         records = asyncio.run(serve_devices(configs, profiles, timing))
-        results.put({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
+        results.send({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
                      "devices": records})
         return 0
 
