@@ -146,7 +146,8 @@ def round_blocks(layout, options: JobOptions, hparams: dict) -> list[tuple[int, 
 
 def job_options(args) -> JobOptions:
     return JobOptions(head_init=args.head_init, lda_shrinkage=args.lda_shrinkage, fraction=args.fraction,
-                      over_select=args.over_select, min_available=args.min_available, lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
+                      over_select=args.over_select, min_available=args.min_available,
+                      lr_strategy=args.lr_strategy, lr_delta=args.lr_delta,
                       blocks=args.blocks, perturb_only=args.perturb_only, variance_threshold=args.variance_threshold,
                       max_waves=args.max_waves,
                       server_lr=1.0 if args.server_lr is None else args.server_lr, clip=args.clip,

@@ -48,7 +48,7 @@ def run_devices(configs: list, profiles: list, timing, results) -> None:
     def main(_argv):
         records = asyncio.run(serve_devices(configs, profiles, timing))
         results.send({"node": "local", "pid": multiprocessing.current_process().pid, "peak_rss": peak_rss(),
-                     "devices": records})
+                      "devices": records})
         return 0
 
     run_main(main)
