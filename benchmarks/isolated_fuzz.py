@@ -29,15 +29,20 @@ from fwdfed.cli import quiet_libraries, run_main
 MATCHING_SHA256 = DELIVERIES[1]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.isolated_fuzz", description=__doc__,
+def parse_args(prog: str, description: str, argv) -> argparse.Namespace:
+    """The flags of a fuzz through an isolated loader (this one, and the Java device's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="an exported bundle with one program (model.pte)")
     parser.add_argument("--corruptions", type=int, default=460)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a child may run before it counts as hung")
     parser.add_argument("--out", type=Path, help="write the counts and the crashing indices here as JSON")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args("python -m benchmarks.isolated_fuzz", __doc__, argv)
     from fwdfed.bundle.manifest import BundleError, load_bundle
     from fwdfed.bundle.signing import SIGNATURE
     from runtime.isolation import CRASHED, check_in_child

@@ -13,7 +13,6 @@ one probe. Each probe starts a Python process with the runtime: seconds each, no
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -24,21 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.signed_fuzz import DELIVERIES, corrupt, deliver
+from benchmarks.isolated_fuzz import MATCHING_SHA256, parse_args
+from benchmarks.signed_fuzz import corrupt, deliver
 from fwdfed.cli import quiet_libraries, run_main
-
-MATCHING_SHA256 = DELIVERIES[1]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.java_isolated_fuzz", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True, help="an exported bundle with one program (model.pte)")
-    parser.add_argument("--corruptions", type=int, default=460)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a child may run before it counts as hung")
-    parser.add_argument("--out", type=Path, help="write the counts and the crashing indices here as JSON")
-    args = parser.parse_args(argv)
+    args = parse_args("python -m benchmarks.java_isolated_fuzz", __doc__, argv)
     from fwdfed.bundle.signing import SIGNATURE
     from tests.android_demo.support import HELPER_COMMAND, compile_core
 
