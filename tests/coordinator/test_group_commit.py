@@ -1,10 +1,12 @@
 """The batched writer: an answer's outcome comes only from its committed batch, on a real SQLite store (the
-failing and the gated commits are that store with its batch made to fail or wait)."""
+failing and the gated commits are that store with its batch made to fail or wait), and the batches' rows on
+PostgreSQL as well (its inserts go through COPY)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
@@ -20,8 +22,9 @@ class FakeManifest:
     adapter_dim = 16
 
 
-def job_with_tasks(tmp_path, devices: list[str]):
-    store = open_store(tmp_path / "job.db")
+def job_with_tasks(db, devices: list[str]):
+    """A job with a round and a task for each of `devices`, in `db`: a folder (SQLite) or a database URL."""
+    store = open_store(db / "job.db" if isinstance(db, Path) else db)
     config = JobConfig(rounds=1, devices_per_round=len(devices), min_devices=1, round_deadline_s=60, hparams={})
     job = store.create_job(job_from_bundle("job", "/bundle", FakeManifest, config), np.zeros(16, np.float32))
     rnd = store.start_round(job.id, 1, 0)
@@ -87,16 +90,16 @@ def test_a_failed_commit_acks_no_update_as_accepted_says_why_and_stores_nothing(
     assert "b" not in {d.id for d in store.devices()}
 
 
-def test_a_row_the_store_already_holds_fails_only_its_own_update(tmp_path):
-    store, job, tasks = job_with_tasks(tmp_path, ["a", "b"])
+def test_a_row_the_store_already_holds_fails_only_its_own_update(db_url):
+    store, job, tasks = job_with_tasks(db_url, ["a", "b"])
     assert store.add_update(tasks[0], [(2, 1e-3)], 1.0, 10, 1.0, 0.9, 1)  # stored behind the writer's back
     outcomes = GroupCommit(store, job.id).write([answer(tasks[0]), answer(tasks[1])])
     assert outcomes == [("duplicate", "this task already has an accepted update"), None]
     assert [(u.device_id, u.num_pairs) for u in store.updates(tasks[0].round_id)] == [("a", 1), ("b", 1)]
 
 
-def test_a_batch_refuses_the_updates_of_a_device_revoked_before_it(tmp_path):
-    store, job, tasks = job_with_tasks(tmp_path, ["a", "b"])
+def test_a_batch_refuses_the_updates_of_a_device_revoked_before_it(db_url):
+    store, job, tasks = job_with_tasks(db_url, ["a", "b"])
     for device_id in ("a", "b"):
         store.enrol_key(device_id, device_id * 64)
     store.revoke("a")
@@ -109,8 +112,8 @@ def test_a_batch_refuses_the_updates_of_a_device_revoked_before_it(tmp_path):
     assert [r.code for r in store.refusals(job.id)] == ["revoked", "other_job", "revoked"]
 
 
-def test_a_devices_latest_presence_in_a_batch_wins(tmp_path):
-    store, job, _ = job_with_tasks(tmp_path, ["a"])
+def test_a_devices_latest_presence_in_a_batch_wins(db_url):
+    store, job, _ = job_with_tasks(db_url, ["a"])
     writes = GroupCommit(store, job.id)
     writes.write([Presence("a", False), Presence("a", True, 7, 1024), Presence("new", True, 3),
                   Presence("left", True, 1), Presence("left", False), Presence("never-seen", False)])
