@@ -1,7 +1,7 @@
 """Coordinator load: thousands of model-free devices answering every task at once with a seed-form update.
 
     python -m benchmarks.coordinator_load --bundle BUNDLE --devices 5000 10000 [--rounds 3] [--pairs 10]
-        [--seed-pool 1024] [--db sqlite postgresql+psycopg://USER:PASSWORD@HOST/DB] [--workers 2]
+        [--seed-pool 1024] [--db sqlite postgresql+psycopg://USER:PASSWORD@HOST/DB] [--workers 2] [--floor]
 
 For each database and fleet size N: the real coordinator (`python -m coordinator serve`, its own
 process, credentials off) runs a fresh job whose rounds sample all N devices; the devices (N
@@ -21,6 +21,11 @@ together would send them; so a round has three phases, measured apart:
 Beside the rates, the CPU time the coordinator process (all its threads) and the device processes
 (together) used over each collect phase, per accepted update: on a shared machine the rate is what
 the coordinator got of the cores, its CPU per update what it needs of one.
+
+With `--floor`, each fleet first runs the same rounds against benchmarks/websocket_floor.py, a server
+that only receives, decodes and acks (no store, no round, no checks), on the same websockets settings:
+what this machine allows any coordinator of this design; each database's line then gives its rate as a
+share of the floor's.
 
 Round 1's dispatch also waits for the devices to connect (reported apart). After the job, the rows
 are counted in the store: every update acked as accepted must be there once. An SQLite database is a
@@ -52,18 +57,11 @@ PHASE_TIMEOUT_S = 900
 
 
 class Run:
-    """One coordinator process and its fleet of worker processes."""
+    """One server process (the coordinator, or the floor) and its fleet of worker processes."""
 
-    def __init__(self, args, manifest, n: int, db: str):
-        self.n, self.db = n, db
-        self.job_id = f"load-{n}-{int(time.time())}"
+    def __init__(self, args, manifest, n: int, command: list[str]):
+        self.n = n
         self.log = tempfile.TemporaryFile("w+")
-        command = [sys.executable, "-m", "coordinator", "serve", "--db", db, "--port", "0", "--bundle", str(args.bundle),
-                   "--job-id", self.job_id, "--rounds", str(args.rounds), "--devices-per-round", str(n),
-                   "--round-deadline", "900", "--heartbeat", "120", "--auth", "none", "--local-steps", str(args.pairs),
-                   "--max-connections", str(n + 64), "--sqlite-sync", args.sqlite_sync]
-        if args.seed_pool:
-            command += ["--seed-pool", str(args.seed_pool)]
         self.server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines: list[str] = []
         url = None
@@ -73,7 +71,7 @@ class Run:
                 url = line.split()[-1]
                 break
         if url is None:
-            raise UserError(f"the coordinator did not start: {self.tail()}")
+            raise UserError(f"the server did not start: {self.tail()}")
         threading.Thread(target=self.drain, daemon=True).start()  # a full pipe would stall the server
         from benchmarks.load_fleet import worker
 
@@ -135,6 +133,39 @@ class Run:
             self.server.wait()
 
 
+def run_rounds(run: Run, rounds: int) -> tuple[int, float, list[dict]]:
+    """Drive `run`'s fleet through its rounds: (devices connected, seconds to connect, each round's figures)."""
+    try:
+        connected = run.expect("connected")
+        figures = []
+        for number in range(1, rounds + 1):
+            tasked = max(m[2] for m in run.expect("tasked"))
+            cpu = run.cpu_s()
+            run.go()
+            acked = run.expect("acked")
+            cpu = run.cpu_s() - cpu
+            first, last = min(m[2] for m in acked), max(m[3] for m in acked)
+            figures.append(dict(number=number, tasked=tasked, first=first, last=last, cpu_s=cpu,
+                                devices_cpu_s=sum(m[6] for m in acked), collect_s=last - first,
+                                accepted=sum(m[4] for m in acked), refused=sum(m[5] for m in acked)))
+            figures[-1]["rate"] = figures[-1]["accepted"] / figures[-1]["collect_s"]
+        run.expect("done")
+        code = run.server.wait(timeout=PHASE_TIMEOUT_S)
+        if code != 0:
+            raise UserError(f"the server exited with {code}: {run.tail()}")
+    finally:
+        run.stop()
+    return sum(c[1] for c in connected), max(c[2] for c in connected), figures
+
+
+def run_floor(args, manifest, n: int) -> dict:
+    """The same fleet and rounds against benchmarks/websocket_floor.py: no store, no round, no checks."""
+    command = [sys.executable, "-m", "benchmarks.websocket_floor", "--devices", str(n), "--rounds", str(args.rounds)]
+    devices, connect_s, rounds = run_rounds(Run(args, manifest, n, command), args.rounds)
+    return dict(devices=devices, rounds=rounds, accepted=sum(r["accepted"] for r in rounds),
+                rate=sum(r["accepted"] for r in rounds) / sum(r["collect_s"] for r in rounds))
+
+
 def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
     from coordinator.store import open_store
 
@@ -146,36 +177,22 @@ def run_fleet(args, manifest, n: int, db_arg: str) -> dict:
             store.engine.dispose()
             if running is not None:
                 raise UserError(f"{db_arg} holds the unfinished job {running.id}: use another database")
-        run = Run(args, manifest, n, db)
-        try:
-            connected = run.expect("connected")
-            devices, connect_s = sum(c[1] for c in connected), max(c[2] for c in connected)
-            rounds = []
-            for number in range(1, args.rounds + 1):
-                tasked = max(m[2] for m in run.expect("tasked"))
-                cpu = run.cpu_s()
-                run.go()
-                acked = run.expect("acked")
-                cpu = run.cpu_s() - cpu
-                first, last = min(m[2] for m in acked), max(m[3] for m in acked)
-                rounds.append(dict(number=number, tasked=tasked, first=first, last=last, cpu_s=cpu,
-                                   devices_cpu_s=sum(m[6] for m in acked),
-                                   accepted=sum(m[4] for m in acked), refused=sum(m[5] for m in acked)))
-            run.expect("done")
-            code = run.server.wait(timeout=PHASE_TIMEOUT_S)
-            if code != 0:
-                raise UserError(f"the coordinator exited with {code}: {run.tail()}")
-        finally:
-            run.stop()
+        job_id = f"load-{n}-{int(time.time())}"
+        command = [sys.executable, "-m", "coordinator", "serve", "--db", db, "--port", "0", "--bundle", str(args.bundle),
+                   "--job-id", job_id, "--rounds", str(args.rounds), "--devices-per-round", str(n),
+                   "--round-deadline", "900", "--heartbeat", "120", "--auth", "none", "--local-steps", str(args.pairs),
+                   "--max-connections", str(n + 64), "--sqlite-sync", args.sqlite_sync]
+        if args.seed_pool:
+            command += ["--seed-pool", str(args.seed_pool)]
+        devices, connect_s, rounds = run_rounds(Run(args, manifest, n, command), args.rounds)
         store = open_store(db)
-        stored = {r.number: r for r in store.rounds(run.job_id) if r.status == "closed"}
-        figures = store.update_figures(run.job_id)
+        stored = {r.number: r for r in store.rounds(job_id) if r.status == "closed"}
+        figures = store.update_figures(job_id)
         store.engine.dispose()
     for r in rounds:
         row = stored[r["number"]]
-        r.update(dispatch_s=r["tasked"] - row.opened_at, collect_s=r["last"] - r["first"],
-                 close_s=row.closed_at - r["last"], round_s=row.closed_at - row.opened_at)
-        r["rate"] = r["accepted"] / r["collect_s"]
+        r.update(dispatch_s=r["tasked"] - row.opened_at, close_s=row.closed_at - r["last"],
+                 round_s=row.closed_at - row.opened_at)
     return dict(db=db_arg.split(":")[0].split("+")[0], devices=devices, connect_s=connect_s, rounds=rounds,
                 stored=len(figures), distinct=len({(f.round_id, f.device_id) for f in figures}),
                 accepted=sum(r["accepted"] for r in rounds), refused=sum(r["refused"] for r in rounds))
@@ -197,6 +214,8 @@ def main(argv=None) -> int:
                         help="sqlite (a fresh file) and/or SQLAlchemy URLs of PostgreSQL databases")
     parser.add_argument("--sqlite-sync", choices=("full", "normal"), default="full")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
+    parser.add_argument("--floor", action="store_true",
+                        help="first run each fleet against benchmarks/websocket_floor.py, for the ratio")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.pairs < 1 or args.workers < 1 or min(args.devices) < args.workers:
         raise UserError("--rounds, --pairs and --workers must be at least 1, and every --devices at least --workers")
@@ -211,6 +230,15 @@ def main(argv=None) -> int:
           f"seed pool {args.seed_pool or 'none'}, {args.workers} device processes; load average {load_average()}")
     print(f"{'db':>10} {'devices':>7} {'round':>5} {'accepted':>8} {'refused':>7} {'dispatch s':>10} {'collect s':>9} "
           f"{'updates/s':>9} {'CPU us/update':>13} {'devices CPU':>11} {'close s':>7} {'round s':>7}")
+    floors = {}
+    for n in args.devices if args.floor else ():
+        floors[n] = f = run_floor(args, manifest, n)
+        for x in f["rounds"]:
+            print(f"{'floor':>10} {f['devices']:>7} {x['number']:>5} {x['accepted']:>8} {x['refused']:>7} {'-':>10} "
+                  f"{x['collect_s']:>9.3f} {x['rate']:>9.0f} {1e6 * x['cpu_s'] / max(1, x['accepted']):>13.0f} "
+                  f"{1e6 * x['devices_cpu_s'] / max(1, x['accepted']):>11.0f} {'-':>7} {'-':>7}", flush=True)
+        print(f"{'floor':>10} {f['devices']:>7}   all: {f['accepted']} acked, {f['rate']:.0f} updates/s over the "
+              f"collect phases; load average {load_average()}", flush=True)
     for db in args.db:
         for n in args.devices:
             r = run_fleet(args, manifest, n, db)
@@ -225,8 +253,9 @@ def main(argv=None) -> int:
             doubled = r["stored"] - r["distinct"]
             print(f"{r['db']:>10} {r['devices']:>7}   all: {r['accepted']} acked accepted, {r['stored']} rows stored "
                   f"({doubled} doubled), {r['accepted'] / collect:.0f} updates/s over the collect phases, "
-                  f"median round {statistics.median(steady):.2f} s after round 1, connecting {r['connect_s']:.1f} s; "
-                  f"load average {load_average()}", flush=True)
+                  f"median round {statistics.median(steady):.2f} s after round 1, connecting {r['connect_s']:.1f} s"
+                  + (f", {r['accepted'] / collect / floors[n]['rate']:.0%} of the floor's rate" if n in floors else "")
+                  + f"; load average {load_average()}", flush=True)
             if r["stored"] != r["accepted"] or doubled:
                 print(f"error: {r['accepted']} updates acked as accepted, {r['stored']} stored", file=sys.stderr)
                 return 1
