@@ -44,6 +44,8 @@ class Floor:
                 self.everyone.set()
             async for frame in ws:
                 update = protocol.decode(frame)
+                if not isinstance(update, protocol.Update):
+                    return
                 await ws.send(protocol.Ack(task_id=update.task_id, accepted=True, reason="").to_wire())
                 self.acks += 1
                 if self.acks == self.devices:
