@@ -60,7 +60,6 @@ class Run:
     """One server process (the coordinator, or the floor) and its fleet of worker processes."""
 
     def __init__(self, args, manifest, n: int, command: list[str]):
-        self.n = n
         self.log = tempfile.TemporaryFile("w+")
         self.server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines: list[str] = []
