@@ -93,6 +93,8 @@ class Fleet:
         self.rng = random.Random(len(device_ids))
         self.pools: dict[tuple, list[int]] = {}
         self.tasked: dict[int, int] = {}
+        self.connected = False  # "connected" sent to the driver
+        self.fully_tasked: tuple[int, float] | None = None  # (round, when) every device last held its task
         self.round = 0
         self.acked = self.accepted = 0
         self.first = self.last = self.cpu = 0.0
@@ -125,7 +127,9 @@ class Fleet:
             self.tasked[number] = self.tasked.get(number, 0) + 1
             if self.tasked[number] == len(self.ids):
                 self.round = number
-                self.pipe.send(("tasked", number, time.time()))
+                self.fully_tasked = (number, time.time())
+                if self.connected:  # else `connect` reports it, after "connected": a server can task at once
+                    self.pipe.send(("tasked", *self.fully_tasked))
         elif kind == "ack":
             self.last = time.time()
             self.acked += 1
@@ -170,6 +174,9 @@ class Fleet:
 
         await asyncio.gather(*(one(d) for d in self.ids))
         self.pipe.send(("connected", len(self.devices), time.perf_counter() - start))
+        self.connected = True
+        if self.fully_tasked is not None:
+            self.pipe.send(("tasked", *self.fully_tasked))
 
     async def run(self) -> None:
         await self.connect()
