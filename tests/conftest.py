@@ -114,11 +114,12 @@ def tiny_llama_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def distilbert_bundle(tmp_path_factory) -> Path:
-    """A 2-class DistilBERT (2 blocks, random weights) with LoRA, small shapes and the batched logits a fedkd
-    student needs: the classifier jobs (FedAvg, the head round, FedKD's student) share one export."""
+    """A 2-class DistilBERT (2 blocks, random weights) with LoRA and its biases (peft's bias="all"), small
+    shapes and the batched logits a fedkd student needs: the classifier jobs (FedAvg, the head round, FedKD's
+    student) and the LoRA-with-biases export test (tests/export/test_adapters.py) share one export."""
     return exported_once(tmp_path_factory, "distilbert", lambda f: export_bundle(
         f, "--preset", "tiny-distilbert", "--num-labels", "2", "--seq-len", "32", "--batch-size", "4",
-        "--max-perturbations", "4", "--distillation"))
+        "--max-perturbations", "4", "--distillation", "--lora-bias", "all"))
 
 
 @pytest.fixture(scope="session")
