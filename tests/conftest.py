@@ -114,11 +114,12 @@ def tiny_llama_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def distilbert_bundle(tmp_path_factory) -> Path:
-    """A 2-class DistilBERT (2 blocks, random weights) with LoRA, small shapes and the batched logits a fedkd
-    student needs: the classifier jobs (FedAvg, the head round, FedKD's student) share one export."""
+    """A 2-class DistilBERT (2 blocks, random weights) with LoRA and its biases (peft's bias="all"), small
+    shapes and the batched logits a fedkd student needs: the classifier jobs (FedAvg, the head round, FedKD's
+    student) and the LoRA-with-biases export test (tests/export/test_adapters.py) share one export."""
     return exported_once(tmp_path_factory, "distilbert", lambda f: export_bundle(
         f, "--preset", "tiny-distilbert", "--num-labels", "2", "--seq-len", "32", "--batch-size", "4",
-        "--max-perturbations", "4", "--distillation"))
+        "--max-perturbations", "4", "--distillation", "--lora-bias", "all"))
 
 
 @pytest.fixture(scope="session")
@@ -155,16 +156,23 @@ def minilm_split_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def offsite_bundles(tmp_path_factory) -> tuple[Path, Path]:
-    """Offsite tuning's pair from stories260K (5 blocks): the emulator keeping blocks 0, 2 and 4, and the
-    full model, both with LoRA on blocks 0 and 4; small shapes, exported once. (emulator, full)."""
+    """Offsite tuning's pair from a 3-block model with real weights, stories260K's blocks 0, 2 and 4 (in the
+    folder `full.parent / "model"`): the emulator keeping its blocks 0 and 2, and the full model, both with
+    LoRA on those blocks; small shapes, exported once. (emulator, full). Three blocks, not stories260K's five:
+    the pair's lowering costs 3 + 2 blocks instead of 5 + 3, and a dropped block is still a real one."""
     if not STORIES.is_dir():
         pytest.skip(f"{STORIES} is not here")
 
     def export_pair(folder: Path):  # one command writes both
+        from fwdfed.bundle.tasks import CAUSAL_LM
+        from fwdfed.model.emulator import DropLayers, write_emulator_model
+
         folder.mkdir()
-        export_bundle(folder / "emulator", "--model", str(STORIES), "--emulator", "drop-layers", "--keep-first", "1",
-                      "--keep-last", "1", "--drop-fraction", "0.5", "--full-out", str(folder / "full"),
-                      "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2", timeout=1200)
+        write_emulator_model(STORIES, folder / "model", CAUSAL_LM, 2, DropLayers(keep_first=1, keep_last=1))
+        export_bundle(folder / "emulator", "--model", str(folder / "model"), "--emulator", "drop-layers",
+                      "--keep-first", "1", "--keep-last", "1", "--drop-fraction", "0.5", "--full-out",
+                      str(folder / "full"), "--batch-size", "2", "--seq-len", "16", "--max-perturbations", "2",
+                      timeout=1200)
 
     folder = exported_once(tmp_path_factory, "offsite", export_pair)
     return folder / "emulator", folder / "full"

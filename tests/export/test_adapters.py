@@ -10,9 +10,18 @@ from tests.conftest import export_bundle, run_command
 from tests.support.checks import assert_peft_folder_matches_program
 
 
-@pytest.mark.parametrize("flags, kind", [(["--adapter", "bitfit"], "bitfit"), (["--lora-bias", "all"], "lora")])
-def test_bias_adapters_export_verify_and_write_back(tmp_path, flags, kind):
-    out = export_bundle(tmp_path / "bundle", "--preset", "tiny-distilbert", "--seq-len", "32", *flags)
+@pytest.fixture(params=["bitfit", "lora"])
+def bias_bundle(request, tmp_path):
+    """(bundle, adapter kind): BitFit's own export, and LoRA with its biases (peft's bias="all"), which is
+    the shared classifier bundle (tests/conftest.py's distilbert_bundle)."""
+    if request.param == "lora":
+        return request.getfixturevalue("distilbert_bundle"), "lora"
+    return export_bundle(tmp_path / "bundle", "--preset", "tiny-distilbert", "--seq-len", "32", "--adapter",
+                         "bitfit"), "bitfit"
+
+
+def test_bias_adapters_export_verify_and_write_back(tmp_path, bias_bundle):
+    out, kind = bias_bundle
     bundle = load_bundle(out)
     names = [t.name for t in bundle.manifest.layout.tensors]
     assert bundle.manifest.adapter.kind == kind and bundle.manifest.verification["loss_max_abs_diff"] < 1e-4

@@ -20,11 +20,14 @@ METHODS = {
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_lowers_heldout_loss_within_the_same_forward_budget(tmp_path, stories_bundle, method):
-    db, _ = run_job(tmp_path, stories_bundle, TINYSTORIES, rounds=3, hparams=METHODS[method], eval_examples=64)
+    # 2 devices, 2 rounds: each method's gain is still over 3 times the chance bar (docs/BENCHMARKS.md
+    # compares the methods on longer runs).
+    db, _ = run_job(tmp_path, stories_bundle, TINYSTORIES, rounds=2, devices=2, hparams=METHODS[method],
+                    eval_examples=64)
     result = assert_beats_chance(stories_bundle, db, TINYSTORIES, 64)
     with open_store(db).session() as s:
         pairs = [u.num_pairs for u in s.query(UpdateRow)]
-    assert pairs == [100] * 9  # 9 updates of 100 directions: 200 forward passes each
+    assert pairs == [100] * 4  # 4 updates of 100 directions: 200 forward passes each
     print(method, result)
 
 
