@@ -28,7 +28,6 @@ from coordinator.store import Meta, OperatorToken, open_store
 from coordinator.strategies import SeedFedAvg
 from fwdfed import methods, protocol
 from tests.conftest import run_command
-from tests.coordinator.test_store import db_url  # noqa: F401  (the fixture: SQLite and PostgreSQL)
 from tests.coordinator.test_without_torch import coordinator_without_torch
 from tests.support.protocol_client import ProtocolClient
 
