@@ -62,14 +62,18 @@ def test_prompt_tuning_through_the_coordinator_and_devices(tmp_path, stories_pro
     assert_peft_folder_matches_program(bundle, peft_folder, vector)
 
 
-@pytest.mark.parametrize("pool, tensor_scale", [(None, "none"), (64, "none"), (None, "rms")],
-                         ids=["free-seeds", "seed-pool", "tensor-scale"])
+# The seed pool and the per-tensor scales are separate options of the job, each kept over the restart: one
+# resumed job with both checks each (and that they combine), beside one with neither.
+@pytest.mark.parametrize("pool, tensor_scale", [(None, "none"), (64, "rms")],
+                         ids=["free-seeds", "seed-pool-and-tensor-scale"])
 def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_llama_bundle, pool, tensor_scale):
     """kill -9 the coordinator after round 1; a new one on the same database, started without the
     job's flags, finishes the job with the devices that reconnect, aggregating as the first did
     (server lr and clip are the job's, and so are the seed pool: every seed of every round is one
     of it, and the per-tensor scales: every task of a round carries its base version's), and no update
     is lost or counted twice."""
+    from dataclasses import replace
+
     from coordinator.job import JobOptions
     from coordinator.store import Round, UpdateRow
     from coordinator.strategies import SeedFedAvg
@@ -125,7 +129,7 @@ def test_coordinator_killed_mid_job_resumes_from_the_database(tmp_path, tiny_lla
         assert carried == [None if scales is None else [list(s) for s in scales]] * len(carried)
     if tensor_scale == "rms":  # the scales differ by tensor (LoRA B starts at 0: the floor), and they did move it
         assert len({s for _, _, s in scales}) > 1
-        unscaled = SeedFedAvg(hparams=job.hparams, options=JobOptions(server_lr=0.5, clip=0.002))
+        unscaled = SeedFedAvg(hparams=job.hparams, options=replace(options, tensor_scale="none"))
         assert not np.array_equal(unscaled.aggregate(before, updates), strategy.aggregate(before, updates))
     assert JobOptions.from_json(job.options).seed_pool == pool
     if pool:
