@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
@@ -23,8 +22,8 @@ class FakeManifest:
 
 
 def job_with_tasks(db, devices: list[str]):
-    """A job with a round and a task for each of `devices`, in `db`: a folder (SQLite) or a database URL."""
-    store = open_store(db / "job.db" if isinstance(db, Path) else db)
+    """A job with a round and a task for each of `devices`, in `db` (an SQLite file or a database URL)."""
+    store = open_store(db)
     config = JobConfig(rounds=1, devices_per_round=len(devices), min_devices=1, round_deadline_s=60, hparams={})
     job = store.create_job(job_from_bundle("job", "/bundle", FakeManifest, config), np.zeros(16, np.float32))
     rnd = store.start_round(job.id, 1, 0)
@@ -51,7 +50,7 @@ class GatedStore(Store):
 
 
 def test_an_update_is_acked_only_once_its_batch_is_committed_and_a_burst_is_one_batch(tmp_path):
-    store, job, tasks = job_with_tasks(tmp_path, ["a", "b", "c"])
+    store, job, tasks = job_with_tasks(tmp_path / "job.db", ["a", "b", "c"])
     gated = GatedStore(store.engine)
     writes = GroupCommit(gated, job.id)
 
@@ -74,7 +73,7 @@ class FailingStore(Store):
 
 
 def test_a_failed_commit_acks_no_update_as_accepted_says_why_and_stores_nothing(tmp_path):
-    store, job, (task,) = job_with_tasks(tmp_path, ["a"])
+    store, job, (task,) = job_with_tasks(tmp_path / "job.db", ["a"])
     writes = GroupCommit(FailingStore(store.engine), job.id)
 
     async def scenario():
